@@ -1,0 +1,605 @@
+"""
+VITAL model: a frozen Qwen3-VL backbone with hand-written LoRA that reasons for K steps in continuous
+hidden states, plus the two training-time scaffolds that supervise every step (paper §3, §B).
+
+    image + question --(Qwen3-VL prefix forward)--> h_0, KV-cache            §3.2 prefix encoding
+    h_k = LM(inputs_embeds = h_{k-1}; same cache), k = 1..K                  §3.2 eq. (1), recurrent loop
+    answer tokens on the same cache; lm_head(h_K) predicts the first one     §3.2 eq. (2)
+    training only:  decoder([pj_in(h_k), r_k]) reconstructs sentence r_k     §3.3 L_sem
+                    VP(h_k) regresses the frozen MedSigLIP ROI feature       §3.3 L_vis
+    L = L_task + lambda_sem * L_sem + lambda_vis * L_vis                     §3.5 eq. (7)
+
+The loop is ONE function (`latent_loop`) used by training, evaluation and explanation: there is no
+teacher forcing and no parallel shortcut, so training and inference run the identical path.
+Everything here is hand-written on purpose where the paper's idea lives (LoRA, the loop, the heads,
+the losses); the backbone, decoder, encoder, tokenizers and processors are plain `transformers` classes
+loaded with `from_pretrained(folder)`.
+
+Commands:
+    python model.py make-tiny runs/tiny        # tiny models of the real classes, for tests and the demo
+    python model.py info runs/tiny             # parameter counts of a model folder set
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from transformers import (AutoTokenizer, DynamicCache, PreTrainedTokenizerFast, Qwen2VLImageProcessorPil,
+                          Qwen3Config, Qwen3ForCausalLM, Qwen3VLConfig, Qwen3VLForConditionalGeneration,
+                          Qwen3VLProcessor, SiglipImageProcessorPil, SiglipVisionConfig, SiglipVisionModel)
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. LoRA (Hu et al. 2021), hand-written. Paper §4.1/§B.2: r = 64 (174.6M params on 36 layers), alpha =
+#    128 (chosen), dropout 0.05 on the LoRA input only, all attention and MLP projections of the LLM.
+#
+#        x ──► W (frozen) ─────────────┐
+#        │                             + ──► y          A: (r, in)  kaiming-uniform(a=sqrt(5))
+#        └─► dropout ─► A ─► B ─► *s ──┘                B: (out, r) zeros  =>  y == W x at init
+# ----------------------------------------------------------------------------------------------------
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, r=64, alpha=128, dropout=0.05):
+        super().__init__()
+        self.base = base  # frozen; keeps its dtype (bf16 on GPU)
+        dev = base.weight.device
+        # LoRA weights live in fp32 whatever the base dtype: they are what the optimiser updates.
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=dev, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=dev, dtype=torch.float32))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        self.dropout = nn.Dropout(dropout)
+        self.merged = False
+
+    def forward(self, x):
+        if self.merged:  # W already holds W + s*BA: exactly one matmul, as in the plain backbone
+            return F.linear(x, self.base.weight, self.base.bias)
+        y = self.base(x)
+        z = self.dropout(x).to(self.lora_A.dtype)
+        return y + (F.linear(F.linear(z, self.lora_A), self.lora_B) * self.scaling).to(y.dtype)
+
+    def delta_weight(self):  # s * B @ A in fp32, shape of W
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    @torch.no_grad()
+    def merge(self):
+        if self.merged:
+            raise RuntimeError("LoRA already merged")
+        w = self.base.weight
+        w.copy_((w.float() + self.delta_weight()).to(w.dtype))  # add in fp32, cast back to the base dtype
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if not self.merged:
+            raise RuntimeError("LoRA is not merged")
+        w = self.base.weight
+        w.copy_((w.float() - self.delta_weight()).to(w.dtype))
+        self.merged = False
+
+
+def add_lora(backbone, r=64, alpha=128, dropout=0.05):
+    """Freeze every backbone weight, then wrap q,k,v,o,gate,up,down of each LLM decoder layer (never the
+    vision tower) in a LoRALinear. Returns the number of wrapped projections."""
+    backbone.requires_grad_(False)
+    n = 0
+    for layer in backbone.model.language_model.layers:
+        for block in (layer.self_attn, layer.mlp):
+            for name in LORA_TARGETS:
+                if isinstance(getattr(block, name, None), nn.Linear):
+                    setattr(block, name, LoRALinear(getattr(block, name), r, alpha, dropout))
+                    n += 1
+    return n
+
+
+def lora_layers(module):
+    return [m for m in module.modules() if isinstance(m, LoRALinear)]
+
+
+def set_lora_merged(module, merged: bool):
+    """Explicit inference switch: merge (zero extra latency) or unmerge (training) every LoRA layer."""
+    for m in lora_layers(module):
+        if m.merged != merged:
+            m.merge() if merged else m.unmerge()
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Loading checkpoints from local folders. Real runs: Qwen3-VL-8B-Instruct, Qwen3-1.7B, MedSigLIP-448.
+#    Tests and the demo: tiny models of the SAME classes written by make_tiny() and read back here.
+# ----------------------------------------------------------------------------------------------------
+class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
+    """Qwen3VLProcessor without its video processor (which needs torchvision): images and text only.
+    Token expansion of <|image_pad|> and mm_token_type_ids (needed by M-RoPE) come from the parent."""
+    attributes = ["image_processor", "tokenizer"]
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+def _check_folder(path, model_types, what):
+    cfg = os.path.join(str(path), "config.json")
+    if not os.path.isfile(cfg):
+        raise FileNotFoundError(f"{what}: no model folder at '{path}' (missing {cfg})")
+    with open(cfg) as f:
+        mt = json.load(f).get("model_type")
+    if mt not in model_types:
+        raise ValueError(f"{what}: '{path}' holds a '{mt}' model, expected one of {model_types}")
+
+
+def load_backbone(path, dtype=torch.float32, device="cpu"):
+    """Qwen3-VL backbone + its image-only processor (prefixes are LEFT-padded: h_0 is the last column)."""
+    _check_folder(path, ("qwen3_vl",), "backbone")
+    model = Qwen3VLForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    processor = ImageOnlyQwen3VLProcessor(Qwen2VLImageProcessorPil.from_pretrained(path), tokenizer,
+                                          chat_template=tokenizer.chat_template)
+    return model, processor
+
+
+def load_decoder(path, dtype=torch.float32, device="cpu"):
+    """Auxiliary text decoder (Qwen3-1.7B in the paper): its own embeddings, head and tokenizer."""
+    _check_folder(path, ("qwen3",), "decoder")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "right"
+    return Qwen3ForCausalLM.from_pretrained(path, dtype=dtype).to(device), tokenizer
+
+
+def load_encoder(path, dtype=torch.float32, device="cpu"):
+    """Frozen SigLIP vision tower (MedSigLIP-448) + image processor; used for ROI targets and explain."""
+    _check_folder(path, ("siglip_vision_model", "siglip"), "encoder")
+    model = SiglipVisionModel.from_pretrained(path, dtype=dtype).to(device).eval().requires_grad_(False)
+    return model, SiglipImageProcessorPil.from_pretrained(path)
+
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>"]
+# Qwen's chat format for one user turn with an image, as Qwen3-VL-Instruct's own template renders it.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|>"
+    "<|vision_end|>{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+TINY_CORPUS = """the image shows a bright dark round oval elongated irregular smooth sharp blurred boundary
+target organ lesion tumor vessel tissue cell retina liver lung kidney spleen heart brain pancreas
+prostate colon polyp nodule mass cyst skin fundus optic disc ultrasound dermoscopy x-ray ct mri
+left right center upper lower middle part of is in located where what which describe analyze
+yes no visible present absent appears compared with surrounding brighter darker than region
+structure shape size small large extent its edge edges well defined uniform intensity texture
+question answer step reasoning finding image-space area occupies about percent lies near
+""".split()
+
+
+def make_tokenizer(seed_words=TINY_CORPUS, vocab_size=1024):
+    """A byte-level BPE tokenizer built offline with `tokenizers`, with Qwen's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    words = list(seed_words) + [w.capitalize() for w in seed_words]
+    tok.train_from_iterator([" ".join(words)] * 4 + [f" {w}" for w in words] * 8 + words * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   chat_template=CHAT_TEMPLATE)
+
+
+def make_tiny(folder, hidden=64, layers=2, dec_hidden=64, dec_layers=2, enc_hidden=48, seed=0):
+    """Write tiny random-init models of the real classes (fixed seed) into folder/{backbone,decoder,
+    encoder}. They load through load_backbone/load_decoder/load_encoder exactly like real checkpoints."""
+    torch.manual_seed(seed)
+    tok = make_tokenizer()
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    head_dim = 32  # M-RoPE splits head_dim/2 = 16 frequencies over (t, h, w) as 6/5/5
+    cfg = Qwen3VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=hidden // head_dim,
+                         num_key_value_heads=max(1, hidden // head_dim // 2), head_dim=head_dim,
+                         max_position_embeddings=4096, pad_token_id=ids["<|endoftext|>"],
+                         rope_parameters=dict(rope_type="default", rope_theta=5e6, mrope_section=[6, 5, 5],
+                                              mrope_interleaved=True)),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16,
+                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=hidden,
+                           num_position_embeddings=64, deepstack_visual_indexes=[0]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False)
+    out = os.path.join(folder, "backbone")
+    Qwen3VLForConditionalGeneration(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    # Qwen3-VL's processor: 16-px patches, 2x2 merge => one LLM token per 32x32 pixels.
+    Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2,
+                             min_pixels=32 * 32, max_pixels=512 * 512).save_pretrained(out)
+
+    dcfg = Qwen3Config(vocab_size=len(tok), hidden_size=dec_hidden, intermediate_size=2 * dec_hidden,
+                       num_hidden_layers=dec_layers, num_attention_heads=dec_hidden // head_dim,
+                       num_key_value_heads=max(1, dec_hidden // head_dim // 2), head_dim=head_dim,
+                       max_position_embeddings=1024, tie_word_embeddings=True,
+                       pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"])
+    Qwen3ForCausalLM(dcfg).save_pretrained(os.path.join(folder, "decoder"))
+    tok.save_pretrained(os.path.join(folder, "decoder"))
+
+    # MedSigLIP analogue: 112 px, patch 14 => an 8x8 grid (the real one: 448 px, 32x32, d_v = 1152).
+    ecfg = SiglipVisionConfig(image_size=112, patch_size=14, hidden_size=enc_hidden, intermediate_size=2 * enc_hidden,
+                              num_hidden_layers=2, num_attention_heads=2)
+    SiglipVisionModel(ecfg).save_pretrained(os.path.join(folder, "encoder"))
+    SiglipImageProcessorPil(size={"height": 112, "width": 112}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                            do_pad=False).save_pretrained(os.path.join(folder, "encoder"))
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. The prompt contract (owned here; every stage imports it). Student view = raw image + question.
+#    Prefix: chat-formatted user turn, generation prompt open, LEFT-padded, so that h_0 is column -1.
+#    Answer: right-padded, ends with <|im_end|>. Step sentences r_k: decoder tokens, each ending in EOS.
+# ----------------------------------------------------------------------------------------------------
+def build_prefix(processor, images, questions):
+    """-> BatchFeature(input_ids, attention_mask, mm_token_type_ids, pixel_values, image_grid_thw)."""
+    if len(images) != len(questions):
+        raise ValueError(f"{len(images)} images for {len(questions)} questions")
+    for i, im in enumerate(images):
+        if im is None:
+            raise ValueError(f"prompt {i} has no image: VITAL answers questions about an image")
+    texts = [processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
+        add_generation_prompt=True, tokenize=False) for q in questions]
+    images = [im.convert("RGB") for im in images]
+    return processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
+
+
+def tokenize_answers(tokenizer, answers):
+    """-> (ids, mask), (B, T) right-padded; every answer ends with <|im_end|> so generation can stop."""
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    seqs = [tokenizer(a, add_special_tokens=False)["input_ids"] + [end] for a in answers]
+    return _pad_right(seqs, tokenizer.pad_token_id)
+
+
+def tokenize_steps(dec_tokenizer, chains, K):
+    """Reasoning sentences for the decoder -> (ids, mask), (B, K, L); missing steps are all padding."""
+    eos = dec_tokenizer.eos_token_id
+    seqs = []
+    for chain in chains:
+        for k in range(K):
+            seqs.append(dec_tokenizer(chain[k], add_special_tokens=False)["input_ids"] + [eos] if k < len(chain) else [])
+    ids, mask = _pad_right(seqs, dec_tokenizer.pad_token_id)
+    return ids.view(len(chains), K, -1), mask.view(len(chains), K, -1)
+
+
+def make_batch(processor, dec_tokenizer, images, questions, answers, chains=None, K=0, roi=None, glob=None):
+    """Everything VITAL.forward needs for one K-bucket of samples (images are PIL images)."""
+    batch = dict(prefix=build_prefix(processor, images, questions))
+    batch["answer_ids"], batch["answer_mask"] = tokenize_answers(processor.tokenizer, answers)
+    if chains is not None and dec_tokenizer is not None and K > 0:
+        batch["step_ids"], batch["step_mask"] = tokenize_steps(dec_tokenizer, chains, K)
+    if roi is not None:
+        batch["roi"] = roi
+    if glob is not None:
+        batch["global"] = glob
+    return batch
+
+
+def batch_to(batch, device):
+    return {k: (v.to(device) if hasattr(v, "to") else v) for k, v in batch.items()}
+
+
+def _pad_right(seqs, pad_id):
+    T = max([len(s) for s in seqs] + [1])
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s, dtype=torch.long), 1
+    return ids, mask
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. The recurrent latent loop on one KV-cache (§3.2). transformers traps (DESIGN.md §3): pass explicit
+#    M-RoPE position_ids AND the full 2-D attention mask (past + new columns) on every call; never pass
+#    pixel values after the prefix; the cache argument is `cache=`.
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class LoopState:
+    cache: DynamicCache
+    mask: torch.Tensor      # (B, S) attention mask over everything in the cache
+    next_pos: torch.Tensor  # (B,) the next free M-RoPE position (same on all three axes for text)
+    h: list                 # [h_0, ..., h_K], each (B, 1, d), post-final-norm (what feeds lm_head)
+
+
+def _text_step(backbone, embeds, st: LoopState, valid=None):
+    """Append `embeds` (B, T, d) to the cache at positions next_pos + [0, T); return hidden (B, T, d)."""
+    B, T, _ = embeds.shape
+    valid = torch.ones(B, T, dtype=st.mask.dtype, device=embeds.device) if valid is None else valid
+    st.mask = torch.cat([st.mask, valid.to(st.mask.dtype)], dim=1)                         # (B, S+T)
+    pos = st.next_pos[:, None] + torch.arange(T, device=embeds.device)                    # (B, T)
+    out = backbone.model.language_model(inputs_embeds=embeds, attention_mask=st.mask, cache=st.cache,
+                                        position_ids=pos[None].expand(3, B, T), use_cache=True)
+    st.next_pos = st.next_pos + T
+    return out.last_hidden_state
+
+
+def prefix_forward(backbone, prefix):
+    """The only call that sees pixels: vision tower + deepstack + LLM over the padded prompt -> h_0."""
+    inner = backbone.model
+    pos, delta = inner.get_rope_index(prefix["input_ids"], prefix["mm_token_type_ids"],
+                                      image_grid_thw=prefix["image_grid_thw"],
+                                      attention_mask=prefix["attention_mask"])                  # (3,B,P), (B,1)
+    cache = DynamicCache(config=backbone.config.text_config)
+    out = inner(input_ids=prefix["input_ids"], attention_mask=prefix["attention_mask"], position_ids=pos,
+                pixel_values=prefix["pixel_values"], image_grid_thw=prefix["image_grid_thw"],
+                mm_token_type_ids=prefix["mm_token_type_ids"], cache=cache, use_cache=True)
+    next_pos = prefix["attention_mask"].sum(-1) + delta[:, 0]                                # max pos + 1
+    return LoopState(cache, prefix["attention_mask"], next_pos, [out.last_hidden_state[:, -1:]])
+
+
+def latent_loop(backbone, prefix, K):
+    """Prefix, then K single-position steps with inputs_embeds = h_{k-1} on the same cache (eq. 1).
+    Gradients flow through the cache and the fed-back states: nothing is detached."""
+    st = prefix_forward(backbone, prefix)
+    for _ in range(K):
+        st.h.append(_text_step(backbone, st.h[-1], st))                                     # h_k: (B, 1, d)
+    return st
+
+
+def answer_logits(backbone, st: LoopState, answer_ids, answer_mask):
+    """Teacher-forced answer on the same cache: logits (B, T, V) where position j predicts token j.
+    Token 0 comes from lm_head(h_K) (eq. 2); token j > 0 from the hidden state of answer token j-1."""
+    emb = backbone.get_input_embeddings()(answer_ids)                                       # (B, T, d)
+    hid = _text_step(backbone, emb, st, valid=answer_mask)                                 # (B, T, d)
+    return backbone.lm_head(torch.cat([st.h[-1], hid[:, :-1]], dim=1))
+
+
+@torch.no_grad()
+def generate(backbone, prefix, K, eos_id, max_new_tokens=32):
+    """Greedy answer after K latent steps (inference: scaffolds neither loaded nor used).
+    Returns (token ids (B, <=max_new_tokens) with eos/padding after the end, the LoopState)."""
+    st = latent_loop(backbone, prefix, K)
+    nxt = backbone.lm_head(st.h[-1])[:, -1].argmax(-1)                                      # (B,)
+    out, done = [], torch.zeros_like(nxt, dtype=torch.bool)
+    for _ in range(max_new_tokens):
+        nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+        out.append(nxt)
+        done |= nxt == eos_id
+        if done.all():
+            break
+        hid = _text_step(backbone, backbone.get_input_embeddings()(nxt[:, None]), st)
+        nxt = backbone.lm_head(hid)[:, -1].argmax(-1)
+    return torch.stack(out, dim=1), st
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Training-time scaffolds (§3.3, §B.2): visual projector, pj_in, auxiliary text decoder.
+# ----------------------------------------------------------------------------------------------------
+class VisualProjector(nn.Module):
+    """VP(h) = LN_out(W2(h' + Dropout(GELU(W1 h')))), h' = LN_in(h)   (eq. 5; 21.51M at d=4096, d_v=1152).
+    `kind` gives the Table 13 ablations: linear | mlp | mlp_ln | res_mlp_ln (default) | transformer."""
+    KINDS = ("linear", "mlp", "mlp_ln", "res_mlp_ln", "transformer")
+
+    def __init__(self, d, d_v, kind="res_mlp_ln", dropout=0.1):
+        super().__init__()
+        if kind not in self.KINDS:
+            raise ValueError(f"projector kind '{kind}' is not one of {self.KINDS}")
+        self.kind = kind
+        if kind == "linear":
+            self.out = nn.Linear(d, d_v)
+            return
+        norm = kind != "mlp"
+        self.ln_in = nn.LayerNorm(d) if norm and kind != "transformer" else nn.Identity()
+        if kind == "transformer":  # self-attention over the single latent token + its MLP (Table 13 e)
+            self.block = nn.TransformerEncoderLayer(d, max(1, d // 128), dim_feedforward=d, dropout=dropout,
+                                                    activation="gelu", batch_first=True, norm_first=True)
+        else:
+            self.fc = nn.Linear(d, d)
+            self.drop = nn.Dropout(dropout)
+        self.out = nn.Linear(d, d_v)
+        self.ln_out = nn.LayerNorm(d_v) if norm else nn.Identity()
+        if norm:
+            # (chosen) start LN_out's gain at 1/sqrt(d_v) so that ||VP(h)|| ~ 1 like the L2-normalised
+            # targets; LN_out then "re-scales to the feature space" from step 0 instead of from norm ~34.
+            nn.init.constant_(self.ln_out.weight, 1 / math.sqrt(d_v))
+
+    def forward(self, h):  # (..., d) -> (..., d_v)
+        if self.kind == "linear":
+            return self.out(h)
+        if self.kind == "transformer":
+            x = self.block(h.reshape(-1, 1, h.shape[-1])).reshape(h.shape)
+        else:
+            x = self.ln_in(h)
+            y = self.drop(F.gelu(self.fc(x)))
+            x = x + y if self.kind == "res_mlp_ln" else y  # residual in d space only for res_mlp_ln
+        return self.ln_out(self.out(x))
+
+
+def decoder_loss(decoder, pj_in, h, step_ids, step_mask):
+    """L_sem (eq. 4) for all B x K steps in ONE decoder call.
+    Step k's input is [pj_in(h_k), embed(r_k[:-1])]: position 0 predicts r_k's first token.
+    h: (B, K, d); step_ids/mask: (B, K, L). Per-step token-mean CE, averaged over valid steps (fp32)."""
+    B, K, L = step_ids.shape
+    x0 = pj_in(h.reshape(B * K, 1, -1))                                                    # (BK, 1, d_dec)
+    emb = decoder.get_input_embeddings()(step_ids.reshape(B * K, L)[:, :-1])               # (BK, L-1, d_dec)
+    inp = torch.cat([x0.to(emb.dtype), emb], dim=1)                                         # (BK, L, d_dec)
+    attn = torch.cat([torch.ones_like(step_mask.reshape(B * K, L)[:, :1]), step_mask.reshape(B * K, L)[:, :-1]], 1)
+    logits = decoder(inputs_embeds=inp, attention_mask=attn).logits.float()                 # (BK, L, V)
+    m = step_mask.reshape(B * K, L).float()
+    ce = F.cross_entropy(logits.transpose(1, 2), step_ids.reshape(B * K, L), reduction="none")  # (BK, L)
+    ntok = m.sum(-1)
+    valid = ntok > 0
+    per_step = (ce * m).sum(-1) / ntok.clamp(min=1)
+    return per_step[valid].mean()
+
+
+def visual_targets(roi, glob, K, per_step=False):
+    """Shared target (default, §3.3): every step regresses v_roi. Per-step ablation (§C.5, eq. 8):
+    v_k = (1 - a_k) v_global + a_k v_roi with a_k = k / K, coarse-to-fine. -> (B, K, d_v)."""
+    if not per_step:
+        return roi[:, None].expand(-1, K, -1)
+    a = torch.arange(1, K + 1, device=roi.device, dtype=roi.dtype)[None, :, None] / K
+    return (1 - a) * glob[:, None] + a * roi[:, None]
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. VITAL: backbone (+LoRA) and optional scaffolds; forward returns the joint loss of eq. (7).
+# ----------------------------------------------------------------------------------------------------
+class VITAL(nn.Module):
+    def __init__(self, backbone, decoder=None, d_v=None, projector="res_mlp_ln", lambda_sem=1.0, lambda_vis=0.1):
+        super().__init__()
+        self.backbone = backbone
+        d = backbone.config.text_config.hidden_size
+        # A scaffold whose weight is 0 is not built at all (nothing to train, nothing to synchronise).
+        self.decoder = decoder if (decoder is not None and lambda_sem > 0) else None
+        self.pj_in = nn.Linear(d, self.decoder.config.hidden_size) if self.decoder is not None else None
+        self.vp = VisualProjector(d, d_v, projector) if (d_v and lambda_vis > 0) else None
+        self.lambda_sem, self.lambda_vis = lambda_sem, lambda_vis
+
+    def forward(self, batch, K, per_step_target=False):
+        """batch: prefix (BatchFeature), answer_ids/mask (B,T), step_ids/mask (B,K,L), roi/global (B,d_v).
+        Returns dict(loss, L_task, L_sem, L_vis, h) with h = (B, K, d) latent states h_1..h_K."""
+        st = latent_loop(self.backbone, batch["prefix"], K)
+        logits = answer_logits(self.backbone, st, batch["answer_ids"], batch["answer_mask"]).float()
+        tgt = batch["answer_ids"].masked_fill(batch["answer_mask"] == 0, -100)               # padding never counts
+        L_task = F.cross_entropy(logits.transpose(1, 2), tgt, ignore_index=-100)
+        zero = logits.new_zeros(())
+        h = torch.cat(st.h[1:], dim=1) if K > 0 else logits.new_zeros(logits.shape[0], 0, 1)  # (B, K, d)
+        L_sem = L_vis = zero
+        if K > 0 and self.decoder is not None:
+            L_sem = decoder_loss(self.decoder, self.pj_in, h, batch["step_ids"], batch["step_mask"])
+        if K > 0 and self.vp is not None:
+            valid = (batch["step_mask"].sum(-1) > 0).float() if "step_mask" in batch else h.new_ones(h.shape[:2])
+            tgt_v = visual_targets(batch["roi"].float(), batch.get("global", batch["roi"]).float(), K, per_step_target)
+            l1 = (self.vp(h).float() - tgt_v).abs().mean(-1)                                   # (B, K), L1 (eq. 6)
+            L_vis = (l1 * valid).sum() / valid.sum().clamp(min=1)
+        loss = L_task + self.lambda_sem * L_sem + self.lambda_vis * L_vis
+        return dict(loss=loss, L_task=L_task, L_sem=L_sem, L_vis=L_vis, h=h)
+
+    def trainable_state_dict(self):
+        """Only what training changes: LoRA A/B (adapter) and the scaffolds, keys without wrappers."""
+        adapter = {n: p.detach() for n, p in self.backbone.named_parameters() if ".lora_" in n}
+        scaffold = {n: p.detach() for n, p in self.named_parameters() if not n.startswith("backbone.")}
+        return adapter, scaffold
+
+
+@torch.no_grad()
+def decode_latent(decoder, pj_in, dec_tokenizer, h, max_new_tokens=40):
+    """Text window (§3.3): read a latent h (N, d) out as a sentence through pj_in + decoder (greedy)."""
+    x = pj_in(h.reshape(-1, 1, h.shape[-1])).to(decoder.dtype)                               # (N, 1, d_dec)
+    ids = decoder.generate(inputs_embeds=x, attention_mask=torch.ones(x.shape[:2], dtype=torch.long, device=x.device),
+                           max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=dec_tokenizer.eos_token_id,
+                           pad_token_id=dec_tokenizer.pad_token_id)
+    return [s.strip() for s in dec_tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
+@torch.no_grad()
+def project_latent(vp, h):
+    """Visual window (§3.3): VP(h) in the frozen encoder's feature space, L2-normalised. (N, d_v)."""
+    return F.normalize(vp(h).float(), dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 7. Save / load: safetensors for tensors, JSON for metadata, atomic folder writes, PEFT export.
+# ----------------------------------------------------------------------------------------------------
+def save_checkpoint(folder, vital: VITAL, config: dict, extra_files=None):
+    """Write adapter.safetensors, scaffold.safetensors and config.json into folder atomically: everything
+    goes to folder.tmp first and is renamed into place only when complete. extra_files: {name: writer(path)}."""
+    tmp, old = folder.rstrip("/") + ".tmp", folder.rstrip("/") + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    adapter, scaffold = vital.trainable_state_dict()
+    save_file({k: v.contiguous().cpu() for k, v in adapter.items()}, os.path.join(tmp, "adapter.safetensors"))
+    if scaffold:
+        save_file({k: v.contiguous().cpu() for k, v in scaffold.items()}, os.path.join(tmp, "scaffold.safetensors"))
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    for name, writer in (extra_files or {}).items():
+        writer(os.path.join(tmp, name))
+    if os.path.exists(folder):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_into(module, tensors, path):
+    own = dict(module.named_parameters())
+    for k, v in tensors.items():
+        if k not in own:
+            raise ValueError(f"{path}: tensor '{k}' has no place in this model (another architecture?)")
+        if own[k].shape != v.shape:
+            raise ValueError(f"{path}: '{k}' has shape {tuple(v.shape)}, this model expects {tuple(own[k].shape)} "
+                             "(checkpoint of another width or LoRA rank?)")
+        with torch.no_grad():
+            own[k].copy_(v)
+    return len(tensors)
+
+
+def load_checkpoint(folder, vital: VITAL, scaffolds=True):
+    """Load adapter (+ scaffolds) saved by save_checkpoint into an already-built VITAL. Returns config."""
+    cfg_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"no checkpoint at '{folder}' (missing config.json)")
+    with open(cfg_path) as f:
+        config = json.load(f)
+    adapter = load_file(os.path.join(folder, "adapter.safetensors"))
+    expected = {n for n, _ in vital.backbone.named_parameters() if ".lora_" in n}
+    if set(adapter) != expected:
+        missing = sorted(expected - set(adapter))[:3] or sorted(set(adapter) - expected)[:3]
+        raise ValueError(f"{folder}/adapter.safetensors does not match this backbone's LoRA layers (e.g. {missing})")
+    _load_into(vital.backbone, adapter, f"{folder}/adapter.safetensors")
+    sc_path = os.path.join(folder, "scaffold.safetensors")
+    if scaffolds and os.path.isfile(sc_path):
+        sc = {k: v for k, v in load_file(sc_path).items()}
+        _load_into(vital, sc, sc_path)
+    return config
+
+
+def export_peft(folder, vital: VITAL, base_model_path=""):
+    """PEFT-format copy of the adapter: adapter_model.safetensors + adapter_config.json."""
+    layers = lora_layers(vital.backbone)
+    os.makedirs(folder, exist_ok=True)
+    tensors = {}
+    for n, p in vital.backbone.named_parameters():
+        if ".lora_" in n:
+            mod, which = n.rsplit(".", 1)  # "...q_proj", "lora_A"
+            tensors[f"base_model.model.{mod}.{which}.weight"] = p.detach().contiguous().cpu()
+    save_file(tensors, os.path.join(folder, "adapter_model.safetensors"))
+    cfg = dict(peft_type="LORA", task_type=None, r=layers[0].r, lora_alpha=layers[0].alpha,
+               lora_dropout=layers[0].dropout.p, bias="none", fan_in_fan_out=False, inference_mode=True,
+               init_lora_weights=True, base_model_name_or_path=base_model_path,
+               target_modules=r".*language_model\.layers\.\d+\.(self_attn|mlp)\.(" + "|".join(LORA_TARGETS) + ")")
+    with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+
+
+def count_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def main():
+    ap = argparse.ArgumentParser(description="VITAL model utilities")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("make-tiny", help="write tiny random-init backbone/decoder/encoder folders")
+    t.add_argument("folder", help="output folder, e.g. runs/tiny")
+    t.add_argument("--hidden", type=int, default=64, help="LLM hidden size of the tiny backbone")
+    t.add_argument("--layers", type=int, default=2, help="LLM layers of the tiny backbone")
+    t.add_argument("--seed", type=int, default=0, help="random seed of the weights")
+    i = sub.add_parser("info", help="print parameter counts of backbone/decoder/encoder under a folder")
+    i.add_argument("folder", help="folder with backbone/, decoder/, encoder/")
+    args = ap.parse_args()
+    if args.cmd == "make-tiny":
+        make_tiny(args.folder, hidden=args.hidden, layers=args.layers, seed=args.seed)
+        print(f"tiny models written to {args.folder}/{{backbone,decoder,encoder}}")
+    else:
+        bb, _ = load_backbone(os.path.join(args.folder, "backbone"))
+        dec, _ = load_decoder(os.path.join(args.folder, "decoder"))
+        enc, _ = load_encoder(os.path.join(args.folder, "encoder"))
+        n_lora = add_lora(bb)
+        print(f"backbone {count_params(bb) / 1e6:.2f}M (LoRA layers {n_lora}), decoder {count_params(dec) / 1e6:.2f}M, "
+              f"encoder {count_params(enc) / 1e6:.2f}M")
+
+
+if __name__ == "__main__":
+    main()
