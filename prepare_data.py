@@ -1,0 +1,969 @@
+"""
+Stage 1 of VITAL: turn segmentation data into verified training tuples
+(image, question, answer, K-step reasoning chain) plus the mask the ROI stage needs.
+
+Paper: §3.4 and Appendix A.1-A.4 (sources, question types and K, teacher-only overlay, the teacher
+prompt, the six-round quality gate). Design card: DESIGN.md §2 (samples.jsonl schema) and §4.
+
+Reads one source per run (run again with another source into the same --out to append):
+  phantom      procedural images with exact masks, needs no download (the embedded default)
+  msd          Medical Segmentation Decathlon task folders (dataset.json + NIfTI volumes)
+  biomedparse  BiomedParse folders (train/, train_mask/, test/, test_mask/ with *.png)
+Writes into --out:
+  images/ masks/ overlays/   PNGs (the overlay is the teacher-only view: red layer + yellow contour)
+  samples.jsonl              accepted samples, one JSON object a line (schema: DESIGN.md §2)
+  rejects.jsonl              samples that failed the gate 1 + --max-retries times, with every reason
+  stats.json                 counts by source, subset, modality, question type, K, split; rejects; leaks
+
+Teachers: `geometry` (default) writes chains from the mask and the pixels (offline, leak-free by
+construction); `openai` asks any OpenAI-compatible chat-completions endpoint with the prompt of §A.2.
+Every sample goes through the same quality gate whatever the teacher.
+
+Every decided sample is appended and flushed as soon as it is done, so a killed run loses only the
+samples in flight (for MSD: the volume in flight); rerunning the same command skips decided ids.
+
+  python prepare_data.py --source phantom --out data/phantom --n 2000 --seed 0
+  python prepare_data.py --source msd --msd-root /data/Task03_Liver /data/Task06_Lung --out data/vital
+  python prepare_data.py --source biomedparse --bmp-root /data/BiomedParse/ISIC --out data/vital
+  OPENAI_API_KEY=... python prepare_data.py --source phantom --out data/p --n 50 --teacher openai \
+      --base-url https://api.openai.com/v1 --teacher-model gpt-5.4 --workers 8
+"""
+import argparse
+import base64
+import hashlib
+import io
+import json
+import os
+import random
+import re
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from multiprocessing import Pool
+from multiprocessing.pool import ThreadPool
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+# ----------------------------------------------------------------------------- constants (§A.2, §A.3)
+QUESTION_TYPES = ["yesno", "identify", "location_choice", "location", "describe", "reasoning"]
+STEP_RANGE = {"yesno": (1, 1), "identify": (1, 1), "location_choice": (1, 1), "location": (2, 2),
+              "describe": (2, 3), "reasoning": (3, 4)}  # Table 4: the reasoning depth K of each type
+# words that reveal the teacher saw an annotation (§A.3 round 2); matched on word boundaries
+LEAK_TERMS = ["mask", "masks", "masked", "overlay", "overlays", "overlaid", "highlight", "highlighted",
+              "highlighting", "segmentation", "segmented", "roi", "region of interest", "label", "labels",
+              "labeled", "labelled", "ground truth", "annotation", "annotations", "annotated", "contour",
+              "outline in red", "outlined in red", "red outline", "red overlay", "red layer", "red-shaded",
+              "yellow line", "yellow outline", "yellow border", "marked region", "marker", "bounding box",
+              "hidden metadata", "teacher", "tinted"]
+# pathology words that must not describe normal anatomy (§A.3 round 3, organ targets only)
+PATHOLOGY_TERMS = ["lesion", "lesions", "mass", "masses", "tumor", "tumors", "tumour", "tumours",
+                   "calcification", "calcified", "inflammation", "inflamed", "nodule", "nodules", "cyst",
+                   "cystic", "metastasis", "metastases", "malignant", "malignancy", "benign", "carcinoma",
+                   "cancer", "necrosis", "necrotic", "abscess", "hemorrhage", "edema", "infarct", "polyp"]
+# patient-space wording mixed into image-space answers (§A.3 round 4)
+MIXED_SPACE = r"patient'?s?[ -](?:left|right)|(?:anatomic(?:al)?|radiologic(?:al)?)[ -](?:left|right)" \
+              r"|(?:left|right) of the patient|(?:left|right) side of the patient"
+LEAK_RE = re.compile(r"\b(?:" + "|".join(re.escape(t) for t in LEAK_TERMS) + r")\b", re.I)
+PATHOLOGY_RE = re.compile(r"\b(?:" + "|".join(PATHOLOGY_TERMS) + r")\b", re.I)
+MIXED_RE = re.compile(MIXED_SPACE, re.I)
+SIDE_RE = re.compile(r"\b(left|right|upper|lower|top|bottom)\b", re.I)
+
+CT_WINDOWS = {"abdomen": (-150, 250), "liver": (-25, 230), "lung": (-1000, 1000)}  # HU (§A.1)
+MSD_ALIASES = {"pz": "prostate peripheral zone", "tz": "prostate transition zone",
+               "anterior": "anterior hippocampus", "posterior": "posterior hippocampus"}
+# each phantom modality has up to three targets that differ in shape, so the pixels tell them apart;
+# location, size, boundary and brightness vary freely and are what describe/reasoning ask about
+PHANTOM_TARGETS = {
+    "CT": [("kidney", "organ", "round"), ("hepatic vessel", "vessel", "elongated"),
+           ("liver tumor", "tumor", "irregular")],
+    "X-ray": [("heart", "organ", "round"), ("pulmonary vessel", "vessel", "elongated"),
+              ("lung opacity", "lesion", "irregular")],
+    "dermoscopy": [("nevus", "lesion", "round"), ("melanoma", "tumor", "irregular")],
+    "fundus": [("optic disc", "retina", "round"), ("retinal vessel", "vessel", "elongated"),
+               ("exudate", "lesion", "irregular")],
+    "ultrasound": [("cyst", "lesion", "round"), ("blood vessel", "vessel", "elongated"),
+                   ("breast tumor", "tumor", "irregular")],
+}
+FALLBACK_TARGETS = ["liver", "kidney", "spleen", "lung", "heart", "pancreas"]  # identify distractors
+
+
+def stable_hash(text):
+    """A hash that is the same in every process and every run (Python's hash() is salted)."""
+    return int(hashlib.sha1(text.encode()).hexdigest()[:12], 16)
+
+
+def slug(text):
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def article(target, target_type):
+    if target_type in ("organ", "vessel", "retina", "tissue"):
+        return "the"
+    return "an" if target[0].lower() in "aeiou" else "a"
+
+
+def modality_phrase(modality):
+    return {"fundus": "fundus photograph"}.get(modality, f"{modality} image")
+
+
+# ----------------------------------------------------------------------------- pixel helpers
+def dilate(m, n=1):
+    """Binary dilation with a 3x3 square, n times (numpy only: no scipy dependency)."""
+    for _ in range(n):
+        p = np.pad(m, 1)
+        m = (p[1:-1, 1:-1] | p[:-2, 1:-1] | p[2:, 1:-1] | p[1:-1, :-2] | p[1:-1, 2:]
+             | p[:-2, :-2] | p[:-2, 2:] | p[2:, :-2] | p[2:, 2:])
+    return m
+
+
+def erode(m, n=1):
+    return ~dilate(~m, n)
+
+
+def gaussian_blur(a, sigma):
+    """Separable Gaussian blur of a 2-D float array."""
+    r = max(1, int(3 * sigma + 0.5))
+    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    k /= k.sum()
+    p = np.pad(a, r, mode="edge")
+    rows = sum(w * p[i:i + a.shape[0], :] for i, w in enumerate(k))  # (H, W+2r)
+    return sum(w * rows[:, i:i + a.shape[1]] for i, w in enumerate(k))  # (H, W)
+
+
+def to_uint8(a):
+    return (np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def save_png(array, path):
+    """Write atomically: a killed run never leaves a half-written PNG under the final name."""
+    tmp = path + ".tmp.png"
+    Image.fromarray(array).save(tmp)
+    os.replace(tmp, path)
+
+
+def overlay_view(image, mask):
+    """Teacher-only view (§A.2): mask as red layer with alpha 0.4, boundary as a yellow contour."""
+    rgb = np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image
+    out = rgb.astype(np.float32)
+    out[mask] = 0.6 * out[mask] + 0.4 * np.array([255, 0, 0], np.float32)
+    out[mask & ~erode(mask)] = (255, 255, 0)
+    return out.astype(np.uint8)
+
+
+def read_png(path, as_mask=False):
+    """Read any PNG flavour (8/16-bit, grey, RGB, RGBA, palette) as uint8 grey/RGB, or a bool mask."""
+    with Image.open(path) as im:
+        im.load()  # forces the decode here, so a truncated file raises here
+        if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            a = np.asarray(im, dtype=np.float64)  # 16-bit: rescale its own range to 0..255
+            if as_mask:
+                return a > 0
+            lo, hi = a.min(), a.max()
+            return to_uint8((a - lo) / (hi - lo) if hi > lo else a * 0)
+        im = im.convert("RGB") if im.mode in ("RGBA", "LA", "P", "CMYK", "RGB") else im.convert("L")
+        a = np.asarray(im)
+    if as_mask:  # binarised > 0 on any channel (§A.1)
+        return (a > 0).any(axis=2) if a.ndim == 3 else a > 0
+    if a.ndim == 3 and (a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all():
+        a = a[..., 0]  # grey stored as RGB
+    return np.ascontiguousarray(a)
+
+
+# ----------------------------------------------------------------------------- image-space facts
+def measure(image, mask):
+    """What the raw pixels show about the target: position, extent, shape, boundary, brightness.
+    Every word the geometry teacher writes and the gate's spatial check comes from here."""
+    H, W = mask.shape
+    lum = (image.mean(axis=2) if image.ndim == 3 else image).astype(np.float32) / 255
+    ys, xs = np.nonzero(mask)
+    cx, cy = (xs.mean() + 0.5) / W, (ys.mean() + 0.5) / H
+    h = "left" if cx < 1 / 3 else "right" if cx > 2 / 3 else "central"
+    v = "upper" if cy < 1 / 3 else "lower" if cy > 2 / 3 else "middle"
+    # shape: compare the mask with the ellipse that has the same second moments
+    cov = np.cov(np.stack([xs, ys]).astype(np.float64)) + np.eye(2) / 12  # +1/12: pixel extent
+    evals, evecs = np.linalg.eigh(cov)
+    elongation = float(np.sqrt(evals[1] / evals[0]))
+    gy, gx = np.mgrid[0:H, 0:W]
+    d = np.stack([gx - xs.mean(), gy - ys.mean()], axis=-1) @ evecs  # (H, W, 2) in the ellipse axes
+    ellipse = (d[..., 0] ** 2 / (4 * evals[0]) + d[..., 1] ** 2 / (4 * evals[1])) <= 1
+    iou = float((ellipse & mask).sum() / (ellipse | mask).sum())
+    shape = "irregular" if iou < 0.8 else "elongated" if elongation >= 2.2 else "round"
+    # boundary: how much of the core-to-background step happens within 2 px of the edge
+    core = erode(mask, 4) if erode(mask, 4).sum() >= 5 else mask
+    far = dilate(mask, 8) & ~dilate(mask, 4)
+    inner, outer = mask & ~erode(mask, 2), dilate(mask, 2) & ~mask
+    step = lum[core].mean() - lum[far].mean() if far.any() else 0.0
+    edge = (lum[inner].mean() - lum[outer].mean()) / step if abs(step) > 0.03 and outer.any() else 0.0
+    # brightness versus a ring of surroundings a few pixels away
+    ring = dilate(mask, 6) & ~dilate(mask, 2)
+    diff = float(lum[mask].mean() - lum[ring].mean()) if ring.any() else 0.0
+    area = float(mask.mean())
+    return {"cx": round(float(cx), 4), "cy": round(float(cy), 4), "h": h, "v": v,
+            "area": round(area, 5), "size": "small" if area < 0.025 else "large",
+            "elongation": round(elongation, 3), "ellipse_iou": round(iou, 3), "shape": shape,
+            "edge": round(float(edge), 3), "boundary": "sharp" if edge > 0.7 else "blurred",
+            "contrast": round(diff, 4),
+            "brightness": "brighter" if diff > 0.04 else "darker" if diff < -0.04 else "similar"}
+
+
+def region_phrase(f, horizontal_only=False):
+    if horizontal_only:
+        return f"{f['h']} part of the image"
+    if f["h"] == "central" and f["v"] == "middle":
+        return "central part of the image"
+    return f"{f['v']} {f['h']} part of the image"
+
+
+def bright_phrase(f):
+    return "similar in brightness to its surroundings" if f["brightness"] == "similar" \
+        else f"{f['brightness']} than its surroundings"
+
+
+def boundary_phrase(f):
+    return "a sharp, well-defined boundary" if f["boundary"] == "sharp" else "a blurred, ill-defined boundary"
+
+
+# ----------------------------------------------------------------------------- phantom generator
+def phantom_background(modality, rng, xx, yy):
+    """A modality 'look' in [0,1], kept within 0.3..0.7 so a target can be clearly brighter or darker."""
+    S = xx.shape[0]
+    smooth = gaussian_blur(rng.normal(0, 1, (S, S)), S / 12) * 2  # slow tissue variation
+    if modality == "CT":  # body ellipse of soft tissue on a darker surround
+        body = ((xx - 0.5) / 0.47) ** 2 + ((yy - 0.5) / 0.42) ** 2 < 1
+        return 0.33 + 0.17 * gaussian_blur(body.astype(float), 1.5) + 0.02 * smooth
+    if modality == "X-ray":  # bright mediastinum in the middle, faint horizontal rib bands
+        return 0.4 + 0.15 * np.exp(-((xx - 0.5) / 0.12) ** 2) + 0.04 * np.sin(yy * 40 + rng.uniform(0, 6))
+    if modality == "ultrasound":  # echo texture fading with depth, speckle added after the target
+        return 0.58 - 0.18 * yy + 0.03 * smooth
+    tint = np.array([0.72, 0.5, 0.42]) if modality == "dermoscopy" else np.array([0.78, 0.38, 0.18])
+    shade = 1 + 0.05 * smooth
+    if modality == "fundus":  # the round retina with darker periphery
+        shade = shade - 0.35 * (((xx - 0.5) ** 2 + (yy - 0.5) ** 2) / 0.5)
+    return tint * shade[..., None]
+
+
+def phantom_shape(shape, large, cx, cy, rng, xx, yy):
+    """Exact binary mask of one target; shrunk until it fits inside the image (a cut shape would
+    no longer be the shape we claim)."""
+    if shape == "round":
+        r, q = (rng.uniform(0.13, 0.16) if large else rng.uniform(0.055, 0.07)), rng.uniform(1.0, 1.3)
+        a, b = r * np.sqrt(q), r / np.sqrt(q)
+    elif shape == "elongated":
+        a = rng.uniform(0.22, 0.26) if large else rng.uniform(0.12, 0.14)
+        b = a / (rng.uniform(3.0, 3.6) if large else rng.uniform(3.5, 4.5))
+    else:  # irregular: lobulated outline r(phi) = R (1 + A cos(k phi) + ...)
+        R, k, A = (rng.uniform(0.13, 0.15) if large else rng.uniform(0.065, 0.08)), rng.integers(3, 6), 0.4
+        wobble = rng.uniform(0, 6)
+    for attempt in range(40):  # a new angle each time, and 2% smaller, until it fits
+        scale, angle = 0.98 ** attempt, rng.uniform(0, np.pi)
+        u = ((xx - cx) * np.cos(angle) + (yy - cy) * np.sin(angle)) / scale
+        w = (-(xx - cx) * np.sin(angle) + (yy - cy) * np.cos(angle)) / scale
+        if shape == "irregular":
+            phi = np.arctan2(w, u)
+            m = np.hypot(u, w) <= R * (1 + A * np.cos(k * phi) + 0.15 * np.cos((k + 2) * phi + wobble))
+        else:
+            m = (u / a) ** 2 + (w / b) ** 2 <= 1
+        if not (m[0].any() or m[-1].any() or m[:, 0].any() or m[:, -1].any()):
+            break
+    return m
+
+
+def phantom_case(index, seed, size):
+    """One phantom image with one target whose every attribute is drawn from a seeded RNG."""
+    rng = np.random.default_rng([seed, index])
+    modality = sorted(PHANTOM_TARGETS)[rng.integers(len(PHANTOM_TARGETS))]
+    target, target_type, shape = PHANTOM_TARGETS[modality][rng.integers(len(PHANTOM_TARGETS[modality]))]
+    yy, xx = (np.mgrid[0:size, 0:size] + 0.5) / size
+    bg = phantom_background(modality, rng, xx, yy)
+    cx, cy = (rng.choice([0.2, 0.5, 0.8]) + rng.uniform(-0.03, 0.03) for _ in range(2))
+    large, sharp, brighter = rng.random(3) < 0.5
+    mask = phantom_shape(shape, large, cx, cy, rng, xx, yy)
+    r_px = np.sqrt(mask.sum() / np.pi)  # a blurred edge spreads over about a third of the radius
+    alpha = mask.astype(float) if sharp else gaussian_blur(mask.astype(float), max(2.0, 0.35 * r_px))
+    local = bg[mask].mean(axis=0)  # the target is 0.3 brighter or darker than what it sits on
+    value = np.clip(local + (0.3 if brighter else -0.3), 0.02, 0.98)
+    a = alpha if bg.ndim == 2 else alpha[..., None]
+    img = bg * (1 - a) + value * a
+    if modality == "ultrasound":  # multiplicative speckle over tissue and target alike
+        img = img * (1 + 0.15 * gaussian_blur(rng.normal(0, 1, (size, size)), 0.7))
+    img = img + rng.normal(0, 0.015, img.shape)
+    others = [(t, tt) for t, tt, _ in PHANTOM_TARGETS[modality] if t != target]
+    key = f"phantom-s{seed}-{index:06d}"
+    return {"image_key": key, "group": key, "source": "phantom", "subset": f"phantom-{slug(modality)}",
+            "modality": modality, "target": target, "target_type": target_type, "image": to_uint8(img),
+            "mask": mask, "others": others, "order": index,
+            "meta": {"drawn": {"center": [round(float(cx), 3), round(float(cy), 3)], "shape": shape, "size": "large" if large else "small",
+                               "boundary": "sharp" if sharp else "blurred",
+                               "brightness": "brighter" if brighter else "darker"}}}
+
+
+# ----------------------------------------------------------------------------- MSD reader (§A.1)
+def msd_target(label, task):
+    """Label name from dataset.json -> (target name, target type)."""
+    name = MSD_ALIASES.get(label.lower().strip(), label.lower().strip())
+    site = task.split("_", 1)[-1].lower()
+    if name in ("cancer", "tumor", "tumour"):
+        name = f"{site} tumor"
+    kind = "tumor" if re.search(r"tumo|cancer|carcinoma|edema|necro", name) else \
+        "vessel" if "vessel" in name else "organ"
+    return name, kind
+
+
+def read_msd_task(root):
+    """dataset.json -> list of (image path, label path); './' stripped, hidden '._' files skipped."""
+    path = os.path.join(root, "dataset.json")
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: {path} not found: --msd-root must be an MSD task folder")
+    try:
+        meta = json.load(open(path))
+        entries = [(os.path.join(root, e["image"].replace("./", "", 1)),
+                    os.path.join(root, e["label"].replace("./", "", 1))) for e in meta["training"]]
+        labels, modalities = meta["labels"], meta["modality"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: {path}: not a valid MSD dataset.json ({type(e).__name__}: {e})")
+    entries = [e for e in entries if not os.path.basename(e[0]).startswith("._")]
+    return meta, labels, modalities, entries
+
+
+def msd_normalise(vol, modality, task):
+    """CT: fixed HU window by site; MRI: 0.5-99.5 percentile of the non-zero voxels of the volume."""
+    if modality.upper() == "CT":
+        site = "lung" if "lung" in task.lower() else "liver" if re.search(r"liver|hepatic", task.lower()) \
+            else "abdomen"
+        lo, hi = CT_WINDOWS[site]
+    else:
+        nz = vol[vol != 0]
+        lo, hi = np.percentile(nz, [0.5, 99.5]) if nz.size else (0.0, 1.0)
+    return np.clip((vol - lo) / max(hi - lo, 1e-6), 0, 1)
+
+
+def msd_cases(work, args):
+    """All (slice, label) cases of one MSD volume; a 4-D volume gives one image per channel."""
+    import nibabel as nib  # only MSD needs it
+    _, root, image_path, label_path = work
+    task = os.path.basename(os.path.normpath(root))
+    _, labels, modalities, _ = read_msd_task(root)
+    case_id = os.path.basename(image_path).split(".nii")[0]
+    for p in (image_path, label_path):
+        if not os.path.isfile(p):
+            yield {"id": f"msd-{task}-{case_id}", "reasons": [f"missing_file: {p}"]}
+            return
+    vol = np.asanyarray(nib.load(image_path).dataobj).astype(np.float32)
+    lab = np.rint(np.asanyarray(nib.load(label_path).dataobj)).astype(np.int32)
+    vol = vol[..., None] if vol.ndim == 3 else vol  # (X, Y, Z, C)
+    if vol.shape[:3] != lab.shape:
+        yield {"id": f"msd-{task}-{case_id}",
+               "reasons": [f"size_mismatch: image {vol.shape[:3]} vs label {lab.shape} ({label_path})"]}
+        return
+    names = {int(k): msd_target(v, task) for k, v in labels.items() if int(k) != 0}
+    channels = range(vol.shape[3]) if args.msd_channels == "all" else [int(c) for c in args.msd_channels.split(",")]
+    for c in channels:
+        modality = modalities.get(str(c), "MRI")
+        norm = msd_normalise(vol[..., c], modality, task)
+        modality = "CT" if modality.upper() == "CT" else "MRI"
+        for z in range(0, lab.shape[2], args.msd_stride):
+            # np.rot90: NIfTI stores (x, y); rows of a displayed image are y, anterior up
+            image = to_uint8(np.rot90(norm[:, :, z]))
+            lab_z = np.rot90(lab[:, :, z])
+            for value, (target, ttype) in names.items():
+                mask = lab_z == value
+                if mask.sum() < 100:  # §A.1: keep slices with >= 100 target pixels
+                    continue
+                absent = [names[o] for o in names if o != value and not (lab_z == o).any()]
+                key = f"msd-{task}-{case_id}-c{c}-z{z:03d}"
+                yield {"image_key": key, "group": f"msd-{task}-{case_id}", "source": "msd", "subset": task,
+                       "modality": modality, "target": target, "target_type": ttype, "image": image,
+                       "mask": mask, "others": absent, "order": None,
+                       "meta": {"volume": os.path.relpath(image_path, root), "slice": z, "channel": c,
+                                "sequence": modalities.get(str(c), "")}}
+
+
+# ----------------------------------------------------------------------------- BiomedParse reader (§A.1)
+def parse_bmp_name(stem, is_mask):
+    """IMG_MODALITY_SITE[_TARGET] parsed from the right (the image id itself may contain '_')."""
+    parts = stem.split("_")
+    if len(parts) < (4 if is_mask else 3):
+        return None
+    target = parts.pop().replace("+", " ") if is_mask else None
+    site, modality = parts.pop().replace("+", " "), parts.pop().replace("+", " ")
+    return {"image_stem": "_".join(parts + [modality.replace(" ", "+"), site.replace(" ", "+")]),
+            "modality": modality, "site": site, "target": target}
+
+
+def bmp_target_type(target):
+    t = target.lower()
+    for kind, pattern in [("tumor", r"tumo|cancer|carcinoma|glioma"), ("vessel", r"vessel|arter|vein|aorta"),
+                          ("lesion", r"lesion|nodule|polyp|cyst|opacity|pneumo|covid|infection|edema"),
+                          ("cell", r"cell|nucle|gland"), ("retina", r"optic|disc|cup|retin|fluid"),
+                          ("tissue", r"tissue|fat|muscle")]:
+        if re.search(pattern, t):
+            return kind
+    return "organ"
+
+
+def bmp_work(root):
+    """One work item per image: (image path, [mask paths]); masks without an image become rejects."""
+    if not os.path.isdir(root):
+        raise SystemExit(f"error: --bmp-root {root} is not a folder")
+    subset = os.path.basename(os.path.normpath(root))
+    work, found = [], False
+    for split in ("train", "test"):
+        img_dir, mask_dir = os.path.join(root, split), os.path.join(root, f"{split}_mask")
+        if not os.path.isdir(img_dir):
+            continue
+        found = True
+        masks = {}
+        for name in sorted(os.listdir(mask_dir)) if os.path.isdir(mask_dir) else []:
+            parsed = parse_bmp_name(name[:-4], True) if name.endswith(".png") and not name.startswith(".") else None
+            if parsed:
+                masks.setdefault(parsed["image_stem"], []).append(os.path.join(mask_dir, name))
+        images = {n[:-4] for n in os.listdir(img_dir) if n.endswith(".png") and not n.startswith(".")}
+        for stem in sorted(images | set(masks)):
+            work.append(("bmp", root, subset, split, stem, os.path.join(img_dir, stem + ".png"),
+                         masks.get(stem, [])))
+    if not found:
+        raise SystemExit(f"error: --bmp-root {root} has no train/ or test/ folder")
+    return work
+
+
+def bmp_cases(work, args):
+    _, root, subset, split, stem, image_path, mask_paths = work
+    key = f"bmp-{slug(subset)}-{split}-{slug(stem)}"
+    if not mask_paths:
+        yield {"id": key, "reasons": [f"no_mask: {image_path} has no mask in {split}_mask/"]}
+        return
+    try:
+        image = read_png(image_path)
+    except (OSError, ValueError) as e:
+        yield {"id": key, "reasons": [f"unreadable_image: {image_path}: {e}"]}
+        return
+    parsed = parse_bmp_name(stem, False)
+    targets = sorted({parse_bmp_name(os.path.basename(p)[:-4], True)["target"] for p in mask_paths})
+    subset_targets = args.bmp_targets.get(subset, [])
+    for p in mask_paths:
+        target = parse_bmp_name(os.path.basename(p)[:-4], True)["target"]
+        rid = f"{key}--{slug(target)}"
+        try:
+            mask = read_png(p, as_mask=True)
+        except (OSError, ValueError) as e:
+            yield {"id": rid, "reasons": [f"unreadable_mask: {p}: {e}"]}
+            continue
+        if mask.shape != image.shape[:2]:
+            yield {"id": rid, "reasons": [f"size_mismatch: mask {mask.shape} vs image {image.shape[:2]} ({p})"]}
+            continue
+        if not mask.any():
+            yield {"id": rid, "reasons": [f"empty_mask: {p}"]}
+            continue
+        absent = [(t, bmp_target_type(t)) for t in subset_targets if t not in targets]
+        yield {"image_key": key, "group": key, "source": "biomedparse", "subset": subset,
+               "modality": parsed["modality"], "target": target, "target_type": bmp_target_type(target),
+               "image": image, "mask": mask, "others": absent, "order": None,
+               "meta": {"site": parsed["site"], "bmp_split": split, "file": os.path.relpath(p, root)}}
+
+
+# ----------------------------------------------------------------------------- questions (§A.1, Table 4)
+TEMPLATES = {
+    "yesno": {"*": ["Is {art} {t} visible in this {mp}?", "Does this {mp} show {art} {t}?"]},
+    # identify does not name the type: the pixels, not the wording, must tell which target it is
+    "identify": {"*": ["What structure is shown in this {mp}?", "Which structure can be identified in this {mp}?"]},
+    "location_choice": {"*": ["Is the {t} in the left, right, or center of the image?",
+                              "In this {mp}, is the {t} on the left, on the right, or in the center?"]},
+    "location": {"*": ["Where is the {t} located in this {mp}?"], "vessel": ["Where does the {t} run in this {mp}?"],
+                 "lesion": ["Where is the {t} found in this {mp}?"], "tumor": ["Where is the {t} found in this {mp}?"]},
+    "describe": {"*": ["Describe the appearance of the {t} in this {mp}."],
+                 "lesion": ["Describe the {t} seen in this {mp}.", "What does the {t} in this {mp} look like?"],
+                 "tumor": ["Describe the {t} seen in this {mp}.", "What does the {t} in this {mp} look like?"],
+                 "vessel": ["Describe the appearance and course of the {t} in this {mp}."]},
+    "reasoning": {"*": ["Analyze the visual findings of the {t} in this {mp}: position, extent, shape, "
+                        "boundary and brightness."],
+                  "lesion": ["Analyze the {t} in this {mp}: where is it, how large is it, what are its shape "
+                             "and margin, and how bright is it?"],
+                  "tumor": ["Analyze the {t} in this {mp}: where is it, how large is it, what are its shape "
+                            "and margin, and how bright is it?"]},
+}
+
+
+def samples_for(case, args):
+    """The questions asked about one (image, target) case: --questions-per-image types, rotated so
+    that consecutive phantoms cycle through all six; half of the yes/no questions are negatives."""
+    key = f"{case['image_key']}--{slug(case['target'])}"
+    r = case["order"] if case["order"] is not None else stable_hash(key)
+    types = (QUESTION_TYPES[r % 6:] + QUESTION_TYPES[:r % 6])[:args.questions_per_image]
+    for qtype in types:
+        sid = f"{key}--{qtype}"
+        rng = random.Random(stable_hash(sid))
+        target, ttype, negative = case["target"], case["target_type"], False
+        if qtype == "yesno" and (r // 6) % 2 == 1 and case["others"]:
+            target, ttype = case["others"][stable_hash(sid) % len(case["others"])]
+            negative = True  # ask about a target that is absent from this image
+        forms = TEMPLATES[qtype].get(ttype, TEMPLATES[qtype]["*"])
+        question = rng.choice(forms).format(t=target, art=article(target, ttype),
+                                            mp=modality_phrase(case["modality"]))
+        yield {"id": sid, "target": target, "target_type": ttype, "negative": negative,
+               "question": question, "question_type": qtype, "rng": rng}
+
+
+def canonical_answer(qtype, target, ttype, f, negative=False):
+    """The answer sentence built from image-space facts (geometry teacher and closed-ended choices)."""
+    art = article(target, ttype)
+    if qtype == "yesno":
+        return f"No, {art} {target} is not visible in this image." if negative \
+            else f"Yes, {art} {target} is visible in this image."
+    if qtype == "identify":
+        return f"The structure shown is {art} {target}."
+    if qtype == "location_choice":
+        return f"The {target} is in the {region_phrase(f, True)}."
+    if qtype == "location":
+        return f"The {target} is in the {region_phrase(f)}."
+    if qtype == "describe":
+        return f"The {target} is a {f['size']}, {f['shape']} structure in the {region_phrase(f)}, " \
+               f"{bright_phrase(f)}, with {boundary_phrase(f)}."
+    return f"The {target} lies in the {region_phrase(f)}; it is a {f['size']}, {f['shape']} structure with " \
+           f"{boundary_phrase(f)} that is {bright_phrase(f)}."
+
+
+def geometry_chain(sample, f, K):
+    """K reasoning steps written from the facts only: nothing but what the raw pixels show."""
+    t, art, where = sample["target"], article(sample["target"], sample["target_type"]), region_phrase(f)
+    look = f"{'an' if f['shape'][0] in 'aeiou' else 'a'} {f['shape']} structure {bright_phrase(f)}"
+    qtype = sample["question_type"]
+    if qtype == "yesno" and sample["negative"]:
+        return [f"The only distinct structure is {look} in the {where}, which does not have the "
+                f"appearance of {art} {t}."]
+    if qtype in ("yesno", "identify"):
+        return [f"A {f['size']}, {look} in the {where} has the appearance of {art} {t}."]
+    if qtype == "location_choice":
+        return [f"The {t} appears as {look}, and its center lies in the {f['h']} third of the image."]
+    if qtype == "location":
+        return [f"{look.capitalize()} consistent with {art} {t} is seen.",
+                f"Its center lies about {round(100 * f['cx'])}% across and {round(100 * f['cy'])}% down "
+                f"the image, which is the {where}."]
+    find = f"A structure {bright_phrase(f)} stands out in the {where}."
+    extent = f"It covers about {max(1, round(100 * f['area']))}% of the image, so it is {f['size']}."
+    form = f"Its shape is {f['shape']} and it has {boundary_phrase(f)}."
+    if qtype == "describe":
+        return [find, extent, form] if K == 3 else [find, f"It is {f['size']} and {f['shape']}, with "
+                                                          f"{boundary_phrase(f)}."]
+    chain = [find, extent, form]
+    return chain + [f"Together these features are consistent with {art} {t}."] if K == 4 else chain
+
+
+def closed_form(sample, f, case, rng):
+    """Choices for test items (§B.4): the canonical answer and answers with one attribute changed."""
+    qtype, t, tt = sample["question_type"], sample["target"], sample["target_type"]
+    true = canonical_answer(qtype, t, tt, f, sample["negative"])
+    if qtype == "yesno":
+        choices = [canonical_answer(qtype, t, tt, f), canonical_answer(qtype, t, tt, f, True)]
+        return choices, choices.index(true)
+    if qtype == "identify":
+        names = [x for x, _ in case["others"]] + [x for x in FALLBACK_TARGETS if x != t]
+        wrong = [canonical_answer(qtype, x, "organ" if x in FALLBACK_TARGETS else y, f)
+                 for x, y in (case["others"] + [(x, "organ") for x in FALLBACK_TARGETS if x != t])]
+        wrong = list(dict.fromkeys(w for w in wrong if w != true))[:max(1, min(3, len(names)))]
+    elif qtype == "location_choice":
+        wrong = [canonical_answer(qtype, t, tt, dict(f, h=h)) for h in ("left", "central", "right") if h != f["h"]]
+    elif qtype == "location":
+        regions = [(v, h) for v in ("upper", "middle", "lower") for h in ("left", "central", "right")
+                   if (v, h) != (f["v"], f["h"])]
+        wrong = [canonical_answer(qtype, t, tt, dict(f, v=v, h=h)) for v, h in rng.sample(regions, 3)]
+    else:
+        flips = [dict(f, brightness="darker" if f["brightness"] == "brighter" else "brighter"),
+                 dict(f, shape=rng.choice([s for s in ("round", "elongated", "irregular") if s != f["shape"]])),
+                 dict(f, boundary="blurred" if f["boundary"] == "sharp" else "sharp"),
+                 dict(f, size="large" if f["size"] == "small" else "small"),
+                 dict(f, h=rng.choice([h for h in ("left", "central", "right") if h != f["h"]]))]
+        wrong = [canonical_answer(qtype, t, tt, g) for g in rng.sample(flips, 3)]
+    choices = list(dict.fromkeys([true] + wrong))
+    rng.shuffle(choices)
+    return choices, choices.index(true)
+
+
+def assign_split(group, args):
+    """Deterministic from the hash of the sample's group (a volume, an image), so related samples never
+    straddle splits; the hash ignores subset and type, so every (subset, type) stratum gets the same
+    expected fractions."""
+    u = stable_hash(f"split:{group}") / 16 ** 12
+    return "test" if u < args.test_frac else "val" if u < args.test_frac + args.val_frac else "train"
+
+
+# ----------------------------------------------------------------------------- teachers (§A.2)
+SYSTEM_PROMPT = """You are a teacher that writes supervision data for training a medical visual reasoning \
+model. For each image and question you produce a concise final answer and a short step-by-step reasoning chain.
+Teacher-only information: the image you see has the target drawn as a semi-transparent red layer with a \
+yellow edge, and you are told the target's identity. Use both only to locate the target correctly. Write \
+as if you were a student who sees only the original, unannotated image.
+Never mention or imply hidden guidance, special markings, annotations, masks, overlays, colored layers, \
+highlighted areas, segmentation maps, ROI, labels, ground truth, metadata or extra visual cues, and never \
+suggest that the target identity was given to you.
+Base every statement on visible evidence: location, shape, boundary, extent, density or signal \
+intensity, texture and relations to nearby structures. You may name the given target, but do not add \
+unsupported diagnoses, malignancy or benignity, severity, prognosis or treatment. For a normal organ do \
+not describe lesions, masses, tumors or other pathology.
+Spatial wording: image space only (left, right, center, upper and lower parts of the image). Never use \
+patient-left, patient-right, anatomical left or anatomical right.
+Output strict JSON with exactly two fields, "final_answer" (a string) and "reasoning_chain" (a list of \
+strings, one per step). No markdown, no code fences, no other text."""
+
+GUIDANCE = {
+    "yesno": "Give direct visual evidence for the yes/no answer.",
+    "identify": "Justify the identification from the visible appearance and context.",
+    "location_choice": "Answer with a complete sentence naming the image region, not a bare word.",
+    "location": "Step 1 finds the target; step 2 gives its image-space position relative to nearby anatomy.",
+    "describe": "Cover appearance, shape, boundary, extent and other visible characteristics.",
+    "reasoning": "Analyze location, morphology, visual contrast and relations to nearby structures.",
+}
+EXAMPLE = {"final_answer": "The liver is in the left part of the image.",
+           "reasoning_chain": ["A large homogeneous soft-tissue structure fills the left part of the image.",
+                               "Its smooth outline and size match the liver."]}
+
+
+def user_prompt(case, sample, strict):
+    lo, hi = STEP_RANGE[sample["question_type"]]
+    steps = f"exactly {lo}" if lo == hi else f"{lo} to {hi}"
+    lines = [f"Target (teacher-only): {sample['target']}", f"Target type: {sample['target_type']}",
+             f"Modality: {case['modality']}", f"Question type: {sample['question_type']}",
+             f"Student-visible question: {sample['question']}"]
+    if sample["question_type"] == "yesno":
+        lines.append("Teacher-only fact: the correct answer is " +
+                     ("No; the asked target is absent and the structure drawn in red is something else."
+                      if sample["negative"] else "Yes."))
+    lines += [f"Guidance for {sample['question_type']}: write {steps} reasoning step(s). "
+              f"{GUIDANCE[sample['question_type']]}",
+              f"Example of the output style: {json.dumps(dict(EXAMPLE, reasoning_chain=EXAMPLE['reasoning_chain'][:hi]))}"]
+    if strict:  # §A.3 retry: name every violation and ask for a fresh answer
+        lines += ["STRICT RULES: your previous answer was rejected because:"] + [f"- {r}" for r in strict] + \
+                 ["Regenerate the answer from scratch, obey every rule above, and output only the JSON object."]
+    return "\n".join(lines)
+
+
+class TeacherUnavailable(Exception):
+    """The endpoint could not be reached: not a decision about the sample, so it is retried on rerun."""
+
+
+def openai_teacher(case, sample, facts, strict, args):
+    """One chat-completions call with the overlay as a base64 data URL; retries 429/5xx/network errors
+    with exponential backoff, at most --http-retries times."""
+    buf = io.BytesIO()
+    Image.fromarray(overlay_view(case["image"], case["mask"])).save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    body = json.dumps({"model": args.teacher_model, "messages": [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "user", "content": [{"type": "text", "text": user_prompt(case, sample, strict)},
+                                     {"type": "image_url", "image_url": {"url": url}}]}]}).encode()
+    headers = {"Content-Type": "application/json",
+               "Authorization": "Bearer " + os.environ.get(args.api_key_env, "")}  # never logged
+    error = "no attempt"
+    for attempt in range(args.http_retries + 1):
+        if attempt:
+            time.sleep(min(args.backoff_max, args.backoff_base * 2 ** (attempt - 1)))
+        request = urllib.request.Request(args.base_url.rstrip("/") + "/chat/completions", body, headers)
+        try:
+            with urllib.request.urlopen(request, timeout=args.timeout) as response:
+                reply = response.read().decode("utf-8", "replace")
+        except urllib.error.HTTPError as e:
+            error = f"HTTP {e.code}"
+            if e.code != 429 and e.code < 500:
+                break  # 400/401/404: asking again will not help
+            continue
+        except (urllib.error.URLError, OSError) as e:  # refused, reset, timeout
+            error = type(e).__name__
+            continue
+        try:
+            return json.loads(reply)["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            return reply  # not chat-completions JSON: the gate rejects it as malformed
+    raise TeacherUnavailable(error)
+
+
+def geometry_teacher(case, sample, facts, strict, args):
+    K = STEP_RANGE[sample["question_type"]][0] + sample["rng"].randint(0, 1) * \
+        (STEP_RANGE[sample["question_type"]][1] - STEP_RANGE[sample["question_type"]][0])
+    return json.dumps({"final_answer": canonical_answer(sample["question_type"], sample["target"],
+                                                        sample["target_type"], facts, sample["negative"]),
+                       "reasoning_chain": geometry_chain(sample, facts, K)})
+
+
+# ----------------------------------------------------------------------------- quality gate (§A.3)
+def gate(raw, sample, facts):
+    """The six rounds plus the spatial check. Returns (normalised output or None, list of violations)."""
+    try:
+        out = json.loads(raw)
+    except (ValueError, TypeError):
+        return None, ["json: output is not valid JSON"]
+    if not isinstance(out, dict) or set(out) != {"final_answer", "reasoning_chain"}:
+        return None, ["json: need exactly the fields final_answer and reasoning_chain"]
+    answer, chain = out["final_answer"], out["reasoning_chain"]
+    if not isinstance(answer, str) or not answer.strip() or not isinstance(chain, list) or \
+            not chain or not all(isinstance(s, str) and s.strip() for s in chain):
+        return None, ["json: final_answer must be a non-empty string, reasoning_chain a list of non-empty strings"]
+    answer, chain = answer.strip(), [s.strip() for s in chain]
+    text = " ".join([answer] + chain)
+    reasons = [f"leak: forbidden term '{m}'" for m in sorted({m.lower() for m in LEAK_RE.findall(text)})]
+    if sample["target_type"] == "organ":
+        reasons += [f"pathology: '{m}' used for a normal organ"
+                    for m in sorted({m.lower() for m in PATHOLOGY_RE.findall(text)})]
+    reasons += [f"mixed_space: '{m}' is patient-space wording" for m in sorted({m.lower() for m in MIXED_RE.findall(text)})]
+    lo, hi = STEP_RANGE[sample["question_type"]]
+    if not lo <= len(chain) <= hi:
+        reasons.append(f"steps: {len(chain)} reasoning steps, {sample['question_type']} needs {lo}-{hi}")
+    # spatial consistency: a side named anywhere must agree with the target's centroid (target names such
+    # as 'left atrium' are removed first, they are names, not claims)
+    claims = SIDE_RE.findall(re.sub(re.escape(sample["target"]), " ", text, flags=re.I).lower())
+    wrong = {"left": facts["cx"] > 0.55, "right": facts["cx"] < 0.45, "upper": facts["cy"] > 0.55,
+             "top": facts["cy"] > 0.55, "lower": facts["cy"] < 0.45, "bottom": facts["cy"] < 0.45}
+    reasons += [f"spatial: says '{c}' but the target's center is at x={facts['cx']:.2f}, y={facts['cy']:.2f}"
+                for c in sorted(set(claims)) if wrong[c]]
+    if sample["question_type"] == "yesno":
+        said = answer.lower().split()[0].strip(",.!") if answer.split() else ""
+        if said not in ("yes", "no"):
+            reasons.append("yesno: the answer must start with Yes or No")
+        elif (said == "no") != sample["negative"]:
+            reasons.append(f"yesno: answered '{said}' but the correct answer is {'no' if sample['negative'] else 'yes'}")
+    if reasons:
+        return None, reasons
+    return {"final_answer": normalise_answer(answer, sample), "reasoning_chain": chain}, []
+
+
+def normalise_answer(answer, sample):
+    """§A.3 round 6: short identify answers become sentences, location answers name the image, final period."""
+    core = answer.rstrip(" .!?")
+    t, art = sample["target"], article(sample["target"], sample["target_type"])
+    if sample["question_type"] == "identify" and len(core.split()) < 4:
+        core = f"The structure shown is {core if core.lower().startswith(('the ', 'a ', 'an ')) else art + ' ' + core}"
+    if sample["question_type"] in ("location", "location_choice") and "image" not in core.lower():
+        core = f"The {t} is in the {core.lower()} part of the image" if len(core.split()) < 4 else core + " in the image"
+    return core + "."
+
+
+# ----------------------------------------------------------------------------- one work item, end to end
+STATE = {}  # per-process: the parsed arguments and the ids already decided (set by init_worker)
+
+
+def init_worker(args, decided):
+    STATE["args"], STATE["decided"] = args, decided
+
+
+def cases_for(work, args):
+    if work[0] == "phantom":
+        yield phantom_case(work[1], args.seed, args.image_size)
+    elif work[0] == "msd":
+        yield from msd_cases(work, args)
+    else:
+        yield from bmp_cases(work, args)
+
+
+def process(work):
+    """Read one work item (a phantom index, an MSD volume, a BiomedParse image), ask its questions,
+    gate every answer. Returns ('sample'|'reject'|'failed', record) outcomes; bad input -> reject."""
+    args, decided = STATE["args"], STATE["decided"]
+    outcomes = []
+    try:
+        for case in cases_for(work, args):
+            if "reasons" in case:  # the input itself is bad: a reject with its reason
+                if case["id"] not in decided:
+                    outcomes.append(("reject", dict(case, source=work[0].replace("bmp", "biomedparse"))))
+                continue
+            todo = [s for s in samples_for(case, args) if s["id"] not in decided]
+            if todo:
+                outcomes += teach_case(case, todo, args)
+    except Exception as e:  # e.g. a corrupt volume: reject this item, keep what is done, continue
+        wid = "-".join(str(x) for x in work[:2]) if work[0] == "phantom" else slug(str(work[-2 if work[0] == "msd" else 5]))
+        outcomes.append(("reject", {"id": f"{work[0]}-{wid}--error", "source": work[0],
+                                    "reasons": [f"error: {type(e).__name__}: {e}"]}))
+    return outcomes
+
+
+def teach_case(case, todo, args):
+    """Write the case's PNGs, then teacher + gate (with up to --max-retries retries) for each question."""
+    facts = measure(case["image"], case["mask"])
+    stem = f"{case['image_key']}--{slug(case['target'])}"
+    paths = {"image": f"images/{case['image_key']}.png", "mask": f"masks/{stem}.png",
+             "overlay": f"overlays/{stem}.png"}
+    for kind, array in (("image", case["image"]), ("mask", case["mask"].astype(np.uint8) * 255),
+                        ("overlay", overlay_view(case["image"], case["mask"]))):
+        save_png(array, os.path.join(args.out, paths[kind]))
+    teacher = openai_teacher if args.teacher == "openai" else geometry_teacher
+    outcomes = []
+    for sample in todo:
+        history, strict = [], []
+        try:
+            for _attempt in range(1 + args.max_retries):
+                out, reasons = gate(teacher(case, sample, facts, strict, args), sample, facts)
+                if out:
+                    break
+                history += reasons
+                strict = reasons
+        except TeacherUnavailable as e:
+            outcomes.append(("failed", {"id": sample["id"], "reason": str(e)}))
+            continue
+        head = {"id": sample["id"], "source": case["source"], "subset": case["subset"], "modality": case["modality"],
+                "target": sample["target"], "target_type": sample["target_type"]}
+        if not out:
+            outcomes.append(("reject", dict(head, question=sample["question"], question_type=sample["question_type"],
+                                            reasons=history, attempts=1 + args.max_retries)))
+            continue
+        record = dict(head, **paths, question=sample["question"], question_type=sample["question_type"],
+                      answer=out["final_answer"], reasoning_chain=out["reasoning_chain"],
+                      latent_steps=len(out["reasoning_chain"]), split=assign_split(case["group"], args))
+        if record["split"] == "test":
+            record["choices"], record["answer_index"] = closed_form(sample, facts, case, sample["rng"])
+        record["meta"] = dict(case["meta"], negative=sample["negative"], facts=facts, teacher=args.teacher,
+                              gate_retries=history, present_target=case["target"])
+        outcomes.append(("sample", record))
+    return outcomes
+
+
+# ----------------------------------------------------------------------------- resumable output files
+def load_decided(path):
+    """Ids already in a JSONL file. A half-written last line (a killed run) is cut off; a broken line
+    anywhere else is an error naming the file and line."""
+    if not os.path.exists(path):
+        return [], set()
+    with open(path, "rb") as fh:
+        data = fh.read()
+    lines = data.split(b"\n")
+    records, good_bytes = [], 0
+    for i, line in enumerate(lines):
+        if not line.strip():
+            good_bytes += len(line) + 1
+            continue
+        try:
+            rec = json.loads(line)
+            if i == len(lines) - 1:
+                raise ValueError("no final newline")  # the writer always ends a record with \n
+        except ValueError as e:
+            if any(rest.strip() for rest in lines[i + 1:]):
+                raise SystemExit(f"error: {path} line {i + 1} is not valid JSON ({e}); fix or remove it")
+            print(f"{path}: cutting a half-written last line ({len(line)} bytes) left by an interrupted run")
+            with open(path, "r+b") as fh:
+                fh.truncate(good_bytes)
+            break
+        records.append(rec)
+        good_bytes += len(line) + 1
+    return records, {r["id"] for r in records}
+
+
+def compute_stats(out_dir):
+    """Counts over everything in the output folder (all runs appended into it)."""
+    samples, _ = load_decided(os.path.join(out_dir, "samples.jsonl"))
+    rejects, _ = load_decided(os.path.join(out_dir, "rejects.jsonl"))
+    def count(key, rows):
+        return dict(sorted(Counter(str(key(r)) for r in rows).items()))
+    all_reasons = [x for r in rejects for x in r["reasons"]]
+    retried = [x for s in samples for x in s.get("meta", {}).get("gate_retries", [])]
+    # leakage hits: forbidden terms seen in any attempt, rejected or later fixed by a retry
+    leaks = [x.split("'")[1] for x in all_reasons + retried if x.startswith("leak")]
+    reasons = [x.split(":")[0] for x in all_reasons]
+    return {"samples": len(samples), "rejects": len(rejects),
+            "by_source": count(lambda r: r["source"], samples), "by_subset": count(lambda r: r["subset"], samples),
+            "by_modality": count(lambda r: r["modality"], samples),
+            "by_question_type": count(lambda r: r["question_type"], samples),
+            "by_K": count(lambda r: r["latent_steps"], samples), "by_split": count(lambda r: r["split"], samples),
+            "split_by_subset_and_type": count(lambda r: f"{r['subset']}/{r['question_type']}/{r['split']}", samples),
+            "yesno_negative": sum(1 for s in samples if s["question_type"] == "yesno" and s["meta"]["negative"]),
+            "rejects_by_reason": dict(Counter(reasons)), "leakage_hits": dict(Counter(leaks)),
+            "samples_accepted_after_retry": sum(1 for s in samples if s.get("meta", {}).get("gate_retries"))}
+
+
+# ----------------------------------------------------------------------------- command line
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    # --- what to read and where to write
+    p.add_argument("--source", choices=["phantom", "msd", "biomedparse"], default="phantom", help="which source this run reads")
+    p.add_argument("--out", required=True, help="output folder; runs with other sources append into it")
+    p.add_argument("--msd-root", nargs="+", default=[], help="MSD task folders (each with dataset.json)")
+    p.add_argument("--msd-stride", type=int, default=4, help="keep every n-th axial slice (keeps the count reasonable)")
+    p.add_argument("--msd-channels", default="all", help="4-D volumes: 'all' channels or a list like '0,2'")
+    p.add_argument("--bmp-root", nargs="+", default=[], help="BiomedParse subset folders (each with train/, train_mask/, ...)")
+    # --- phantom generator
+    p.add_argument("--n", type=int, default=2000, help="number of phantom images")
+    p.add_argument("--seed", type=int, default=0, help="phantom seed (part of the ids: other seeds append new samples)")
+    p.add_argument("--image-size", type=int, default=128, help="phantom image side in pixels")
+    # --- questions and splits
+    p.add_argument("--questions-per-image", type=int, default=1, choices=range(1, 7), help="question types per (image, target)")
+    p.add_argument("--val-frac", type=float, default=0.05, help="fraction of groups in the val split")
+    p.add_argument("--test-frac", type=float, default=0.15, help="fraction of groups in the test split")
+    # --- teacher and gate
+    p.add_argument("--teacher", choices=["geometry", "openai"], default="geometry", help="who writes answers and chains")
+    p.add_argument("--max-retries", type=int, default=4, help="gate retries before a sample is rejected (§A.3)")
+    p.add_argument("--base-url", default="https://api.openai.com/v1", help="OpenAI-compatible endpoint")
+    p.add_argument("--teacher-model", default="gpt-5.4", help="model name sent to the endpoint")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable that holds the API key")
+    p.add_argument("--timeout", type=float, default=120, help="seconds per HTTP request")
+    p.add_argument("--http-retries", type=int, default=6, help="retries on 429/5xx/network errors")
+    p.add_argument("--backoff-base", type=float, default=2.0, help="first backoff delay in seconds (doubles each retry)")
+    p.add_argument("--backoff-max", type=float, default=60.0, help="longest single backoff delay in seconds")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="processes (geometry) or concurrent requests (openai)")
+    args = p.parse_args(argv)
+    roots = args.msd_root if args.source == "msd" else args.bmp_root if args.source == "biomedparse" else []
+    if args.source != "phantom" and not roots:
+        p.error(f"--source {args.source} needs --{'msd' if args.source == 'msd' else 'bmp'}-root")
+    for r in roots:
+        if not os.path.isdir(r):
+            p.error(f"{r} is not a folder")
+    return args
+
+
+def make_work(args):
+    if args.source == "phantom":
+        return [("phantom", i) for i in range(args.n)]
+    if args.source == "msd":
+        return [("msd", root, img, lab) for root in args.msd_root for img, lab in read_msd_task(root)[3]]
+    work = [w for root in args.bmp_root for w in bmp_work(root)]
+    args.bmp_targets = {}  # every target name of a subset: the pool for negative yes/no questions
+    for w in work:
+        for m in w[6]:
+            args.bmp_targets.setdefault(w[2], set()).add(parse_bmp_name(os.path.basename(m)[:-4], True)["target"])
+    args.bmp_targets = {k: sorted(v) for k, v in args.bmp_targets.items()}
+    return work
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    for sub in ("images", "masks", "overlays"):
+        os.makedirs(os.path.join(args.out, sub), exist_ok=True)
+    sample_path, reject_path = os.path.join(args.out, "samples.jsonl"), os.path.join(args.out, "rejects.jsonl")
+    decided = load_decided(sample_path)[1] | load_decided(reject_path)[1]
+    work = make_work(args)
+    counts = {"sample": 0, "reject": 0, "failed": 0}
+    failures = []
+    init_worker(args, decided)
+    # threads for network-bound teachers; processes for the CPU-bound geometry teacher (imap keeps order)
+    pool = ThreadPool(args.workers) if args.teacher == "openai" else \
+        Pool(args.workers, init_worker, (args, decided)) if args.workers > 1 else None
+    results = pool.imap_unordered(process, work) if args.teacher == "openai" else \
+        pool.imap(process, work, chunksize=16) if pool else map(process, work)
+    with open(sample_path, "a") as fs, open(reject_path, "a") as fr:
+        bar = tqdm(results, total=len(work), desc=f"{args.source}/{args.teacher}", unit="item")
+        for outcomes in bar:
+            for kind, record in outcomes:
+                counts[kind] += 1
+                if kind == "failed":
+                    failures.append(record)
+                    continue
+                fh = fs if kind == "sample" else fr
+                fh.write(json.dumps(record) + "\n")
+                fh.flush()  # a killed run keeps every line written so far
+            bar.set_postfix(accepted=counts["sample"], rejected=counts["reject"], failed=counts["failed"], refresh=False)
+    if pool:
+        pool.close()
+        pool.join()
+    stats = compute_stats(args.out)
+    stats["last_run"] = {"skipped_already_decided": len(decided), **counts,
+                         "teacher_unavailable": [f["reason"] for f in failures][:20]}
+    with open(os.path.join(args.out, "stats.json.tmp"), "w") as fh:
+        json.dump(stats, fh, indent=1)
+    os.replace(os.path.join(args.out, "stats.json.tmp"), os.path.join(args.out, "stats.json"))
+    print(f"this run: {counts['sample']} accepted, {counts['reject']} rejected, {counts['failed']} teacher "
+          f"failures (retried on rerun), {len(decided)} already decided")
+    for key in ("samples", "rejects", "by_source", "by_subset", "by_modality", "by_question_type", "by_K",
+                "by_split", "yesno_negative", "rejects_by_reason", "leakage_hits"):
+        print(f"  {key}: {stats[key]}")
+    return stats
+
+
+if __name__ == "__main__":
+    main()
