@@ -534,7 +534,7 @@ def geometry_chain(sample, f, K):
         return [f"The only distinct structure is {look} in the {where}, which does not have the "
                 f"appearance of {art} {t}."]
     if qtype in ("yesno", "identify"):
-        return [f"A {f['size']}, {look} in the {where} has the appearance of {art} {t}."]
+        return [f"A {f['size']}, {f['shape']} structure {bright_phrase(f)} in the {where} has the appearance of {art} {t}."]
     if qtype == "location_choice":
         return [f"The {t} appears as {look}, and its center lies in the {f['h']} third of the image."]
     if qtype == "location":
