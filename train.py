@@ -1,0 +1,592 @@
+"""
+VITAL stage 3: curriculum training of the LoRA + scaffolds (paper §3.5, §4.1, §B.3, ablations §4.3, §C.1-C.5).
+
+Reads  DATA/samples.jsonl (train split only) + DATA/roi.safetensors (the L_vis targets, extract_roi.py).
+Writes runs/<name>/phase<p>/  adapter.safetensors, scaffold.safetensors, config.json, trainer/ (for --resume)
+       runs/<name>/log.jsonl   one line per optimizer step (step, phase, losses, lr, grad norm, speed, memory)
+
+One process (a GPU, or the CPU), the three phases of the default curriculum, each warm-starting from the last:
+    python train.py --data data/phantom --preset tiny --out runs/tiny-vital --phase 1
+    python train.py --data data/phantom --preset tiny --out runs/tiny-vital --phase 2
+    python train.py --data data/phantom --preset tiny --out runs/tiny-vital --phase 3
+Real models, 6 GPUs on one node (the paper's setting):
+    torchrun --standalone --nproc_per_node=6 train.py --data data/vital --backbone ckpt/Qwen3-VL-8B-Instruct \\
+        --decoder ckpt/Qwen3-1.7B --out runs/vital --phase 1
+Several nodes (run on every node, same rendezvous endpoint; global batch = batch x accum x world size):
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 --rdzv-id=vital \\
+        train.py --data data/vital --backbone ... --decoder ... --out runs/vital --phase 1
+Continue a killed run exactly where its last checkpoint left it:   add --resume to the same command.
+Ablations: --curriculum {3-phase,2-phase,full-mix,reverse}  --lambda-sem 0  --lambda-vis 0  --projector linear
+           --visual-target per_step  --max-k 0 (direct-answer baseline) ... --max-k 4.
+"""
+import argparse
+import glob as globmod
+import hashlib
+import json
+import math
+import os
+import resource
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from model import VITAL, add_lora, batch_to, load_backbone, load_checkpoint, load_decoder, make_batch, make_tiny, save_checkpoint
+
+# ----------------------------------------------------------------------------------------------------
+# Curriculum schedules (§3.5, §4.3 Table 3). Each phase = (highest latent_steps admitted, None = all K;
+# default epochs). A sample runs at its own K = min(latent_steps, --max-k), never padded to a longer K.
+#   schedule  | phase 1          | phase 2          | phase 3
+#   3-phase   | K = 1, 5 ep      | K <= 2, 5 ep     | all K, 10 ep     (paper default, §4.1/§B.3)
+#   2-phase   | K <= 2, 10 ep    | all K, 10 ep     |                  (chosen: same 20 epochs in total)
+#   full-mix  | all K, 20 ep     |                  |                  (chosen: same 20 epochs in total)
+#   reverse   | all K, 10 ep     | K <= 2, 5 ep     | K = 1, 5 ep      (chosen: 3-phase played backwards)
+# ----------------------------------------------------------------------------------------------------
+CURRICULA = {
+    "3-phase": [(1, 5), (2, 5), (None, 10)],
+    "2-phase": [(2, 10), (None, 10)],
+    "full-mix": [(None, 20)],
+    "reverse": [(None, 10), (2, 5), (1, 5)],
+}
+REQUIRED = {"id": str, "image": str, "question": str, "answer": str, "reasoning_chain": list, "latent_steps": int,
+            "split": str}
+
+
+class TrainError(Exception):
+    """A problem with the inputs or the run folder, reported as one clear message (no traceback)."""
+
+
+def get_args(argv=None):
+    ap = argparse.ArgumentParser(description="VITAL curriculum training (paper §3.5)")
+    # data
+    ap.add_argument("--data", required=True, help="folder with samples.jsonl and roi.safetensors")
+    ap.add_argument("--limit", type=int, default=0, help="use only the first N train samples of the phase (0 = all)")
+    # models
+    ap.add_argument("--preset", choices=["tiny"], help="tiny: tiny models of the real classes in --models (made if absent)")
+    ap.add_argument("--models", default="runs/tiny", help="folder of the tiny preset's backbone/decoder/encoder")
+    ap.add_argument("--backbone", help="Qwen3-VL model folder (e.g. Qwen3-VL-8B-Instruct)")
+    ap.add_argument("--decoder", help="auxiliary text decoder folder (e.g. Qwen3-1.7B)")
+    ap.add_argument("--lora-r", type=int, help="LoRA rank (default 64, paper; 8 with --preset tiny)")
+    ap.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 128; 16 with --preset tiny)")
+    ap.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input (§B.3)")
+    ap.add_argument("--projector", default="res_mlp_ln", choices=["linear", "mlp", "mlp_ln", "res_mlp_ln", "transformer"],
+                    help="visual projector variant (§C.2, Table 13)")
+    ap.add_argument("--vp-dropout", type=float, default=0.1, help="dropout inside the visual projector")
+    # curriculum
+    ap.add_argument("--phase", type=int, default=1, help="curriculum phase to train (1-based)")
+    ap.add_argument("--curriculum", default="3-phase", choices=list(CURRICULA), help="schedule (§4.3, table above)")
+    ap.add_argument("--epochs", type=float, help="epochs of this phase (default from the schedule: 5/5/10)")
+    ap.add_argument("--max-k", type=int, help="cap on latent steps: K = min(latent_steps, max_k); 0 = direct answer")
+    ap.add_argument("--init", help="warm-start checkpoint (default runs/<name>/phase<p-1> for p > 1; 'none' = scratch)")
+    # losses (eq. 7)
+    ap.add_argument("--lambda-sem", type=float, default=1.0, help="weight of L_sem; 0 removes the decoder scaffold")
+    ap.add_argument("--lambda-vis", type=float, default=0.1, help="weight of L_vis; 0 removes the visual projector")
+    ap.add_argument("--visual-target", default="shared", choices=["shared", "per_step"], help="L_vis target (§C.5)")
+    # optimisation
+    ap.add_argument("--batch-size", type=int, default=8, help="samples per micro-batch per device")
+    ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step per device")
+    ap.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (LoRA and scaffolds)")
+    ap.add_argument("--lr-decoder", type=float, help="peak learning rate of the auxiliary decoder (default --lr)")
+    ap.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases and norms)")
+    ap.add_argument("--warmup", type=float, default=0.05, help="fraction of the phase's steps with linear warmup")
+    ap.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (0 = off)")
+    # run
+    ap.add_argument("--out", default="runs/vital", help="run folder runs/<name>; phases go to <out>/phase<p>")
+    ap.add_argument("--save-every", type=int, default=500, help="checkpoint every N optimizer steps (and at the end)")
+    ap.add_argument("--resume", action="store_true", help="continue this phase from its last checkpoint")
+    ap.add_argument("--max-steps", type=int, default=0, help="stop after this step (the lr schedule still spans the phase)")
+    ap.add_argument("--seed", type=int, default=1337, help="seed of init, data order and dropout (rank r uses seed+r)")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="autocast dtype (auto: bf16 on CUDA)")
+    args = ap.parse_args(argv)
+    if args.preset == "tiny":
+        args.backbone = args.backbone or os.path.join(args.models, "backbone")
+        args.decoder = args.decoder or os.path.join(args.models, "decoder")
+    if not args.backbone:
+        ap.error("give --backbone (and --decoder) or --preset tiny")
+    tiny = args.preset == "tiny"
+    args.lora_r = args.lora_r or (8 if tiny else 64)  # hidden 64 in the tiny models: r=64 would be full rank
+    args.lora_alpha = args.lora_alpha or (16.0 if tiny else 128.0)
+    schedule = CURRICULA[args.curriculum]
+    if not 1 <= args.phase <= len(schedule):
+        ap.error(f"--curriculum {args.curriculum} has phases 1..{len(schedule)}, not {args.phase}")
+    args.phase_max_k, default_epochs = schedule[args.phase - 1]
+    args.epochs = default_epochs if args.epochs is None else args.epochs
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data: samples.jsonl (DESIGN.md §2) + roi.safetensors. Every problem names the file, line and field.
+# ----------------------------------------------------------------------------------------------------
+def read_samples(path):
+    """All records of a samples.jsonl, validated; each gets `line` and an absolute `image_path`."""
+    if not os.path.isfile(path):
+        raise TrainError(f"{path}: no such file (run prepare_data.py first)")
+    records, seen = [], {}
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TrainError(f"{path} line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(r, dict):
+                raise TrainError(f"{path} line {n}: expected a JSON object, got {type(r).__name__}")
+            for field, typ in REQUIRED.items():
+                if field not in r:
+                    raise TrainError(f"{path} line {n}: missing field '{field}'")
+                if not isinstance(r[field], typ) or (typ is int and isinstance(r[field], bool)):
+                    raise TrainError(f"{path} line {n}: field '{field}' should be {typ.__name__}, "
+                                     f"got {type(r[field]).__name__}")
+            if r["latent_steps"] != len(r["reasoning_chain"]):
+                raise TrainError(f"{path} line {n}: latent_steps = {r['latent_steps']} but reasoning_chain has "
+                                 f"{len(r['reasoning_chain'])} steps")
+            if r["id"] in seen:
+                raise TrainError(f"{path} line {n}: id '{r['id']}' already used on line {seen[r['id']]}")
+            seen[r["id"]] = n
+            r["line"] = n
+            r["image_path"] = os.path.join(os.path.dirname(os.path.abspath(path)), r["image"])
+            records.append(r)
+    return records
+
+
+def select_phase(records, args, path):
+    """Train split, phase filter on latent_steps, then each sample's K; an empty phase is an error."""
+    train = [r for r in records if r["split"] == "train"]
+    hi = args.phase_max_k
+    chosen = [r for r in train if r["latent_steps"] >= 1 and (hi is None or r["latent_steps"] <= hi)]
+    if not chosen:
+        counts = {}
+        for r in train:
+            counts[r["latent_steps"]] = counts.get(r["latent_steps"], 0) + 1
+        want = "all K >= 1" if hi is None else f"1 <= latent_steps <= {hi}"
+        raise TrainError(f"phase {args.phase} of --curriculum {args.curriculum} ({want}) has no train samples in "
+                         f"{path} (train samples by latent_steps: {dict(sorted(counts.items())) or 'none'})")
+    chosen = chosen[:args.limit] if args.limit > 0 else chosen
+    for r in chosen:
+        r["K"] = r["latent_steps"] if args.max_k is None else min(r["latent_steps"], args.max_k)
+    missing = [r["image_path"] for r in chosen if not os.path.isfile(r["image_path"])]
+    if missing:
+        raise TrainError(f"{len(missing)} images named in {path} do not exist, e.g. {missing[:3]}")
+    return chosen
+
+
+def read_roi(path, records, need_global):
+    """ROI targets (N, d_v) and global features in the order of `records`; lists ids without a feature."""
+    if not os.path.isfile(path):
+        raise TrainError(f"{path}: no such file (run extract_roi.py first, or train with --lambda-vis 0)")
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+        if "ids" not in meta:
+            raise TrainError(f"{path}: metadata has no 'ids' list (row order of the features)")
+        ids = json.loads(meta["ids"])
+        names = set(f.keys())
+        for name in ["roi"] + (["global"] if need_global else []):
+            if name not in names:
+                raise TrainError(f"{path}: no tensor '{name}'" + (" (needed by --visual-target per_step)" if name == "global" else ""))
+        roi = f.get_tensor("roi").float()
+        glob = f.get_tensor("global").float() if need_global else None
+    if roi.ndim != 2 or roi.shape[0] != len(ids):
+        raise TrainError(f"{path}: 'roi' has shape {tuple(roi.shape)} but metadata lists {len(ids)} ids")
+    row = {i: n for n, i in enumerate(ids)}
+    missing = [r["id"] for r in records if r["id"] not in row]
+    if missing:
+        raise TrainError(f"{path}: {len(missing)} training samples have no ROI feature: {missing[:20]}"
+                         + (" ..." if len(missing) > 20 else "") + " (re-run extract_roi.py, or --lambda-vis 0)")
+    rows = torch.tensor([row[r["id"]] for r in records])
+    roi, glob = roi[rows], (glob[rows] if glob is not None else None)
+    bad = [records[i]["id"] for i in range(len(records)) if not torch.isfinite(roi[i]).all()]
+    if bad:
+        raise TrainError(f"{path}: non-finite ROI features for {bad[:20]}")
+    return roi, glob
+
+
+class KBucketSampler:
+    """Micro-batches of samples with the same K (DESIGN.md §3 item 5), identical on every rank.
+    Per epoch: shuffle each K bucket with seed + epoch, cut into batches, shuffle the batch order, pad the
+    list to a multiple of world x accum by repeating its head (every rank gets as many batches: no DDP hang),
+    then rank r takes batches r, r + world, ... so the micro-batches of one optimizer step are the same
+    whatever the split between ranks and accumulation (that is what makes 2 ranks == 1 rank x 2 accum)."""
+
+    def __init__(self, ks, batch_size, world=1, rank=0, accum=1, seed=0):
+        self.ks, self.B, self.world, self.rank, self.accum, self.seed = list(ks), batch_size, world, rank, accum, seed
+        self.epoch, self.start = 0, 0
+        n = sum(math.ceil(self.ks.count(k) / batch_size) for k in set(self.ks))
+        self.n_global = math.ceil(n / (world * accum)) * world * accum  # padded number of micro-batches
+
+    def set_epoch(self, epoch, start=0):
+        """Select the epoch's order; `start` skips this rank's first micro-batches (resume mid-epoch)."""
+        self.epoch, self.start = epoch, start
+
+    def global_batches(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        batches = []
+        for k in sorted(set(self.ks)):
+            idx = torch.tensor([i for i, kk in enumerate(self.ks) if kk == k])
+            idx = idx[torch.randperm(len(idx), generator=g)].tolist()
+            batches += [idx[j:j + self.B] for j in range(0, len(idx), self.B)]
+        batches = [batches[j] for j in torch.randperm(len(batches), generator=g).tolist()]
+        return [batches[j % len(batches)] for j in range(self.n_global)]
+
+    def __len__(self):  # micro-batches per epoch on this rank
+        return self.n_global // self.world
+
+    def __iter__(self):
+        return iter(self.global_batches()[self.rank::self.world][self.start:])
+
+
+def open_image(path):
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def collate(records, idx, processor, dec_tokenizer, roi, glob):
+    """One K-bucket micro-batch -> (batch for VITAL.forward, K, backbone tokens processed)."""
+    recs = [records[i] for i in idx]
+    K = recs[0]["K"]
+    batch = make_batch(processor, dec_tokenizer, [open_image(r["image_path"]) for r in recs],
+                       [r["question"] for r in recs], [r["answer"] for r in recs],
+                       [r["reasoning_chain"][:K] for r in recs], K,
+                       roi[idx] if roi is not None else None, glob[idx] if glob is not None else None)
+    tokens = int(batch["prefix"]["attention_mask"].sum() + batch["answer_mask"].sum()) + K * len(idx)
+    return batch, K, tokens
+
+
+# ----------------------------------------------------------------------------------------------------
+# Identity of the models, so that a warm start from another backbone, decoder or LoRA shape is refused.
+# ----------------------------------------------------------------------------------------------------
+def fingerprint(folder):
+    """sha256 of config.json + the first MiB of every weight file: cheap even for 16 GB, differs per weights."""
+    h = hashlib.sha256()
+    with open(os.path.join(folder, "config.json"), "rb") as f:
+        h.update(f.read())
+    for p in sorted(globmod.glob(os.path.join(folder, "*.safetensors"))):
+        with open(p, "rb") as f:
+            h.update(f.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_compatible(init, cfg, arch):
+    """Refuse a warm start whose backbone, decoder or LoRA shape differs from this run's."""
+    old = cfg.get("arch", {})
+    for key, what in (("backbone", "backbone"), ("decoder", "decoder"), ("lora", "LoRA shape (r, alpha)")):
+        if key == "decoder" and (old.get(key) is None or arch[key] is None):
+            continue  # one side trains without the decoder scaffold: nothing to compare
+        if old.get(key) != arch[key]:
+            raise TrainError(f"--init {init} was trained with {what} {old.get(key)}, this run uses {arch[key]}: "
+                             "refusing to warm-start across models")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Optimiser: AdamW (0.9, 0.999), decay 0.01 on matrices only, 5% linear warmup then cosine (§B.3).
+# ----------------------------------------------------------------------------------------------------
+def param_groups(model, args):
+    """-> (groups for AdamW, names per group). Biases and norm gains (ndim < 2) get no weight decay."""
+    groups, names = [], []
+    for is_dec in (False, True):
+        for decay in (True, False):
+            sel = [(n, p) for n, p in model.named_parameters()
+                   if p.requires_grad and n.startswith("decoder.") == is_dec and (p.ndim >= 2) == decay]
+            if sel:
+                lr = args.lr_decoder if (is_dec and args.lr_decoder) else args.lr
+                groups.append(dict(params=[p for _, p in sel], weight_decay=args.weight_decay if decay else 0.0,
+                                   lr=lr, base_lr=lr))
+                names.append([n for n, _ in sel])
+    return groups, names
+
+
+def lr_factor(step, total, warmup):
+    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warmup, then cosine to 0."""
+    w = max(1, round(warmup * total))
+    if step < w:
+        return (step + 1) / w
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - w) / max(1, total - w))))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Trainer state (resume): tensors in safetensors (optimizer moments, RNG of every rank as uint8), scalars
+# in JSON. No pickle: torch.save is never used.
+# ----------------------------------------------------------------------------------------------------
+def gather_rng(device, world):
+    """RNG state of every rank, collected on all ranks (uint8 tensors; all_gather, not pickled objects)."""
+    states = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    out = {}
+    for name, s in states.items():
+        if world > 1:
+            parts = [torch.empty_like(s, device=device) for _ in range(world)]
+            dist.all_gather(parts, s.to(device))
+            out.update({f"rng.{name}.rank{r}": t.cpu() for r, t in enumerate(parts)})
+        else:
+            out[f"rng.{name}.rank0"] = s
+    return out
+
+
+def trainer_writer(opt, names, rng, scalars):
+    """A writer(path) for save_checkpoint's extra_files: path/state.safetensors + path/state.json."""
+    def write(path):
+        os.makedirs(path)
+        tensors, groups = dict(rng), []
+        sd = opt.state_dict()
+        for g, gnames in zip(sd["param_groups"], names):
+            for idx, n in zip(g["params"], gnames):
+                for field, v in sd["state"].get(idx, {}).items():
+                    tensors[f"optim.{n}.{field}"] = v.detach().contiguous().cpu()
+            groups.append({k: v for k, v in g.items() if k != "params"} | {"names": gnames})
+        save_file(tensors, os.path.join(path, "state.safetensors"))
+        with open(os.path.join(path, "state.json"), "w") as f:
+            json.dump(dict(scalars, param_groups=groups), f, indent=2)
+    return write
+
+
+def load_trainer(folder, opt, names, rank, device):
+    """Restore optimizer state and this rank's RNG from folder/trainer; returns the JSON scalars."""
+    path = os.path.join(folder, "trainer")
+    if not os.path.isfile(os.path.join(path, "state.json")):
+        raise TrainError(f"{folder} has no trainer/ state: it cannot be resumed")
+    with open(os.path.join(path, "state.json")) as f:
+        state = json.load(f)
+    tensors = load_file(os.path.join(path, "state.safetensors"))
+    sd = opt.state_dict()
+    if [g["names"] for g in state["param_groups"]] != names:
+        raise TrainError(f"{path}: the optimizer's parameters differ from this run's (other flags?)")
+    for g, saved in zip(sd["param_groups"], state["param_groups"]):
+        g.update({k: v for k, v in saved.items() if k != "names"})
+        for idx, n in zip(g["params"], saved["names"]):
+            st = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"optim.{n}.")}
+            if st:
+                sd["state"][idx] = st
+    opt.load_state_dict(sd)
+    torch.set_rng_state(tensors[f"rng.cpu.rank{rank}"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(tensors[f"rng.cuda.rank{rank}"], device)
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------------
+def main(argv=None):
+    args = get_args(argv)
+    # DDP is detected from torchrun's environment (RANK); a plain `python train.py` is world size 1.
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if ddp:
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        rank, local_rank, world = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
+    else:
+        rank, local_rank, world = 0, 0, 1
+    master = rank == 0
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    bf16 = args.dtype == "bf16" or (args.dtype == "auto" and use_cuda)
+    # One precision context: autocast bf16 (trainable weights, optimizer and losses stay fp32) or plain fp32.
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    log = print if master else (lambda *a, **k: None)
+    try:
+        run(args, rank, world, master, device, bf16, ctx, log)
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+
+
+def run(args, rank, world, master, device, bf16, ctx, log):
+    phase_dir = os.path.join(args.out, f"phase{args.phase}")
+    samples_path, roi_path = os.path.join(args.data, "samples.jsonl"), os.path.join(args.data, "roi.safetensors")
+    records = select_phase(read_samples(samples_path), args, samples_path)
+    with_steps = args.max_k != 0  # K = 0 everywhere (direct answer): the scaffolds have nothing to supervise
+    need_roi = args.lambda_vis > 0 and with_steps
+    roi, glob = read_roi(roi_path, records, args.visual_target == "per_step") if need_roi else (None, None)
+
+    # ---- models: same seed on every rank so LoRA/scaffold init agree (DDP also broadcasts rank 0's)
+    if args.preset == "tiny" and not os.path.isfile(os.path.join(args.backbone, "config.json")):
+        if master:
+            make_tiny(args.models)
+        if world > 1:
+            dist.barrier()
+    torch.manual_seed(args.seed)
+    wdtype = torch.bfloat16 if bf16 else torch.float32  # frozen backbone weights; trainable tensors stay fp32
+    backbone, processor = load_backbone(args.backbone, dtype=wdtype, device=device)
+    add_lora(backbone, args.lora_r, args.lora_alpha, args.lora_dropout)
+    decoder, dec_tokenizer = (None, None)
+    if args.lambda_sem > 0 and with_steps:
+        decoder, dec_tokenizer = load_decoder(args.decoder, dtype=torch.float32, device=device)  # fully trained
+    d_v = roi.shape[1] if roi is not None else None
+    vital = VITAL(backbone, decoder, d_v, args.projector, args.lambda_sem, args.lambda_vis).to(device)
+    if vital.vp is not None:
+        for m in vital.vp.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = args.vp_dropout
+    arch = dict(backbone=fingerprint(args.backbone), decoder=fingerprint(args.decoder) if decoder is not None else None,
+                lora=[args.lora_r, args.lora_alpha])
+
+    # ---- warm start (phase p > 1 from phase p-1) or resume (this phase's own last checkpoint)
+    init = args.init if args.init else (os.path.join(args.out, f"phase{args.phase - 1}") if args.phase > 1 else None)
+    init = None if init == "none" else init
+    resume_dir = None
+    if args.resume:
+        resume_dir = next((d for d in (phase_dir, phase_dir + ".old") if os.path.isfile(os.path.join(d, "config.json"))), None)
+        if resume_dir is None:
+            raise TrainError(f"--resume: no checkpoint in {phase_dir} to continue from")
+    src = resume_dir or init
+    if src:
+        cfg_path = os.path.join(src, "config.json")
+        if not os.path.isfile(cfg_path):
+            hint = f"run --phase {args.phase - 1} first or pass --init" if args.init is None else "check --init"
+            raise TrainError(f"phase {args.phase} warm-starts from {src}, which holds no checkpoint ({hint})")
+        with open(cfg_path) as f:
+            check_compatible(src, json.load(f), arch)
+        try:
+            load_checkpoint(src, vital, scaffolds=vital.decoder is not None or vital.vp is not None)
+        except (ValueError, FileNotFoundError) as e:
+            raise TrainError(f"cannot load {src}: {e}") from None
+        log(f"{'resuming from' if resume_dir else 'warm start from'} {src}")
+    vital.train()
+    raw = vital  # unwrapped model: what we save (keys without "module.")
+    params = [p for p in vital.parameters() if p.requires_grad]
+    if world > 1:
+        # DDP over the trainable tensors only: frozen backbone weights and buffers are neither broadcast nor
+        # all-reduced. Every trainable tensor gets a gradient each step (scaffolds are not built for K = 0),
+        # so find_unused_parameters stays off.
+        frozen = [n for n, p in vital.named_parameters() if not p.requires_grad] + [n for n, _ in vital.named_buffers()]
+        DDP._set_params_and_buffers_to_ignore_for_model(vital, frozen)
+        vital = DDP(vital, device_ids=[device.index] if device.type == "cuda" else None)
+    groups, names = param_groups(raw, args)
+    opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, fused=device.type == "cuda")
+
+    # ---- data order and the length of the phase
+    sampler = KBucketSampler([r["K"] for r in records], args.batch_size, world, rank, args.grad_accum, args.seed)
+    steps_per_epoch = len(sampler) // args.grad_accum
+    total = max(1, round(args.epochs * steps_per_epoch))
+    stop = min(total, args.max_steps) if args.max_steps > 0 else total
+    global_batch = args.batch_size * args.grad_accum * world
+    ks = {k: sum(r["K"] == k for r in records) for k in sorted({r["K"] for r in records})}
+    log(f"phase {args.phase} ({args.curriculum}): {len(records)} train samples, samples per K {ks}, "
+        f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters, {'bf16 autocast' if bf16 else 'fp32'} on {device}")
+    log(f"global batch = {args.batch_size} per device x {args.grad_accum} accum x {world} ranks = {global_batch}; "
+        f"{steps_per_epoch} steps/epoch x {args.epochs} epochs = {total} steps")
+
+    step = 0
+    if resume_dir:
+        state = load_trainer(resume_dir, opt, names, rank, device)
+        if state["world_size"] != world or state["global_batch"] != global_batch or state["total_steps"] != total:
+            raise TrainError(f"{resume_dir} was trained with world size {state['world_size']}, global batch "
+                             f"{state['global_batch']}, {state['total_steps']} steps; this run has {world}, "
+                             f"{global_batch}, {total}: exact resume needs the same")
+        step = state["step"]
+        if step >= total:
+            log(f"{resume_dir} already finished its {total} steps: nothing to do")
+            return
+    else:
+        torch.manual_seed(args.seed + rank)  # per-rank dropout streams (a resume restores them instead)
+
+    config = dict(args=vars(args), phase=args.phase, arch=arch, world_size=world, global_batch=global_batch,
+                  total_steps=total, backbone_path=os.path.abspath(args.backbone), init=init,
+                  decoder_path=os.path.abspath(args.decoder) if decoder is not None else None,
+                  data=dict(samples_sha256=file_sha256(samples_path), n_train=len(records),
+                            roi_sha256=file_sha256(roi_path) if need_roi else None))
+    log_path = os.path.join(args.out, "log.jsonl")
+    if master:
+        os.makedirs(args.out, exist_ok=True)
+        # Drop log lines of this phase that the checkpoint we start from does not contain.
+        keep = []
+        if os.path.isfile(log_path):
+            with open(log_path) as f:
+                keep = [l for l in f if (e := json.loads(l))["phase"] != args.phase or e["step"] <= step]
+        with open(log_path, "w") as f:
+            f.writelines(keep)
+
+    def save(step):
+        rng = gather_rng(device, world)  # collective: every rank takes part
+        if master:
+            scalars = dict(step=step, world_size=world, global_batch=global_batch, total_steps=total)
+            save_checkpoint(phase_dir, raw, dict(config, step=step, finished=step >= total),
+                            extra_files={"trainer": trainer_writer(opt, names, rng, scalars)})
+
+    bar = tqdm(total=stop, initial=step, desc=f"phase {args.phase}", disable=not master, dynamic_ncols=True)
+    last_saved = step if resume_dir else None
+    while step < stop:
+        epoch, pos = divmod(step, steps_per_epoch)
+        sampler.set_epoch(epoch, start=pos * args.grad_accum)
+        it = iter(sampler)
+        for _ in range(pos, steps_per_epoch):
+            if step >= stop:
+                break
+            t0 = time.time()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            # stats: L_task, L_sem, L_vis, loss (means over micro-batches), samples, tokens
+            stats = torch.zeros(6, device=device, dtype=torch.float64)
+            for micro in range(args.grad_accum):
+                batch, K, tokens = collate(records, next(it), processor, dec_tokenizer, roi, glob)
+                batch = batch_to(batch, device)
+                # Gradients are all-reduced only on the last micro-step of the optimizer step.
+                sync = nullcontext() if (world == 1 or micro == args.grad_accum - 1) else vital.no_sync()
+                with sync:
+                    with ctx:
+                        out = vital(batch, K, args.visual_target == "per_step")
+                    (out["loss"] / args.grad_accum).backward()
+                terms = torch.stack([out[k].detach().double() for k in ("L_task", "L_sem", "L_vis", "loss")])
+                stats[:4] += terms / args.grad_accum
+                stats[4] += len(batch["answer_ids"])
+                stats[5] += tokens
+            if world > 1:  # every rank's losses, not rank 0's last micro-batch
+                dist.all_reduce(stats)
+                stats[:4] /= world
+            gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+            if not (torch.isfinite(stats[:4]).all() and torch.isfinite(gnorm)):
+                kept = f"last good checkpoint: {phase_dir} (step {last_saved})" if last_saved is not None else \
+                    "no checkpoint of this phase was written yet"
+                raise TrainError(f"non-finite loss or gradient at phase {args.phase} step {step + 1} (L_task "
+                                 f"{stats[0].item():.4g}, L_sem {stats[1].item():.4g}, L_vis {stats[2].item():.4g}, "
+                                 f"grad norm {gnorm.item():.4g}); stopped without saving; {kept}")
+            lr_mult = lr_factor(step, total, args.warmup)
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * lr_mult
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            dt = time.time() - t0
+            if master:
+                peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+                        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20
+                entry = dict(step=step, phase=args.phase, epoch=epoch, L_task=stats[0].item(), L_sem=stats[1].item(),
+                             L_vis=stats[2].item(), loss=stats[3].item(), lr=opt.param_groups[0]["lr"],
+                             grad_norm=gnorm.item(), samples_per_s=stats[4].item() / dt,
+                             tokens_per_s=stats[5].item() / dt, peak_mem_mib=round(peak, 1))
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(entry) + "\n")
+                bar.update(1)
+                bar.set_postfix(L_task=f"{entry['L_task']:.3f}", L_sem=f"{entry['L_sem']:.3f}",
+                                L_vis=f"{entry['L_vis']:.3f}", lr=f"{entry['lr']:.2e}")
+            if step % args.save_every == 0 or step == stop:
+                save(step)
+                last_saved = step
+    bar.close()
+    log(f"phase {args.phase}: step {step}/{total}, checkpoint in {phase_dir}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except TrainError as e:
+        sys.exit(f"train.py: error: {e}")
