@@ -1,0 +1,659 @@
+"""
+VITAL stage 4: evaluation (paper §4.1-4.3, §B.4, §C.6; DESIGN.md §7).
+
+The deployed model is the frozen backbone with the LoRA MERGED into its weights and then unwrapped, so
+it has exactly the plain backbone's modules and parameter count: the scaffolds (pj_in, decoder, visual
+projector) stay on disk (§3.5 "zero extra latency, memory, parameters"; the report checks it). Every
+question runs the same latent loop as training (model.latent_loop) with ONE fixed K (default 4, Table 3)
+and a greedy answer; `--k sample` (each test item's own latent_steps, batched by K) is a diagnostic.
+
+Metrics (§B.4), all on normalised text: lowercase, number words -> digits, punctuation -> space,
+articles (a, an, the) dropped, whitespace collapsed.
+  closed-ended accuracy   an item with `choices`: the prediction is mapped to ONE choice by, in order,
+                          (1) a leading option letter ("B", "(b)", "B: ...") when choices exist,
+                          (2) exact normalised match with a choice text,
+                          (3) the choice with the highest token-F1, if that maximum is > 0 and unique;
+                          otherwise it is unmatched and counts as a miss. Correct = mapped to answer_index.
+                          Closed items without choices: yes/no answers use choices ["yes", "no"] (same
+                          rule); other answers need an exact normalised match.
+  open-ended token-F1     bags of whitespace tokens of the normalised strings (harmonic mean of P, R).
+  multiple-choice acc.    closed accuracy over the items that have choices (PMC-VQA, in-domain).
+
+Benchmark JSONL schema (one object a line; what `convert` writes and `--bench` reads):
+  {"id": str, "image": path (absolute, or relative to the JSONL), "question": str, "answer": str,
+   "answer_type": "closed" | "open", "choices": [str, ...] (optional), "answer_index": int (with choices)}
+
+Reads:  a checkpoint folder runs/<name>/phase<p>/ (config.json + adapter.safetensors; DESIGN.md §2),
+        DATA/samples.jsonl (test split: choices + answer_index), benchmark JSONL files.
+Writes: OUT/predictions.jsonl (one line per item with its score), OUT/metrics.json, OUT/table.md
+        (shaped like a Table 1 row), with --latency OUT/latency.json, with --collapse
+        OUT/collapse.json + OUT/collapse.png (inter-step cosine similarity of h_1..h_K, eq. 9).
+
+Commands:
+    python evaluate.py --ckpt runs/tiny-vital/phase3 --data data/phantom --out runs/tiny-vital/eval
+    python evaluate.py --ckpt runs/vital/phase3 --data data/vital --bench bench/vqa-rad.jsonl \\
+        bench/pmc-vqa.jsonl --out runs/vital/eval --latency --collapse
+    python evaluate.py convert --format vqa-rad --src VQA_RAD/testset.json --images VQA_RAD/images --out bench/vqa-rad.jsonl
+    python evaluate.py convert --format slake --src Slake1.0/test.json --out bench/slake.jsonl
+    python evaluate.py convert --format pmc-vqa --src PMC-VQA/test_clean.csv --images PMC-VQA/images --out bench/pmc-vqa.jsonl
+    (formats: vqa-rad | pathvqa | slake | pmc-vqa | gemex; .json, .jsonl, .csv or .parquet (needs pyarrow))
+"""
+import argparse
+import csv
+import io
+import json
+import os
+import re
+import statistics
+import sys
+import time
+from collections import Counter
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from safetensors import safe_open
+
+import model as M
+from extract_roi import load_image
+
+
+class EvalError(Exception):
+    """A problem with an input file or a checkpoint, reported as one message naming the file and field."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Normalisation and metrics (§B.4). Pure functions, tested on hand-computed cases.
+# ----------------------------------------------------------------------------------------------------
+NUMBER_WORDS = {w: str(i) for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen twenty".split())}
+ARTICLES = {"a", "an", "the"}
+
+
+def normalize(text):
+    """lowercase; punctuation -> space (a decimal point between digits is kept); drop articles;
+    number words -> digits; single spaces. 'The TWO lesions.' -> '2 lesions'."""
+    t = str(text).lower()
+    t = re.sub(r"(?<=\d)\.(?=\d)", "<dot>", t)           # keep 2.5 as one token
+    t = re.sub(r"[^\w\s<>]|_", " ", t).replace("<dot>", ".")
+    words = [NUMBER_WORDS.get(w, w) for w in t.split() if w not in ARTICLES]
+    return " ".join(words)
+
+
+def token_f1(pred, gold):
+    """Token-level F1 over bags of whitespace tokens of the normalised strings (§B.4)."""
+    p, g = normalize(pred).split(), normalize(gold).split()
+    if not p or not g:
+        return float(p == g)  # both empty: perfect; one empty: nothing in common
+    common = sum((Counter(p) & Counter(g)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(g)
+    return 2 * precision * recall / (precision + recall)
+
+
+LETTER = re.compile(r"^\s*(?:option|answer|choice)?\s*[:\s]*\(?([a-z])\)?\s*(?:[:.)\]]|$)", re.IGNORECASE)
+
+
+def match_choice(pred, choices):
+    """Map a free-form prediction to one choice index, or None (a miss). Rule order in the docstring."""
+    m = LETTER.match(pred)
+    if m and ord(m.group(1).lower()) - ord("a") < len(choices):
+        return ord(m.group(1).lower()) - ord("a")
+    p = normalize(pred)
+    exact = [i for i, c in enumerate(choices) if normalize(c) == p]
+    if len(exact) == 1:
+        return exact[0]
+    f1 = [token_f1(pred, c) for c in choices]
+    best = max(f1)
+    if best > 0 and f1.count(best) == 1:
+        return f1.index(best)
+    return None  # no overlap, or a tie between choices: unmatched
+
+
+def score_item(item, pred):
+    """-> dict with `matched` + `correct` (closed) or `f1` (open). The single scoring rule of this file."""
+    if item["answer_type"] == "open":
+        return dict(f1=token_f1(pred, item["answer"]))
+    choices, gold = item.get("choices"), item.get("answer_index")
+    if not choices and normalize(item["answer"]) in ("yes", "no"):
+        choices, gold = ["yes", "no"], ["yes", "no"].index(normalize(item["answer"]))
+    if not choices:
+        return dict(matched=None, correct=normalize(pred) == normalize(item["answer"]))
+    idx = match_choice(pred, choices)
+    return dict(matched=idx, correct=idx is not None and idx == gold)
+
+
+def aggregate(rows):
+    """Predictions (with their scores) -> metrics per benchmark, in %."""
+    out = {}
+    for name in dict.fromkeys(r["benchmark"] for r in rows):
+        rs = [r for r in rows if r["benchmark"] == name]
+        closed = [r for r in rs if r["answer_type"] == "closed"]
+        mc = [r for r in closed if r.get("choices")]
+        opn = [r for r in rs if r["answer_type"] == "open"]
+        m = dict(n=len(rs))
+        if closed:
+            m["closed_acc"] = 100 * sum(r["correct"] for r in closed) / len(closed)
+            m["n_closed"] = len(closed)
+            m["unmatched"] = sum(r.get("choices") is not None and r["matched"] is None for r in closed)
+        if mc:
+            m["mc_acc"], m["n_mc"] = 100 * sum(r["correct"] for r in mc) / len(mc), len(mc)
+        if opn:
+            m["open_f1"], m["n_open"] = 100 * sum(r["f1"] for r in opn) / len(opn), len(opn)
+        out[name] = m
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Items: the in-domain test split of samples.jsonl and benchmark JSONL files (schema above).
+# ----------------------------------------------------------------------------------------------------
+def read_jsonl(path):
+    if not os.path.isfile(path):
+        raise EvalError(f"{path}: no such file")
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append((n, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise EvalError(f"{path} line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
+    return rows
+
+
+def check_item(path, n, it, need):
+    for field in need:
+        if field not in it:
+            raise EvalError(f"{path} line {n}: missing field '{field}'")
+    if it.get("answer_type") not in ("closed", "open"):
+        raise EvalError(f"{path} line {n}: field 'answer_type' must be 'closed' or 'open', got {it.get('answer_type')!r}")
+    if it.get("choices") is not None:
+        ok = isinstance(it["choices"], list) and len(it["choices"]) >= 2 and isinstance(it.get("answer_index"), int) \
+            and 0 <= it["answer_index"] < len(it["choices"])
+        if not ok:
+            raise EvalError(f"{path} line {n}: 'choices' needs a list of >= 2 strings and an 'answer_index' into it")
+
+
+def read_test_split(data):
+    """In-domain test items (§B.4: every question closed-ended through its choices); benchmark = source."""
+    path = os.path.join(data, "samples.jsonl")
+    items = []
+    for n, r in read_jsonl(path):
+        if r.get("split") != "test":
+            continue
+        r = dict(r, answer_type="closed", benchmark=f"in-domain/{r.get('source', 'unknown')}")
+        check_item(path, n, r, ("id", "image", "question", "answer", "choices", "answer_index", "latent_steps"))
+        r["image_path"] = os.path.join(os.path.dirname(os.path.abspath(path)), r["image"])
+        items.append(r)
+    if not items:
+        raise EvalError(f"{path}: no item with split 'test' (prepare_data.py --test-frac)")
+    return items
+
+
+def read_benchmark(path):
+    """A benchmark JSONL (schema in the docstring); benchmark name = file stem."""
+    name = os.path.splitext(os.path.basename(path))[0]
+    items = []
+    for n, r in read_jsonl(path):
+        check_item(path, n, r, ("image", "question", "answer", "answer_type"))
+        r = dict(r, id=str(r.get("id", f"{name}-{n}")), benchmark=name)
+        r["image_path"] = r["image"] if os.path.isabs(r["image"]) else \
+            os.path.join(os.path.dirname(os.path.abspath(path)), r["image"])
+        items.append(r)
+    return items
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. The inference model: backbone + merged LoRA, unwrapped; nothing else is loaded.
+# ----------------------------------------------------------------------------------------------------
+def read_ckpt_config(folder):
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise EvalError(f"no checkpoint at '{folder}' (missing config.json; train.py writes runs/<name>/phase<p>/)")
+    if not os.path.isfile(os.path.join(folder, "adapter.safetensors")):
+        raise EvalError(f"checkpoint '{folder}' has no adapter.safetensors")
+    with open(path) as f:
+        return json.load(f)
+
+
+def ckpt_field(config, folder, *keys):
+    """First present value of `keys` in the checkpoint config ('args.x' reads config['args']['x'])."""
+    for k in keys:
+        v = config
+        for part in k.split("."):
+            v = v.get(part) if isinstance(v, dict) else None
+        if v is not None:
+            return v
+    raise EvalError(f"{folder}/config.json: no field {' or '.join(repr(k) for k in keys)}")
+
+
+def weight_bytes(module):
+    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+
+
+def fold_lora(backbone):
+    """Replace every merged LoRALinear by its base nn.Linear (which now holds W + s*BA): the deployed model
+    is then module-for-module the plain backbone, with no A/B matrices kept in memory."""
+    M.set_lora_merged(backbone, True)
+    for parent in list(backbone.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, M.LoRALinear):
+                setattr(parent, name, child.base)
+
+
+def load_inference_model(ckpt, backbone_path=None, device="cpu", dtype=torch.float32):
+    """-> (backbone, processor, config, overhead report). Only adapter.safetensors is read."""
+    config = read_ckpt_config(ckpt)
+    path = backbone_path or ckpt_field(config, ckpt, "backbone_path", "args.backbone")
+    backbone, processor = M.load_backbone(path, dtype=dtype, device=device)
+    plain = dict(params=M.count_params(backbone), bytes=weight_bytes(backbone))
+    r, alpha = ckpt_field(config, ckpt, "arch.lora")  # [r, alpha], as train.py checks warm starts
+    M.add_lora(backbone, r, alpha, 0.0)
+    M.load_checkpoint(ckpt, M.VITAL(backbone), scaffolds=False)  # VITAL without decoder/VP: no scaffolds
+    fold_lora(backbone)
+    backbone.eval()
+    deployed = dict(params=M.count_params(backbone), bytes=weight_bytes(backbone))
+    sc = os.path.join(ckpt, "scaffold.safetensors")
+    report = dict(plain_backbone=plain, deployed=deployed, extra_params=deployed["params"] - plain["params"],
+                  extra_bytes=deployed["bytes"] - plain["bytes"], lora=dict(r=r, alpha=alpha),
+                  scaffold_bytes_left_on_disk=os.path.getsize(sc) if os.path.isfile(sc) else 0, backbone=path)
+    return backbone, processor, config, report
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Prediction: batches of one K, greedy answers.
+# ----------------------------------------------------------------------------------------------------
+def open_image(path):
+    try:
+        return load_image(path)
+    except Exception as e:
+        raise EvalError(f"cannot read image {path}: {e}") from None
+
+
+def predict(backbone, processor, items, K, batch_size, max_new_tokens, device):
+    """Greedy answers for items that all run at the same K -> list of strings (one per item)."""
+    eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    out = []
+    for i in range(0, len(items), batch_size):
+        chunk = items[i:i + batch_size]
+        prefix = M.build_prefix(processor, [open_image(r["image_path"]) for r in chunk],
+                                [r["question"] for r in chunk]).to(device)
+        ids, _ = M.generate(backbone, prefix, K, eos, max_new_tokens)
+        out += [s.strip() for s in processor.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+    return out
+
+
+def run_items(backbone, processor, items, k, args, device):
+    """Score every item; `k` is an int (the same K for all) or 'sample' (grouped by latent_steps)."""
+    ks = [k] * len(items) if k != "sample" else [r.get("latent_steps") for r in items]
+    if None in ks:
+        bad = items[ks.index(None)]
+        raise EvalError(f"--k sample needs latent_steps on every item; {bad['benchmark']} item {bad['id']} has "
+                        "none (benchmark files do not): evaluate them with a fixed --k")
+    rows = [None] * len(items)
+    for K in sorted(set(ks)):
+        idx = [i for i, kk in enumerate(ks) if kk == K]
+        preds = predict(backbone, processor, [items[i] for i in idx], K, args.batch_size, args.max_new_tokens, device)
+        for i, p in zip(idx, preds):
+            it = items[i]
+            rows[i] = dict(id=it["id"], benchmark=it["benchmark"], image=it["image_path"], question=it["question"],
+                           answer=it["answer"], answer_type=it["answer_type"], choices=it.get("choices"),
+                           answer_index=it.get("answer_index"), K=K, prediction=p, **score_item(it, p))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. The Table 1 row.
+# ----------------------------------------------------------------------------------------------------
+GROUPS = {"vqa-rad": "Medical VQA", "pathvqa": "Medical VQA", "slake": "Medical VQA", "pmc-vqa": "Medical VQA",
+          "gemex": "Visual Grounding QA"}
+NAMES = {"in-domain/msd": "MSD", "in-domain/biomedparse": "BiomedParse", "in-domain/phantom": "Phantom",
+         "vqa-rad": "VQA-RAD", "pathvqa": "PathVQA", "slake": "SLAKE", "pmc-vqa": "PMC-VQA", "gemex": "GEMeX-RMCoT"}
+
+
+def table_md(metrics, label):
+    lines = [f"| Group | Benchmark | Metric | {label} | n |", "|---|---|---|---|---|"]
+    for name, m in metrics.items():
+        group = "In-Domain Testsets" if name.startswith("in-domain/") else GROUPS.get(name, "External")
+        shown = NAMES.get(name, name)
+        if "closed_acc" in m:
+            lines.append(f"| {group} | {shown} | Acc | {m['closed_acc']:.2f} | {m['n_closed']} |")
+        if "open_f1" in m:
+            lines.append(f"| {group} | {shown} | Token-F1 | {m['open_f1']:.2f} | {m['n_open']} |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. Latency (§4.3, Figure 4): per sample (B = 1), K = 0..4 on the same inputs, warm-up, medians.
+#    total = prefix + K latent steps ("loop") + greedy answer; the answer part depends on its length,
+#    which is how a K > 0 can be faster than K = 0 (shorter answers).
+# ----------------------------------------------------------------------------------------------------
+def timed(fn, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - t0) * 1000, out
+
+
+@torch.no_grad()
+def latency(backbone, processor, items, args, device):
+    """Each sample alone (B = 1). Warm-up of every K first, then the K values are timed round-robin
+    within each repeat, so that a slow start or clock drift does not favour the K timed last."""
+    eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    prefixes = [M.build_prefix(processor, [open_image(r["image_path"])], [r["question"]]).to(device) for r in items]
+    Ks = range(0, 5)
+    total = {K: [[] for _ in prefixes] for K in Ks}
+    loop = {K: [[] for _ in prefixes] for K in Ks}
+    tokens = {K: [] for K in Ks}
+    for s, p in enumerate(prefixes):
+        for _ in range(args.warmup):
+            for K in Ks:
+                M.generate(backbone, p, K, eos, args.max_new_tokens)
+        for r in range(args.repeats):
+            for K in Ks:
+                t, (ids, _) = timed(lambda: M.generate(backbone, p, K, eos, args.max_new_tokens), device)
+                total[K][s].append(t)
+                loop[K][s].append(timed(lambda: M.latent_loop(backbone, p, K), device)[0])
+                if r == 0:  # answer tokens up to and including <|im_end|> (greedy: the same every repeat)
+                    ids = ids[0].tolist()
+                    tokens[K].append(ids.index(eos) + 1 if eos in ids else len(ids))
+    res = {}
+    for K in Ks:
+        tot = statistics.median(statistics.median(x) for x in total[K])   # median over samples of medians
+        lp = statistics.median(statistics.median(x) for x in loop[K])
+        nt = statistics.mean(tokens[K])
+        res[K] = dict(ms_per_sample=tot, loop_ms=lp, answer_ms=tot - lp, answer_tokens=nt,
+                      ms_per_answer_token=(tot - lp) / max(nt, 1), ratio_to_K0=None)
+    for K in Ks:
+        res[K]["ratio_to_K0"] = res[K]["ms_per_sample"] / res[0]["ms_per_sample"]
+    return dict(per_K=res, n_samples=len(items), warmup=args.warmup, repeats=args.repeats, batch_size=1,
+                device=str(device), max_new_tokens=args.max_new_tokens,
+                note="ms_per_sample = loop_ms (prefix + K latent steps) + answer_ms (greedy answer, grows with "
+                     "answer_tokens): a K whose answers are shorter can be faster than K = 0 (§4.3, Figure 4)")
+
+
+# ----------------------------------------------------------------------------------------------------
+# 7. Modality collapse (§C.6, eq. 9): S_ij = mean over test samples of cos(h_i, h_j), i, j = 1..K.
+# ----------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def collapse_matrix(backbone, processor, items, K, batch_size, device):
+    S, n = torch.zeros(K, K, dtype=torch.float64), 0
+    for i in range(0, len(items), batch_size):
+        chunk = items[i:i + batch_size]
+        prefix = M.build_prefix(processor, [open_image(r["image_path"]) for r in chunk],
+                                [r["question"] for r in chunk]).to(device)
+        st = M.latent_loop(backbone, prefix, K)
+        h = F.normalize(torch.cat(st.h[1:], dim=1).double(), dim=-1)                        # (B, K, d)
+        S += (h @ h.transpose(1, 2)).sum(0).cpu()                                            # (K, K)
+        n += len(chunk)
+    S = (S / n).tolist()
+    off = [S[i][j] for i in range(K) for j in range(K) if i != j]
+    return dict(K=K, n_samples=n, matrix=S, mean_offdiag=sum(off) / len(off) if off else None,
+                adjacent=[S[i][i + 1] for i in range(K - 1)])
+
+
+def colormap(t):
+    """Values in [0, 1] (numpy array) -> uint8 RGB on a jet-like ramp (matplotlib is not a dependency)."""
+    stops = np.array([(0, 0, 128), (0, 64, 255), (0, 224, 255), (128, 255, 128), (255, 224, 0), (255, 48, 0),
+                      (128, 0, 0)], dtype=np.float64)
+    x = np.clip(np.asarray(t, dtype=np.float64), 0, 1) * (len(stops) - 1)
+    i = np.minimum(x.astype(int), len(stops) - 2)
+    w = (x - i)[..., None]
+    return ((1 - w) * stops[i] + w * stops[i + 1]).round().astype(np.uint8)
+
+
+def draw_collapse(res, path, cell=80):
+    """K x K heatmap, value in each cell, colour scale fixed to [0, 1] so that runs compare."""
+    K, S = res["K"], np.array(res["matrix"])
+    font = ImageFont.load_default(size=14)
+    left, top = 50, 40
+    im = Image.new("RGB", (left + K * cell + 10, top + K * cell + 10), "white")
+    dr = ImageDraw.Draw(im)
+    dr.text((left, 8), f"inter-step cosine similarity (n={res['n_samples']})", fill="black", font=font)
+    rgb = colormap(S)
+    for i in range(K):
+        dr.text((10, top + i * cell + cell // 2 - 7), f"h{i + 1}", fill="black", font=font)
+        dr.text((left + i * cell + cell // 2 - 8, top - 18), f"h{i + 1}", fill="black", font=font)
+        for j in range(K):
+            box = (left + j * cell, top + i * cell, left + (j + 1) * cell - 1, top + (i + 1) * cell - 1)
+            dr.rectangle(box, fill=tuple(int(c) for c in rgb[i, j]))
+            dr.text((box[0] + 18, box[1] + cell // 2 - 7), f"{S[i, j]:.3f}", font=font,
+                    fill="white" if S[i, j] < 0.15 or S[i, j] > 0.85 else "black")
+    im.save(path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 8. Converters: benchmark files as published -> the JSONL schema above.
+# ----------------------------------------------------------------------------------------------------
+def read_records(src):
+    """.json (a list, or {split: list}), .jsonl, .csv or .parquet -> list of dicts."""
+    if not os.path.isfile(src):
+        raise EvalError(f"--src {src}: no such file")
+    ext = os.path.splitext(src)[1].lower()
+    if ext == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise EvalError(f"{src}: reading parquet needs the 'pyarrow' package, which is not installed "
+                            "(pip install pyarrow), or give the benchmark's .json/.csv file instead") from None
+        return pq.read_table(src).to_pylist()
+    if ext == ".csv":
+        with open(src, newline="", encoding="utf-8-sig") as f:
+            return list(csv.DictReader(f))
+    if ext == ".jsonl":
+        return [r for _, r in read_jsonl(src)]
+    with open(src) as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise EvalError(f"{src}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if isinstance(data, dict):  # {"test": [...]} or {"data": [...]}
+        lists = [v for v in data.values() if isinstance(v, list)]
+        data = lists[0] if len(lists) == 1 else data
+    if not isinstance(data, list):
+        raise EvalError(f"{src}: expected a list of question records")
+    return data
+
+
+def pick(rec, keys, src, n, required=True):
+    for k in keys:
+        if k in rec and rec[k] not in (None, ""):
+            return rec[k]
+    if required:
+        raise EvalError(f"{src} record {n}: none of the fields {list(keys)} (fields present: {sorted(rec)[:12]})")
+    return None
+
+
+def image_field(rec, keys, src, n, images, out_dir, name):
+    """An image given as a file name (resolved in `images`) or as parquet bytes (written as PNG)."""
+    v = pick(rec, keys, src, n)
+    if isinstance(v, dict) and v.get("bytes"):
+        os.makedirs(os.path.join(out_dir, f"{name}_images"), exist_ok=True)
+        path = os.path.join(out_dir, f"{name}_images", f"{n:06d}.png")
+        Image.open(io.BytesIO(v["bytes"])).save(path)
+        return os.path.abspath(path)
+    if isinstance(v, dict):
+        v = v.get("path")
+    return os.path.abspath(os.path.join(images, str(v)))
+
+
+def closed_type(rec, answer):
+    """The file's own label (answer_type CLOSED/OPEN) when present, else closed = a yes/no answer."""
+    t = str(rec.get("answer_type", "")).strip().lower()
+    if t in ("closed", "open"):
+        return t
+    return "closed" if normalize(answer) in ("yes", "no") else "open"
+
+
+def strip_letter(text):
+    return re.sub(r"^\s*\(?[A-Da-d]\)?\s*[:.)]\s*", "", str(text)).strip()
+
+
+def convert_records(fmt, recs, src, images, out_dir, name):
+    items = []
+    for n, r in enumerate(recs, 1):
+        if fmt == "slake" and str(r.get("q_lang", "en")).lower() != "en":
+            continue  # English questions only (SLAKE is bilingual)
+        img = image_field(r, ("image", "img_name", "image_name", "image_path", "img_path", "Figure_path", "img_id"),
+                          src, n, images, out_dir, name)
+        q = str(pick(r, ("question", "Question"), src, n))
+        it = dict(id=f"{name}-{r.get('qid', r.get('id', n))}", image=img, question=q)
+        if fmt == "pmc-vqa":
+            choices = [strip_letter(pick(r, (f"Choice {c}",), src, n)) for c in "ABCD"]
+            label = pick(r, ("Answer_label", "Anwser_label"), src, n, required=False)
+            ans = str(pick(r, ("Answer", "Anwser"), src, n))
+            key = (label or ans).strip()
+            if len(key) == 1 and key.upper() in "ABCD":
+                idx = "ABCD".index(key.upper())
+            else:
+                hits = [i for i, c in enumerate(choices) if normalize(c) == normalize(strip_letter(ans))]
+                if not hits:
+                    raise EvalError(f"{src} record {n}: answer {ans!r} is none of the choices {choices}")
+                idx = hits[0]
+            it.update(answer=choices[idx], answer_type="closed", choices=choices, answer_index=idx)
+        elif fmt == "gemex":
+            ans = pick(r, ("answer", "Answer", "gt_answer"), src, n)
+            opts = r.get("options") or r.get("choices")
+            if isinstance(opts, dict):
+                opts = [opts[k] for k in sorted(opts)]
+            letters = [a.strip() for a in (ans if isinstance(ans, list) else [ans])]
+            if opts and len(letters) == 1 and len(letters[0]) == 1 and letters[0].upper() in "ABCDEFGH":
+                idx = "ABCDEFGH".index(letters[0].upper())
+                opts = [strip_letter(o) for o in opts]
+                it.update(answer=opts[idx], answer_type="closed", choices=opts, answer_index=idx)
+            else:  # a list answer (several findings or letters) is scored as its items joined
+                text = ", ".join(str(a) for a in letters)
+                qt = str(r.get("question_type", r.get("type", ""))).lower()
+                it.update(answer=text, answer_type="open" if "open" in qt else closed_type(r, text))
+        else:  # vqa-rad, pathvqa, slake: image / question / answer
+            ans = str(pick(r, ("answer", "Answer"), src, n))
+            it.update(answer=ans, answer_type=closed_type(r, ans))
+        items.append(it)
+    return items
+
+
+def convert(argv):
+    ap = argparse.ArgumentParser(prog="evaluate.py convert", description="benchmark files -> evaluate.py JSONL")
+    ap.add_argument("--format", required=True, choices=["vqa-rad", "pathvqa", "slake", "pmc-vqa", "gemex"],
+                    help="which benchmark the --src file is")
+    ap.add_argument("--src", required=True, help="the published file (.json, .jsonl, .csv, or .parquet with pyarrow)")
+    ap.add_argument("--images", help="folder the file's image names are relative to (default: SLAKE imgs/ next "
+                                     "to the file if present, else the file's folder)")
+    ap.add_argument("--out", required=True, help="output JSONL (its stem becomes the benchmark name)")
+    args = ap.parse_args(argv)
+    images = args.images or next((d for d in (os.path.join(os.path.dirname(args.src), "imgs"),
+                                              os.path.join(os.path.dirname(args.src), "images"))
+                                  if os.path.isdir(d)), os.path.dirname(os.path.abspath(args.src)))
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(out_dir, exist_ok=True)
+    name = os.path.splitext(os.path.basename(args.out))[0]
+    items = convert_records(args.format, read_records(args.src), args.src, images, out_dir, name)
+    missing = [it["image"] for it in items if not os.path.isfile(it["image"])]
+    with open(args.out, "w") as f:
+        f.writelines(json.dumps(it) + "\n" for it in items)
+    kinds = Counter(it["answer_type"] for it in items)
+    print(f"{args.out}: {len(items)} items ({kinds['closed']} closed, {kinds['open']} open)"
+          + (f"; WARNING {len(missing)} images not found, e.g. {missing[:2]} (check --images)" if missing else ""))
+    return items
+
+
+# ----------------------------------------------------------------------------------------------------
+# 9. Command line.
+# ----------------------------------------------------------------------------------------------------
+def get_args(argv):
+    ap = argparse.ArgumentParser(description="VITAL evaluation (§4, §B.4, §C.6); `evaluate.py convert -h` for converters")
+    ap.add_argument("--ckpt", required=True, help="checkpoint folder runs/<name>/phase<p> (config.json + adapter)")
+    ap.add_argument("--data", help="folder with samples.jsonl: its test split is the in-domain benchmark")
+    ap.add_argument("--bench", nargs="*", default=[], help="benchmark JSONL files (schema in the docstring)")
+    ap.add_argument("--out", required=True, help="output folder for predictions, metrics, table, PNGs")
+    ap.add_argument("--k", default="4", help="latent steps for every question (default 4, Table 3); 'sample' = "
+                                              "each test item's own latent_steps (diagnostic)")
+    ap.add_argument("--backbone", help="override the backbone folder named in the checkpoint's config.json")
+    ap.add_argument("--batch-size", type=int, default=8, help="questions per generate call")
+    ap.add_argument("--max-new-tokens", type=int, default=64, help="longest greedy answer")
+    ap.add_argument("--limit", type=int, default=0, help="only the first N items of each benchmark (0 = all)")
+    ap.add_argument("--latency", action="store_true", help="also time K = 0..4 per sample (§4.3, Figure 4)")
+    ap.add_argument("--latency-n", type=int, default=16, help="samples timed by --latency")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed runs per sample and K before timing")
+    ap.add_argument("--repeats", type=int, default=5, help="timed runs per sample and K (the median is kept)")
+    ap.add_argument("--collapse", action="store_true", help="also the inter-step similarity matrix (§C.6)")
+    ap.add_argument("--collapse-k", type=int, default=4, help="K of the collapse analysis (>= 2)")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
+    args = ap.parse_args(argv)
+    if args.k != "sample":
+        try:
+            args.k = int(args.k)
+        except ValueError:
+            ap.error(f"--k must be an integer >= 0 or 'sample', not {args.k!r}")
+        if args.k < 0:
+            ap.error("--k must be >= 0")
+    if not args.data and not args.bench:
+        ap.error("give --data (in-domain test split) and/or --bench files")
+    if args.collapse and args.collapse_k < 2:
+        ap.error("--collapse-k must be >= 2 (a similarity between steps needs two steps)")
+    return args
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["convert"]:
+        return convert(argv[1:])
+    args = get_args(argv)
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    items = []
+    if args.data:
+        items += read_test_split(args.data)
+    for b in args.bench:
+        items += read_benchmark(b)
+    if args.limit > 0:
+        items = [it for name in dict.fromkeys(r["benchmark"] for r in items)
+                 for it in [r for r in items if r["benchmark"] == name][:args.limit]]
+    backbone, processor, config, overhead = load_inference_model(args.ckpt, args.backbone, device, dtype)
+    print(f"deployed model: {overhead['deployed']['params']:,} parameters = plain backbone "
+          f"{overhead['plain_backbone']['params']:,} (+{overhead['extra_params']}), weights "
+          f"{overhead['deployed']['bytes'] / 2**20:.1f} MiB (+{overhead['extra_bytes']} B); scaffolds left on disk "
+          f"({overhead['scaffold_bytes_left_on_disk'] / 2**20:.1f} MiB)")
+    os.makedirs(args.out, exist_ok=True)
+    rows = run_items(backbone, processor, items, args.k, args, device)
+    with open(os.path.join(args.out, "predictions.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    metrics = aggregate(rows)
+    label = f"VITAL (K={args.k})"
+    result = dict(ckpt=os.path.abspath(args.ckpt), phase=config.get("phase"), step=config.get("step"), K=args.k,
+                  device=str(device), benchmarks=metrics, overhead=overhead)
+    if args.latency:
+        result["latency"] = latency(backbone, processor, items[:args.latency_n], args, device)
+        with open(os.path.join(args.out, "latency.json"), "w") as f:
+            json.dump(result["latency"], f, indent=2)
+        for K, v in result["latency"]["per_K"].items():
+            print(f"latency K={K}: {v['ms_per_sample']:.1f} ms/sample (x{v['ratio_to_K0']:.2f} of K=0), loop "
+                  f"{v['loop_ms']:.1f} ms, answer {v['answer_tokens']:.1f} tokens")
+    if args.collapse:
+        coll = collapse_matrix(backbone, processor, items, args.collapse_k, args.batch_size, device)
+        result["collapse"] = coll
+        with open(os.path.join(args.out, "collapse.json"), "w") as f:
+            json.dump(coll, f, indent=2)
+        draw_collapse(coll, os.path.join(args.out, "collapse.png"))
+        print(f"collapse: mean off-diagonal cosine {coll['mean_offdiag']:.4f}, adjacent "
+              + ", ".join(f"{a:.4f}" for a in coll["adjacent"]))
+    with open(os.path.join(args.out, "metrics.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    table = table_md(metrics, label)
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write(table)
+    print(table + f"wrote {args.out}/predictions.jsonl, metrics.json, table.md")
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except EvalError as e:
+        sys.exit(f"evaluate.py: error: {e}")
