@@ -454,7 +454,14 @@ def run(args, rank, world, master, device, bf16, ctx, log):
             hint = f"run --phase {args.phase - 1} first or pass --init" if args.init is None else "check --init"
             raise TrainError(f"phase {args.phase} warm-starts from {src}, which holds no checkpoint ({hint})")
         with open(cfg_path) as f:
-            check_compatible(src, json.load(f), arch)
+            src_cfg = json.load(f)
+        check_compatible(src, src_cfg, arch)
+        if resume_dir:  # an exact continuation needs the same training flags (stop/save points may change)
+            free = {"resume", "max_steps", "save_every", "device", "models", "backbone", "decoder", "data", "out"}
+            diff = sorted(k for k, v in vars(args).items() if k not in free and src_cfg["args"].get(k) != v)
+            if diff:
+                raise TrainError(f"--resume: {resume_dir} was trained with other flags: " + ", ".join(
+                    f"--{k.replace('_', '-')} {src_cfg['args'].get(k)} (now {getattr(args, k)})" for k in diff))
         try:
             load_checkpoint(src, vital, scaffolds=vital.decoder is not None or vital.vp is not None)
         except (ValueError, FileNotFoundError) as e:

@@ -1,0 +1,280 @@
+"""Tests of train.py on CPU with tiny models (made once per module) and a small fixture dataset written here.
+
+Exactness: the resume tests keep LoRA and projector dropout ON and demand bit-equal weights (the trainer
+restores every rank's RNG). The DDP test sets both dropouts to 0 because each rank draws its own dropout
+masks (seed + rank), so two ranks cannot reproduce one process's masks; it compares with atol 1e-6.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import train
+from model import make_tiny
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Two cores shared with other jobs: one intra-op thread per process avoids OpenMP thrashing.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def write_fixture(folder, n_train=24, d_v=48, seed=0):
+    """Phantom-like five-tuples: a bright square or not; K cycles 1,1,2,3; 4 extra test-split rows."""
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n_train + 4):
+        K, bright = [1, 1, 2, 3][i % 4], i % 2 == 0
+        a = (rng.random((64, 64)) * 60).astype("uint8")
+        if bright:
+            a[16:48, 16:48] = 230
+        Image.fromarray(a).save(os.path.join(folder, "images", f"{i}.png"))
+        sent = "the image shows a bright round region." if bright else "the image shows a dark region."
+        rows.append(dict(id=f"s{i}", image=f"images/{i}.png", question="is there a bright lesion in the image?",
+                         answer="yes." if bright else "no.", reasoning_chain=[f"step {k}: {sent}" for k in range(K)],
+                         latent_steps=K, split="train" if i < n_train else "test"))
+    with open(os.path.join(folder, "samples.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    g = torch.Generator().manual_seed(seed)
+    feats = {k: F.normalize(torch.randn(len(rows), d_v, generator=g), dim=-1) for k in ("roi", "global")}
+    save_file(feats, os.path.join(folder, "roi.safetensors"), metadata={"ids": json.dumps([r["id"] for r in rows])})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    base = tmp_path_factory.mktemp("train")
+    models = make_tiny(str(base / "models"))
+    data = str(base / "data")
+    write_fixture(data)
+    return dict(base=base, models=models, data=data)
+
+
+def flags(env, out, *extra):
+    return ["--data", env["data"], "--backbone", f"{env['models']}/backbone", "--decoder", f"{env['models']}/decoder",
+            "--lora-r", "4", "--lora-alpha", "8", "--out", str(out), "--batch-size", "2", "--epochs", "1",
+            *map(str, extra)]
+
+
+def weights(folder):
+    return {**load_file(f"{folder}/adapter.safetensors"), **load_file(f"{folder}/scaffold.safetensors")}
+
+
+def max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def read_log(out):
+    with open(f"{out}/log.jsonl") as f:
+        return [json.loads(l) for l in f]
+
+
+# ---------------------------------------------------------------------------------------------- sampler
+def test_sampler_buckets_by_k_and_splits_evenly_over_ranks():
+    ks = [1] * 7 + [2] * 5 + [3] * 2
+    one = train.KBucketSampler(ks, batch_size=2, world=1, rank=0, accum=4, seed=3)
+    ranks = [train.KBucketSampler(ks, batch_size=2, world=2, rank=r, accum=2, seed=3) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == len(one) // 2  # same count on every rank: no DDP hang
+    batches = list(one)
+    assert all(len({ks[i] for i in b}) == 1 for b in batches)  # one K per micro-batch
+    assert {i for b in batches for i in b} == set(range(len(ks)))  # every sample (padding may repeat some)
+    # Optimizer step s sees the same micro-batches on 2 ranks x accum 2 as on 1 rank x accum 4.
+    r0, r1 = list(ranks[0]), list(ranks[1])
+    for s in range(len(one) // 4):
+        assert sorted(map(tuple, batches[4 * s:4 * s + 4])) == sorted(map(tuple, r0[2 * s:2 * s + 2] + r1[2 * s:2 * s + 2]))
+    one.set_epoch(1)
+    assert list(one) != batches  # a new order each epoch ...
+    one.set_epoch(1, start=3)
+    assert list(one) == _epoch(ks, 1)[3:]  # ... deterministic, and resumable mid-epoch
+
+
+def _epoch(ks, epoch):
+    s = train.KBucketSampler(ks, 2, 1, 0, 4, seed=3)
+    s.set_epoch(epoch)
+    return list(s)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    total = 100
+    f = [train.lr_factor(s, total, 0.05) for s in range(total)]
+    assert f[0] == pytest.approx(0.2) and f[4] == pytest.approx(1.0)  # 5 warmup steps, linear
+    assert all(a >= b for a, b in zip(f[4:], f[5:])) and f[-1] < 0.01  # then cosine down to ~0
+
+
+# ---------------------------------------------------------------------------------------------- data
+def test_phase_filter_caps_and_train_split(env):
+    records = train.read_samples(f"{env['data']}/samples.jsonl")
+    for phase, allowed in ((1, {1}), (2, {1, 2}), (3, {1, 2, 3})):
+        args = train.get_args(flags(env, "x", "--phase", phase))
+        sel = train.select_phase(records, args, "samples.jsonl")
+        assert {r["K"] for r in sel} == allowed and all(r["split"] == "train" for r in sel)
+    args = train.get_args(flags(env, "x", "--phase", 3, "--init", "none", "--max-k", 2))  # depth ablation: K = min(steps, 2)
+    sel = train.select_phase(records, args, "samples.jsonl")
+    assert {r["K"] for r in sel} == {1, 2} and any(r["latent_steps"] == 3 and r["K"] == 2 for r in sel)
+    assert len(train.select_phase(records, train.get_args(flags(env, "x", "--limit", 5)), "s")) == 5
+
+
+def test_clear_errors(env, tmp_path):
+    data = tmp_path / "d"
+    rows = write_fixture(str(data), n_train=8)
+    # malformed JSON line, reported with its line number
+    lines = open(data / "samples.jsonl").read().splitlines()
+    lines[2] = lines[2][:-5]
+    (data / "samples.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(train.TrainError, match=r"samples.jsonl line 3: not valid JSON"):
+        train.main(flags(env, tmp_path / "r", "--data", data))
+    # a missing field, with its line and name
+    lines[2] = json.dumps({k: v for k, v in rows[2].items() if k != "answer"})
+    (data / "samples.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(train.TrainError, match=r"line 3: missing field 'answer'"):
+        train.main(flags(env, tmp_path / "r", "--data", data))
+    write_fixture(str(data), n_train=8)
+    # missing ROI features: every missing id listed
+    feats = load_file(data / "roi.safetensors")
+    keep = [r["id"] for r in rows if r["id"] not in ("s0", "s4")]
+    save_file({k: v[[int(i[1:]) for i in keep]] for k, v in feats.items()}, data / "roi.safetensors",
+              metadata={"ids": json.dumps(keep)})
+    with pytest.raises(train.TrainError, match=r"2 training samples have no ROI feature: \['s0', 's4'\]"):
+        train.main(flags(env, tmp_path / "r", "--data", data))
+    # ... which --lambda-vis 0 does not need (the projector is not even built)
+    train.main(flags(env, tmp_path / "r", "--data", data, "--lambda-vis", 0, "--max-steps", 1))
+    assert not any(k.startswith("vp.") for k in weights(tmp_path / "r" / "phase1"))
+    # an empty phase: no train sample with K = 1
+    rows = [json.loads(l) for l in open(data / "samples.jsonl")]
+    (data / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["latent_steps"] != 1))
+    with pytest.raises(train.TrainError, match=r"phase 1 .* has no train samples .*\{2: 2, 3: 2\}"):
+        train.main(flags(env, tmp_path / "r", "--data", data))
+
+
+# ---------------------------------------------------------------------------------------------- curriculum
+def test_warm_start_loads_previous_phase_and_refuses_mismatch(env, tmp_path):
+    out = tmp_path / "run"
+    train.main(flags(env, out, "--phase", 1, "--max-steps", 3))
+    cfg = json.load(open(out / "phase1" / "config.json"))
+    assert cfg["data"]["n_train"] == 12 and cfg["step"] == 3  # phase 1 = the 12 train samples with K = 1
+    # lr 0: phase 2 changes nothing, so its weights must be exactly what phase 1 saved
+    train.main(flags(env, out, "--phase", 2, "--max-steps", 2, "--lr", 0))
+    p1, p2 = weights(out / "phase1"), weights(out / "phase2")
+    assert max_diff(p1, p2) == 0 and json.load(open(out / "phase2" / "config.json"))["data"]["n_train"] == 18
+    assert any(v.abs().max() > 0 for k, v in p1.items() if k.endswith("lora_B"))  # phase 1 really trained
+    # another LoRA shape, another backbone (same architecture, other weights), no phase 1 at all: refused
+    with pytest.raises(train.TrainError, match=r"LoRA shape"):
+        train.main(flags(env, out, "--phase", 2, "--lora-r", 8))
+    other = make_tiny(str(tmp_path / "other"), seed=1)
+    with pytest.raises(train.TrainError, match=r"refusing to warm-start.*|trained with backbone"):
+        train.main(flags(env, out, "--phase", 2, "--backbone", f"{other}/backbone"))
+    with pytest.raises(train.TrainError, match=r"run --phase 1 first"):
+        train.main(flags(env, tmp_path / "fresh", "--phase", 2))
+
+
+def test_loss_falls(env, tmp_path):
+    # The tiny backbone's frozen lm_head (init std 0.02) caps |logits| near 1.3, so L_task cannot go far below
+    # ~5.5 nats from ln(1024) = 6.93 whatever LoRA learns; the fully trained decoder's L_sem can fall much more.
+    out = tmp_path / "run"
+    train.main(flags(env, out, "--phase", 3, "--init", "none", "--epochs", 5, "--lr", 5e-3, "--batch-size", 4))
+    log = read_log(out)
+    mean = lambda key, part: float(np.mean([e[key] for e in part]))
+    assert len(log) == 35  # bounded: 5 epochs of 7 steps
+    assert mean("L_task", log[-5:]) < mean("L_task", log[:3]) - 0.6, [round(e["L_task"], 2) for e in log]
+    assert mean("L_sem", log[-5:]) < 0.6 * mean("L_sem", log[:3]), [round(e["L_sem"], 2) for e in log]
+    assert all(k in log[-1] for k in ("L_vis", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "peak_mem_mib"))
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(env, tmp_path):
+    out = tmp_path / "run"
+    # lr 1e30: step 1 is still finite (Adam moves each weight by ~lr), step 2's loss is not.
+    with pytest.raises(train.TrainError, match=r"non-finite loss or gradient at phase 1 step 2 .* last good "
+                                               r"checkpoint: .*phase1 \(step 1\)"):
+        train.main(flags(env, out, "--lr", 1e30, "--warmup", 0, "--save-every", 1))
+    assert json.load(open(out / "phase1" / "config.json"))["step"] == 1 and len(read_log(out)) == 1
+    # a resume with other training flags is refused (it could not match the uninterrupted run)
+    with pytest.raises(train.TrainError, match=r"other flags: --lr 1e\+30 \(now 0.0001\)"):
+        train.main(flags(env, out, "--resume", "--warmup", 0))
+
+
+# ---------------------------------------------------------------------------------------------- resume
+def test_resume_after_max_steps_is_exact(env, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    train.main(flags(env, a, "--phase", 3, "--init", "none", "--grad-accum", 2))
+    train.main(flags(env, b, "--phase", 3, "--init", "none", "--grad-accum", 2, "--max-steps", 2))
+    assert json.load(open(b / "phase3" / "config.json"))["step"] == 2
+    train.main(flags(env, b, "--phase", 3, "--init", "none", "--grad-accum", 2, "--resume"))
+    assert max_diff(weights(a / "phase3"), weights(b / "phase3")) == 0  # bit-equal, dropout on
+    la, lb = read_log(a), read_log(b)
+    assert [e["step"] for e in lb] == [e["step"] for e in la] and [e["loss"] for e in lb] == [e["loss"] for e in la]
+    sa, sb = (load_file(f"{d}/phase3/trainer/state.safetensors") for d in (a, b))
+    assert max_diff(sa, sb) == 0  # same Adam moments and RNG state at the end
+
+
+def test_resume_after_real_kill_is_exact(env, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    f = flags(env, b, "--phase", 3, "--init", "none", "--epochs", 4, "--save-every", 2)
+    proc = subprocess.Popen([sys.executable, f"{ROOT}/train.py", *f], env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while time.time() - t0 < 120:
+        if os.path.isfile(b / "log.jsonl") and len(read_log(b)) >= 5:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = len(read_log(b))
+    total = 4 * 9  # 18 train samples, batches of 2 per K bucket: 9 steps per epoch
+    assert 5 <= killed_at < total, killed_at  # it died mid-run, after at least one checkpoint
+    train.main(flags(env, b, "--phase", 3, "--init", "none", "--epochs", 4, "--save-every", 2, "--resume"))
+    train.main(flags(env, a, "--phase", 3, "--init", "none", "--epochs", 4, "--save-every", 2))
+    assert max_diff(weights(a / "phase3"), weights(b / "phase3")) == 0
+    assert [e["loss"] for e in read_log(a)] == [e["loss"] for e in read_log(b)]
+
+
+# ---------------------------------------------------------------------------------------------- DDP
+def test_two_ranks_equal_one_rank_with_double_accumulation(env, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ("--phase", 3, "--init", "none", "--lora-dropout", 0, "--vp-dropout", 0, "--lr", 1e-3, "--epochs", 2)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                        f"{ROOT}/train.py", *flags(env, two, *common, "--grad-accum", 1)],
+                       env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    train.main(flags(env, one, *common, "--grad-accum", 2))
+    c1, c2 = (json.load(open(d / "phase3" / "config.json")) for d in (one, two))
+    assert c1["global_batch"] == c2["global_batch"] == 4 and c2["world_size"] == 2 and c1["step"] == c2["step"] == 12
+    w1, w2 = weights(one / "phase3"), weights(two / "phase3")
+    print("DDP max abs weight diff", max_diff(w1, w2))
+    assert max_diff(w1, w2) < 1e-6, max_diff(w1, w2)
+    assert max(v.abs().max() for k, v in w1.items() if "lora_B" in k) > 1e-3  # it did train
+    l1, l2 = read_log(one), read_log(two)  # all-reduced losses of both ranks == the one process's mean
+    assert np.allclose([e["loss"] for e in l1], [e["loss"] for e in l2], atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+def test_three_phases_on_prepare_data_and_extract_roi(env, tmp_path):
+    data = tmp_path / "phantom"
+    for cmd in (["prepare_data.py", "--source", "phantom", "--out", data, "--n", 24],
+                ["extract_roi.py", "--samples", data / "samples.jsonl", "--encoder", f"{env['models']}/encoder",
+                 "--out", data / "roi.safetensors"]):
+        r = subprocess.run([sys.executable, f"{ROOT}/{cmd[0]}", *map(str, cmd[1:])], env=ENV, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "run"
+    for p in (1, 2, 3):
+        train.main(flags(env, out, "--data", data, "--phase", p, "--max-steps", 2))
+        cfg = json.load(open(out / f"phase{p}" / "config.json"))
+        assert cfg["step"] == 2 and cfg["init"] == (str(out / f"phase{p - 1}") if p > 1 else None)
+    assert [e["phase"] for e in read_log(out)] == [1, 1, 2, 2, 3, 3]
