@@ -1,0 +1,371 @@
+"""
+VITAL stage 5: post-hoc dual interpretability (paper §3.3 "Dual Interpretability", §4.2 Figure 3, §C.7
+Figure 12; DESIGN.md §7).
+
+The scaffolds dropped at inference are re-attached to read every latent state h_1..h_K of one question:
+    text window    the auxiliary decoder reads h_k out as a sentence: decoder([pj_in(h_k)]) greedy (§3.3)
+    visual window  VP(h_k) lives in the frozen encoder's feature space (it was trained to regress the ROI
+                   feature there), so its cosine similarity with every patch feature of the FULL image,
+                   encoded exactly as extract_roi.py does (its own functions, imported), is a heatmap of
+                   where step k "looks" (§C.7); with --bank, the nearest training ROI features (§3.3
+                   nearest-neighbour retrieval) with their ids, scores and thumbnails.
+The answer itself comes from the unchanged inference path (merged LoRA, latent loop, greedy), so the
+explanation never alters what the model says. The readouts are approximations of the latent states, not
+a faithful account of the decision (paper, Limitations).
+
+Reads:  the newest checkpoint under runs/ (or --ckpt): config.json, adapter.safetensors, scaffold.safetensors
+        (pj_in, decoder, vp); the backbone and decoder folders named in its config.json; the SigLIP encoder
+        folder (--encoder, else config.json's encoder_path, else the encoder recorded in the run's
+        roi.safetensors, else the tiny preset's <models>/encoder); optionally --bank roi.safetensors.
+Writes: OUT.png   a panel like Figure 3/12: the image, one heatmap per step with its sentence, the answer
+        OUT.json  the same content as numbers: answer, per step sentence, heatmap grid (raw cosine), peak
+        OUT_bank/ thumbnails of the nearest ROIs (with --bank)
+
+Commands:
+    python explain.py img.png "Where is the lesion located?"
+    python explain.py img.png "Describe the liver." --ckpt runs/vital/phase3 --k 4 --bank data/vital/roi.safetensors
+    python explain.py img.png "Is there a nodule?" --encoder ckpt/medsiglip-448 --out figs/case1
+"""
+import argparse
+import json
+import os
+import sys
+import textwrap
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from safetensors import safe_open
+
+import model as M
+from evaluate import EvalError, ckpt_field, colormap, read_ckpt_config
+from extract_roi import QwenSelfPatches, SiglipPatches, load_image, pad_image
+
+
+class ExplainError(Exception):
+    """A problem with the inputs, reported as one message that says what to do."""
+
+
+HOW_TO_TRAIN = ("make one with: python prepare_data.py --source phantom --out data/phantom --n 200 && "
+                "python extract_roi.py --samples data/phantom/samples.jsonl --encoder runs/tiny/encoder "
+                "--out data/phantom/roi.safetensors && python train.py --data data/phantom --preset tiny "
+                "--out runs/tiny-vital --phase 1   (or pass --ckpt FOLDER)")
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Which checkpoint, which encoder.
+# ----------------------------------------------------------------------------------------------------
+def find_checkpoint(runs):
+    """Newest finished-or-not checkpoint folder under `runs` (by config.json mtime); .tmp/.old are skipped."""
+    found = []
+    for root, dirs, files in os.walk(runs):
+        dirs[:] = [d for d in dirs if not d.endswith((".tmp", ".old")) and d != "trainer"]
+        if "config.json" in files and "adapter.safetensors" in files:
+            found.append((os.path.getmtime(os.path.join(root, "config.json")), root))
+    if not found:
+        raise ExplainError(f"no checkpoint found under '{runs}/' (a folder with config.json + adapter.safetensors); "
+                           + HOW_TO_TRAIN)
+    return max(found)[1]
+
+
+def resolve_encoder(config, ckpt, override):
+    """-> (folder, kind, size, where the name came from). The first source that names a folder wins."""
+    args = config.get("args", {})
+    named = [(override, "siglip", 448, "--encoder")] if override else []
+    if config.get("encoder_path"):
+        named.append((config["encoder_path"], config.get("encoder_kind", "siglip"), 448, f"{ckpt}/config.json"))
+    roi = os.path.join(args.get("data") or "", "roi.safetensors")
+    if args.get("data") and os.path.isfile(roi):
+        with safe_open(roi, "pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("encoder_path"):
+            named.append((meta["encoder_path"], meta.get("encoder_kind", "siglip"), int(meta.get("image_size", 448)),
+                          f"{roi} (the encoder that made the L_vis targets)"))
+    if args.get("preset") == "tiny" and args.get("models"):
+        named.append((os.path.join(args["models"], "encoder"), "siglip", 448, f"{ckpt}/config.json args.models"))
+    if not named:
+        raise ExplainError(f"{ckpt}/config.json names no encoder folder: pass --encoder FOLDER (the SigLIP "
+                           "encoder extract_roi.py used, e.g. MedSigLIP-448)")
+    path, kind, size, src = named[0]
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ExplainError(f"encoder folder '{path}' (from {src}) does not exist or holds no config.json: pass "
+                           "--encoder FOLDER (the SigLIP encoder extract_roi.py used)")
+    return path, kind, size, src
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. The model with its scaffolds re-attached.
+# ----------------------------------------------------------------------------------------------------
+def load_explainer(ckpt, device, dtype):
+    """-> (vital with pj_in/decoder and/or vp, processor, dec_tokenizer or None, config)."""
+    config = read_ckpt_config(ckpt)
+    sc_path = os.path.join(ckpt, "scaffold.safetensors")
+    if not os.path.isfile(sc_path):
+        raise ExplainError(f"checkpoint '{ckpt}' has no scaffold.safetensors: explain needs the decoder + pj_in "
+                           "and/or the visual projector (train with --lambda-sem > 0 / --lambda-vis > 0)")
+    with safe_open(sc_path, "pt") as f:
+        keys = list(f.keys())
+        d_v = f.get_slice("vp.out.weight").get_shape()[0] if "vp.out.weight" in keys else None
+    has_dec = any(k.startswith("decoder.") for k in keys) and any(k.startswith("pj_in.") for k in keys)
+    if not has_dec and d_v is None:
+        raise ExplainError(f"{sc_path} holds neither the decoder + pj_in nor the visual projector (keys: {keys[:5]})")
+    backbone, processor = M.load_backbone(ckpt_field(config, ckpt, "backbone_path", "args.backbone"), dtype, device)
+    r, alpha = ckpt_field(config, ckpt, "arch.lora")
+    M.add_lora(backbone, r, alpha, 0.0)
+    decoder, dec_tok = M.load_decoder(ckpt_field(config, ckpt, "decoder_path", "args.decoder"), dtype, device) \
+        if has_dec else (None, None)
+    vital = M.VITAL(backbone, decoder, d_v, config.get("args", {}).get("projector", "res_mlp_ln"),
+                    lambda_sem=1.0 if has_dec else 0.0, lambda_vis=1.0 if d_v else 0.0).to(device)
+    M.load_checkpoint(ckpt, vital, scaffolds=True)
+    vital.eval()  # no dropout in the projector or the decoder
+    M.set_lora_merged(backbone, True)
+    return vital, processor, dec_tok, config
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. The two windows.
+# ----------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def answer_and_latents(vital, processor, image, question, K, max_new_tokens, device):
+    """The ordinary inference path -> (answer text, h (K, d) = h_1..h_K)."""
+    eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    prefix = M.build_prefix(processor, [image], [question]).to(device)
+    ids, st = M.generate(vital.backbone, prefix, K, eos, max_new_tokens)
+    answer = processor.tokenizer.batch_decode(ids, skip_special_tokens=True)[0].strip()
+    return answer, torch.cat(st.h[1:], dim=1)[0]                                             # (K, d)
+
+
+def patch_features(enc, image):
+    """Full-image encoding as extract_roi.py does it: pad to a square with zeros (centred), preprocess,
+    encode. -> (g*g, d_v) features, and the image's box inside the square (x0, y0, x1, y1) in square px."""
+    W, H = image.size
+    sq = pad_image(image, (0, 0, W, H))
+    s = sq.size[0]
+    f = enc.encode(enc.preprocess(sq)[None])[0]                                             # (g*g, d_v)
+    ox, oy = (s - W) // 2, (s - H) // 2
+    return f, (ox, oy, ox + W, oy + H), s
+
+
+def heatmaps(f, v, g):
+    """cos(VP(h_k), patch) for every step and patch: f (g*g, d_v), v (K, d_v) L2-normalised -> (K, g, g)."""
+    return (F.normalize(f.float(), dim=-1) @ v.float().T).T.reshape(-1, g, g)
+
+
+def grid_to_image(heat, box, s):
+    """A (g, g) heatmap over the square view -> (H, W) array over the original image (bilinear)."""
+    big = Image.fromarray(heat.numpy().astype(np.float32), mode="F").resize((s, s), Image.BILINEAR)
+    return np.asarray(big)[box[1]:box[3], box[0]:box[2]]
+
+
+def nearest_rois(bank_path, v, top):
+    """Nearest training ROI features of each VP(h_k) by cosine (§3.3 retrieval) -> per step [(id, score, row)]."""
+    if not os.path.isfile(bank_path):
+        raise ExplainError(f"--bank {bank_path}: no such file (extract_roi.py writes roi.safetensors)")
+    with safe_open(bank_path, "pt") as f:
+        meta = f.metadata() or {}
+        roi = f.get_tensor("roi").float()
+        box = f.get_tensor("box") if "box" in f.keys() else None
+    if "ids" not in meta:
+        raise ExplainError(f"--bank {bank_path}: metadata has no 'ids' list")
+    if roi.shape[1] != v.shape[1]:
+        raise ExplainError(f"--bank {bank_path}: features are {roi.shape[1]}-d, the visual projector gives "
+                           f"{v.shape[1]}-d (a bank from another encoder?)")
+    ids = json.loads(meta["ids"])
+    scores = v.float() @ F.normalize(roi, dim=-1).T                                          # (K, N)
+    val, idx = scores.topk(min(top, len(ids)), dim=-1)
+    return [[(ids[j], float(s), j) for s, j in zip(val[k].tolist(), idx[k].tolist())] for k in range(len(v))], \
+        meta, box
+
+
+def bank_thumbnails(bank, meta, box, out_dir, size=64):
+    """Crop each neighbour's encoded region (roi.safetensors `box`) out of its image (samples.jsonl)."""
+    samples = meta.get("samples")
+    images = {}
+    if samples and os.path.isfile(samples):
+        with open(samples) as f:
+            for line in f:
+                if line.strip():
+                    r = json.loads(line)
+                    images[r.get("id")] = os.path.join(os.path.dirname(samples), r.get("image", ""))
+    os.makedirs(out_dir, exist_ok=True)
+    out = []
+    for k, step in enumerate(bank, 1):
+        row = []
+        for rank, (sid, score, j) in enumerate(step, 1):
+            thumb = None
+            if sid in images and os.path.isfile(images[sid]):
+                im = load_image(images[sid])
+                if box is not None:
+                    im = im.crop(tuple(int(x) for x in box[j].tolist()))
+                im.thumbnail((size, size))
+                thumb = os.path.join(out_dir, f"step{k}_top{rank}.png")
+                im.save(thumb)
+            row.append(dict(id=sid, score=score, thumbnail=thumb))
+        out.append(row)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. The panel (Figure 3/12): header (question, answer), then the image and one overlay per step, each
+#    with its decoded sentence below, then (with --bank) the nearest ROI thumbnails of each step.
+# ----------------------------------------------------------------------------------------------------
+MARGIN, HEADER, CAPTION, BANK_ROW = 10, 56, 110, 96
+
+
+def panel_size(K, tile, bank):
+    """(width, height) of the panel: K + 1 tiles in a row; the bank row only with --bank."""
+    return MARGIN + (K + 1) * (tile + MARGIN), HEADER + tile + CAPTION + (BANK_ROW if bank else 0) + MARGIN
+
+
+def square_view(image, tile):
+    W, H = image.size
+    return pad_image(image, (0, 0, W, H)).resize((tile, tile), Image.BILINEAR)
+
+
+def overlay(image, heat_img, box, s, tile, alpha=0.5):
+    """The heatmap (min-max scaled per step, as in Figure 12) blended over the grey image, in the square view."""
+    lo, hi = float(heat_img.min()), float(heat_img.max())
+    rgb = colormap((heat_img - lo) / (hi - lo) if hi > lo else np.zeros_like(heat_img))
+    grey = np.asarray(image.convert("L").convert("RGB"), dtype=np.float32)
+    mixed = ((1 - alpha) * grey + alpha * rgb).round().astype(np.uint8)
+    sq = Image.new("RGB", (s, s))
+    sq.paste(Image.fromarray(mixed), box[:2])
+    return sq.resize((tile, tile), Image.BILINEAR)
+
+
+def draw_panel(path, image, question, answer, steps, box, s, tile, bank):
+    K = len(steps)
+    W, H = panel_size(K, tile, bank is not None)
+    im = Image.new("RGB", (W, H), "white")
+    dr = ImageDraw.Draw(im)
+    font, small = ImageFont.load_default(size=14), ImageFont.load_default(size=11)
+    width_chars = max(20, (W - 2 * MARGIN) // 8)
+    dr.text((MARGIN, 6), textwrap.shorten(f"Q: {question}", width_chars), fill="black", font=font)
+    dr.text((MARGIN, 28), textwrap.shorten(f"A: {answer or '(empty)'}", width_chars), fill=(0, 90, 0), font=font)
+    x = MARGIN
+    im.paste(square_view(image, tile), (x, HEADER))
+    dr.text((x, HEADER + tile + 4), "input image", fill="black", font=font)
+    for k, st in enumerate(steps, 1):
+        x = MARGIN + k * (tile + MARGIN)
+        im.paste(overlay(image, st["heat_img"], box, s, tile), (x, HEADER))
+        text = f"h{k}: {st['sentence']}" if st["sentence"] is not None else f"h{k}"
+        lines = textwrap.wrap(text, max(10, tile // 6))[:6]
+        for i, line in enumerate(lines):
+            dr.text((x, HEADER + tile + 4 + 15 * i), line, fill="black", font=small)
+        if bank is not None:
+            y = HEADER + tile + CAPTION
+            n = max(1, len(bank[k - 1]))
+            t = min(64, (tile - (n - 1) * 4) // n)
+            for j, nb in enumerate(bank[k - 1]):
+                if nb["thumbnail"]:
+                    with Image.open(nb["thumbnail"]) as th:
+                        im.paste(th.convert("RGB").resize((t, t)), (x + j * (t + 4), y))
+                dr.text((x + j * (t + 4), y + t + 2), f"{nb['score']:.2f}", fill="black", font=small)
+    im.save(path)
+    return im.size
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Command line.
+# ----------------------------------------------------------------------------------------------------
+def get_args(argv):
+    ap = argparse.ArgumentParser(description="VITAL dual interpretability: text and visual window of every latent step")
+    ap.add_argument("image", help="image file (PNG, JPEG, ... ; 16-bit grey is scaled like extract_roi.py)")
+    ap.add_argument("question", help="the question about the image")
+    ap.add_argument("--ckpt", help="checkpoint folder runs/<name>/phase<p> (default: the newest under --runs)")
+    ap.add_argument("--runs", default="runs", help="where to look for the newest checkpoint")
+    ap.add_argument("--k", type=int, default=4, help="latent steps (default 4, as evaluate.py)")
+    ap.add_argument("--encoder", help="SigLIP encoder folder (default: the one the checkpoint's data was made with)")
+    ap.add_argument("--bank", help="roi.safetensors whose ROI features are searched for each step's nearest ones")
+    ap.add_argument("--bank-top", type=int, default=3, help="nearest ROIs shown per step")
+    ap.add_argument("--out", help="output stem: writes OUT.png and OUT.json (default explain_out/<image name>)")
+    ap.add_argument("--tile", type=int, default=224, help="side of one panel tile in pixels")
+    ap.add_argument("--max-new-tokens", type=int, default=64, help="longest answer")
+    ap.add_argument("--max-step-tokens", type=int, default=40, help="longest decoded step sentence")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
+    args = ap.parse_args(argv)
+    if args.k < 1:
+        ap.error("--k must be >= 1: there is no latent step to explain at K = 0")
+    return args
+
+
+def open_image(path):
+    if not os.path.isfile(path):
+        raise ExplainError(f"image '{path}': no such file")
+    try:
+        return load_image(path)
+    except Exception as e:
+        raise ExplainError(f"image '{path}' cannot be read as an image ({type(e).__name__}: {e})") from None
+
+
+def explain(args):
+    image = open_image(args.image)
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    ckpt = args.ckpt or find_checkpoint(args.runs)
+    try:
+        vital, processor, dec_tok, config = load_explainer(ckpt, device, dtype)
+    except (EvalError, FileNotFoundError, ValueError) as e:
+        raise ExplainError(str(e)) from None
+    answer, h = answer_and_latents(vital, processor, image, args.question, args.k, args.max_new_tokens, device)
+    sentences = M.decode_latent(vital.decoder, vital.pj_in, dec_tok, h, args.max_step_tokens) \
+        if vital.decoder is not None else [None] * args.k
+    out = args.out or os.path.join("explain_out", os.path.splitext(os.path.basename(args.image))[0])
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    result = dict(image=os.path.abspath(args.image), question=args.question, answer=answer, K=args.k,
+                  ckpt=os.path.abspath(ckpt), steps=[])
+    heat, box, s, bank, enc_info = None, None, None, None, None
+    if vital.vp is not None:
+        path, kind, size, src = resolve_encoder(config, ckpt, args.encoder)
+        enc = QwenSelfPatches(path, size, device, dtype) if kind == "self" else SiglipPatches(path, device, dtype)
+        v = M.project_latent(vital.vp, h)                                                   # (K, d_v)
+        if v.shape[1] != enc.dim:
+            raise ExplainError(f"the visual projector gives {v.shape[1]}-d features but encoder '{path}' (from {src}) "
+                               f"has width {enc.dim}: pass --encoder with the encoder the ROI targets came from")
+        f, box, s = patch_features(enc, image)
+        heat = heatmaps(f.cpu(), v.cpu(), enc.grid)                                         # (K, g, g)
+        enc_info = dict(path=os.path.abspath(path), kind=kind, from_=src, grid=enc.grid, d_v=enc.dim)
+        if args.bank:
+            nb, meta, bbox = nearest_rois(args.bank, v.cpu(), args.bank_top)
+            bank = bank_thumbnails(nb, meta, bbox, out + "_bank")
+    steps = []
+    for k in range(args.k):
+        st = dict(k=k + 1, sentence=sentences[k])
+        if heat is not None:
+            g = heat.shape[-1]
+            flat = int(heat[k].flatten().argmax())
+            r, c = divmod(flat, g)
+            cell = s / g  # patch side in square pixels; the peak's centre in original image pixels:
+            st.update(heatmap=heat[k].tolist(), peak=dict(row=r, col=c, cos=float(heat[k].max()),
+                      x=(c + 0.5) * cell - box[0], y=(r + 0.5) * cell - box[1]),
+                      cos_min=float(heat[k].min()), cos_max=float(heat[k].max()))
+            st["heat_img"] = grid_to_image(heat[k], box, s)
+        if bank is not None:
+            st["nearest_rois"] = bank[k]
+        steps.append(st)
+    print(f"checkpoint: {ckpt}\nQ: {args.question}\nA: {answer}")
+    for st in steps:
+        where = f"  [looks at x={st['peak']['x']:.0f}, y={st['peak']['y']:.0f}, cos {st['cos_max']:.3f}]" if "peak" in st else ""
+        print(f"step {st['k']}: {st['sentence'] if st['sentence'] is not None else '(no text decoder)'}{where}")
+    if heat is not None:
+        size = draw_panel(out + ".png", image, args.question, answer, steps, box, s, args.tile, bank)
+        result.update(panel=os.path.abspath(out + ".png"), panel_size=list(size), encoder=enc_info)
+        print(f"wrote {out}.png ({size[0]}x{size[1]}) and {out}.json")
+    else:
+        print(f"no visual projector in this checkpoint: no heatmaps; wrote {out}.json")
+    result["steps"] = [{k: v for k, v in st.items() if k != "heat_img"} for st in steps]
+    with open(out + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
+def main(argv=None):
+    return explain(get_args(argv))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ExplainError as e:
+        sys.exit(f"explain.py: error: {e}")
