@@ -407,6 +407,7 @@ def load_shards(shard_dir, settings):
 def extract(samples_path, out, enc, args):
     """Whole stage: returns the report dict. Reruns continue from the shards next to `out`."""
     rows_in_order, units, failed = read_samples(samples_path)
+    n_samples = len(rows_in_order) + len(failed)  # every non-empty line, readable or not
     stem = os.path.splitext(out)[0]
     shard_dir, settings = stem + "_shards", settings_of(enc, args)
     os.makedirs(shard_dir, exist_ok=True)
@@ -444,7 +445,7 @@ def extract(samples_path, out, enc, args):
     meta.update(ids=json.dumps(ids), samples=os.path.abspath(samples_path), n_failed=str(len(failed)),
                 pathway="0 = full image, 1 = crop; top5_index is into the grid of the encoded view")
     atomic_save(stack_rows(rows, keys), out, meta)
-    report = dict(samples=samples_path, out=out, n_samples=len(rows_in_order) + sum(f["id"] is None for f in failed),
+    report = dict(samples=samples_path, out=out, n_samples=n_samples,
                   n_rows=len(ids), n_unique_pairs=len({k for k in keys}), failed=failed,
                   fallbacks=[dict(id=sid, note=notes[k]) for sid, k in zip(ids, keys) if k in notes],
                   n_crop=int(sum(int(rows[k]["pathway"]) for k in keys)), settings=settings)
