@@ -138,7 +138,7 @@ def aggregate(rows):
         if closed:
             m["closed_acc"] = 100 * sum(r["correct"] for r in closed) / len(closed)
             m["n_closed"] = len(closed)
-            m["unmatched"] = sum(r.get("choices") is not None and r["matched"] is None for r in closed)
+            m["unmatched"] = sum(r.get("matched") is None and not r["correct"] for r in closed)  # misses by rule
         if mc:
             m["mc_acc"], m["n_mc"] = 100 * sum(r["correct"] for r in mc) / len(mc), len(mc)
         if opn:

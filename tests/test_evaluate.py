@@ -1,0 +1,329 @@
+"""evaluate.py: §B.4 metrics on hand-computed cases, the converters on files in the published formats, and an
+end-to-end run on a tiny checkpoint whose numbers are recomputed from its predictions file."""
+import csv
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import evaluate as E
+import model as M
+
+R, ALPHA = 4, 8.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# A tiny checkpoint in train.py's format (shared with test_explain.py) and a small data folder.
+# ----------------------------------------------------------------------------------------------------
+def write_image(path, w=64, h=48, seed=0):
+    rng = np.random.default_rng(seed)
+    a = (rng.random((h, w, 3)) * 255).astype(np.uint8)
+    a[h // 4:h // 2, w // 2:3 * w // 4] = 250  # a bright "lesion"
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(a).save(path)
+    return path
+
+
+def write_data(folder, n_test=4):
+    """samples.jsonl with one train and n_test test items (choices + answer_index), PNGs next to it."""
+    rows = [dict(id="s-train", source="phantom", image="images/0.png", question="Is the liver visible?",
+                 answer="Yes, the liver is visible.", reasoning_chain=["A bright region is seen."], latent_steps=1,
+                 split="train")]
+    for i in range(1, n_test + 1):
+        write_image(os.path.join(folder, "images", f"{i}.png"), seed=i)
+        rows.append(dict(id=f"s-test-{i}", source="msd" if i % 2 else "biomedparse", image=f"images/{i}.png",
+                         question="Where is the lesion located?", answer="It is in the upper right part.",
+                         reasoning_chain=["A bright region is seen."] * (1 + i % 3), latent_steps=1 + i % 3,
+                         split="test", choices=["It is in the upper left part.", "It is in the upper right part."],
+                         answer_index=1))
+    write_image(os.path.join(folder, "images", "0.png"))
+    with open(os.path.join(folder, "samples.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return folder
+
+
+def make_ckpt(root, plant=None, projector="res_mlp_ln"):
+    """make_tiny + LoRA + scaffolds with perturbed weights, saved by model.save_checkpoint with a config.json
+    shaped like train.py's. plant(vital) may overwrite weights before saving."""
+    models, data, ckpt = (os.path.join(root, x) for x in ("models", "data", "runs/tiny/phase1"))
+    if not os.path.isdir(models):
+        M.make_tiny(models)
+    write_data(data)
+    torch.manual_seed(0)
+    backbone, _ = M.load_backbone(os.path.join(models, "backbone"))
+    M.add_lora(backbone, R, ALPHA, 0.05)
+    decoder, _ = M.load_decoder(os.path.join(models, "decoder"))
+    vital = M.VITAL(backbone, decoder, 48, projector)  # d_v = tiny encoder width
+    with torch.no_grad():
+        for n, p in vital.named_parameters():
+            if ".lora_B" in n or not n.startswith("backbone."):
+                p.add_(0.05 * torch.randn_like(p))
+    if plant:
+        plant(vital)
+    args = dict(data=data, preset="tiny", models=models, backbone=os.path.join(models, "backbone"),
+                decoder=os.path.join(models, "decoder"), lora_r=R, lora_alpha=ALPHA, lora_dropout=0.05,
+                projector=projector, vp_dropout=0.1, phase=1, lambda_sem=1.0, lambda_vis=0.1)
+    config = dict(args=args, phase=1, arch=dict(backbone="x", decoder="y", lora=[R, ALPHA]), step=2,
+                  backbone_path=os.path.abspath(args["backbone"]), decoder_path=os.path.abspath(args["decoder"]))
+    M.save_checkpoint(ckpt, vital, config)
+    return ckpt, data, models
+
+
+# ----------------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------------
+def test_normalize():
+    assert E.normalize("The TWO lesions.") == "2 lesions"
+    assert E.normalize("  X-ray, LEFT lung!") == "x ray left lung"
+    assert E.normalize("An oval mass of 2.5 cm") == "oval mass of 2.5 cm"
+    assert E.normalize("Yes.") == "yes"
+
+
+def test_token_f1_by_hand():
+    # pred [liver, is, large], gold [large, liver]: common 2, P = 2/3, R = 1, F1 = 0.8
+    assert E.token_f1("The liver is large.", "Large liver") == pytest.approx(0.8)
+    assert E.token_f1("two nodules", "2 nodules") == 1.0
+    assert E.token_f1("kidney", "liver") == 0.0
+    assert E.token_f1("", "") == 1.0 and E.token_f1("liver", "") == 0.0
+    # repeated tokens count once per occurrence: pred [a-less] [liver, liver], gold [liver] -> P 1/2, R 1
+    assert E.token_f1("liver liver", "liver") == pytest.approx(2 / 3)
+
+
+def test_match_choice_rules():
+    ch = ["It is in the upper left part.", "It is in the upper right part.", "Computed tomography", "MRI"]
+    assert E.match_choice("B", ch) == 1
+    assert E.match_choice("(c) something", ch) == 2
+    assert E.match_choice("D: MRI", ch) == 3
+    assert E.match_choice("mri", ch) == 3                          # exact after normalisation
+    assert E.match_choice("upper right", ch) == 1                  # unique best token-F1
+    assert E.match_choice("It is in the upper part", ch) is None   # tie between choices 0 and 1: a miss
+    assert E.match_choice("kidney", ch) is None                    # no overlap: a miss
+    assert E.match_choice("A structure in the upper left", ch) == 0  # the article 'A' is not a letter
+
+
+def test_score_item_closed_open():
+    yn = dict(answer="yes", answer_type="closed")
+    assert E.score_item(yn, "Yes, it is visible.")["correct"] is True
+    assert E.score_item(yn, "No.")["correct"] is False
+    miss = E.score_item(yn, "maybe")
+    assert miss["matched"] is None and miss["correct"] is False
+    assert E.score_item(dict(answer="CT", answer_type="closed"), "ct.")["correct"] is True
+    assert E.score_item(dict(answer="CT", answer_type="closed"), "a CT scan")["correct"] is False
+    mc = dict(answer="MRI", answer_type="closed", choices=["CT", "MRI"], answer_index=1)
+    assert E.score_item(mc, "B")["correct"] is True and E.score_item(mc, "A")["correct"] is False
+    assert E.score_item(dict(answer="left lung", answer_type="open"), "the left")["f1"] == pytest.approx(2 / 3)
+
+
+def test_aggregate_by_hand():
+    rows = [dict(benchmark="b", answer_type="closed", choices=["x", "y"], matched=0, correct=True),
+            dict(benchmark="b", answer_type="closed", choices=["x", "y"], matched=None, correct=False),
+            dict(benchmark="b", answer_type="closed", choices=None, matched=None, correct=True),
+            dict(benchmark="b", answer_type="open", f1=0.5), dict(benchmark="b", answer_type="open", f1=0.0)]
+    m = E.aggregate(rows)["b"]
+    assert m["closed_acc"] == pytest.approx(200 / 3) and m["n_closed"] == 3 and m["unmatched"] == 1
+    assert m["mc_acc"] == 50.0 and m["n_mc"] == 2
+    assert m["open_f1"] == 25.0 and m["n_open"] == 2
+
+
+# ----------------------------------------------------------------------------------------------------
+# Converters on small files in the published formats
+# ----------------------------------------------------------------------------------------------------
+def convert(tmp_path, fmt, src, *extra):
+    out = str(tmp_path / "bench" / f"{fmt}.jsonl")
+    E.main(["convert", "--format", fmt, "--src", str(src), "--out", out, *extra])
+    return [json.loads(l) for l in open(out)]
+
+
+def test_convert_vqa_rad(tmp_path):
+    src = tmp_path / "VQA_RAD Dataset Public.json"
+    src.write_text(json.dumps([
+        dict(qid=1, image_name="synpic1.jpg", question="Is there a fracture?", answer="No", answer_type="CLOSED"),
+        dict(qid=2, image_name="synpic1.jpg", question="Which organ?", answer="Liver", answer_type="OPEN"),
+        dict(qid=3, image_name="synpic2.jpg", question="CT or MRI?", answer="CT", answer_type="CLOSED")]))
+    items = convert(tmp_path, "vqa-rad", src, "--images", str(tmp_path / "imgs"))
+    assert [i["answer_type"] for i in items] == ["closed", "open", "closed"]
+    assert items[0]["image"] == str(tmp_path / "imgs" / "synpic1.jpg") and items[1]["answer"] == "Liver"
+    assert items[0]["id"] == "vqa-rad-1"
+
+
+def test_convert_pathvqa_yes_no_rule(tmp_path):
+    src = tmp_path / "test.json"
+    src.write_text(json.dumps([dict(image="test_0001", question="Is this benign?", answer="yes"),
+                               dict(image="test_0002", question="What is shown?", answer="lymphocytes")]))
+    items = convert(tmp_path, "pathvqa", src)
+    assert [i["answer_type"] for i in items] == ["closed", "open"]
+
+
+def test_convert_slake_english_only(tmp_path):
+    (tmp_path / "imgs" / "xmlab1").mkdir(parents=True)
+    src = tmp_path / "test.json"
+    src.write_text(json.dumps([
+        dict(qid=11, img_name="xmlab1/source.jpg", question="Is the lung healthy?", answer="No",
+             answer_type="CLOSED", q_lang="en"),
+        dict(qid=12, img_name="xmlab1/source.jpg", question="肺是否健康?", answer="否", answer_type="CLOSED", q_lang="zh"),
+        dict(qid=13, img_name="xmlab1/source.jpg", question="Where is the liver?", answer="Left", answer_type="OPEN",
+             q_lang="en")]))
+    items = convert(tmp_path, "slake", src)
+    assert [i["id"] for i in items] == ["slake-11", "slake-13"]
+    assert items[0]["image"] == str(tmp_path / "imgs" / "xmlab1" / "source.jpg")  # imgs/ found by default
+    assert [i["answer_type"] for i in items] == ["closed", "open"]
+
+
+def test_convert_pmc_vqa_both_spellings(tmp_path):
+    src = tmp_path / "test_clean.csv"
+    with open(src, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["Figure_path", "Question", "Anwser", "Choice A", "Choice B", "Choice C", "Choice D"])
+        w.writerow(["PMC1.jpg", "What modality?", "B:MRI", "A:CT", "B:MRI", "C:X-ray", "D:Ultrasound"])
+        w.writerow(["PMC2.jpg", "Which side?", "C", " A: left", " B: right", " C: both", " D: none"])
+    items = convert(tmp_path, "pmc-vqa", src)
+    assert items[0]["choices"] == ["CT", "MRI", "X-ray", "Ultrasound"] and items[0]["answer_index"] == 1
+    assert items[0]["answer"] == "MRI" and items[0]["answer_type"] == "closed"
+    assert items[1]["choices"][2] == "both" and items[1]["answer_index"] == 2
+    src2 = tmp_path / "test2.csv"
+    with open(src2, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["Figure_path", "Question", "Answer", "Answer_label", "Choice A", "Choice B", "Choice C", "Choice D"])
+        w.writerow(["PMC3.jpg", "Organ?", "Liver", "D", "A:Lung", "B:Heart", "C:Brain", "D:Liver"])
+    assert convert(tmp_path, "pmc-vqa", src2)[0]["answer_index"] == 3
+
+
+def test_convert_gemex_string_and_list(tmp_path):
+    src = tmp_path / "single_choice_question.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in [
+        dict(image_path="p10/s1.jpg", question="Where is the opacity?", options=["A. left", "B. right"], answer="B",
+             question_type="single-choice"),
+        dict(image_path="p10/s2.jpg", question="Findings?", answer=["effusion", "atelectasis"], question_type="open"),
+        dict(image_path="p10/s3.jpg", question="Is there edema?", answer="yes", question_type="closed")]) + "\n")
+    items = convert(tmp_path, "gemex", src)
+    assert items[0]["choices"] == ["left", "right"] and items[0]["answer_index"] == 1 and items[0]["answer"] == "right"
+    assert items[1]["answer"] == "effusion, atelectasis" and items[1]["answer_type"] == "open"
+    assert items[2]["answer_type"] == "closed"
+
+
+def test_convert_parquet_without_pyarrow_says_so(tmp_path, monkeypatch):
+    src = tmp_path / "test-00000-of-00001.parquet"
+    src.write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # makes `import pyarrow.parquet` fail
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(E.EvalError, match="pyarrow"):
+        convert(tmp_path, "vqa-rad", src)
+
+
+def test_convert_missing_field_names_record(tmp_path):
+    src = tmp_path / "bad.json"
+    src.write_text(json.dumps([dict(image="a.jpg", question="q?", answer="yes"), dict(image="b.jpg", answer="no")]))
+    with pytest.raises(E.EvalError, match=r"bad.json record 2: none of the fields \['question'"):
+        convert(tmp_path, "pathvqa", src)
+
+
+# ----------------------------------------------------------------------------------------------------
+# End to end on a tiny checkpoint
+# ----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("ev"))
+    ckpt, data, models = make_ckpt(root)
+    bench = os.path.join(root, "bench", "vqa-rad.jsonl")
+    os.makedirs(os.path.dirname(bench))
+    img = write_image(os.path.join(root, "bench", "img.png"), 40, 56, seed=9)
+    items = [dict(id="b1", image="img.png", question="Is there a mass?", answer="yes", answer_type="closed"),
+             dict(id="b2", image=img, question="Which organ?", answer="left lung", answer_type="open"),
+             dict(id="b3", image="img.png", question="Modality?", answer="MRI", answer_type="closed",
+                  choices=["CT", "MRI"], answer_index=1)]
+    with open(bench, "w") as f:
+        f.writelines(json.dumps(i) + "\n" for i in items)
+    out = os.path.join(root, "eval")
+    res = E.main(["--ckpt", ckpt, "--data", data, "--bench", bench, "--out", out, "--max-new-tokens", "6",
+                  "--batch-size", "3", "--latency", "--latency-n", "1", "--repeats", "1", "--warmup", "1",
+                  "--collapse", "--collapse-k", "3"])
+    return dict(root=root, ckpt=ckpt, data=data, models=models, bench=bench, out=out, res=res)
+
+
+def test_evaluate_writes_outputs_that_agree_with_predictions(tiny):
+    out = tiny["out"]
+    for name in ("predictions.jsonl", "metrics.json", "table.md", "latency.json", "collapse.json", "collapse.png"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    rows = [json.loads(l) for l in open(os.path.join(out, "predictions.jsonl"))]
+    assert len(rows) == 4 + 3 and all(r["K"] == 4 for r in rows)
+    metrics = json.load(open(os.path.join(out, "metrics.json")))["benchmarks"]
+    assert set(metrics) == {"in-domain/msd", "in-domain/biomedparse", "vqa-rad"}
+    for r in rows:  # every stored score is what the scoring rule gives for the stored prediction
+        assert {k: r[k] for k in E.score_item(r, r["prediction"])} == E.score_item(r, r["prediction"])
+    for name, m in metrics.items():  # and the metrics are plain means over those rows
+        rs = [r for r in rows if r["benchmark"] == name]
+        closed = [r for r in rs if r["answer_type"] == "closed"]
+        assert m["closed_acc"] == pytest.approx(100 * np.mean([r["correct"] for r in closed]))
+        if name == "vqa-rad":
+            assert m["open_f1"] == pytest.approx(100 * [r for r in rs if r["id"] == "b2"][0]["f1"])
+            assert m["n_mc"] == 1
+    table = open(os.path.join(out, "table.md")).read()
+    assert "| In-Domain Testsets | MSD | Acc |" in table and "| Medical VQA | VQA-RAD | Token-F1 |" in table
+
+
+def test_deployed_model_has_zero_overhead(tiny):
+    ov = tiny["res"]["overhead"]
+    plain, _ = M.load_backbone(os.path.join(tiny["models"], "backbone"))
+    assert ov["extra_params"] == 0 and ov["extra_bytes"] == 0
+    assert ov["deployed"]["params"] == M.count_params(plain)
+    assert ov["scaffold_bytes_left_on_disk"] > 0
+
+
+def test_folded_model_answers_like_the_unmerged_lora(tiny):
+    """The merged+unwrapped inference model must give the tokens of the trained (unmerged) LoRA model:
+    this fails if the adapter were not loaded or were folded wrongly."""
+    backbone, processor = M.load_backbone(os.path.join(tiny["models"], "backbone"))
+    M.add_lora(backbone, R, ALPHA, 0.0)
+    M.load_checkpoint(tiny["ckpt"], M.VITAL(backbone), scaffolds=False)
+    backbone.eval()
+    items = E.read_test_split(tiny["data"])
+    preds = E.predict(backbone, processor, items, 4, 8, 6, torch.device("cpu"))
+    rows = [json.loads(l) for l in open(os.path.join(tiny["out"], "predictions.jsonl"))][:len(items)]
+    assert preds == [r["prediction"] for r in rows]
+    plain, _ = M.load_backbone(os.path.join(tiny["models"], "backbone"))
+    assert E.predict(plain, processor, items, 4, 8, 6, torch.device("cpu")) != preds  # the LoRA matters
+
+
+def test_latency_and_collapse_numbers(tiny):
+    lat = json.load(open(os.path.join(tiny["out"], "latency.json")))
+    assert sorted(lat["per_K"]) == ["0", "1", "2", "3", "4"]
+    assert lat["per_K"]["0"]["ratio_to_K0"] == 1.0
+    for v in lat["per_K"].values():
+        assert v["ms_per_sample"] > 0 and 1 <= v["answer_tokens"] <= 6
+        assert v["answer_ms"] == pytest.approx(v["ms_per_sample"] - v["loop_ms"])
+    col = json.load(open(os.path.join(tiny["out"], "collapse.json")))
+    S = np.array(col["matrix"])
+    assert S.shape == (3, 3) and col["n_samples"] == 7
+    assert np.allclose(np.diag(S), 1.0, atol=1e-6) and np.allclose(S, S.T, atol=1e-9)
+    assert col["adjacent"] == pytest.approx([S[0, 1], S[1, 2]])
+    assert Image.open(os.path.join(tiny["out"], "collapse.png")).size == (50 + 3 * 80 + 10, 40 + 3 * 80 + 10)
+
+
+def test_k_sample_groups_by_latent_steps(tiny):
+    res = E.main(["--ckpt", tiny["ckpt"], "--data", tiny["data"], "--out", os.path.join(tiny["root"], "ev2"),
+                  "--k", "sample", "--max-new-tokens", "2"])
+    rows = [json.loads(l) for l in open(os.path.join(tiny["root"], "ev2", "predictions.jsonl"))]
+    want = {r["id"]: r["latent_steps"] for r in E.read_test_split(tiny["data"])}
+    assert {r["id"]: r["K"] for r in rows} == want and len(set(want.values())) > 1
+    assert res["K"] == "sample"
+    with pytest.raises(E.EvalError, match="latent_steps"):
+        E.main(["--ckpt", tiny["ckpt"], "--bench", tiny["bench"], "--out", os.path.join(tiny["root"], "ev3"),
+                "--k", "sample"])
+
+
+def test_input_errors(tiny, tmp_path):
+    with pytest.raises(E.EvalError, match="missing config.json"):
+        E.main(["--ckpt", str(tmp_path), "--data", tiny["data"], "--out", str(tmp_path / "o")])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(dict(image="a.png", question="q", answer="a", answer_type="closed")) + "\n"
+                   + json.dumps(dict(image="a.png", question="q", answer="a", answer_type="maybe")) + "\n")
+    with pytest.raises(E.EvalError, match=r"bad.jsonl line 2: field 'answer_type'"):
+        E.read_benchmark(str(bad))
+    with pytest.raises(E.EvalError, match="no item with split 'test'"):
+        (tmp_path / "d").mkdir()
+        (tmp_path / "d" / "samples.jsonl").write_text("")
+        E.read_test_split(str(tmp_path / "d"))
