@@ -554,17 +554,18 @@ def geometry_chain(sample, f, K):
 
 
 def closed_form(sample, f, case, rng):
-    """Choices for test items (§B.4): the canonical answer and answers with one attribute changed."""
+    """Choices for test items (§B.4): the canonical answer and answers with one attribute changed.
+    choices[answer_index] is the canonical answer from the image-space facts (= `answer` with the
+    geometry teacher; an LLM teacher's free-text answer may be worded differently)."""
     qtype, t, tt = sample["question_type"], sample["target"], sample["target_type"]
     true = canonical_answer(qtype, t, tt, f, sample["negative"])
     if qtype == "yesno":
         choices = [canonical_answer(qtype, t, tt, f), canonical_answer(qtype, t, tt, f, True)]
         return choices, choices.index(true)
-    if qtype == "identify":
-        names = [x for x, _ in case["others"]] + [x for x in FALLBACK_TARGETS if x != t]
-        wrong = [canonical_answer(qtype, x, "organ" if x in FALLBACK_TARGETS else y, f)
-                 for x, y in (case["others"] + [(x, "organ") for x in FALLBACK_TARGETS if x != t])]
-        wrong = list(dict.fromkeys(w for w in wrong if w != true))[:max(1, min(3, len(names)))]
+    if qtype == "identify":  # other targets of this subset first, then common organs
+        pool = case["others"] + [(x, "organ") for x in FALLBACK_TARGETS if x != t]
+        wrong = list(dict.fromkeys(canonical_answer(qtype, x, y, f) for x, y in pool))
+        wrong = [w for w in wrong if w != true][:3]
     elif qtype == "location_choice":
         wrong = [canonical_answer(qtype, t, tt, dict(f, h=h)) for h in ("left", "central", "right") if h != f["h"]]
     elif qtype == "location":
