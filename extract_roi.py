@@ -223,8 +223,7 @@ class SiglipPatches:
     def __init__(self, path, device="cpu", dtype=torch.float32):
         self.model, proc = vital.load_encoder(path, dtype, device)
         cfg = self.model.config
-        self.name, self.device, self.dtype = os.path.basename(os.path.normpath(path)), device, dtype
-        self.path = path
+        self.name, self.path, self.device, self.dtype = os.path.basename(os.path.normpath(path)), path, device, dtype
         self.image_size, self.grid, self.dim = cfg.image_size, cfg.image_size // cfg.patch_size, cfg.hidden_size
         self.mean = torch.tensor(proc.image_mean).view(3, 1, 1)
         self.std = torch.tensor(proc.image_std).view(3, 1, 1)
@@ -336,8 +335,7 @@ def extract_chunk(units, enc, args, global_cache):
             if fell:
                 notes[u.key] = f"no crop patch >= {VALID_THRESHOLD} real image: pooled the fullest patch(es)"
             views["crop", u.key] = View(enc.preprocess(pad_image(img, plan.box)), keep, [("roi", u.key, keep)])
-    rows = {}
-    vlist = list(views.items())
+    rows, vlist = {}, list(views.items())
     for i in range(0, len(vlist), args.batch_size):  # batched: one encoder call per batch_size views
         batch = vlist[i:i + args.batch_size]
         feats = enc.encode(torch.stack([v.pixels for _, v in batch]))
@@ -360,8 +358,8 @@ def extract_chunk(units, enc, args, global_cache):
 # ----------------------------------------------------------------------------------------------------
 # 5. The run: chunks -> shards (resumable) -> one atomic roi.safetensors + report.
 # ----------------------------------------------------------------------------------------------------
-ROW_TENSORS = dict(roi=torch.float32, **{"global": torch.float32}, top5_index=torch.int64,
-                   top5_score=torch.float32, pathway=torch.int64, box=torch.int64, mask_ratio=torch.float32)
+ROW_TENSORS = {"roi": torch.float32, "global": torch.float32, "top5_index": torch.int64, "top5_score": torch.float32,
+               "pathway": torch.int64, "box": torch.int64, "mask_ratio": torch.float32}
 
 
 def settings_of(enc, args):
@@ -381,11 +379,6 @@ def atomic_save(tensors, path, metadata):
     os.replace(tmp, path)  # a reader never sees a half-written file
 
 
-def read_safetensors(path):
-    with safe_open(path, "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
-
-
 def load_shards(shard_dir, settings):
     """Rows, notes and global features of the shards a previous run finished."""
     rows, notes, globals_of = {}, {}, {}
@@ -393,7 +386,8 @@ def load_shards(shard_dir, settings):
         if not name.endswith(".safetensors"):
             continue
         path = os.path.join(shard_dir, name)
-        t, meta = read_safetensors(path)
+        with safe_open(path, "pt") as f:
+            t, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
         if json.loads(meta["settings"]) != settings:
             raise ValueError(f"{path} was written with other settings ({meta['settings']}); delete "
                              f"{shard_dir} to start over")
@@ -412,7 +406,8 @@ def extract(samples_path, out, enc, args):
     shard_dir, settings = stem + "_shards", settings_of(enc, args)
     os.makedirs(shard_dir, exist_ok=True)
     rows, notes, global_cache = load_shards(shard_dir, settings)
-    todo = sorted((u for k, u in units.items() if k not in rows), key=lambda u: (u.image, u.mask))  # masks of one image together
+    # masks of one image next to each other, so that they share one full-image encoding
+    todo = sorted((u for k, u in units.items() if k not in rows), key=lambda u: (u.image, u.mask))
     n_shard = len([n for n in os.listdir(shard_dir) if n.endswith(".safetensors")])
     failures = {}
     bar = tqdm(total=len(units), initial=len(units) - len(todo), desc="roi", unit="pair", disable=args.quiet)
