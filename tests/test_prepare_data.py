@@ -336,7 +336,7 @@ class FakeTeacher(BaseHTTPRequestHandler):
         qtype = text.split("Question type: ")[1].split("\n")[0]
         target = text.split("Target (teacher-only): ")[1].split("\n")[0]
         FakeTeacher.requests.append({"path": self.path, "auth": self.headers["Authorization"], "body": body,
-                                     "qtype": qtype, "text": text})
+                                     "qtype": qtype, "text": text, "t": time.time()})
         step = FakeTeacher.script[qtype].pop(0) if len(FakeTeacher.script[qtype]) > 1 else FakeTeacher.script[qtype][0]
         if isinstance(step, int):
             self.send_response(step)
@@ -371,7 +371,7 @@ def test_openai_teacher_against_loopback_server(tmp_path, monkeypatch):
     monkeypatch.setenv("VITAL_TEST_KEY", "sk-test-secret-123")
     argv = ["--n", "4", "--teacher", "openai", "--base-url", url, "--teacher-model", "fake-vlm",
             "--api-key-env", "VITAL_TEST_KEY", "--backoff-base", "0.05", "--backoff-max", "0.1",
-            "--http-retries", "3", "--timeout", "5"]
+            "--http-retries", "3", "--timeout", "5", "--workers", "3"]  # concurrent requests
     t0 = time.time()
     stats = run(tmp_path, *argv)
     assert time.time() - t0 < 10  # backoff is bounded
@@ -388,6 +388,8 @@ def test_openai_teacher_against_loopback_server(tmp_path, monkeypatch):
     assert "STRICT RULES" not in reqs["identify"][0]["text"]
     assert "STRICT RULES" in reqs["identify"][1]["text"] and "leak: forbidden term 'mask'" in reqs["identify"][1]["text"]
     assert len(reqs["yesno"]) == 3 and len(reqs["location"]) == 4  # 1 + 3 HTTP retries
+    gaps = np.diff([r["t"] for r in reqs["location"]])  # exponential backoff 0.05, 0.1, capped at 0.1
+    assert 0.04 < gaps[0] and 0.09 < gaps[1] and 0.09 < gaps[2] and gaps.max() < 1.5
     # 1 + 4 gate retries, then a reject listing every reason
     assert len(reqs["location_choice"]) == 5 and rejects[0]["attempts"] == 5
     assert [x.split(":")[0] for x in rejects[0]["reasons"]][:2] == ["json", "steps"] and len(rejects[0]["reasons"]) == 5
