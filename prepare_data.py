@@ -25,6 +25,7 @@ samples in flight (for MSD: the volume in flight); rerunning the same command sk
   python prepare_data.py --source phantom --out data/phantom --n 2000 --seed 0
   python prepare_data.py --source msd --msd-root /data/Task03_Liver /data/Task06_Lung --out data/vital
   python prepare_data.py --source biomedparse --bmp-root /data/BiomedParse/ISIC --out data/vital
+  python prepare_data.py --source biomedparse --bmp-root /data/BiomedParse --out data/vital  # all subsets
   OPENAI_API_KEY=... python prepare_data.py --source phantom --out data/p --n 50 --teacher openai \
       --base-url https://api.openai.com/v1 --teacher-model gpt-5.4 --workers 8
 """
@@ -426,8 +427,12 @@ def bmp_work(root):
         for stem in sorted(images | set(masks)):
             work.append(("bmp", root, subset, split, stem, os.path.join(img_dir, stem + ".png"),
                          masks.get(stem, [])))
-    if not found:
-        raise SystemExit(f"error: --bmp-root {root} has no train/ or test/ folder")
+    if not found:  # the BiomedParse parent folder: read every subset folder under it
+        subsets = [os.path.join(root, d) for d in sorted(os.listdir(root))
+                   if os.path.isdir(os.path.join(root, d, "train")) or os.path.isdir(os.path.join(root, d, "test"))]
+        if not subsets:
+            raise SystemExit(f"error: --bmp-root {root} has no train/ or test/ folder (nor subset folders with one)")
+        work = [w for sub in subsets for w in bmp_work(sub)]
     return work
 
 

@@ -189,6 +189,16 @@ def test_biomedparse_reading_and_bad_inputs(tmp_path):
         assert any(key in rid and why in r for rid, r in reasons.items()), (key, reasons)
 
 
+def test_biomedparse_parent_folder_reads_every_subset(tmp_path):
+    for sub in ("SubA", "SubB"):
+        img, m = np.full((32, 32), 60, np.uint8), np.zeros((32, 32), np.uint8)
+        m[4:20, 4:20] = 1
+        png(tmp_path / "BMP" / sub / "train" / "x_1_X-Ray_chest.png", img)
+        png(tmp_path / "BMP" / sub / "train_mask" / "x_1_X-Ray_chest_lung.png", m)
+    stats = run(tmp_path / "o", "--source", "biomedparse", "--bmp-root", str(tmp_path / "BMP"))
+    assert stats["by_subset"] == {"SubA": 1, "SubB": 1} and stats["by_modality"] == {"X-Ray": 2}
+
+
 def test_biomedparse_broken_folder_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="empty.*train/"):
