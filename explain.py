@@ -234,6 +234,11 @@ def overlay(image, heat_img, box, s, tile, alpha=0.5):
     return sq.resize((tile, tile), Image.BILINEAR)
 
 
+def printable(text):
+    """An untrained or tiny model can emit control bytes; the default font would draw them as boxes."""
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
 def draw_panel(path, image, question, answer, steps, box, s, tile, bank):
     K = len(steps)
     W, H = panel_size(K, tile, bank is not None)
@@ -242,14 +247,14 @@ def draw_panel(path, image, question, answer, steps, box, s, tile, bank):
     font, small = ImageFont.load_default(size=14), ImageFont.load_default(size=11)
     width_chars = max(20, (W - 2 * MARGIN) // 8)
     dr.text((MARGIN, 6), textwrap.shorten(f"Q: {question}", width_chars), fill="black", font=font)
-    dr.text((MARGIN, 28), textwrap.shorten(f"A: {answer or '(empty)'}", width_chars), fill=(0, 90, 0), font=font)
+    dr.text((MARGIN, 28), textwrap.shorten(printable(f"A: {answer or '(empty)'}"), width_chars), fill=(0, 90, 0), font=font)
     x = MARGIN
     im.paste(square_view(image, tile), (x, HEADER))
     dr.text((x, HEADER + tile + 4), "input image", fill="black", font=font)
     for k, st in enumerate(steps, 1):
         x = MARGIN + k * (tile + MARGIN)
         im.paste(overlay(image, st["heat_img"], box, s, tile), (x, HEADER))
-        text = f"h{k}: {st['sentence']}" if st["sentence"] is not None else f"h{k}"
+        text = printable(f"h{k}: {st['sentence']}") if st["sentence"] is not None else f"h{k}"
         lines = textwrap.wrap(text, max(10, tile // 6))[:6]
         for i, line in enumerate(lines):
             dr.text((x, HEADER + tile + 4 + 15 * i), line, fill="black", font=small)
