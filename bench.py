@@ -12,6 +12,7 @@ train step K=4 / K=0 <= 1.5; this loop / naive recompute-everything loop (K=4 tr
 """
 import argparse
 import contextlib
+import copy
 import os
 import resource
 import statistics
@@ -86,7 +87,6 @@ def build(args, folder):
 
 
 def build_lora_copy(args, plain, folder):
-    import copy
     bb = copy.deepcopy(plain)
     M.add_lora(bb, r=args.r, alpha=2 * args.r)
     for m in M.lora_layers(bb):  # a trained-looking adapter: B != 0
@@ -220,12 +220,17 @@ def main():
             row("  latent step", lat * 1e3, unit="ms")
 
             # 2. merged LoRA = the plain backbone at inference (same K = 4, same 8 answer tokens)
-            M.set_lora_merged(bb, True)
-            t_merged, t_plain = interleaved([lambda: M.generate(bb, b4["prefix"], 4, eos, 8),
-                                             lambda: M.generate(plain, b4["prefix"], 4, eos, 8)], args.reps, args.device)
+            folded = copy.deepcopy(bb)
+            M.fold_lora(folded)               # what evaluate.py deploys: plain modules, W + sBA inside
+            M.set_lora_merged(bb, True)       # merged in place, wrappers kept (can be unmerged)
+            t_merged, t_folded, t_plain = interleaved(
+                [lambda: M.generate(bb, b4["prefix"], 4, eos, 8), lambda: M.generate(folded, b4["prefix"], 4, eos, 8),
+                 lambda: M.generate(plain, b4["prefix"], 4, eos, 8)], args.reps, args.device)
             M.set_lora_merged(bb, False)
-            row("inference merged LoRA / plain backbone (K=4)", t_merged / t_plain, 1.02)
-            row("  inference K=4, 8 answer tokens", t_merged * 1e3, unit="ms")
+            del folded
+            row("inference folded LoRA / plain backbone (K=4)", t_folded / t_plain, 1.02)
+            row("inference merged LoRA (wrappers kept) / plain (K=4)", t_merged / t_plain, 1.02)
+            row("  inference K=4, 8 answer tokens", t_plain * 1e3, unit="ms")
 
             # 3. training step K=4 vs K=0, all three losses, forward + backward
             vital.train()

@@ -234,16 +234,6 @@ def weight_bytes(module):
     return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
 
 
-def fold_lora(backbone):
-    """Replace every merged LoRALinear by its base nn.Linear (which now holds W + s*BA): the deployed model
-    is then module-for-module the plain backbone, with no A/B matrices kept in memory."""
-    M.set_lora_merged(backbone, True)
-    for parent in list(backbone.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, M.LoRALinear):
-                setattr(parent, name, child.base)
-
-
 def load_inference_model(ckpt, backbone_path=None, device="cpu", dtype=torch.float32):
     """-> (backbone, processor, config, overhead report). Only adapter.safetensors is read."""
     config = read_ckpt_config(ckpt)
@@ -253,7 +243,7 @@ def load_inference_model(ckpt, backbone_path=None, device="cpu", dtype=torch.flo
     r, alpha = ckpt_field(config, ckpt, "arch.lora")  # [r, alpha], as train.py checks warm starts
     M.add_lora(backbone, r, alpha, 0.0)
     M.load_checkpoint(ckpt, M.VITAL(backbone), scaffolds=False)  # VITAL without decoder/VP: no scaffolds
-    fold_lora(backbone)
+    M.fold_lora(backbone)
     backbone.eval()
     deployed = dict(params=M.count_params(backbone), bytes=weight_bytes(backbone))
     sc = os.path.join(ckpt, "scaffold.safetensors")

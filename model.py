@@ -104,10 +104,21 @@ def lora_layers(module):
 
 
 def set_lora_merged(module, merged: bool):
-    """Explicit inference switch: merge (zero extra latency) or unmerge (training) every LoRA layer."""
+    """Explicit switch: merge (W <- W + sBA, for inference) or unmerge (training) every LoRA layer."""
     for m in lora_layers(module):
         if m.merged != merged:
             m.merge() if merged else m.unmerge()
+
+
+def fold_lora(module):
+    """Deployment: merge, then put each base nn.Linear (now holding W + sBA) back in its wrapper's place.
+    The model is then module-for-module the plain backbone: zero extra parameters, memory or latency.
+    One-way: the A/B matrices are dropped (keep adapter.safetensors to train further)."""
+    set_lora_merged(module, True)
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(parent, name, child.base)
 
 
 # ----------------------------------------------------------------------------------------------------

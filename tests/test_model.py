@@ -163,6 +163,12 @@ def test_lora_merged_equals_unmerged(tiny):
         back = torch.cat(M.latent_loop(bb, prefix, 2).h, 1)
     assert (un - me).abs().max() <= TOL
     assert (un - back).abs().max() <= TOL
+    plain, _ = M.load_backbone(os.path.join(tiny, "backbone"))
+    M.fold_lora(bb)   # deployment: the plain module structure, W + sBA inside
+    assert not M.lora_layers(bb) and M.count_params(bb) == M.count_params(plain)
+    with torch.no_grad():
+        folded = torch.cat(M.latent_loop(bb, prefix, 2).h, 1)
+    assert (un - folded).abs().max() <= TOL
 
 
 def test_real_size_parameter_counts_match_the_paper():
