@@ -247,17 +247,17 @@ def test_resume_after_real_kill_is_exact(env, tmp_path):
 # ---------------------------------------------------------------------------------------------- DDP
 def test_two_ranks_equal_one_rank_with_double_accumulation(env, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    common = ("--phase", 3, "--init", "none", "--lora-dropout", 0, "--vp-dropout", 0, "--lr", 1e-3, "--epochs", 2)
+    common = ("--phase", 3, "--init", "none", "--lora-dropout", 0, "--vp-dropout", 0, "--lr", 1e-3, "--epochs", 3)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-                        f"{ROOT}/train.py", *flags(env, two, *common, "--grad-accum", 1)],
+                        f"{ROOT}/train.py", *flags(env, two, *common, "--grad-accum", 2)],
                        env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    train.main(flags(env, one, *common, "--grad-accum", 2))
+    train.main(flags(env, one, *common, "--grad-accum", 4))
     c1, c2 = (json.load(open(d / "phase3" / "config.json")) for d in (one, two))
-    assert c1["global_batch"] == c2["global_batch"] == 4 and c2["world_size"] == 2 and c1["step"] == c2["step"] == 12
+    assert c1["global_batch"] == c2["global_batch"] == 8 and c2["world_size"] == 2 and c1["step"] == c2["step"] == 9
     w1, w2 = weights(one / "phase3"), weights(two / "phase3")
     print("DDP max abs weight diff", max_diff(w1, w2))
-    assert max_diff(w1, w2) < 1e-6, max_diff(w1, w2)
+    assert max_diff(w1, w2) < 5e-6, max_diff(w1, w2)
     assert max(v.abs().max() for k, v in w1.items() if "lora_B" in k) > 1e-3  # it did train
     l1, l2 = read_log(one), read_log(two)  # all-reduced losses of both ranks == the one process's mean
     assert np.allclose([e["loss"] for e in l1], [e["loss"] for e in l2], atol=1e-5)
