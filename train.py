@@ -340,10 +340,15 @@ def gather_rng(device, world):
     return out
 
 
-def trainer_writer(opt, names, rng, scalars):
-    """A writer(path) for save_checkpoint's extra_files: path/state.safetensors + path/state.json."""
+def trainer_writer(opt, names, rng, scalars, finished):
+    """A writer(path) for save_checkpoint's extra_files: path/state.safetensors + path/state.json.
+    A finished phase keeps only the JSON: its Adam moments (2x the decoder's 1.7B in fp32) are never reused."""
     def write(path):
         os.makedirs(path)
+        if finished:
+            with open(os.path.join(path, "state.json"), "w") as f:
+                json.dump(dict(scalars, finished=True), f, indent=2)
+            return
         tensors, groups = dict(rng), []
         sd = opt.state_dict()
         for g, gnames in zip(sd["param_groups"], names):
@@ -353,7 +358,7 @@ def trainer_writer(opt, names, rng, scalars):
             groups.append({k: v for k, v in g.items() if k != "params"} | {"names": gnames})
         save_file(tensors, os.path.join(path, "state.safetensors"))
         with open(os.path.join(path, "state.json"), "w") as f:
-            json.dump(dict(scalars, param_groups=groups), f, indent=2)
+            json.dump(dict(scalars, finished=False, param_groups=groups), f, indent=2)
     return write
 
 
@@ -457,7 +462,7 @@ def run(args, rank, world, master, device, bf16, ctx, log):
             src_cfg = json.load(f)
         check_compatible(src, src_cfg, arch)
         if resume_dir:  # an exact continuation needs the same training flags (stop/save points may change)
-            free = {"resume", "max_steps", "save_every", "device", "models", "backbone", "decoder", "data", "out"}
+            free = {"resume", "max_steps", "save_every", "device", "preset", "models", "backbone", "decoder", "data", "out"}
             diff = sorted(k for k, v in vars(args).items() if k not in free and src_cfg["args"].get(k) != v)
             if diff:
                 raise TrainError(f"--resume: {resume_dir} was trained with other flags: " + ", ".join(
@@ -467,6 +472,8 @@ def run(args, rank, world, master, device, bf16, ctx, log):
         except (ValueError, FileNotFoundError) as e:
             raise TrainError(f"cannot load {src}: {e}") from None
         log(f"{'resuming from' if resume_dir else 'warm start from'} {src}")
+        if not resume_dir and not src_cfg.get("finished"):
+            log(f"note: {src} stopped at step {src_cfg.get('step')} of {src_cfg.get('total_steps')} (not finished)")
     vital.train()
     raw = vital  # unwrapped model: what we save (keys without "module.")
     params = [p for p in vital.parameters() if p.requires_grad]
@@ -494,15 +501,14 @@ def run(args, rank, world, master, device, bf16, ctx, log):
 
     step = 0
     if resume_dir:
-        state = load_trainer(resume_dir, opt, names, rank, device)
-        if state["world_size"] != world or state["global_batch"] != global_batch or state["total_steps"] != total:
-            raise TrainError(f"{resume_dir} was trained with world size {state['world_size']}, global batch "
-                             f"{state['global_batch']}, {state['total_steps']} steps; this run has {world}, "
-                             f"{global_batch}, {total}: exact resume needs the same")
-        step = state["step"]
-        if step >= total:
-            log(f"{resume_dir} already finished its {total} steps: nothing to do")
+        if src_cfg.get("finished"):
+            log(f"{resume_dir} already finished its {src_cfg['total_steps']} steps: nothing to do")
             return
+        if src_cfg["world_size"] != world or src_cfg["global_batch"] != global_batch or src_cfg["total_steps"] != total:
+            raise TrainError(f"{resume_dir} was trained with world size {src_cfg['world_size']}, global batch "
+                             f"{src_cfg['global_batch']}, {src_cfg['total_steps']} steps; this run has {world}, "
+                             f"{global_batch}, {total}: exact resume needs the same")
+        step = load_trainer(resume_dir, opt, names, rank, device)["step"]
     else:
         torch.manual_seed(args.seed + rank)  # per-rank dropout streams (a resume restores them instead)
 
@@ -518,7 +524,8 @@ def run(args, rank, world, master, device, bf16, ctx, log):
         keep = []
         if os.path.isfile(log_path):
             with open(log_path) as f:
-                keep = [l for l in f if (e := json.loads(l))["phase"] != args.phase or e["step"] <= step]
+                keep = [l for l in f if l.endswith("\n")]  # a kill can leave a torn last line
+                keep = [l for l in keep if (e := json.loads(l))["phase"] != args.phase or e["step"] <= step]
         with open(log_path, "w") as f:
             f.writelines(keep)
 
@@ -527,7 +534,7 @@ def run(args, rank, world, master, device, bf16, ctx, log):
         if master:
             scalars = dict(step=step, world_size=world, global_batch=global_batch, total_steps=total)
             save_checkpoint(phase_dir, raw, dict(config, step=step, finished=step >= total),
-                            extra_files={"trainer": trainer_writer(opt, names, rng, scalars)})
+                            extra_files={"trainer": trainer_writer(opt, names, rng, scalars, step >= total)})
 
     bar = tqdm(total=stop, initial=step, desc=f"phase {args.phase}", disable=not master, dynamic_ncols=True)
     last_saved = step if resume_dir else None

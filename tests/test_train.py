@@ -83,7 +83,7 @@ def max_diff(a, b):
 
 def read_log(out):
     with open(f"{out}/log.jsonl") as f:
-        return [json.loads(l) for l in f]
+        return [json.loads(l) for l in f if l.endswith("\n")]  # complete lines (a writer may be mid-line)
 
 
 # ---------------------------------------------------------------------------------------------- sampler
@@ -219,8 +219,7 @@ def test_resume_after_max_steps_is_exact(env, tmp_path):
     assert max_diff(weights(a / "phase3"), weights(b / "phase3")) == 0  # bit-equal, dropout on
     la, lb = read_log(a), read_log(b)
     assert [e["step"] for e in lb] == [e["step"] for e in la] and [e["loss"] for e in lb] == [e["loss"] for e in la]
-    sa, sb = (load_file(f"{d}/phase3/trainer/state.safetensors") for d in (a, b))
-    assert max_diff(sa, sb) == 0  # same Adam moments and RNG state at the end
+    assert not os.path.exists(b / "phase3" / "trainer" / "state.safetensors")  # finished: no Adam moments kept
 
 
 def test_resume_after_real_kill_is_exact(env, tmp_path):
