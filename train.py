@@ -421,6 +421,9 @@ def run(args, rank, world, master, device, bf16, ctx, log):
     with_steps = args.max_k != 0  # K = 0 everywhere (direct answer): the scaffolds have nothing to supervise
     need_roi = args.lambda_vis > 0 and with_steps
     roi, glob = read_roi(roi_path, records, args.visual_target == "per_step") if need_roi else (None, None)
+    if not args.resume and any(os.path.exists(d) for d in (phase_dir, phase_dir + ".old")):
+        raise TrainError(f"{phase_dir} already holds a checkpoint: add --resume to continue it, or remove it "
+                         "(or pick another --out) to train this phase again")  # never overwrite work silently
 
     # ---- models: same seed on every rank so LoRA/scaffold init agree (DDP also broadcasts rank 0's)
     if args.preset == "tiny" and not os.path.isfile(os.path.join(args.backbone, "config.json")):

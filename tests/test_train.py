@@ -161,6 +161,10 @@ def test_clear_errors(env, tmp_path):
     (data / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["latent_steps"] != 1))
     with pytest.raises(train.TrainError, match=r"phase 1 .* has no train samples .*\{2: 2, 3: 2\}"):
         train.main(flags(env, tmp_path / "r", "--data", data))
+    # a second fresh run into a folder that holds a checkpoint would overwrite it: refused
+    write_fixture(str(data), n_train=8)
+    with pytest.raises(train.TrainError, match=r"already holds a checkpoint: add --resume"):
+        train.main(flags(env, tmp_path / "r", "--data", data, "--lambda-vis", 0))
 
 
 # ---------------------------------------------------------------------------------------------- curriculum
@@ -176,10 +180,10 @@ def test_warm_start_loads_previous_phase_and_refuses_mismatch(env, tmp_path):
     assert any(v.abs().max() > 0 for k, v in p1.items() if k.endswith("lora_B"))  # phase 1 really trained
     # another LoRA shape, another backbone (same architecture, other weights), no phase 1 at all: refused
     with pytest.raises(train.TrainError, match=r"LoRA shape"):
-        train.main(flags(env, out, "--phase", 2, "--lora-r", 8))
+        train.main(flags(env, tmp_path / "x", "--phase", 2, "--init", out / "phase1", "--lora-r", 8))
     other = make_tiny(str(tmp_path / "other"), seed=1)
-    with pytest.raises(train.TrainError, match=r"refusing to warm-start.*|trained with backbone"):
-        train.main(flags(env, out, "--phase", 2, "--backbone", f"{other}/backbone"))
+    with pytest.raises(train.TrainError, match=r"trained with backbone \w+, this run uses \w+: refusing"):
+        train.main(flags(env, tmp_path / "x", "--phase", 2, "--init", out / "phase1", "--backbone", f"{other}/backbone"))
     with pytest.raises(train.TrainError, match=r"run --phase 1 first"):
         train.main(flags(env, tmp_path / "fresh", "--phase", 2))
 
