@@ -435,9 +435,8 @@ def run(args, rank, world, master, device, bf16, ctx, log):
     wdtype = torch.bfloat16 if bf16 else torch.float32  # frozen backbone weights; trainable tensors stay fp32
     backbone, processor = load_backbone(args.backbone, dtype=wdtype, device=device)
     add_lora(backbone, args.lora_r, args.lora_alpha, args.lora_dropout)
-    decoder, dec_tokenizer = (None, None)
-    if args.lambda_sem > 0 and with_steps:
-        decoder, dec_tokenizer = load_decoder(args.decoder, dtype=torch.float32, device=device)  # fully trained
+    decoder, dec_tokenizer = load_decoder(args.decoder, dtype=torch.float32, device=device) \
+        if args.lambda_sem > 0 and with_steps else (None, None)  # fp32: the decoder is fully trained (§4.1)
     d_v = roi.shape[1] if roi is not None else None
     vital = VITAL(backbone, decoder, d_v, args.projector, args.lambda_sem, args.lambda_vis).to(device)
     if vital.vp is not None:
@@ -524,11 +523,9 @@ def run(args, rank, world, master, device, bf16, ctx, log):
     if master:
         os.makedirs(args.out, exist_ok=True)
         # Drop log lines of this phase that the checkpoint we start from does not contain.
-        keep = []
-        if os.path.isfile(log_path):
-            with open(log_path) as f:
-                keep = [l for l in f if l.endswith("\n")]  # a kill can leave a torn last line
-                keep = [l for l in keep if (e := json.loads(l))["phase"] != args.phase or e["step"] <= step]
+        with open(log_path, "a+") as f:  # (a kill can leave a torn last line: dropped)
+            f.seek(0)
+            keep = [l for l in f if l.endswith("\n") and ((e := json.loads(l))["phase"] != args.phase or e["step"] <= step)]
         with open(log_path, "w") as f:
             f.writelines(keep)
 
@@ -582,6 +579,8 @@ def run(args, rank, world, master, device, bf16, ctx, log):
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # time the GPU's work, not the launch queue
             dt = time.time() - t0
             if master:
                 peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
