@@ -373,12 +373,14 @@ def load_trainer(folder, opt, names, rank, device):
     sd = opt.state_dict()
     if [g["names"] for g in state["param_groups"]] != names:
         raise TrainError(f"{path}: the optimizer's parameters differ from this run's (other flags?)")
+    per_param = {}  # "optim.<param name>.<field>" -> {name: {field: tensor}}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            n, field = k[len("optim."):].rsplit(".", 1)
+            per_param.setdefault(n, {})[field] = v
     for g, saved in zip(sd["param_groups"], state["param_groups"]):
         g.update({k: v for k, v in saved.items() if k != "names"})
-        for idx, n in zip(g["params"], saved["names"]):
-            st = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"optim.{n}.")}
-            if st:
-                sd["state"][idx] = st
+        sd["state"].update({idx: per_param[n] for idx, n in zip(g["params"], saved["names"]) if n in per_param})
     opt.load_state_dict(sd)
     torch.set_rng_state(tensors[f"rng.cpu.rank{rank}"])
     if device.type == "cuda":
