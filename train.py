@@ -112,6 +112,8 @@ def get_args(argv=None):
         args.decoder = args.decoder or os.path.join(args.models, "decoder")
     if not args.backbone:
         ap.error("give --backbone (and --decoder) or --preset tiny")
+    if args.lambda_sem > 0 and args.max_k != 0 and not args.decoder:
+        ap.error("--lambda-sem > 0 needs the auxiliary --decoder (or --lambda-sem 0 to train without it)")
     tiny = args.preset == "tiny"
     args.lora_r = args.lora_r or (8 if tiny else 64)  # hidden 64 in the tiny models: r=64 would be full rank
     args.lora_alpha = args.lora_alpha or (16.0 if tiny else 128.0)

@@ -129,6 +129,19 @@ def test_phase_filter_caps_and_train_split(env):
     sel = train.select_phase(records, args, "samples.jsonl")
     assert {r["K"] for r in sel} == {1, 2} and any(r["latent_steps"] == 3 and r["K"] == 2 for r in sel)
     assert len(train.select_phase(records, train.get_args(flags(env, "x", "--limit", 5)), "s")) == 5
+    # the ablation schedules of §4.3: which K each phase admits
+    admitted = lambda cur, p: {r["K"] for r in train.select_phase(
+        records, train.get_args(flags(env, "x", "--curriculum", cur, "--phase", p)), "s")}
+    assert [admitted("2-phase", p) for p in (1, 2)] == [{1, 2}, {1, 2, 3}]
+    assert [admitted("reverse", p) for p in (1, 2, 3)] == [{1, 2, 3}, {1, 2}, {1}]
+    def default_epochs(*extra):
+        f = flags(env, "x", *extra)
+        i = f.index("--epochs")
+        return train.get_args(f[:i] + f[i + 2:]).epochs
+    assert admitted("full-mix", 1) == {1, 2, 3} and default_epochs("--curriculum", "full-mix") == 20
+    assert [default_epochs("--phase", p) for p in (1, 2, 3)] == [5, 5, 10]  # §4.1
+    with pytest.raises(SystemExit):  # full-mix has one phase only
+        train.get_args(flags(env, "x", "--curriculum", "full-mix", "--phase", 2))
 
 
 def test_clear_errors(env, tmp_path):
@@ -275,9 +288,11 @@ def test_three_phases_on_prepare_data_and_extract_roi(env, tmp_path):
         r = subprocess.run([sys.executable, f"{ROOT}/{cmd[0]}", *map(str, cmd[1:])], env=ENV, capture_output=True,
                            text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
-    out = tmp_path / "run"
-    for p in (1, 2, 3):
-        train.main(flags(env, out, "--data", data, "--phase", p, "--max-steps", 2))
+    out, models = tmp_path / "run", tmp_path / "tiny"
+    for p in (1, 2, 3):  # --preset tiny makes its models at phase 1 (absent), then reuses them
+        train.main(["--data", str(data), "--preset", "tiny", "--models", str(models), "--out", str(out),
+                    "--phase", str(p), "--max-steps", "2", "--batch-size", "2"])
+        assert os.path.isfile(models / "backbone" / "config.json")
         cfg = json.load(open(out / f"phase{p}" / "config.json"))
         assert cfg["step"] == 2 and cfg["init"] == (str(out / f"phase{p - 1}") if p > 1 else None)
     assert [e["phase"] for e in read_log(out)] == [1, 1, 2, 2, 3, 3]
