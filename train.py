@@ -5,6 +5,9 @@ Reads  DATA/samples.jsonl (train split only) + DATA/roi.safetensors (the L_vis t
 Writes runs/<name>/phase<p>/  adapter.safetensors, scaffold.safetensors, config.json, trainer/ (for --resume)
        runs/<name>/log.jsonl   one line per optimizer step (step, phase, losses, lr, grad norm, speed, memory)
 
+Data first (stages 1-2), here the embedded phantom set with the tiny models:
+    python model.py make-tiny runs/tiny && python prepare_data.py --source phantom --out data/phantom --n 2000
+    python extract_roi.py --samples data/phantom/samples.jsonl --encoder runs/tiny/encoder --out data/phantom/roi.safetensors
 One process (a GPU, or the CPU), the three phases of the default curriculum, each warm-starting from the last:
     python train.py --data data/phantom --preset tiny --out runs/tiny-vital --phase 1
     python train.py --data data/phantom --preset tiny --out runs/tiny-vital --phase 2
@@ -16,6 +19,7 @@ Several nodes (run on every node, same rendezvous endpoint; global batch = batch
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 --rdzv-id=vital \\
         train.py --data data/vital --backbone ... --decoder ... --out runs/vital --phase 1
 Continue a killed run exactly where its last checkpoint left it:   add --resume to the same command.
+Phase p > 1 from scratch or from another run: --init none | --init runs/other/phase1.
 Ablations: --curriculum {3-phase,2-phase,full-mix,reverse}  --lambda-sem 0  --lambda-vis 0  --projector linear
            --visual-target per_step  --max-k 0 (direct-answer baseline) ... --max-k 4.
 """
@@ -324,7 +328,8 @@ def lr_factor(step, total, warmup):
 
 # ----------------------------------------------------------------------------------------------------
 # Trainer state (resume): tensors in safetensors (optimizer moments, RNG of every rank as uint8), scalars
-# in JSON. No pickle: torch.save is never used.
+# in JSON. No pickle: torch.save is never used. Only torch's RNG is consumed (dropout); the data order is a
+# function of (seed, epoch), the lr of the step: so step + moments + RNG make the resumed run exact.
 # ----------------------------------------------------------------------------------------------------
 def gather_rng(device, world):
     """RNG state of every rank, collected on all ranks (uint8 tensors; all_gather, not pickled objects)."""

@@ -2,7 +2,8 @@
 
 Exactness: the resume tests keep LoRA and projector dropout ON and demand bit-equal weights (the trainer
 restores every rank's RNG). The DDP test sets both dropouts to 0 because each rank draws its own dropout
-masks (seed + rank), so two ranks cannot reproduce one process's masks; it compares with atol 1e-6.
+masks (seed + rank), so two ranks cannot reproduce one process's masks; it compares with atol 5e-6 (measured:
+max |diff| ~3e-7 after 9 AdamW steps, from the different order of the fp32 gradient sums).
 """
 import json
 import os
