@@ -297,3 +297,17 @@ def test_three_phases_on_prepare_data_and_extract_roi(env, tmp_path):
         cfg = json.load(open(out / f"phase{p}" / "config.json"))
         assert cfg["step"] == 2 and cfg["init"] == (str(out / f"phase{p - 1}") if p > 1 else None)
     assert [e["phase"] for e in read_log(out)] == [1, 1, 2, 2, 3, 3]
+
+
+def test_two_rank_resume_is_exact_with_dropout(env, tmp_path):
+    # Each rank's own RNG stream (dropout on) is gathered into the checkpoint and handed back to that rank.
+    common = ("--phase", 3, "--init", "none", "--grad-accum", 2, "--epochs", 2)
+    run = lambda out, *extra: subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518",
+         f"{ROOT}/train.py", *flags(env, out, *common, *extra)], env=ENV, capture_output=True, text=True, timeout=300)
+    for out, extra in ((tmp_path / "a", ()), (tmp_path / "b", ("--max-steps", 4)), (tmp_path / "b", ("--resume",))):
+        r = run(out, *extra)
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert json.load(open(tmp_path / "b" / "phase3" / "config.json"))["world_size"] == 2
+    assert max_diff(weights(tmp_path / "a" / "phase3"), weights(tmp_path / "b" / "phase3")) == 0
+    assert [e["loss"] for e in read_log(tmp_path / "a")] == [e["loss"] for e in read_log(tmp_path / "b")]
