@@ -74,7 +74,8 @@ def resolve_encoder(config, ckpt, override):
     args = config.get("args", {})
     named = [(override, "siglip", 448, "--encoder")] if override else []
     if config.get("encoder_path"):
-        named.append((config["encoder_path"], config.get("encoder_kind", "siglip"), 448, f"{ckpt}/config.json"))
+        named.append((config["encoder_path"], config.get("encoder_kind") or "siglip",
+                      config.get("encoder_image_size") or 448, f"{ckpt}/config.json"))
     roi = os.path.join(args.get("data") or "", "roi.safetensors")
     if args.get("data") and os.path.isfile(roi):
         with safe_open(roi, "pt") as f:

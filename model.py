@@ -214,6 +214,9 @@ def make_tiny(folder, hidden=64, layers=2, dec_hidden=64, dec_layers=2, enc_hidd
                          num_hidden_layers=layers, num_attention_heads=hidden // head_dim,
                          num_key_value_heads=max(1, hidden // head_dim // 2), head_dim=head_dim,
                          max_position_embeddings=4096, pad_token_id=ids["<|endoftext|>"],
+                         # (chosen) init std 1/sqrt(hidden), not 0.02: a 64-wide frozen lm_head at 0.02 caps
+                         # logits near +-1.3, so a tiny random backbone could never fit an answer.
+                         initializer_range=hidden ** -0.5,
                          rope_parameters=dict(rope_type="default", rope_theta=5e6, mrope_section=[6, 5, 5],
                                               mrope_interleaved=True)),
         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16,
@@ -232,7 +235,7 @@ def make_tiny(folder, hidden=64, layers=2, dec_hidden=64, dec_layers=2, enc_hidd
     dcfg = Qwen3Config(vocab_size=len(tok), hidden_size=dec_hidden, intermediate_size=2 * dec_hidden,
                        num_hidden_layers=dec_layers, num_attention_heads=dec_hidden // head_dim,
                        num_key_value_heads=max(1, dec_hidden // head_dim // 2), head_dim=head_dim,
-                       max_position_embeddings=1024, tie_word_embeddings=True,
+                       max_position_embeddings=1024, tie_word_embeddings=True, initializer_range=dec_hidden ** -0.5,
                        pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"])
     Qwen3ForCausalLM(dcfg).save_pretrained(os.path.join(folder, "decoder"))
     tok.save_pretrained(os.path.join(folder, "decoder"))
@@ -457,14 +460,15 @@ def visual_targets(roi, glob, K, per_step=False):
 # 6. VITAL: backbone (+LoRA) and optional scaffolds; forward returns the joint loss of eq. (7).
 # ----------------------------------------------------------------------------------------------------
 class VITAL(nn.Module):
-    def __init__(self, backbone, decoder=None, d_v=None, projector="res_mlp_ln", lambda_sem=1.0, lambda_vis=0.1):
+    def __init__(self, backbone, decoder=None, d_v=None, projector="res_mlp_ln", lambda_sem=1.0, lambda_vis=0.1,
+                 vp_dropout=0.1):
         super().__init__()
         self.backbone = backbone
         d = backbone.config.text_config.hidden_size
         # A scaffold whose weight is 0 is not built at all (nothing to train, nothing to synchronise).
         self.decoder = decoder if (decoder is not None and lambda_sem > 0) else None
         self.pj_in = nn.Linear(d, self.decoder.config.hidden_size) if self.decoder is not None else None
-        self.vp = VisualProjector(d, d_v, projector) if (d_v and lambda_vis > 0) else None
+        self.vp = VisualProjector(d, d_v, projector, vp_dropout) if (d_v and lambda_vis > 0) else None
         self.lambda_sem, self.lambda_vis = lambda_sem, lambda_vis
 
     def forward(self, batch, K, per_step_target=False):

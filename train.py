@@ -36,7 +36,6 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -187,7 +186,8 @@ def select_phase(records, args, path):
 
 
 def read_roi(path, records, need_global):
-    """ROI targets (N, d_v) and global features in the order of `records`; lists ids without a feature."""
+    """ROI targets (N, d_v) and global features in the order of `records`, and the file's metadata (which
+    encoder made them: explain.py re-attaches it); lists ids without a feature."""
     if not os.path.isfile(path):
         raise TrainError(f"{path}: no such file (run extract_roi.py first, or train with --lambda-vis 0)")
     with safe_open(path, "pt") as f:
@@ -213,7 +213,7 @@ def read_roi(path, records, need_global):
     bad = [records[i]["id"] for i in range(len(records)) if not torch.isfinite(roi[i]).all()]
     if bad:
         raise TrainError(f"{path}: non-finite ROI features for {bad[:20]}")
-    return roi, glob
+    return roi, glob, meta
 
 
 class KBucketSampler:
@@ -429,7 +429,7 @@ def run(args, rank, world, master, device, bf16, ctx, log):
     records = select_phase(read_samples(samples_path), args, samples_path)
     with_steps = args.max_k != 0  # K = 0 everywhere (direct answer): the scaffolds have nothing to supervise
     need_roi = args.lambda_vis > 0 and with_steps
-    roi, glob = read_roi(roi_path, records, args.visual_target == "per_step") if need_roi else (None, None)
+    roi, glob, roi_meta = read_roi(roi_path, records, args.visual_target == "per_step") if need_roi else (None, None, {})
     if not args.resume and any(os.path.exists(d) for d in (phase_dir, phase_dir + ".old")):
         raise TrainError(f"{phase_dir} already holds a checkpoint: add --resume to continue it, or remove it "
                          "(or pick another --out) to train this phase again")  # never overwrite work silently
@@ -447,11 +447,7 @@ def run(args, rank, world, master, device, bf16, ctx, log):
     decoder, dec_tokenizer = load_decoder(args.decoder, dtype=torch.float32, device=device) \
         if args.lambda_sem > 0 and with_steps else (None, None)  # fp32: the decoder is fully trained (§4.1)
     d_v = roi.shape[1] if roi is not None else None
-    vital = VITAL(backbone, decoder, d_v, args.projector, args.lambda_sem, args.lambda_vis).to(device)
-    if vital.vp is not None:
-        for m in vital.vp.modules():
-            if isinstance(m, nn.Dropout):
-                m.p = args.vp_dropout
+    vital = VITAL(backbone, decoder, d_v, args.projector, args.lambda_sem, args.lambda_vis, args.vp_dropout).to(device)
     arch = dict(backbone=fingerprint(args.backbone), decoder=fingerprint(args.decoder) if decoder is not None else None,
                 lora=[args.lora_r, args.lora_alpha])
 
@@ -526,6 +522,8 @@ def run(args, rank, world, master, device, bf16, ctx, log):
     config = dict(args=vars(args), phase=args.phase, arch=arch, world_size=world, global_batch=global_batch,
                   total_steps=total, backbone_path=os.path.abspath(args.backbone), init=init,
                   decoder_path=os.path.abspath(args.decoder) if decoder is not None else None,
+                  encoder_path=roi_meta.get("encoder_path"), encoder_kind=roi_meta.get("encoder_kind"),
+                  encoder_image_size=int(roi_meta["image_size"]) if "image_size" in roi_meta else None, d_v=d_v,
                   data=dict(samples_sha256=file_sha256(samples_path), n_train=len(records),
                             roi_sha256=file_sha256(roi_path) if need_roi else None))
     log_path = os.path.join(args.out, "log.jsonl")
