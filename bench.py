@@ -41,13 +41,15 @@ def timed(fn, device):
 
 
 def interleaved(fns, reps, device):
-    """Run each fn once per round, rounds repeated `reps` times (after one warm-up); medians in seconds."""
+    """Run each fn once per round, rounds repeated `reps` times (after one warm-up), the order rotated every
+    round so that no fn always runs first or after the same neighbour; medians in seconds."""
     for f in fns:
         f()
     times = [[] for _ in fns]
-    for _ in range(reps):
-        for i, f in enumerate(fns):
-            times[i].append(timed(f, device))
+    for r in range(reps):
+        for j in range(len(fns)):
+            i = (j + r) % len(fns)
+            times[i].append(timed(fns[i], device))
     return [statistics.median(t) for t in times]
 
 
@@ -220,14 +222,15 @@ def main():
             row("  latent step", lat * 1e3, unit="ms")
 
             # 2. merged LoRA = the plain backbone at inference (same K = 4, same 8 answer tokens)
-            folded = copy.deepcopy(bb)
+            # All three are deep copies, so that their weights sit in the same kind of memory (a model
+            # loaded by from_pretrained may keep its weights memory-mapped from the safetensors file).
+            folded, merged, base = copy.deepcopy(bb), copy.deepcopy(bb), copy.deepcopy(plain)
             M.fold_lora(folded)               # what evaluate.py deploys: plain modules, W + sBA inside
-            M.set_lora_merged(bb, True)       # merged in place, wrappers kept (can be unmerged)
+            M.set_lora_merged(merged, True)   # merged in place, wrappers kept (can be unmerged)
             t_merged, t_folded, t_plain = interleaved(
-                [lambda: M.generate(bb, b4["prefix"], 4, eos, 8), lambda: M.generate(folded, b4["prefix"], 4, eos, 8),
-                 lambda: M.generate(plain, b4["prefix"], 4, eos, 8)], args.reps, args.device)
-            M.set_lora_merged(bb, False)
-            del folded
+                [lambda: M.generate(merged, b4["prefix"], 4, eos, 8), lambda: M.generate(folded, b4["prefix"], 4, eos, 8),
+                 lambda: M.generate(base, b4["prefix"], 4, eos, 8)], args.reps, args.device)
+            del folded, merged, base
             row("inference folded LoRA / plain backbone (K=4)", t_folded / t_plain, 1.02)
             row("inference merged LoRA (wrappers kept) / plain (K=4)", t_merged / t_plain, 1.02)
             row("  inference K=4, 8 answer tokens", t_plain * 1e3, unit="ms")
