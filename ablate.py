@@ -1,0 +1,199 @@
+"""
+The paper's ablations in miniature (§4.3 Tables 2-3, the curriculum strategies, §C.6 collapse) on the
+phantom data with the tiny models, a fixed budget and several training seeds.
+
+Every run is `train.py` (all phases of its curriculum) then `evaluate.py` on the test split, as
+subprocesses with their documented command lines; a run whose OUT/<config>/s<seed>/eval/metrics.json
+exists is skipped, and a phase killed half-way continues with --resume, so re-running resumes.
+  Table 2      task-only (--lambda-sem 0 --lambda-vis 0), +semantic (--lambda-vis 0), +visual (--lambda-sem 0), full
+  Table 3      K = 0..4 as --max-k (train) and --k (evaluate); K = 4 is the full model
+  curriculum   --curriculum 3-phase (= full) / 2-phase / full-mix / reverse, each with the same total epochs
+  §C.6         mean off-diagonal inter-step cosine similarity (evaluate --collapse, K = 4), task-only vs full
+Budget: the schedule's default epochs (5/5/10, 10/10, 20, 10/5/5: 20 in total for every curriculum) times
+--epoch-scale, on at most --limit train samples per phase.
+Writes OUT/results.md (the tables, also printed) and OUT/results.json (every run's numbers).
+
+    python ablate.py                                     # the README's budget (reuses runs/demo's models + data)
+    python ablate.py --seeds 0 1 2 --epoch-scale 0.2 --limit 600 --jobs 2
+"""
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PY = sys.executable
+SCHEDULES = {"3-phase": [5, 5, 10], "2-phase": [10, 10], "full-mix": [20], "reverse": [10, 5, 5]}  # train.py's CURRICULA
+LOSSES = {"task-only": ["--lambda-sem", "0", "--lambda-vis", "0"], "+semantic": ["--lambda-vis", "0"],
+          "+visual": ["--lambda-sem", "0"], "full": []}
+_print_lock = threading.Lock()
+
+
+def get_args(argv=None):
+    ap = argparse.ArgumentParser(description="VITAL ablations in miniature (paper §4.3, §C.6)")
+    ap.add_argument("--out", default="runs/ablate", help="run folders, results.md, results.json")
+    ap.add_argument("--models", default="runs/demo/models", help="tiny models (made with demo.py's command if absent)")
+    ap.add_argument("--data", default="runs/demo/data", help="phantom data with roi.safetensors (made if absent)")
+    ap.add_argument("--n", type=int, default=3000, help="phantom images, only if --data has to be made")
+    ap.add_argument("--image-size", type=int, default=96, help="phantom side, only if --data has to be made")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (>= 3 for a spread)")
+    ap.add_argument("--epoch-scale", type=float, default=0.2, help="x the schedule's default epochs (20 in total)")
+    ap.add_argument("--limit", type=int, default=600, help="train samples per phase (0 = all)")
+    ap.add_argument("--lora-r", type=int, default=64)
+    ap.add_argument("--lora-alpha", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--eval-limit", type=int, default=0, help="test items evaluated (0 = all)")
+    ap.add_argument("--jobs", type=int, default=2, help="runs at once (each with OMP_NUM_THREADS = cores / jobs)")
+    ap.add_argument("--only", nargs="*", help="config names to run (default all)")
+    return ap.parse_args(argv)
+
+
+def configs():
+    """name -> (extra train args, curriculum, eval K, collapse?)"""
+    c = {}
+    for name, extra in LOSSES.items():
+        c[name] = (extra, "3-phase", 4, name in ("task-only", "full"))
+    for k in range(4):  # K = 4 is "full"
+        c[f"K={k}"] = (["--max-k", str(k)], "3-phase", k, False)
+    for cur in ("2-phase", "full-mix", "reverse"):
+        c[cur] = (["--curriculum", cur], cur, 4, False)
+    return c
+
+
+def sh(cmd, env, log_path):
+    line = " ".join(shlex.quote(c) for c in cmd)
+    with _print_lock:
+        print(f"    $ {line}", flush=True)
+    with open(log_path, "a") as log:
+        log.write(f"$ {line}\n")
+        log.flush()
+        subprocess.run(cmd, check=True, cwd=HERE, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def phase_finished(phase_dir):
+    p = os.path.join(phase_dir, "trainer", "state.json")
+    return os.path.isfile(p) and bool(json.load(open(p)).get("finished"))
+
+
+def one_run(args, name, seed, spec, env):
+    extra, cur, k_eval, collapse = spec
+    run_dir = os.path.join(args.out, name, f"s{seed}")
+    ev = os.path.join(run_dir, "eval")
+    if os.path.isfile(os.path.join(ev, "metrics.json")):
+        return name, seed, read_result(ev)
+    os.makedirs(run_dir, exist_ok=True)
+    log = os.path.join(run_dir, "commands.log")
+    t0 = time.time()
+    for p, ep in enumerate(SCHEDULES[cur], 1):
+        phase_dir = os.path.join(run_dir, f"phase{p}")
+        if phase_finished(phase_dir):
+            continue
+        cmd = [PY, "train.py", "--data", args.data, "--preset", "tiny", "--models", args.models, "--out", run_dir,
+               "--phase", str(p), "--epochs", f"{ep * args.epoch_scale:g}", "--limit", str(args.limit),
+               "--lora-r", str(args.lora_r), "--lora-alpha", str(args.lora_alpha), "--lr", f"{args.lr:g}",
+               "--seed", str(seed)] + extra + (["--resume"] if os.path.isdir(phase_dir) else [])
+        sh(cmd, env, log)
+    cmd = [PY, "evaluate.py", "--ckpt", os.path.join(run_dir, f"phase{len(SCHEDULES[cur])}"), "--data", args.data,
+           "--out", ev, "--k", str(k_eval)] + (["--collapse"] if collapse else []) + \
+          (["--limit", str(args.eval_limit)] if args.eval_limit else [])
+    sh(cmd, env, log)
+    with _print_lock:
+        print(f"[done] {name} seed {seed} in {time.time() - t0:.0f}s", flush=True)
+    return name, seed, read_result(ev)
+
+
+def read_result(ev):
+    m = json.load(open(os.path.join(ev, "metrics.json")))
+    r = {"acc": next(iter(m["benchmarks"].values()))["closed_acc"]}
+    cp = os.path.join(ev, "collapse.json")
+    if os.path.isfile(cp):
+        r["collapse"] = json.load(open(cp))["mean_offdiag"]
+    return r
+
+
+def fmt(vals, digits=1):
+    if not vals:
+        return "-"
+    m = statistics.mean(vals)
+    s = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def chance(data, limit):
+    test = [json.loads(l) for l in open(os.path.join(data, "samples.jsonl")) if l.strip()]
+    test = [s for s in test if s["split"] == "test" and s.get("choices")]
+    test = test[:limit] if limit else test
+    return 100 * sum(1 / len(s["choices"]) for s in test) / len(test)
+
+
+def tables(args, res):
+    seeds = ", ".join(map(str, args.seeds))
+    get = lambda name, key="acc": [res[name][s][key] for s in sorted(res.get(name, {})) if key in res[name][s]]
+    per_seed = lambda name, key="acc", d=1: " / ".join(f"{v:.{d}f}" for v in get(name, key))
+    out = [f"Budget: {args.epoch_scale:g} x the schedule's epochs (20 in total at scale 1), at most {args.limit or 'all'} "
+           f"train samples per phase, LoRA r={args.lora_r} alpha={args.lora_alpha}, lr {args.lr:g}, training seeds {seeds}; "
+           f"closed-ended accuracy (%) on {args.eval_limit or 'all'} phantom test items, mean ± sample std over seeds "
+           f"(per-seed values after). Chance: {chance(args.data, args.eval_limit):.1f}%.", "",
+           "**Table 2 (supervision, K = 4, 3-phase)**", "", "| config | acc | per seed |", "|---|---:|---|"]
+    out += [f"| {n} | {fmt(get(n))} | {per_seed(n)} |" for n in LOSSES]
+    out += ["", "**Table 3 (latent steps: --max-k K in training, --k K at evaluation)**", "",
+            "| K | acc | per seed |", "|---|---:|---|"]
+    out += [f"| {k} | {fmt(get(n))} | {per_seed(n)} |" for k, n in [(k, f"K={k}") for k in range(4)] + [(4, "full")]]
+    out += ["", "**Curriculum (§4.3; same total epochs)**", "", "| schedule | acc | per seed |", "|---|---:|---|"]
+    out += [f"| {c} | {fmt(get(n))} | {per_seed(n)} |" for c, n in
+            [("3-phase", "full"), ("2-phase", "2-phase"), ("full-mix", "full-mix"), ("reverse", "reverse")]]
+    out += ["", "**§C.6 inter-step similarity (mean off-diagonal cosine of h_1..h_4; lower = less collapse)**", "",
+            "| config | cosine | per seed |", "|---|---:|---|"]
+    out += [f"| {n} | {fmt(get(n, 'collapse'), 3)} | {per_seed(n, 'collapse', 3)} |" for n in ("task-only", "full")]
+    return "\n".join(out) + "\n"
+
+
+def ensure_inputs(args):
+    """Models, data and ROI features with demo.py's commands, if they are not there yet."""
+    steps = [([PY, "model.py", "make-tiny", args.models], os.path.join(args.models, "encoder", "config.json")),
+             ([PY, "prepare_data.py", "--source", "phantom", "--out", args.data, "--n", str(args.n),
+               "--image-size", str(args.image_size)], os.path.join(args.data, "stats.json")),
+             ([PY, "extract_roi.py", "--samples", os.path.join(args.data, "samples.jsonl"), "--encoder",
+               os.path.join(args.models, "encoder"), "--out", os.path.join(args.data, "roi.safetensors"), "--quiet"],
+              os.path.join(args.data, "roi.safetensors"))]
+    for cmd, done in steps:
+        if not os.path.exists(done):
+            print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+            subprocess.run(cmd, check=True, cwd=HERE)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    ensure_inputs(args)
+    os.makedirs(args.out, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // args.jobs)))
+    cfgs = {n: c for n, c in configs().items() if not args.only or n in args.only}
+    jobs = [(n, s) for s in args.seeds for n in cfgs]  # seed-major: a partial run still covers every config
+    res = {}
+    t0 = time.time()
+    with ThreadPoolExecutor(args.jobs) as pool:
+        futs = [pool.submit(one_run, args, n, s, cfgs[n], env) for n, s in jobs]
+        for f in futs:
+            try:
+                name, seed, r = f.result()
+                res.setdefault(name, {})[seed] = r
+            except subprocess.CalledProcessError as e:
+                print(f"[failed] {e.cmd[:3]}... exit {e.returncode} (see the run's commands.log)", flush=True)
+    md = tables(args, res)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(md)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"args": vars(args), "wall_s_this_run": round(time.time() - t0, 1),
+                   "runs": {n: {str(s): r for s, r in v.items()} for n, v in res.items()}}, f, indent=2)
+    print("\n" + md)
+    print(f"wrote {args.out}/results.md and results.json ({(time.time() - t0) / 60:.1f} min this run)")
+
+
+if __name__ == "__main__":
+    main()

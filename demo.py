@@ -1,0 +1,196 @@
+"""
+VITAL end to end on the embedded default (phantom data, tiny models, CPU): what `bash demo.sh` runs.
+
+Every stage is a subprocess with its documented command line, printed before it runs, so the demo is
+also the recipe. A stage whose output already exists is skipped, so re-running resumes:
+  1. python model.py make-tiny OUT/models                       -> OUT/models/{backbone,decoder,encoder}
+  2. python prepare_data.py --source phantom --out OUT/data ...  -> OUT/data/samples.jsonl, images/, masks/, stats.json
+  3. python extract_roi.py ...                                   -> OUT/data/roi.safetensors
+  4. python train.py ... --phase 1, 2, 3  (VITAL, 3-phase curriculum)  -> OUT/vital/phase{1,2,3}
+  5. python train.py ... --max-k 0 --phase 1, 2, 3 (direct answer, same samples x epochs) -> OUT/k0/phase{1,2,3}
+  6. python evaluate.py ... --k 4 --latency --collapse (VITAL), --k 0 (the K = 0 model) -> OUT/eval_{vital,k0}
+  7. python explain.py IMG "question" --ckpt OUT/vital/phase3    -> OUT/explain/<id>.{png,json}
+then a summary: closed-ended accuracy of VITAL, of the K = 0 model and chance, overall and per question type
+(also written to OUT/summary.json and OUT/summary.md).
+
+    python demo.py                       # the defaults below (tuned on this 2-core CPU machine, README)
+    python demo.py --out runs/demo2 --n 1500 --epochs 2 2 4   # smaller / other budgets
+"""
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections import defaultdict
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PY = sys.executable
+
+
+def get_args(argv=None):
+    ap = argparse.ArgumentParser(description="VITAL demo: the whole pipeline on phantom data with tiny models")
+    ap.add_argument("--out", default="runs/demo", help="everything goes under this folder")
+    ap.add_argument("--n", type=int, default=3000, help="phantom images (one question each)")
+    ap.add_argument("--image-size", type=int, default=96, help="phantom side in px (96 = a 3x3 grid of merged tokens)")
+    ap.add_argument("--data-seed", type=int, default=0, help="phantom seed")
+    ap.add_argument("--hidden", type=int, default=64, help="tiny LLM hidden size")
+    ap.add_argument("--layers", type=int, default=2, help="tiny LLM layers")
+    ap.add_argument("--lora-r", type=int, default=64, help="LoRA rank")
+    ap.add_argument("--lora-alpha", type=int, default=128, help="LoRA alpha")
+    ap.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    ap.add_argument("--epochs", type=float, nargs=3, default=[6, 3, 4], metavar=("P1", "P2", "P3"),
+                    help="epochs of the three curriculum phases (the K = 0 model gets the same)")
+    ap.add_argument("--seed", type=int, default=0, help="training seed")
+    ap.add_argument("--eval-limit", type=int, default=0, help="only the first N test items (0 = all)")
+    ap.add_argument("--skip-k0", action="store_true", help="do not train/evaluate the K = 0 model")
+    return ap.parse_args(argv)
+
+
+def run(cmd, skip_if=None, what=""):
+    """Print the exact command, then run it (or say why it is skipped)."""
+    line = " ".join(shlex.quote(c) for c in cmd)
+    if skip_if and os.path.exists(skip_if):
+        print(f"[skip] {what}: {skip_if} exists\n    $ {line}", flush=True)
+        return 0.0
+    print(f"\n[run] {what}\n    $ {line}", flush=True)
+    t0 = time.time()
+    subprocess.run(cmd, check=True, cwd=HERE)
+    dt = time.time() - t0
+    print(f"[done] {what} in {dt:.0f}s", flush=True)
+    return dt
+
+
+def phase_finished(phase_dir):
+    p = os.path.join(phase_dir, "trainer", "state.json")
+    if not os.path.isfile(p):
+        return False
+    with open(p) as f:
+        return bool(json.load(f).get("finished"))
+
+
+def train_phases(args, models, data, run_dir, extra, label, timings):
+    for p in (1, 2, 3):
+        phase_dir = os.path.join(run_dir, f"phase{p}")
+        cmd = [PY, "train.py", "--data", data, "--preset", "tiny", "--models", models, "--out", run_dir,
+               "--phase", str(p), "--epochs", f"{args.epochs[p - 1]:g}", "--lora-r", str(args.lora_r),
+               "--lora-alpha", str(args.lora_alpha), "--lr", f"{args.lr:g}", "--seed", str(args.seed)] + extra
+        if phase_finished(phase_dir):
+            run(cmd, skip_if=phase_dir, what=f"{label} phase {p} (finished)")
+            continue
+        if os.path.isdir(phase_dir):  # killed mid-phase: continue from its last checkpoint
+            cmd.append("--resume")
+        timings[f"{label} phase {p}"] = run(cmd, what=f"{label} phase {p}")
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def accuracy_by_type(pred_path, samples):
+    """-> {type: (correct, n)} from evaluate.py's predictions.jsonl, typed via samples.jsonl."""
+    qtype = {s["id"]: s.get("question_type", "?") for s in samples}
+    out = defaultdict(lambda: [0, 0])
+    for r in read_jsonl(pred_path):
+        if r.get("answer_type") != "closed" and "correct" not in r:
+            continue
+        t = qtype.get(r["id"], "?")
+        for key in (t, "all"):
+            out[key][0] += int(bool(r.get("correct")))
+            out[key][1] += 1
+    return dict(out)
+
+
+def chance_by_type(samples, limit=0):
+    test = [s for s in samples if s["split"] == "test" and s.get("choices")]
+    test = test[:limit] if limit else test
+    out = defaultdict(list)
+    for s in test:
+        out[s.get("question_type", "?")].append(1 / len(s["choices"]))
+        out["all"].append(1 / len(s["choices"]))
+    return {t: 100 * sum(v) / len(v) for t, v in out.items()}
+
+
+def main(argv=None):
+    args = get_args(argv)
+    t_start = time.time()
+    out = args.out
+    models, data = os.path.join(out, "models"), os.path.join(out, "data")
+    vital, k0 = os.path.join(out, "vital"), os.path.join(out, "k0")
+    timings = {}
+
+    timings["models"] = run([PY, "model.py", "make-tiny", models, "--hidden", str(args.hidden), "--layers", str(args.layers)],
+                            skip_if=os.path.join(models, "encoder", "config.json"), what="tiny models")
+    timings["data"] = run([PY, "prepare_data.py", "--source", "phantom", "--out", data, "--n", str(args.n),
+                           "--seed", str(args.data_seed), "--image-size", str(args.image_size), "--teacher", "geometry"],
+                          skip_if=os.path.join(data, "stats.json"), what="phantom data (geometry teacher)")
+    timings["roi"] = run([PY, "extract_roi.py", "--samples", os.path.join(data, "samples.jsonl"),
+                          "--encoder", os.path.join(models, "encoder"), "--out", os.path.join(data, "roi.safetensors"),
+                          "--quiet"], skip_if=os.path.join(data, "roi.safetensors"), what="ROI features")
+    train_phases(args, models, data, vital, [], "VITAL", timings)
+    if not args.skip_k0:
+        train_phases(args, models, data, k0, ["--max-k", "0"], "K=0", timings)
+
+    lim = ["--limit", str(args.eval_limit)] if args.eval_limit else []
+    ev_vital, ev_k0 = os.path.join(out, "eval_vital"), os.path.join(out, "eval_k0")
+    timings["eval VITAL"] = run([PY, "evaluate.py", "--ckpt", os.path.join(vital, "phase3"), "--data", data,
+                                 "--out", ev_vital, "--k", "4", "--latency", "--collapse"] + lim,
+                                skip_if=os.path.join(ev_vital, "metrics.json"), what="evaluate VITAL (K = 4)")
+    if not args.skip_k0:
+        timings["eval K=0"] = run([PY, "evaluate.py", "--ckpt", os.path.join(k0, "phase3"), "--data", data,
+                                   "--out", ev_k0, "--k", "0"] + lim,
+                                  skip_if=os.path.join(ev_k0, "metrics.json"), what="evaluate the K = 0 model")
+
+    samples = read_jsonl(os.path.join(data, "samples.jsonl"))
+    test = [s for s in samples if s["split"] == "test"]
+    # one test image with a multi-step question (describe/reasoning) if there is one: more steps to read
+    pick = next((s for s in test if s.get("latent_steps", 1) >= 3), test[0])
+    img = pick["image"] if os.path.isabs(pick["image"]) else os.path.join(data, pick["image"])
+    stem = os.path.join(out, "explain", pick["id"])
+    timings["explain"] = run([PY, "explain.py", img, pick["question"], "--ckpt", os.path.join(vital, "phase3"),
+                              "--out", stem], skip_if=stem + ".json", what="explain one test image")
+
+    # ---- summary
+    chance = chance_by_type(samples, args.eval_limit)
+    acc_v = accuracy_by_type(os.path.join(ev_vital, "predictions.jsonl"), samples)
+    acc_0 = {} if args.skip_k0 else accuracy_by_type(os.path.join(ev_k0, "predictions.jsonl"), samples)
+    types = ["all"] + sorted(t for t in acc_v if t != "all")
+    pct = lambda a, t: (100 * a[t][0] / a[t][1]) if t in a and a[t][1] else float("nan")
+    rows = ["| question type | n | VITAL (K=4) | K=0 model | chance |", "|---|---:|---:|---:|---:|"]
+    for t in types:
+        rows.append(f"| {t} | {acc_v[t][1]} | {pct(acc_v, t):.1f} | {pct(acc_0, t):.1f} | {chance.get(t, float('nan')):.1f} |")
+    wall = time.time() - t_start
+    summary = {"wall_s_this_run": round(wall, 1), "stage_s": {k: round(v, 1) for k, v in timings.items()},
+               "accuracy": {t: {"n": acc_v[t][1], "vital": pct(acc_v, t), "k0": pct(acc_0, t), "chance": chance.get(t)}
+                            for t in types}, "args": vars(args)}
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write("\n".join(rows) + "\n")
+    with open(stem + ".json") as f:
+        ex = json.load(f)
+
+    print("\n================ VITAL demo: artifacts ================")
+    for name, path in [("tiny models", models), ("phantom data (samples.jsonl, images/, masks/, overlays/, stats.json)", data),
+                       ("ROI features", os.path.join(data, "roi.safetensors")),
+                       ("VITAL checkpoints + log.jsonl", vital), ("K = 0 checkpoints", k0),
+                       ("VITAL evaluation (predictions.jsonl, metrics.json, latency.json, collapse.json/.png)", ev_vital),
+                       ("K = 0 evaluation", ev_k0), ("explanation (panel + JSON)", stem + ".png"),
+                       ("summary", os.path.join(out, "summary.md"))]:
+        print(f"  {name:<88} {path}")
+    print(f"\nexplain: Q: {pick['question']}\n         gold: {pick['answer']}")
+    print(f"         VITAL: {ex.get('answer')}")
+    for st in ex.get("steps", []):
+        peak = st.get("peak")
+        where = f"  [heatmap peak x={peak['x']:.0f}, y={peak['y']:.0f}]" if peak else ""
+        print(f"         step {st['k']}: {st.get('sentence')}{where}")
+    print("\n================ closed-ended accuracy on the phantom test split (%) ================")
+    print("\n".join(rows))
+    print(f"\nwall time of this run: {wall / 60:.1f} min (stages: " +
+          ", ".join(f"{k} {v:.0f}s" for k, v in timings.items() if v) + ")")
+
+
+if __name__ == "__main__":
+    main()
