@@ -14,7 +14,7 @@ Budget: the schedule's default epochs (5/5/10, 10/10, 20, 10/5/5: 20 in total fo
 Writes OUT/results.md (the tables, also printed) and OUT/results.json (every run's numbers).
 
     python ablate.py                                     # the README's budget (reuses runs/demo's models + data)
-    python ablate.py --seeds 0 1 2 --epoch-scale 0.2 --limit 600 --jobs 2
+    python ablate.py --seeds 0 1 2 3 4 --epoch-scale 1 --limit 0 --eval-limit 0   # a bigger budget
 """
 import argparse
 import json
@@ -44,11 +44,11 @@ def get_args(argv=None):
     ap.add_argument("--image-size", type=int, default=96, help="phantom side, only if --data has to be made")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (>= 3 for a spread)")
     ap.add_argument("--epoch-scale", type=float, default=0.2, help="x the schedule's default epochs (20 in total)")
-    ap.add_argument("--limit", type=int, default=600, help="train samples per phase (0 = all)")
+    ap.add_argument("--limit", type=int, default=160, help="train samples per phase (0 = all)")
     ap.add_argument("--lora-r", type=int, default=64)
     ap.add_argument("--lora-alpha", type=int, default=128)
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--eval-limit", type=int, default=0, help="test items evaluated (0 = all)")
+    ap.add_argument("--eval-limit", type=int, default=90, help="test items evaluated (0 = all)")
     ap.add_argument("--jobs", type=int, default=2, help="runs at once (each with OMP_NUM_THREADS = cores / jobs)")
     ap.add_argument("--only", nargs="*", help="config names to run (default all)")
     return ap.parse_args(argv)
