@@ -8,7 +8,8 @@ also the recipe. A stage whose output already exists is skipped, so re-running r
   3. python extract_roi.py ...                                   -> OUT/data/roi.safetensors
   4. python train.py ... --phase 1, 2, 3  (VITAL, 3-phase curriculum)  -> OUT/vital/phase{1,2,3}
   5. python train.py ... --max-k 0 --phase 1, 2, 3 (direct answer, same samples x epochs) -> OUT/k0/phase{1,2,3}
-  6. python evaluate.py ... --k 4 --latency --collapse (VITAL), --k 0 (the K = 0 model) -> OUT/eval_{vital,k0}
+  6. python evaluate.py ... --k 4 --latency --collapse (VITAL), --k sample (VITAL, each item's own K: a
+     diagnostic), --k 0 (the K = 0 model)                      -> OUT/eval_vital, eval_vital_ksample, eval_k0
   7. python explain.py IMG "question" --ckpt OUT/vital/phase3    -> OUT/explain/<id>.{png,json}
 then a summary: closed-ended accuracy of VITAL, of the K = 0 model and chance, overall and per question type
 (also written to OUT/summary.json and OUT/summary.md).
@@ -138,6 +139,11 @@ def main(argv=None):
     timings["eval VITAL"] = run([PY, "evaluate.py", "--ckpt", os.path.join(vital, "phase3"), "--data", data,
                                  "--out", ev_vital, "--k", "4", "--latency", "--collapse"] + lim,
                                 skip_if=os.path.join(ev_vital, "metrics.json"), what="evaluate VITAL (K = 4)")
+    ev_ks = os.path.join(out, "eval_vital_ksample")
+    timings["eval VITAL K=sample"] = run([PY, "evaluate.py", "--ckpt", os.path.join(vital, "phase3"), "--data", data,
+                                          "--out", ev_ks, "--k", "sample"] + lim,
+                                         skip_if=os.path.join(ev_ks, "metrics.json"),
+                                         what="evaluate VITAL with each item's own K (diagnostic)")
     if not args.skip_k0:
         timings["eval K=0"] = run([PY, "evaluate.py", "--ckpt", os.path.join(k0, "phase3"), "--data", data,
                                    "--out", ev_k0, "--k", "0"] + lim,
@@ -155,15 +161,16 @@ def main(argv=None):
     # ---- summary
     chance = chance_by_type(samples, args.eval_limit)
     acc_v = accuracy_by_type(os.path.join(ev_vital, "predictions.jsonl"), samples)
+    acc_s = accuracy_by_type(os.path.join(ev_ks, "predictions.jsonl"), samples)
     acc_0 = {} if args.skip_k0 else accuracy_by_type(os.path.join(ev_k0, "predictions.jsonl"), samples)
     types = ["all"] + sorted(t for t in acc_v if t != "all")
     pct = lambda a, t: (100 * a[t][0] / a[t][1]) if t in a and a[t][1] else float("nan")
-    rows = ["| question type | n | VITAL (K=4) | K=0 model | chance |", "|---|---:|---:|---:|---:|"]
+    rows = ["| question type | n | VITAL (K=4) | VITAL (own K) | K=0 model | chance |", "|---|---:|---:|---:|---:|---:|"]
     for t in types:
-        rows.append(f"| {t} | {acc_v[t][1]} | {pct(acc_v, t):.1f} | {pct(acc_0, t):.1f} | {chance.get(t, float('nan')):.1f} |")
+        rows.append(f"| {t} | {acc_v[t][1]} | {pct(acc_v, t):.1f} | {pct(acc_s, t):.1f} | {pct(acc_0, t):.1f} | {chance.get(t, float('nan')):.1f} |")
     wall = time.time() - t_start
     summary = {"wall_s_this_run": round(wall, 1), "stage_s": {k: round(v, 1) for k, v in timings.items()},
-               "accuracy": {t: {"n": acc_v[t][1], "vital": pct(acc_v, t), "k0": pct(acc_0, t), "chance": chance.get(t)}
+               "accuracy": {t: {"n": acc_v[t][1], "vital": pct(acc_v, t), "vital_own_k": pct(acc_s, t), "k0": pct(acc_0, t), "chance": chance.get(t)}
                             for t in types}, "args": vars(args)}
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
@@ -177,7 +184,7 @@ def main(argv=None):
                        ("ROI features", os.path.join(data, "roi.safetensors")),
                        ("VITAL checkpoints + log.jsonl", vital), ("K = 0 checkpoints", k0),
                        ("VITAL evaluation (predictions.jsonl, metrics.json, latency.json, collapse.json/.png)", ev_vital),
-                       ("K = 0 evaluation", ev_k0), ("explanation (panel + JSON)", stem + ".png"),
+                       ("VITAL evaluation, each item's own K", ev_ks), ("K = 0 evaluation", ev_k0), ("explanation (panel + JSON)", stem + ".png"),
                        ("summary", os.path.join(out, "summary.md"))]:
         print(f"  {name:<88} {path}")
     print(f"\nexplain: Q: {pick['question']}\n         gold: {pick['answer']}")
