@@ -224,15 +224,17 @@ def main():
             # 2. merged LoRA = the plain backbone at inference (same K = 4, same 8 answer tokens)
             # All three are deep copies, so that their weights sit in the same kind of memory (a model
             # loaded by from_pretrained may keep its weights memory-mapped from the safetensors file).
-            folded, merged, base = copy.deepcopy(bb), copy.deepcopy(bb), copy.deepcopy(plain)
+            # A second copy of the plain backbone is the control: plain / plain measures the noise floor.
+            folded, merged, base, base2 = copy.deepcopy(bb), copy.deepcopy(bb), copy.deepcopy(plain), copy.deepcopy(plain)
             M.fold_lora(folded)               # what evaluate.py deploys: plain modules, W + sBA inside
             M.set_lora_merged(merged, True)   # merged in place, wrappers kept (can be unmerged)
-            t_merged, t_folded, t_plain = interleaved(
-                [lambda: M.generate(merged, b4["prefix"], 4, eos, 8), lambda: M.generate(folded, b4["prefix"], 4, eos, 8),
-                 lambda: M.generate(base, b4["prefix"], 4, eos, 8)], args.reps, args.device)
-            del folded, merged, base
+            t_merged, t_folded, t_plain, t_plain2 = interleaved(
+                [lambda: M.generate(m, b4["prefix"], 4, eos, 8) for m in (merged, folded, base, base2)],
+                3 * args.reps, args.device)
+            del folded, merged, base, base2
             row("inference folded LoRA / plain backbone (K=4)", t_folded / t_plain, 1.02)
             row("inference merged LoRA (wrappers kept) / plain (K=4)", t_merged / t_plain, 1.02)
+            row("  control: plain / a copy of plain (noise floor)", t_plain2 / t_plain)
             row("  inference K=4, 8 answer tokens", t_plain * 1e3, unit="ms")
 
             # 3. training step K=4 vs K=0, all three losses, forward + backward
