@@ -82,13 +82,13 @@ def build(args, folder):
         plain, proc = M.load_backbone(os.path.join(folder, "backbone"), dtype, args.device)
         dec, dtok = M.load_decoder(os.path.join(folder, "decoder"), torch.float32, args.device)
         d_v = 48
-    lora_bb = build_lora_copy(args, plain, folder)
+    lora_bb = build_lora_copy(args, plain)
     torch.manual_seed(0)
     vital = M.VITAL(lora_bb, dec, d_v=d_v).to(args.device)
     return plain, vital, proc, dtok
 
 
-def build_lora_copy(args, plain, folder):
+def build_lora_copy(args, plain):
     bb = copy.deepcopy(plain)
     M.add_lora(bb, r=args.r, alpha=2 * args.r)
     for m in M.lora_layers(bb):  # a trained-looking adapter: B != 0

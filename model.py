@@ -566,8 +566,7 @@ def load_checkpoint(folder, vital: VITAL, scaffolds=True):
     _load_into(vital.backbone, adapter, f"{folder}/adapter.safetensors")
     sc_path = os.path.join(folder, "scaffold.safetensors")
     if scaffolds and os.path.isfile(sc_path):
-        sc = {k: v for k, v in load_file(sc_path).items()}
-        _load_into(vital, sc, sc_path)
+        _load_into(vital, load_file(sc_path), sc_path)
     return config
 
 
