@@ -39,6 +39,8 @@ def get_args(argv=None):
     ap = argparse.ArgumentParser(description="VITAL ablations in miniature (paper §4.3, §C.6)")
     ap.add_argument("--out", default="runs/ablate", help="run folders, results.md, results.json")
     ap.add_argument("--models", default="runs/demo/models", help="tiny models (made with demo.py's command if absent)")
+    ap.add_argument("--backbone", default="runs/demo/pretrain/phase1/backbone",
+                    help="the backbone every run freezes: demo.py's pretrained tiny one ('' = the random one in --models)")
     ap.add_argument("--data", default="runs/demo/data", help="phantom data with roi.safetensors (made if absent)")
     ap.add_argument("--n", type=int, default=3000, help="phantom images, only if --data has to be made")
     ap.add_argument("--image-size", type=int, default=96, help="phantom side, only if --data has to be made")
@@ -97,7 +99,8 @@ def one_run(args, name, seed, spec, env):
         cmd = [PY, "train.py", "--data", args.data, "--preset", "tiny", "--models", args.models, "--out", run_dir,
                "--phase", str(p), "--epochs", f"{ep * args.epoch_scale:g}", "--limit", str(args.limit),
                "--lora-r", str(args.lora_r), "--lora-alpha", str(args.lora_alpha), "--lr", f"{args.lr:g}",
-               "--seed", str(seed)] + extra + (["--resume"] if os.path.isdir(phase_dir) else [])
+               "--seed", str(seed)] + extra + (["--resume"] if os.path.isdir(phase_dir) else []) + \
+              (["--backbone", args.backbone] if args.backbone else [])
         sh(cmd, env, log)
     cmd = [PY, "evaluate.py", "--ckpt", os.path.join(run_dir, f"phase{len(SCHEDULES[cur])}"), "--data", args.data,
            "--out", ev, "--k", str(k_eval)] + (["--collapse"] if collapse else []) + \
@@ -170,6 +173,9 @@ def ensure_inputs(args):
 
 def main(argv=None):
     args = get_args(argv)
+    if args.backbone and not os.path.isfile(os.path.join(args.backbone, "config.json")):
+        sys.exit(f"ablate.py: error: no backbone at {args.backbone}: run demo.py first (it pretrains the tiny "
+                 "backbone), or pass --backbone '' to freeze the random one")
     ensure_inputs(args)
     os.makedirs(args.out, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // args.jobs)))

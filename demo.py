@@ -4,14 +4,18 @@ VITAL end to end on the embedded default (phantom data, tiny models, CPU): what 
 Every stage is a subprocess with its documented command line, printed before it runs, so the demo is
 also the recipe. A stage whose output already exists is skipped, so re-running resumes:
   1. python model.py make-tiny OUT/models                       -> OUT/models/{backbone,decoder,encoder}
+  P. the tiny backbone's stand-in pretraining (a random backbone cannot see; Qwen3-VL arrives pretrained):
+     python prepare_data.py --seed 1 --captions ... and --questions-per-image 2 ... -> OUT/pretrain_data
+     python train.py --pretrain ...                                -> OUT/pretrain/phase1/backbone
   2. python prepare_data.py --source phantom --out OUT/data ...  -> OUT/data/samples.jsonl, images/, masks/, stats.json
   3. python extract_roi.py ...                                   -> OUT/data/roi.safetensors
-  4. python train.py ... --phase 1, 2, 3  (VITAL, 3-phase curriculum)  -> OUT/vital/phase{1,2,3}
+  4. python train.py ... --phase 1, 2, 3  (VITAL on the pretrained backbone, 3-phase curriculum) -> OUT/vital/phase{1,2,3}
   5. python train.py ... --max-k 0 --phase 1, 2, 3 (direct answer, same samples x epochs) -> OUT/k0/phase{1,2,3}
   6. python evaluate.py ... --k 4 --latency --collapse (VITAL), --k sample (VITAL, each item's own K: a
-     diagnostic), --k 0 (the K = 0 model)                      -> OUT/eval_vital, eval_vital_ksample, eval_k0
+     diagnostic), --k 0 (the K = 0 model), --k 0 on the pretrained backbone alone (no LoRA: "zero-shot")
+                                                               -> OUT/eval_vital, eval_vital_ksample, eval_k0, eval_backbone
   7. python explain.py IMG "question" --ckpt OUT/vital/phase3    -> OUT/explain/<id>.{png,json}
-then a summary: closed-ended accuracy of VITAL, of the K = 0 model and chance, overall and per question type
+then a summary: closed-ended accuracy of VITAL, of the K = 0 model, of the backbone alone and chance, overall and per question type
 (also written to OUT/summary.json and OUT/summary.md).
 
     python demo.py                       # the defaults below (tuned on this 2-core CPU machine, README)
@@ -44,6 +48,11 @@ def get_args(argv=None):
     ap.add_argument("--epochs", type=float, nargs=3, default=[6, 3, 4], metavar=("P1", "P2", "P3"),
                     help="epochs of the three curriculum phases (the K = 0 model gets the same)")
     ap.add_argument("--seed", type=int, default=0, help="training seed")
+    ap.add_argument("--pretrain-n", type=int, default=3000,
+                    help="phantom images of the backbone's pretraining corpus (another seed: no image is shared)")
+    ap.add_argument("--pretrain-epochs", type=float, default=2, help="epochs of the backbone pretraining (0 = none: "
+                    "VITAL then trains on the random backbone, which does not learn to see)")
+    ap.add_argument("--pretrain-lr", type=float, default=2e-3, help="peak learning rate of the backbone pretraining")
     ap.add_argument("--eval-limit", type=int, default=0, help="only the first N test items (0 = all)")
     ap.add_argument("--skip-k0", action="store_true", help="do not train/evaluate the K = 0 model")
     return ap.parse_args(argv)
@@ -72,6 +81,7 @@ def phase_finished(phase_dir):
 
 
 def train_phases(args, models, data, run_dir, extra, label, timings):
+    extra = extra + (["--backbone", args.backbone] if args.backbone else [])
     for p in (1, 2, 3):
         phase_dir = os.path.join(run_dir, f"phase{p}")
         cmd = [PY, "train.py", "--data", data, "--preset", "tiny", "--models", models, "--out", run_dir,
@@ -130,6 +140,28 @@ def main(argv=None):
     timings["roi"] = run([PY, "extract_roi.py", "--samples", os.path.join(data, "samples.jsonl"),
                           "--encoder", os.path.join(models, "encoder"), "--out", os.path.join(data, "roi.safetensors"),
                           "--quiet"], skip_if=os.path.join(data, "roi.safetensors"), what="ROI features")
+    # The stand-in pretraining: a target-free caption and two of the six question types per image, on images
+    # of another seed, answered directly (K = 0) by the whole backbone; VITAL then freezes it as the paper
+    # freezes Qwen3-VL. The backbone alone is evaluated too, as the paper reports Qwen3-VL zero-shot.
+    pre_data, pre_run = os.path.join(out, "pretrain_data"), os.path.join(out, "pretrain")
+    args.backbone = os.path.join(pre_run, "phase1", "backbone") if args.pretrain_epochs > 0 else None
+    if args.pretrain_epochs > 0:
+        common = [PY, "prepare_data.py", "--source", "phantom", "--out", pre_data, "--n", str(args.pretrain_n),
+                  "--seed", str(args.data_seed + 1), "--image-size", str(args.image_size), "--test-frac", "0",
+                  "--val-frac", "0"]
+        timings["pretrain data"] = run(common + ["--captions"], skip_if=os.path.join(pre_data, "captions.done"),
+                                       what="pretraining corpus: one caption per image")
+        open(os.path.join(pre_data, "captions.done"), "w").close()
+        timings["pretrain data"] += run(common + ["--questions-per-image", "2"], skip_if=os.path.join(pre_data, "questions.done"),
+                                        what="pretraining corpus: two question types per image")
+        open(os.path.join(pre_data, "questions.done"), "w").close()
+        cmd = [PY, "train.py", "--pretrain", "--data", pre_data, "--preset", "tiny", "--models", models, "--out", pre_run,
+               "--epochs", f"{args.pretrain_epochs:g}", "--lr", f"{args.pretrain_lr:g}", "--seed", str(args.seed)]
+        if phase_finished(os.path.join(pre_run, "phase1")):
+            run(cmd, skip_if=args.backbone, what="pretrain the tiny backbone (finished)")
+        else:
+            timings["pretrain"] = run(cmd + (["--resume"] if os.path.isdir(os.path.join(pre_run, "phase1")) else []),
+                                      what="pretrain the tiny backbone (whole model, K = 0)")
     train_phases(args, models, data, vital, [], "VITAL", timings)
     if not args.skip_k0:
         train_phases(args, models, data, k0, ["--max-k", "0"], "K=0", timings)
@@ -149,6 +181,12 @@ def main(argv=None):
                                    "--out", ev_k0, "--k", "0"] + lim,
                                   skip_if=os.path.join(ev_k0, "metrics.json"), what="evaluate the K = 0 model")
 
+    ev_bb = os.path.join(out, "eval_backbone")
+    if args.backbone:
+        timings["eval backbone"] = run([PY, "evaluate.py", "--ckpt", os.path.join(pre_run, "phase1"), "--data", data,
+                                        "--out", ev_bb, "--k", "0"] + lim, skip_if=os.path.join(ev_bb, "metrics.json"),
+                                       what="evaluate the pretrained backbone alone (no LoRA)")
+
     samples = read_jsonl(os.path.join(data, "samples.jsonl"))
     test = [s for s in samples if s["split"] == "test"]
     # one test image with a multi-step question (describe/reasoning) if there is one: more steps to read
@@ -163,14 +201,18 @@ def main(argv=None):
     acc_v = accuracy_by_type(os.path.join(ev_vital, "predictions.jsonl"), samples)
     acc_s = accuracy_by_type(os.path.join(ev_ks, "predictions.jsonl"), samples)
     acc_0 = {} if args.skip_k0 else accuracy_by_type(os.path.join(ev_k0, "predictions.jsonl"), samples)
+    acc_b = accuracy_by_type(os.path.join(ev_bb, "predictions.jsonl"), samples) if args.backbone else {}
     types = ["all"] + sorted(t for t in acc_v if t != "all")
     pct = lambda a, t: (100 * a[t][0] / a[t][1]) if t in a and a[t][1] else float("nan")
-    rows = ["| question type | n | VITAL (K=4) | VITAL (own K) | K=0 model | chance |", "|---|---:|---:|---:|---:|---:|"]
+    rows = ["| question type | n | VITAL (K=4) | VITAL (own K) | K=0 model | backbone alone | chance |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
     for t in types:
-        rows.append(f"| {t} | {acc_v[t][1]} | {pct(acc_v, t):.1f} | {pct(acc_s, t):.1f} | {pct(acc_0, t):.1f} | {chance.get(t, float('nan')):.1f} |")
+        rows.append(f"| {t} | {acc_v[t][1]} | {pct(acc_v, t):.1f} | {pct(acc_s, t):.1f} | {pct(acc_0, t):.1f} | "
+                    f"{pct(acc_b, t):.1f} | {chance.get(t, float('nan')):.1f} |")
     wall = time.time() - t_start
     summary = {"wall_s_this_run": round(wall, 1), "stage_s": {k: round(v, 1) for k, v in timings.items()},
-               "accuracy": {t: {"n": acc_v[t][1], "vital": pct(acc_v, t), "vital_own_k": pct(acc_s, t), "k0": pct(acc_0, t), "chance": chance.get(t)}
+               "accuracy": {t: {"n": acc_v[t][1], "vital": pct(acc_v, t), "vital_own_k": pct(acc_s, t), "k0": pct(acc_0, t),
+                                 "backbone_alone": pct(acc_b, t), "chance": chance.get(t)}
                             for t in types}, "args": vars(args)}
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
@@ -180,7 +222,8 @@ def main(argv=None):
         ex = json.load(f)
 
     print("\n================ VITAL demo: artifacts ================")
-    for name, path in [("tiny models", models), ("phantom data (samples.jsonl, images/, masks/, overlays/, stats.json)", data),
+    for name, path in [("tiny models", models), ("pretraining corpus", pre_data), ("pretrained backbone", args.backbone or "-"),
+                       ("backbone-alone evaluation", ev_bb), ("phantom data (samples.jsonl, images/, masks/, overlays/, stats.json)", data),
                        ("ROI features", os.path.join(data, "roi.safetensors")),
                        ("VITAL checkpoints + log.jsonl", vital), ("K = 0 checkpoints", k0),
                        ("VITAL evaluation (predictions.jsonl, metrics.json, latency.json, collapse.json/.png)", ev_vital),

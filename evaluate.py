@@ -237,13 +237,17 @@ def weight_bytes(module):
 def load_inference_model(ckpt, backbone_path=None, device="cpu", dtype=torch.float32):
     """-> (backbone, processor, config, overhead report). Only adapter.safetensors is read."""
     config = read_ckpt_config(ckpt)
-    path = backbone_path or ckpt_field(config, ckpt, "backbone_path", "args.backbone")
+    pretrained = bool(config.get("args", {}).get("pretrain"))  # train.py --pretrain: the backbone itself, no LoRA
+    path = backbone_path or (os.path.join(ckpt, "backbone") if pretrained else
+                             ckpt_field(config, ckpt, "backbone_path", "args.backbone"))
     backbone, processor = M.load_backbone(path, dtype=dtype, device=device)
     plain = dict(params=M.count_params(backbone), bytes=weight_bytes(backbone))
-    r, alpha = ckpt_field(config, ckpt, "arch.lora")  # [r, alpha], as train.py checks warm starts
-    M.add_lora(backbone, r, alpha, 0.0)
-    M.load_checkpoint(ckpt, M.VITAL(backbone), scaffolds=False)  # VITAL without decoder/VP: no scaffolds
-    M.fold_lora(backbone)
+    r = alpha = None
+    if not pretrained:
+        r, alpha = ckpt_field(config, ckpt, "arch.lora")  # [r, alpha], as train.py checks warm starts
+        M.add_lora(backbone, r, alpha, 0.0)
+        M.load_checkpoint(ckpt, M.VITAL(backbone), scaffolds=False)  # VITAL without decoder/VP: no scaffolds
+        M.fold_lora(backbone)
     backbone.eval()
     deployed = dict(params=M.count_params(backbone), bytes=weight_bytes(backbone))
     sc = os.path.join(ckpt, "scaffold.safetensors")

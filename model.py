@@ -202,7 +202,7 @@ def make_tokenizer(seed_words=TINY_CORPUS, vocab_size=1024):
                                    chat_template=CHAT_TEMPLATE)
 
 
-def make_tiny(folder, hidden=64, layers=2, dec_hidden=64, dec_layers=2, enc_hidden=48, seed=0):
+def make_tiny(folder, hidden=64, layers=2, dec_hidden=64, dec_layers=2, enc_hidden=48, seed=0, patch=16):
     """Write tiny random-init models of the real classes (fixed seed) into folder/{backbone,decoder,
     encoder}. They load through load_backbone/load_decoder/load_encoder exactly like real checkpoints."""
     torch.manual_seed(seed)
@@ -219,7 +219,7 @@ def make_tiny(folder, hidden=64, layers=2, dec_hidden=64, dec_layers=2, enc_hidd
                          initializer_range=hidden ** -0.5,
                          rope_parameters=dict(rope_type="default", rope_theta=5e6, mrope_section=[6, 5, 5],
                                               mrope_interleaved=True)),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16,
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=patch,
                            spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=hidden,
                            num_position_embeddings=64, deepstack_visual_indexes=[0]),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
@@ -229,8 +229,8 @@ def make_tiny(folder, hidden=64, layers=2, dec_hidden=64, dec_layers=2, enc_hidd
     Qwen3VLForConditionalGeneration(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     # Qwen3-VL's processor: 16-px patches, 2x2 merge => one LLM token per 32x32 pixels.
-    Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2,
-                             min_pixels=32 * 32, max_pixels=512 * 512).save_pretrained(out)
+    Qwen2VLImageProcessorPil(patch_size=patch, merge_size=2, temporal_patch_size=2,
+                             min_pixels=(2 * patch) ** 2, max_pixels=512 * 512).save_pretrained(out)
 
     dcfg = Qwen3Config(vocab_size=len(tok), hidden_size=dec_hidden, intermediate_size=2 * dec_hidden,
                        num_hidden_layers=dec_layers, num_attention_heads=dec_hidden // head_dim,

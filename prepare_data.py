@@ -23,6 +23,7 @@ Every decided sample is appended and flushed as soon as it is done, so a killed 
 samples in flight (for MSD: the volume in flight); rerunning the same command skips decided ids.
 
   python prepare_data.py --source phantom --out data/phantom --n 2000 --seed 0
+  python prepare_data.py --source phantom --out data/captions --n 3000 --seed 1 --captions  # tiny pretraining
   python prepare_data.py --source msd --msd-root /data/Task03_Liver /data/Task06_Lung --out data/vital
   python prepare_data.py --source biomedparse --bmp-root /data/BiomedParse/ISIC --out data/vital
   python prepare_data.py --source biomedparse --bmp-root /data/BiomedParse --out data/vital  # all subsets
@@ -51,7 +52,8 @@ from tqdm import tqdm
 # ----------------------------------------------------------------------------- constants (§A.2, §A.3)
 QUESTION_TYPES = ["yesno", "identify", "location_choice", "location", "describe", "reasoning"]
 STEP_RANGE = {"yesno": (1, 1), "identify": (1, 1), "location_choice": (1, 1), "location": (2, 2),
-              "describe": (2, 3), "reasoning": (3, 4)}  # Table 4: the reasoning depth K of each type
+              "describe": (2, 3), "reasoning": (3, 4),  # Table 4: the reasoning depth K of each type
+              "caption": (1, 1)}  # --captions only: the tiny backbone's stand-in pretraining (not a VITAL type)
 # words that reveal the teacher saw an annotation (§A.3 round 2); matched on word boundaries
 LEAK_TERMS = ["mask", "masks", "masked", "overlay", "overlays", "overlaid", "highlight", "highlighted",
               "highlighting", "segmentation", "segmented", "roi", "region of interest", "label", "labels",
@@ -480,6 +482,7 @@ TEMPLATES = {
                               "In this {mp}, is the {t} on the left, on the right, or in the center?"]},
     "location": {"*": ["Where is the {t} located in this {mp}?"], "vessel": ["Where does the {t} run in this {mp}?"],
                  "lesion": ["Where is the {t} found in this {mp}?"], "tumor": ["Where is the {t} found in this {mp}?"]},
+    "caption": {"*": ["Describe this {mp}."]},  # names no target: the pixels must tell shape and place
     "describe": {"*": ["Describe the appearance of the {t} in this {mp}."],
                  "lesion": ["Describe the {t} seen in this {mp}.", "What does the {t} in this {mp} look like?"],
                  "tumor": ["Describe the {t} seen in this {mp}.", "What does the {t} in this {mp} look like?"],
@@ -498,7 +501,7 @@ def samples_for(case, args):
     that consecutive phantoms cycle through all six; half of the yes/no questions are negatives."""
     key = f"{case['image_key']}--{slug(case['target'])}"
     r = case["order"] if case["order"] is not None else stable_hash(key)
-    types = (QUESTION_TYPES[r % 6:] + QUESTION_TYPES[:r % 6])[:args.questions_per_image]
+    types = ["caption"] if args.captions else (QUESTION_TYPES[r % 6:] + QUESTION_TYPES[:r % 6])[:args.questions_per_image]
     for qtype in types:
         sid = f"{key}--{qtype}"
         rng = random.Random(stable_hash(sid))
@@ -525,6 +528,9 @@ def canonical_answer(qtype, target, ttype, f, negative=False):
         return f"The {target} is in the {region_phrase(f, True)}."
     if qtype == "location":
         return f"The {target} is in the {region_phrase(f)}."
+    if qtype == "caption":  # what a generic image caption says: no target name, no diagnosis
+        return f"A {f['size']}, {f['shape']} structure {bright_phrase(f)} lies in the {region_phrase(f)}, " \
+               f"with {boundary_phrase(f)}."
     if qtype == "describe":
         return f"The {target} is a {f['size']}, {f['shape']} structure in the {region_phrase(f)}, " \
                f"{bright_phrase(f)}, with {boundary_phrase(f)}."
@@ -537,6 +543,8 @@ def geometry_chain(sample, f, K):
     t, art, where = sample["target"], article(sample["target"], sample["target_type"]), region_phrase(f)
     look = f"{'an' if f['shape'][0] in 'aeiou' else 'a'} {f['shape']} structure {bright_phrase(f)}"
     qtype = sample["question_type"]
+    if qtype == "caption":
+        return [canonical_answer(qtype, t, sample["target_type"], f)]
     if qtype == "yesno" and sample["negative"]:
         return [f"The only distinct structure is {look} in the {where}, which does not have the "
                 f"appearance of {art} {t}."]
@@ -892,6 +900,10 @@ def parse_args(argv=None):
     p.add_argument("--image-size", type=int, default=128, help="phantom image side in pixels")
     # --- questions and splits
     p.add_argument("--questions-per-image", type=int, default=1, choices=range(1, 7), help="question types per (image, target)")
+    p.add_argument("--captions", action="store_true",
+                   help="instead of the six VITAL question types, one target-free caption per image: the corpus "
+                        "on which train.py --pretrain teaches a random tiny backbone to see (use another --seed "
+                        "and --out than the VITAL data)")
     p.add_argument("--val-frac", type=float, default=0.05, help="fraction of groups in the val split")
     p.add_argument("--test-frac", type=float, default=0.15, help="fraction of groups in the test split")
     # --- teacher and gate

@@ -20,6 +20,10 @@ Several nodes (run on every node, same rendezvous endpoint; global batch = batch
         train.py --data data/vital --backbone ... --decoder ... --out runs/vital --phase 1
 Continue a killed run exactly where its last checkpoint left it:   add --resume to the same command.
 Phase p > 1 from scratch or from another run: --init none | --init runs/other/phase1.
+The tiny preset's stand-in for the real backbone's own pretraining (a random tiny backbone cannot see):
+    python prepare_data.py --source phantom --out data/captions --n 3000 --seed 1 --captions
+    python train.py --pretrain --data data/captions --preset tiny --models runs/tiny --out runs/tiny-pretrain
+    then train VITAL on it with --backbone runs/tiny-pretrain/phase1/backbone (the preset's decoder stays).
 Ablations: --curriculum {3-phase,2-phase,full-mix,reverse}  --lambda-sem 0  --lambda-vis 0  --projector linear
            --visual-target per_step  --max-k 0 (direct-answer baseline) ... --max-k 4.
 """
@@ -88,6 +92,9 @@ def get_args(argv=None):
     ap.add_argument("--curriculum", default="3-phase", choices=list(CURRICULA), help="schedule (§4.3, table above)")
     ap.add_argument("--epochs", type=float, help="epochs of this phase (default from the schedule: 5/5/10)")
     ap.add_argument("--max-k", type=int, help="cap on latent steps: K = min(latent_steps, max_k); 0 = direct answer")
+    ap.add_argument("--pretrain", action="store_true",
+                    help="tiny preset only: train the WHOLE backbone (no LoRA, no scaffolds) at K = 0 on --data and "
+                         "save it as <out>/phase1/backbone, standing in for the pretraining a real backbone already had")
     ap.add_argument("--init", help="warm-start checkpoint (default runs/<name>/phase<p-1> for p > 1; 'none' = scratch)")
     # losses (eq. 7)
     ap.add_argument("--lambda-sem", type=float, default=1.0, help="weight of L_sem; 0 removes the decoder scaffold")
@@ -118,12 +125,20 @@ def get_args(argv=None):
     if args.lambda_sem > 0 and args.max_k != 0 and not args.decoder:
         ap.error("--lambda-sem > 0 needs the auxiliary --decoder (or --lambda-sem 0 to train without it)")
     tiny = args.preset == "tiny"
+    if args.pretrain:
+        if not tiny:
+            ap.error("--pretrain is for the tiny preset: a real backbone (Qwen3-VL) is already pretrained")
+        if args.phase != 1 or args.init or args.max_k not in (None, 0):
+            ap.error("--pretrain is a single phase at K = 0: drop --phase, --init and --max-k")
+        args.max_k, args.lambda_sem, args.lambda_vis = 0, 0.0, 0.0
     args.lora_r = args.lora_r or (8 if tiny else 64)  # hidden 64 in the tiny models: r=64 would be full rank
     args.lora_alpha = args.lora_alpha or (16.0 if tiny else 128.0)
     schedule = CURRICULA[args.curriculum]
     if not 1 <= args.phase <= len(schedule):
         ap.error(f"--curriculum {args.curriculum} has phases 1..{len(schedule)}, not {args.phase}")
     args.phase_max_k, default_epochs = schedule[args.phase - 1]
+    if args.pretrain:
+        args.phase_max_k = None  # every train sample, each answered directly
     args.epochs = default_epochs if args.epochs is None else args.epochs
     return args
 
@@ -434,6 +449,12 @@ def run(args, rank, world, master, device, bf16, ctx, log):
         raise TrainError(f"{phase_dir} already holds a checkpoint: add --resume to continue it, or remove it "
                          "(or pick another --out) to train this phase again")  # never overwrite work silently
 
+    resume_dir = None
+    if args.resume:
+        resume_dir = next((d for d in (phase_dir, phase_dir + ".old") if os.path.isfile(os.path.join(d, "config.json"))), None)
+        if resume_dir is None:
+            raise TrainError(f"--resume: no checkpoint in {phase_dir} to continue from")
+
     # ---- models: same seed on every rank so LoRA/scaffold init agree (DDP also broadcasts rank 0's)
     if args.preset == "tiny" and not os.path.isfile(os.path.join(args.backbone, "config.json")):
         if master:
@@ -441,24 +462,24 @@ def run(args, rank, world, master, device, bf16, ctx, log):
         if world > 1:
             dist.barrier()
     torch.manual_seed(args.seed)
-    wdtype = torch.bfloat16 if bf16 else torch.float32  # frozen backbone weights; trainable tensors stay fp32
-    backbone, processor = load_backbone(args.backbone, dtype=wdtype, device=device)
-    add_lora(backbone, args.lora_r, args.lora_alpha, args.lora_dropout)
+    wdtype = torch.bfloat16 if bf16 and not args.pretrain else torch.float32  # frozen weights; trainable ones stay fp32
+    # --pretrain: the backbone itself is what trains, so a resume starts from the checkpoint's copy of it
+    start_from = os.path.join(resume_dir, "backbone") if args.pretrain and resume_dir else args.backbone
+    backbone, processor = load_backbone(start_from, dtype=wdtype, device=device)
+    if args.pretrain:
+        backbone.requires_grad_(True)
+    else:
+        add_lora(backbone, args.lora_r, args.lora_alpha, args.lora_dropout)
     decoder, dec_tokenizer = load_decoder(args.decoder, dtype=torch.float32, device=device) \
         if args.lambda_sem > 0 and with_steps else (None, None)  # fp32: the decoder is fully trained (§4.1)
     d_v = roi.shape[1] if roi is not None else None
     vital = VITAL(backbone, decoder, d_v, args.projector, args.lambda_sem, args.lambda_vis, args.vp_dropout).to(device)
     arch = dict(backbone=fingerprint(args.backbone), decoder=fingerprint(args.decoder) if decoder is not None else None,
-                lora=[args.lora_r, args.lora_alpha])
+                lora=None if args.pretrain else [args.lora_r, args.lora_alpha])
 
     # ---- warm start (phase p > 1 from phase p-1) or resume (this phase's own last checkpoint)
     init = args.init if args.init else (os.path.join(args.out, f"phase{args.phase - 1}") if args.phase > 1 else None)
     init = None if init == "none" else init
-    resume_dir = None
-    if args.resume:
-        resume_dir = next((d for d in (phase_dir, phase_dir + ".old") if os.path.isfile(os.path.join(d, "config.json"))), None)
-        if resume_dir is None:
-            raise TrainError(f"--resume: no checkpoint in {phase_dir} to continue from")
     src = resume_dir or init
     if src:
         cfg_path = os.path.join(src, "config.json")
@@ -540,8 +561,10 @@ def run(args, rank, world, master, device, bf16, ctx, log):
         rng = gather_rng(device, world)  # collective: every rank takes part
         if master:
             scalars = dict(step=step, world_size=world, global_batch=global_batch, total_steps=total)
-            save_checkpoint(phase_dir, raw, dict(config, step=step, finished=step >= total),
-                            extra_files={"trainer": trainer_writer(opt, names, rng, scalars, step >= total)})
+            extra = {"trainer": trainer_writer(opt, names, rng, scalars, step >= total)}
+            if args.pretrain:  # the trained backbone as a from_pretrained folder (its adapter file is empty)
+                extra["backbone"] = lambda path: (raw.backbone.save_pretrained(path), processor.save_pretrained(path))
+            save_checkpoint(phase_dir, raw, dict(config, step=step, finished=step >= total), extra_files=extra)
 
     bar = tqdm(total=stop, initial=step, desc=f"phase {args.phase}", disable=not master, dynamic_ncols=True)
     last_saved = step if resume_dir else None
@@ -606,6 +629,8 @@ def run(args, rank, world, master, device, bf16, ctx, log):
                 last_saved = step
     bar.close()
     log(f"phase {args.phase}: step {step}/{total}, checkpoint in {phase_dir}")
+    if args.pretrain:
+        log(f"pretrained backbone: {os.path.join(phase_dir, 'backbone')} (train VITAL with --backbone pointing there)")
 
 
 if __name__ == "__main__":

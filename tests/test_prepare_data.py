@@ -280,6 +280,24 @@ def test_phantom_run_schema_splits_and_choices(tmp_path):
     assert (ov == [255, 255, 0]).all(axis=2).sum() > 0 and (ov[mk][:, 0] >= ov[mk][:, 1]).all()
 
 
+def test_captions_name_no_target_and_match_the_pixels(tmp_path):
+    stats = run(tmp_path, "--n", "40", "--seed", "3", "--captions", "--test-frac", "0", "--val-frac", "0")
+    rows = read_jsonl(tmp_path / "samples.jsonl")
+    assert stats["by_question_type"] == {"caption": 40} and stats["rejects"] == 0
+    assert {r["split"] for r in rows} == {"train"}
+    for r in rows:
+        case = P.phantom_case(int(r["image"].split("-")[-1][:-4]), 3, 128)
+        drawn, facts = case["meta"]["drawn"], r["meta"]["facts"]
+        assert r["question"].startswith("Describe this ") and r["target"] not in r["question"] + r["answer"]
+        assert f"{facts['h']} part of the image" in r["answer"] and r["reasoning_chain"] == [r["answer"]]
+        for key in ("shape", "size", "boundary", "brightness"):
+            assert drawn[key] in r["answer"], (key, drawn, r["answer"])
+    # the same seed and folder then takes the six question types too, on the same images (appended)
+    run(tmp_path, "--n", "40", "--seed", "3", "--questions-per-image", "2", "--test-frac", "0", "--val-frac", "0")
+    rows = read_jsonl(tmp_path / "samples.jsonl")
+    assert len(rows) == 120 and len({r["image"] for r in rows}) == 40
+
+
 # ----------------------------------------------------------------------------- quality gate
 FACTS_LEFT = {"cx": 0.2, "cy": 0.8, "h": "left", "v": "lower"}
 

@@ -311,3 +311,32 @@ def test_two_rank_resume_is_exact_with_dropout(env, tmp_path):
     assert json.load(open(tmp_path / "b" / "phase3" / "config.json"))["world_size"] == 2
     assert max_diff(weights(tmp_path / "a" / "phase3"), weights(tmp_path / "b" / "phase3")) == 0
     assert [e["loss"] for e in read_log(tmp_path / "a")] == [e["loss"] for e in read_log(tmp_path / "b")]
+
+
+# ---------------------------------------------------------------------------------------------- --pretrain
+def test_pretrain_trains_whole_backbone_resumes_exactly_and_feeds_vital(env, tmp_path):
+    from model import load_backbone
+    import evaluate
+    pre = lambda out, *extra: ["--pretrain", "--data", env["data"], "--preset", "tiny", "--models", env["models"],
+                               "--out", str(out), "--batch-size", "4", "--epochs", "2", "--lr", "1e-3", *map(str, extra)]
+    a, b = tmp_path / "a", tmp_path / "b"
+    train.main(pre(a))
+    train.main(pre(b, "--max-steps", 3, "--save-every", 1))
+    train.main(pre(b, "--resume"))
+    wa, wb = (load_file(f"{d}/phase1/backbone/model.safetensors") for d in (a, b))
+    w0 = load_file(f"{env['models']}/backbone/model.safetensors")
+    assert max_diff(wa, wb) == 0  # a resume continues from the saved backbone, bit-exact
+    # every part changed: vision tower, merger, LLM layers, embeddings and head (no LoRA anywhere)
+    for part in ("visual.patch_embed", "visual.merger", "language_model.layers.0", "embed_tokens", "lm_head"):
+        assert any(part in k and (wa[k] - w0[k]).abs().max() > 0 for k in wa), part
+    assert load_file(f"{a}/phase1/adapter.safetensors") == {}
+    # the folder is a from_pretrained backbone; evaluate.py reads a pretrain checkpoint as that backbone alone
+    load_backbone(f"{a}/phase1/backbone")
+    _, _, _, report = evaluate.load_inference_model(str(a / "phase1"))
+    assert report["backbone"] == os.path.join(str(a / "phase1"), "backbone") and report["extra_params"] == 0
+    # VITAL trains LoRA on top of it and records it as its backbone
+    v = tmp_path / "vital"
+    train.main(flags(env, v, "--backbone", f"{a}/phase1/backbone", "--max-steps", 2))
+    assert json.load(open(v / "phase1" / "config.json"))["backbone_path"] == os.path.abspath(f"{a}/phase1/backbone")
+    with pytest.raises(SystemExit):  # a real backbone is already pretrained
+        train.get_args(["--pretrain", "--data", env["data"], "--backbone", "x", "--decoder", "y"])
