@@ -45,7 +45,7 @@ def get_args(argv=None):
     ap.add_argument("--lora-r", type=int, default=64, help="LoRA rank")
     ap.add_argument("--lora-alpha", type=int, default=128, help="LoRA alpha")
     ap.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-    ap.add_argument("--epochs", type=float, nargs=3, default=[6, 3, 4], metavar=("P1", "P2", "P3"),
+    ap.add_argument("--epochs", type=float, nargs=3, default=[4, 2, 3], metavar=("P1", "P2", "P3"),
                     help="epochs of the three curriculum phases (the K = 0 model gets the same)")
     ap.add_argument("--seed", type=int, default=0, help="training seed")
     ap.add_argument("--pretrain-n", type=int, default=3000,
