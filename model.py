@@ -249,6 +249,32 @@ def make_tiny(folder, hidden=64, layers=2, dec_hidden=64, dec_layers=2, enc_hidd
     return folder
 
 
+def real_configs(layers=None, dec_layers=None):
+    """The paper's model shapes (§B.1), for random-weight checks: Qwen3-VL-8B (LLM 4096 x 36, ViT 1152 x 27,
+    deepstack 8/16/24, M-RoPE sections 24/20/20), Qwen3-1.7B (2048 x 28) and SigLIP-448 (MedSigLIP's shape:
+    1152 x 27, patch 14). `layers`/`dec_layers` shorten the two LLMs only. The tiny tokenizer stands in for
+    Qwen's: its ids are < the real vocabulary. -> (backbone config, decoder config, encoder config, tokenizer)."""
+    tok = make_tokenizer()
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    cfg = Qwen3VLConfig(
+        text_config=dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=layers or 36,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
+                         pad_token_id=ids["<|endoftext|>"], rope_parameters=dict(
+                             rope_type="default", rope_theta=5e6, mrope_section=[24, 20, 20], mrope_interleaved=True)),
+        vision_config=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16,
+                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=4096,
+                           num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False)
+    dcfg = Qwen3Config(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=dec_layers or 28,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                       tie_word_embeddings=True, pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"])
+    ecfg = SiglipVisionConfig(image_size=448, patch_size=14, hidden_size=1152, intermediate_size=4304,
+                              num_hidden_layers=27, num_attention_heads=16)
+    return cfg, dcfg, ecfg, tok
+
+
 # ----------------------------------------------------------------------------------------------------
 # 3. The prompt contract (owned here; every stage imports it). Student view = raw image + question.
 #    Prefix: chat-formatted user turn, generation prompt open, LEFT-padded, so that h_0 is column -1.
@@ -501,7 +527,8 @@ class VITAL(nn.Module):
 @torch.no_grad()
 def decode_latent(decoder, pj_in, dec_tokenizer, h, max_new_tokens=40):
     """Text window (§3.3): read a latent h (N, d) out as a sentence through pj_in + decoder (greedy)."""
-    x = pj_in(h.reshape(-1, 1, h.shape[-1])).to(decoder.dtype)                               # (N, 1, d_dec)
+    # pj_in is trained in fp32 while h comes from a bf16 backbone on a GPU: compute in pj_in's dtype
+    x = pj_in(h.reshape(-1, 1, h.shape[-1]).to(pj_in.weight.dtype)).to(decoder.dtype)     # (N, 1, d_dec)
     ids = decoder.generate(inputs_embeds=x, attention_mask=torch.ones(x.shape[:2], dtype=torch.long, device=x.device),
                            max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=dec_tokenizer.eos_token_id,
                            pad_token_id=dec_tokenizer.pad_token_id)
@@ -511,7 +538,7 @@ def decode_latent(decoder, pj_in, dec_tokenizer, h, max_new_tokens=40):
 @torch.no_grad()
 def project_latent(vp, h):
     """Visual window (§3.3): VP(h) in the frozen encoder's feature space, L2-normalised. (N, d_v)."""
-    return F.normalize(vp(h).float(), dim=-1)
+    return F.normalize(vp(h.to(vp.out.weight.dtype)).float(), dim=-1)  # h may be bf16, vp fp32
 
 
 # ----------------------------------------------------------------------------------------------------
