@@ -56,7 +56,6 @@ from PIL import Image, ImageDraw, ImageFont
 from safetensors import safe_open
 
 import model as M
-from extract_roi import load_image
 
 
 class EvalError(Exception):
@@ -209,42 +208,21 @@ def read_benchmark(path):
 # ----------------------------------------------------------------------------------------------------
 # 3. The inference model: backbone + merged LoRA, unwrapped; nothing else is loaded.
 # ----------------------------------------------------------------------------------------------------
-def read_ckpt_config(folder):
-    path = os.path.join(folder, "config.json")
-    if not os.path.isfile(path):
-        raise EvalError(f"no checkpoint at '{folder}' (missing config.json; train.py writes runs/<name>/phase<p>/)")
-    if not os.path.isfile(os.path.join(folder, "adapter.safetensors")):
-        raise EvalError(f"checkpoint '{folder}' has no adapter.safetensors")
-    with open(path) as f:
-        return json.load(f)
-
-
-def ckpt_field(config, folder, *keys):
-    """First present value of `keys` in the checkpoint config ('args.x' reads config['args']['x'])."""
-    for k in keys:
-        v = config
-        for part in k.split("."):
-            v = v.get(part) if isinstance(v, dict) else None
-        if v is not None:
-            return v
-    raise EvalError(f"{folder}/config.json: no field {' or '.join(repr(k) for k in keys)}")
-
-
 def weight_bytes(module):
     return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
 
 
 def load_inference_model(ckpt, backbone_path=None, device="cpu", dtype=torch.float32):
     """-> (backbone, processor, config, overhead report). Only adapter.safetensors is read."""
-    config = read_ckpt_config(ckpt)
+    config = M.read_ckpt_config(ckpt)
     pretrained = bool(config.get("args", {}).get("pretrain"))  # train.py --pretrain: the backbone itself, no LoRA
     path = backbone_path or (os.path.join(ckpt, "backbone") if pretrained else
-                             ckpt_field(config, ckpt, "backbone_path", "args.backbone"))
+                             M.ckpt_field(config, ckpt, "backbone_path", "args.backbone"))
     backbone, processor = M.load_backbone(path, dtype=dtype, device=device)
     plain = dict(params=M.count_params(backbone), bytes=weight_bytes(backbone))
     r = alpha = None
     if not pretrained:
-        r, alpha = ckpt_field(config, ckpt, "arch.lora")  # [r, alpha], as train.py checks warm starts
+        r, alpha = M.ckpt_field(config, ckpt, "arch.lora")  # [r, alpha], as train.py checks warm starts
         M.add_lora(backbone, r, alpha, 0.0)
         M.load_checkpoint(ckpt, M.VITAL(backbone), scaffolds=False)  # VITAL without decoder/VP: no scaffolds
         M.fold_lora(backbone)
@@ -262,7 +240,7 @@ def load_inference_model(ckpt, backbone_path=None, device="cpu", dtype=torch.flo
 # ----------------------------------------------------------------------------------------------------
 def open_image(path):
     try:
-        return load_image(path)
+        return M.load_image(path)
     except Exception as e:
         raise EvalError(f"cannot read image {path}: {e}") from None
 
@@ -649,5 +627,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except EvalError as e:
+    except (EvalError, M.CheckpointError) as e:
         sys.exit(f"evaluate.py: error: {e}")

@@ -39,8 +39,8 @@ from PIL import Image, ImageDraw, ImageFont
 from safetensors import safe_open
 
 import model as M
-from evaluate import EvalError, ckpt_field, colormap, read_ckpt_config
-from extract_roi import QwenSelfPatches, SiglipPatches, load_image, pad_image
+from evaluate import EvalError, colormap
+from extract_roi import QwenSelfPatches, SiglipPatches, pad_image
 
 
 class ExplainError(Exception):
@@ -100,7 +100,7 @@ def resolve_encoder(config, ckpt, override):
 # ----------------------------------------------------------------------------------------------------
 def load_explainer(ckpt, device, dtype):
     """-> (vital with pj_in/decoder and/or vp, processor, dec_tokenizer or None, config)."""
-    config = read_ckpt_config(ckpt)
+    config = M.read_ckpt_config(ckpt)
     sc_path = os.path.join(ckpt, "scaffold.safetensors")
     if not os.path.isfile(sc_path):
         raise ExplainError(f"checkpoint '{ckpt}' has no scaffold.safetensors: explain needs the decoder + pj_in "
@@ -111,10 +111,10 @@ def load_explainer(ckpt, device, dtype):
     has_dec = any(k.startswith("decoder.") for k in keys) and any(k.startswith("pj_in.") for k in keys)
     if not has_dec and d_v is None:
         raise ExplainError(f"{sc_path} holds neither the decoder + pj_in nor the visual projector (keys: {keys[:5]})")
-    backbone, processor = M.load_backbone(ckpt_field(config, ckpt, "backbone_path", "args.backbone"), dtype, device)
-    r, alpha = ckpt_field(config, ckpt, "arch.lora")
+    backbone, processor = M.load_backbone(M.ckpt_field(config, ckpt, "backbone_path", "args.backbone"), dtype, device)
+    r, alpha = M.ckpt_field(config, ckpt, "arch.lora")
     M.add_lora(backbone, r, alpha, 0.0)
-    decoder, dec_tok = M.load_decoder(ckpt_field(config, ckpt, "decoder_path", "args.decoder"), dtype, device) \
+    decoder, dec_tok = M.load_decoder(M.ckpt_field(config, ckpt, "decoder_path", "args.decoder"), dtype, device) \
         if has_dec else (None, None)
     vital = M.VITAL(backbone, decoder, d_v, config.get("args", {}).get("projector", "res_mlp_ln"),
                     lambda_sem=1.0 if has_dec else 0.0, lambda_vis=1.0 if d_v else 0.0).to(device)
@@ -196,7 +196,7 @@ def bank_thumbnails(bank, meta, box, out_dir, size=64):
         for rank, (sid, score, j) in enumerate(step, 1):
             thumb = None
             if sid in images and os.path.isfile(images[sid]):
-                im = load_image(images[sid])
+                im = M.load_image(images[sid])
                 if box is not None:
                     im = im.crop(tuple(int(x) for x in box[j].tolist()))
                 im.thumbnail((size, size))
@@ -300,7 +300,7 @@ def open_image(path):
     if not os.path.isfile(path):
         raise ExplainError(f"image '{path}': no such file")
     try:
-        return load_image(path)
+        return M.load_image(path)
     except Exception as e:
         raise ExplainError(f"image '{path}' cannot be read as an image ({type(e).__name__}: {e})") from None
 
@@ -312,7 +312,7 @@ def explain(args):
     ckpt = args.ckpt or find_checkpoint(args.runs)
     try:
         vital, processor, dec_tok, config = load_explainer(ckpt, device, dtype)
-    except (EvalError, FileNotFoundError, ValueError) as e:
+    except (EvalError, M.CheckpointError, FileNotFoundError, ValueError) as e:
         raise ExplainError(str(e)) from None
     answer, h = answer_and_latents(vital, processor, image, args.question, args.k, args.max_new_tokens, device)
     sentences = M.decode_latent(vital.decoder, vital.pj_in, dec_tok, h, args.max_step_tokens) \

@@ -57,7 +57,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-import model as vital
+import model as M
 
 MASK_THRESHOLD = 0.3  # §A.5.2: a patch belongs to the ROI if >= 30% of it is mask (area interpolation)
 VALID_THRESHOLD = 0.5  # chosen: a crop patch is "valid" if at least half of it is real image, not padding
@@ -102,17 +102,6 @@ def read_samples(path):
             units[key].ids.append(sid)
             rows.append((line_no, sid, key))
     return rows, units, failed
-
-
-def load_image(path):
-    """-> RGB PIL image. Grey (8- or 16-bit, float) -> 3 identical channels; 16-bit/float scaled min-max."""
-    with Image.open(path) as im:
-        im.load()
-        if im.mode.startswith("I") or im.mode == "F":  # 16/32-bit grey: PIL's convert("L") would clip
-            a = np.asarray(im, dtype=np.float32)
-            lo, hi = float(a.min()), float(a.max())
-            im = Image.fromarray(((a - lo) / max(hi - lo, 1e-8) * 255).round().astype(np.uint8))
-        return im.convert("RGB")
 
 
 def load_mask(path, size):
@@ -221,7 +210,7 @@ class SiglipPatches:
     kind = "siglip"
 
     def __init__(self, path, device="cpu", dtype=torch.float32):
-        self.model, proc = vital.load_encoder(path, dtype, device)
+        self.model, proc = M.load_encoder(path, dtype, device)
         cfg = self.model.config
         self.name, self.path, self.device, self.dtype = os.path.basename(os.path.normpath(path)), path, device, dtype
         self.image_size, self.grid, self.dim = cfg.image_size, cfg.image_size // cfg.patch_size, cfg.hidden_size
@@ -246,7 +235,7 @@ class QwenSelfPatches:
     kind = "self"
 
     def __init__(self, path, size=448, device="cpu", dtype=torch.float32):
-        backbone, proc = vital.load_backbone(path, dtype, device)
+        backbone, proc = M.load_backbone(path, dtype, device)
         self.visual, self.ip = backbone.model.visual.requires_grad_(False), proc.image_processor
         unit = self.ip.patch_size * self.ip.merge_size  # 16 px x 2x2 merge = 32 px per token
         if size % unit:
@@ -307,7 +296,7 @@ def extract_chunk(units, enc, args, global_cache):
     views, plans, failures, notes = {}, {}, {}, {}
     for u in units:
         try:
-            img = load_image(u.image)
+            img = M.load_image(u.image)
         except Exception as e:  # missing, truncated, not an image, decompression bomb, ...
             failures[u.key] = f"cannot read image {u.image}: {e}"
             continue
@@ -473,7 +462,7 @@ def grid_search(units, enc, args):
         todo, pending = [], []
         for u in units[i:i + args.shard_size]:
             try:
-                img = load_image(u.image)
+                img = M.load_image(u.image)
                 mask = load_mask(u.mask, img.size)
             except Exception:
                 continue  # the extraction run reports these; the search just leaves them out

@@ -16,8 +16,8 @@ the losses); the backbone, decoder, encoder, tokenizers and processors are plain
 loaded with `from_pretrained(folder)`.
 
 Commands:
-    python model.py make-tiny runs/tiny        # tiny models of the real classes, for tests and the demo
     python model.py info runs/tiny             # parameter counts of a model folder set
+(The tiny models of the same classes, for the tests and the demo, are written by demo/tiny.py.)
 """
 import argparse
 import json
@@ -30,9 +30,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from transformers import (AutoTokenizer, DynamicCache, PreTrainedTokenizerFast, Qwen2VLImageProcessorPil,
-                          Qwen3Config, Qwen3ForCausalLM, Qwen3VLConfig, Qwen3VLForConditionalGeneration,
-                          Qwen3VLProcessor, SiglipImageProcessorPil, SiglipVisionConfig, SiglipVisionModel)
+import numpy as np
+from PIL import Image
+from transformers import (AutoTokenizer, DynamicCache, Qwen2VLImageProcessorPil, Qwen3ForCausalLM,
+                          Qwen3VLForConditionalGeneration, Qwen3VLProcessor, SiglipImageProcessorPil, SiglipVisionModel)
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -123,7 +124,7 @@ def fold_lora(module):
 
 # ----------------------------------------------------------------------------------------------------
 # 2. Loading checkpoints from local folders. Real runs: Qwen3-VL-8B-Instruct, Qwen3-1.7B, MedSigLIP-448.
-#    Tests and the demo: tiny models of the SAME classes written by make_tiny() and read back here.
+#    Tests and the demo: tiny models of the SAME classes written by demo/tiny.py and read back here.
 # ----------------------------------------------------------------------------------------------------
 class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
     """Qwen3VLProcessor without its video processor (which needs torchvision): images and text only.
@@ -170,116 +171,24 @@ def load_encoder(path, dtype=torch.float32, device="cpu"):
     return model, SiglipImageProcessorPil.from_pretrained(path)
 
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                  "<|image_pad|>", "<|video_pad|>"]
-# Qwen's chat format for one user turn with an image, as Qwen3-VL-Instruct's own template renders it.
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
-    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|>"
-    "<|vision_end|>{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-TINY_CORPUS = """the image shows a bright dark round oval elongated irregular smooth sharp blurred boundary
-target organ lesion tumor vessel tissue cell retina liver lung kidney spleen heart brain pancreas
-prostate colon polyp nodule mass cyst skin fundus optic disc ultrasound dermoscopy x-ray ct mri
-left right center upper lower middle part of is in located where what which describe analyze
-yes no visible present absent appears compared with surrounding brighter darker than region
-structure shape size small large extent its edge edges well defined uniform intensity texture
-question answer step reasoning finding image-space area occupies about percent lies near
-""".split()
-
-
-def make_tokenizer(seed_words=TINY_CORPUS, vocab_size=1024):
-    """A byte-level BPE tokenizer built offline with `tokenizers`, with Qwen's special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    words = list(seed_words) + [w.capitalize() for w in seed_words]
-    tok.train_from_iterator([" ".join(words)] * 4 + [f" {w}" for w in words] * 8 + words * 4, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   chat_template=CHAT_TEMPLATE)
-
-
-def make_tiny(folder, hidden=64, layers=2, dec_hidden=64, dec_layers=2, enc_hidden=48, seed=0, patch=16):
-    """Write tiny random-init models of the real classes (fixed seed) into folder/{backbone,decoder,
-    encoder}. They load through load_backbone/load_decoder/load_encoder exactly like real checkpoints."""
-    torch.manual_seed(seed)
-    tok = make_tokenizer()
-    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    head_dim = 32  # M-RoPE splits head_dim/2 = 16 frequencies over (t, h, w) as 6/5/5
-    cfg = Qwen3VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=hidden // head_dim,
-                         num_key_value_heads=max(1, hidden // head_dim // 2), head_dim=head_dim,
-                         max_position_embeddings=4096, pad_token_id=ids["<|endoftext|>"],
-                         # (chosen) init std 1/sqrt(hidden), not 0.02: a 64-wide frozen lm_head at 0.02 caps
-                         # logits near +-1.3, so a tiny random backbone could never fit an answer.
-                         initializer_range=hidden ** -0.5,
-                         rope_parameters=dict(rope_type="default", rope_theta=5e6, mrope_section=[6, 5, 5],
-                                              mrope_interleaved=True)),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=patch,
-                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=hidden,
-                           num_position_embeddings=64, deepstack_visual_indexes=[0]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False)
-    out = os.path.join(folder, "backbone")
-    Qwen3VLForConditionalGeneration(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    # Qwen3-VL's processor: 16-px patches, 2x2 merge => one LLM token per 32x32 pixels.
-    Qwen2VLImageProcessorPil(patch_size=patch, merge_size=2, temporal_patch_size=2,
-                             min_pixels=(2 * patch) ** 2, max_pixels=512 * 512).save_pretrained(out)
-
-    dcfg = Qwen3Config(vocab_size=len(tok), hidden_size=dec_hidden, intermediate_size=2 * dec_hidden,
-                       num_hidden_layers=dec_layers, num_attention_heads=dec_hidden // head_dim,
-                       num_key_value_heads=max(1, dec_hidden // head_dim // 2), head_dim=head_dim,
-                       max_position_embeddings=1024, tie_word_embeddings=True, initializer_range=dec_hidden ** -0.5,
-                       pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"])
-    Qwen3ForCausalLM(dcfg).save_pretrained(os.path.join(folder, "decoder"))
-    tok.save_pretrained(os.path.join(folder, "decoder"))
-
-    # MedSigLIP analogue: 112 px, patch 14 => an 8x8 grid (the real one: 448 px, 32x32, d_v = 1152).
-    ecfg = SiglipVisionConfig(image_size=112, patch_size=14, hidden_size=enc_hidden, intermediate_size=2 * enc_hidden,
-                              num_hidden_layers=2, num_attention_heads=2)
-    SiglipVisionModel(ecfg).save_pretrained(os.path.join(folder, "encoder"))
-    SiglipImageProcessorPil(size={"height": 112, "width": 112}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
-                            do_pad=False).save_pretrained(os.path.join(folder, "encoder"))
-    return folder
-
-
-def real_configs(layers=None, dec_layers=None):
-    """The paper's model shapes (§B.1), for random-weight checks: Qwen3-VL-8B (LLM 4096 x 36, ViT 1152 x 27,
-    deepstack 8/16/24, M-RoPE sections 24/20/20), Qwen3-1.7B (2048 x 28) and SigLIP-448 (MedSigLIP's shape:
-    1152 x 27, patch 14). `layers`/`dec_layers` shorten the two LLMs only. The tiny tokenizer stands in for
-    Qwen's: its ids are < the real vocabulary. -> (backbone config, decoder config, encoder config, tokenizer)."""
-    tok = make_tokenizer()
-    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    cfg = Qwen3VLConfig(
-        text_config=dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=layers or 36,
-                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
-                         pad_token_id=ids["<|endoftext|>"], rope_parameters=dict(
-                             rope_type="default", rope_theta=5e6, mrope_section=[24, 20, 20], mrope_interleaved=True)),
-        vision_config=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16,
-                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=4096,
-                           num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False)
-    dcfg = Qwen3Config(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=dec_layers or 28,
-                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
-                       tie_word_embeddings=True, pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"])
-    ecfg = SiglipVisionConfig(image_size=448, patch_size=14, hidden_size=1152, intermediate_size=4304,
-                              num_hidden_layers=27, num_attention_heads=16)
-    return cfg, dcfg, ecfg, tok
-
-
 # ----------------------------------------------------------------------------------------------------
 # 3. The prompt contract (owned here; every stage imports it). Student view = raw image + question.
 #    Prefix: chat-formatted user turn, generation prompt open, LEFT-padded, so that h_0 is column -1.
 #    Answer: right-padded, ends with <|im_end|>. Step sentences r_k: decoder tokens, each ending in EOS.
 # ----------------------------------------------------------------------------------------------------
+def load_image(path):
+    """The student view of an image file, the same pixels for every stage (training, evaluation, ROI
+    features, explanation) -> RGB PIL image. Grey 8-bit -> 3 identical channels; 16-bit or float grey is
+    scaled min-max to 8 bits first (PIL's own convert would clip it); RGBA drops its alpha."""
+    with Image.open(path) as im:
+        im.load()
+        if im.mode.startswith("I") or im.mode == "F":
+            a = np.asarray(im, dtype=np.float32)
+            lo, hi = float(a.min()), float(a.max())
+            im = Image.fromarray(((a - lo) / max(hi - lo, 1e-8) * 255).round().astype(np.uint8))
+        return im.convert("RGB")
+
+
 def build_prefix(processor, images, questions):
     """-> BatchFeature(input_ids, attention_mask, mm_token_type_ids, pixel_values, image_grid_thw)."""
     if len(images) != len(questions):
@@ -544,6 +453,33 @@ def project_latent(vp, h):
 # ----------------------------------------------------------------------------------------------------
 # 7. Save / load: safetensors for tensors, JSON for metadata, atomic folder writes, PEFT export.
 # ----------------------------------------------------------------------------------------------------
+class CheckpointError(Exception):
+    """A checkpoint folder that is missing or lacks a field; the stages print it as one line."""
+
+
+def read_ckpt_config(folder):
+    """config.json of a checkpoint folder runs/<name>/phase<p>/ (it must hold adapter.safetensors too)."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no checkpoint at '{folder}' (missing config.json; train.py writes "
+                              "runs/<name>/phase<p>/)")
+    if not os.path.isfile(os.path.join(folder, "adapter.safetensors")):
+        raise CheckpointError(f"checkpoint '{folder}' has no adapter.safetensors")
+    with open(path) as f:
+        return json.load(f)
+
+
+def ckpt_field(config, folder, *keys):
+    """First present value of `keys` in a checkpoint config ('args.x' reads config['args']['x'])."""
+    for k in keys:
+        v = config
+        for part in k.split("."):
+            v = v.get(part) if isinstance(v, dict) else None
+        if v is not None:
+            return v
+    raise CheckpointError(f"{folder}/config.json: no field {' or '.join(repr(k) for k in keys)}")
+
+
 def save_checkpoint(folder, vital: VITAL, config: dict, extra_files=None):
     """Write adapter.safetensors, scaffold.safetensors and config.json into folder atomically: everything
     goes to folder.tmp first and is renamed into place only when complete. extra_files: {name: writer(path)}."""
@@ -622,24 +558,15 @@ def count_params(module):
 def main():
     ap = argparse.ArgumentParser(description="VITAL model utilities")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("make-tiny", help="write tiny random-init backbone/decoder/encoder folders")
-    t.add_argument("folder", help="output folder, e.g. runs/tiny")
-    t.add_argument("--hidden", type=int, default=64, help="LLM hidden size of the tiny backbone")
-    t.add_argument("--layers", type=int, default=2, help="LLM layers of the tiny backbone")
-    t.add_argument("--seed", type=int, default=0, help="random seed of the weights")
     i = sub.add_parser("info", help="print parameter counts of backbone/decoder/encoder under a folder")
     i.add_argument("folder", help="folder with backbone/, decoder/, encoder/")
     args = ap.parse_args()
-    if args.cmd == "make-tiny":
-        make_tiny(args.folder, hidden=args.hidden, layers=args.layers, seed=args.seed)
-        print(f"tiny models written to {args.folder}/{{backbone,decoder,encoder}}")
-    else:
-        bb, _ = load_backbone(os.path.join(args.folder, "backbone"))
-        dec, _ = load_decoder(os.path.join(args.folder, "decoder"))
-        enc, _ = load_encoder(os.path.join(args.folder, "encoder"))
-        n_lora = add_lora(bb)
-        print(f"backbone {count_params(bb) / 1e6:.2f}M (LoRA layers {n_lora}), decoder {count_params(dec) / 1e6:.2f}M, "
-              f"encoder {count_params(enc) / 1e6:.2f}M")
+    bb, _ = load_backbone(os.path.join(args.folder, "backbone"))
+    dec, _ = load_decoder(os.path.join(args.folder, "decoder"))
+    enc, _ = load_encoder(os.path.join(args.folder, "encoder"))
+    n_lora = add_lora(bb)
+    print(f"backbone {count_params(bb) / 1e6:.2f}M (LoRA layers {n_lora}), decoder {count_params(dec) / 1e6:.2f}M, "
+          f"encoder {count_params(enc) / 1e6:.2f}M")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ Writes runs/<name>/phase<p>/  adapter.safetensors, scaffold.safetensors, config.
        runs/<name>/log.jsonl   one line per optimizer step (step, phase, losses, lr, grad norm, speed, memory)
 
 Data first (stages 1-2), here the embedded phantom set with the tiny models:
-    python model.py make-tiny runs/tiny && python prepare_data.py --source phantom --out data/phantom --n 2000
+    python demo/tiny.py runs/tiny && python prepare_data.py --source phantom --out data/phantom --n 2000
     python extract_roi.py --samples data/phantom/samples.jsonl --encoder runs/tiny/encoder --out data/phantom/roi.safetensors
 One process (a GPU, or the CPU), the three phases of the default curriculum, each warm-starting from the last:
     python train.py --data data/phantom --preset tiny --out runs/tiny-vital --phase 1
@@ -40,13 +40,14 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
-from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from model import VITAL, add_lora, batch_to, load_backbone, load_checkpoint, load_decoder, make_batch, make_tiny, save_checkpoint
+from demo.tiny import make_tiny
+from model import (VITAL, add_lora, batch_to, load_backbone, load_checkpoint, load_decoder, load_image, make_batch,
+                   save_checkpoint)
 
 # ----------------------------------------------------------------------------------------------------
 # Curriculum schedules (§3.5, §4.3 Table 3). Each phase = (highest latent_steps admitted, None = all K;
@@ -265,16 +266,11 @@ class KBucketSampler:
         return iter(self.global_batches()[self.rank::self.world][self.start:])
 
 
-def open_image(path):
-    with Image.open(path) as im:
-        return im.convert("RGB")
-
-
 def collate(records, idx, processor, dec_tokenizer, roi, glob):
     """One K-bucket micro-batch -> (batch for VITAL.forward, K, backbone tokens processed)."""
     recs = [records[i] for i in idx]
     K = recs[0]["K"]
-    batch = make_batch(processor, dec_tokenizer, [open_image(r["image_path"]) for r in recs],
+    batch = make_batch(processor, dec_tokenizer, [load_image(r["image_path"]) for r in recs],
                        [r["question"] for r in recs], [r["answer"] for r in recs],
                        [r["reasoning_chain"][:K] for r in recs], K,
                        roi[idx] if roi is not None else None, glob[idx] if glob is not None else None)

@@ -29,10 +29,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from transformers import (Qwen2VLImageProcessorPil, Qwen3ForCausalLM, Qwen3VLForConditionalGeneration,
+                          SiglipImageProcessorPil, SiglipVisionConfig, SiglipVisionModel)
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import explain  # noqa: E402
 import model as M  # noqa: E402
+from demo.tiny import CHAT_TEMPLATE, make_tiny, make_tokenizer, real_configs  # noqa: E402
 from extract_roi import SiglipPatches  # noqa: E402
 
 
@@ -43,30 +46,30 @@ def build(args, folder):
     """-> backbone (frozen, + LoRA), processor, decoder (fp32, trainable), dec_tokenizer, encoder folder."""
     wdtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     if args.tiny:
-        M.make_tiny(folder)
+        make_tiny(folder)
         backbone, processor = M.load_backbone(os.path.join(folder, "backbone"), wdtype, args.device)
         decoder, dec_tok = M.load_decoder(os.path.join(folder, "decoder"), torch.float32, args.device)
         enc_dir = os.path.join(folder, "encoder")
     else:
-        bcfg, dcfg, ecfg, tok = M.real_configs(args.layers, args.layers)
+        bcfg, dcfg, ecfg, tok = real_configs(args.layers, args.layers)
         old = torch.get_default_dtype()
         try:
             with torch.device(args.device):
                 torch.set_default_dtype(wdtype)  # random init straight in the target dtype: seconds on a GPU
-                backbone = M.Qwen3VLForConditionalGeneration(bcfg).eval()
+                backbone = Qwen3VLForConditionalGeneration(bcfg).eval()
                 torch.set_default_dtype(torch.float32)
-                decoder = M.Qwen3ForCausalLM(dcfg)
+                decoder = Qwen3ForCausalLM(dcfg)
             torch.set_default_dtype(wdtype)
             enc_dir = os.path.join(folder, "encoder")  # the encoder goes through the real loading path
-            M.SiglipVisionModel(ecfg).save_pretrained(enc_dir)
+            SiglipVisionModel(ecfg).save_pretrained(enc_dir)
         finally:
             torch.set_default_dtype(old)
-        M.SiglipImageProcessorPil(size={"height": 448, "width": 448}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+        SiglipImageProcessorPil(size={"height": 448, "width": 448}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
                                   do_pad=False).save_pretrained(enc_dir)
         tok.padding_side = "left"
-        processor = M.ImageOnlyQwen3VLProcessor(M.Qwen2VLImageProcessorPil(patch_size=16, merge_size=2,
-                                                temporal_patch_size=2), tok, chat_template=M.CHAT_TEMPLATE)
-        dec_tok = M.make_tokenizer()
+        processor = M.ImageOnlyQwen3VLProcessor(Qwen2VLImageProcessorPil(patch_size=16, merge_size=2,
+                                                temporal_patch_size=2), tok, chat_template=CHAT_TEMPLATE)
+        dec_tok = make_tokenizer()
         dec_tok.padding_side = "right"
     M.add_lora(backbone, r=args.lora_r, alpha=2 * args.lora_r)
     for m in M.lora_layers(backbone):  # a trained-looking adapter (B != 0), so merging changes the weights
@@ -222,7 +225,7 @@ def heat_of(vital, enc, image, h):
 # ----------------------------------------------------------------------------------------------------
 def get_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tiny", action="store_true", help="tiny configs (model.make_tiny) instead of the real sizes")
+    ap.add_argument("--tiny", action="store_true", help="tiny configs (demo/tiny.py) instead of the real sizes")
     ap.add_argument("--layers", type=int, help="LLM layers of backbone and decoder (default: the real 36 and 28)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     ap.add_argument("--dtype", choices=["bf16", "fp32"], help="frozen weights + autocast (default bf16 on CUDA)")
@@ -251,7 +254,7 @@ def main(argv=None):
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="vital_gpu_check_") as tmp:
         backbone, processor, decoder, dec_tok, enc_dir = build(args, tmp)
-        d_v = M.SiglipVisionConfig.from_pretrained(enc_dir).hidden_size
+        d_v = SiglipVisionConfig.from_pretrained(enc_dir).hidden_size
         vital = M.VITAL(backbone, decoder, d_v).to(device)
         build_s = time.time() - t0
         n_train = sum(p.numel() for p in vital.parameters() if p.requires_grad)

@@ -12,6 +12,7 @@ from PIL import Image
 
 import evaluate as E
 import model as M
+from demo.tiny import make_tiny
 
 R, ALPHA = 4, 8.0
 
@@ -51,7 +52,7 @@ def make_ckpt(root, plant=None, projector="res_mlp_ln"):
     shaped like train.py's. plant(vital) may overwrite weights before saving."""
     models, data, ckpt = (os.path.join(root, x) for x in ("models", "data", "runs/tiny/phase1"))
     if not os.path.isdir(models):
-        M.make_tiny(models)
+        make_tiny(models)
     write_data(data)
     torch.manual_seed(0)
     backbone, _ = M.load_backbone(os.path.join(models, "backbone"))
@@ -316,7 +317,7 @@ def test_k_sample_groups_by_latent_steps(tiny):
 
 
 def test_input_errors(tiny, tmp_path):
-    with pytest.raises(E.EvalError, match="missing config.json"):
+    with pytest.raises(M.CheckpointError, match="missing config.json"):
         E.main(["--ckpt", str(tmp_path), "--data", tiny["data"], "--out", str(tmp_path / "o")])
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(dict(image="a.png", question="q", answer="a", answer_type="closed")) + "\n"

@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 
 import explain as X
 import model as M
-from extract_roi import SiglipPatches, load_image
+from extract_roi import SiglipPatches
+from model import load_image
 from test_evaluate import make_ckpt, write_image
 
 K = 3

@@ -1,5 +1,5 @@
 """Tests of extract_roi.py (stage 2, §3.4/§A.5): geometry by hand, pooling with a stub encoder whose patch
-features are known, and end-to-end runs of the tiny SigLIP encoder (model.make_tiny) on PNG fixtures."""
+features are known, and end-to-end runs of the tiny SigLIP encoder (demo/tiny.py) on PNG fixtures."""
 import json
 import os
 
@@ -12,6 +12,7 @@ from safetensors import safe_open
 
 import extract_roi as er
 import model
+from demo.tiny import make_tiny
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -19,7 +20,7 @@ import model
 # ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return model.make_tiny(str(tmp_path_factory.mktemp("tiny")))
+    return make_tiny(str(tmp_path_factory.mktemp("tiny")))
 
 
 @pytest.fixture(scope="module")

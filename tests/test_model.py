@@ -10,13 +10,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 import model as M
+from demo.tiny import make_tiny, real_configs
 
 TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return str(M.make_tiny(str(tmp_path_factory.mktemp("tiny"))))
+    return str(make_tiny(str(tmp_path_factory.mktemp("tiny"))))
 
 
 def _images(seed=0):
@@ -172,15 +173,16 @@ def test_lora_merged_equals_unmerged(tiny):
 
 
 def test_real_size_parameter_counts_match_the_paper():
-    """§B.2 Table 10: LoRA r=64 on Qwen3-VL-8B = 174.6M, VP = 21.51M, pj_in = 8.39M (built on 'meta')."""
-    cfg = M.Qwen3VLConfig(text_config=dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-                                           num_attention_heads=32, num_key_value_heads=8, head_dim=128),
-                          vision_config=dict(depth=1, out_hidden_size=4096))
+    """demo/tiny.py's real_configs are the real shapes: Qwen3-VL-8B has 8,767,123,696 parameters; §B.2
+    Table 10: LoRA r=64 = 174.6M, VP = 21.51M, pj_in = 8.39M (all built on 'meta': no memory)."""
+    cfg, dcfg, ecfg, _ = real_configs()
     with torch.device("meta"):
         bb = M.Qwen3VLForConditionalGeneration(cfg)
+        n_plain = M.count_params(bb)
         M.add_lora(bb, r=64, alpha=128)
-        vp = M.VisualProjector(4096, 1152)
-        pj_in = torch.nn.Linear(4096, 2048)
+        vp = M.VisualProjector(cfg.text_config.hidden_size, ecfg.hidden_size)
+        pj_in = torch.nn.Linear(cfg.text_config.hidden_size, dcfg.hidden_size)
+    assert n_plain == 8_767_123_696
     n_lora = sum(p.numel() for n, p in bb.named_parameters() if ".lora_" in n)
     assert round(n_lora / 1e6, 1) == 174.6
     assert round(M.count_params(vp) / 1e6, 2) == 21.51
@@ -342,7 +344,7 @@ def test_bad_inputs_give_clear_errors(tiny, tmp_path):
     M.add_lora(wide, r=4, alpha=8)                          # another LoRA rank
     with pytest.raises(ValueError, match="shape"):
         M.load_checkpoint(str(tmp_path / "r8"), M.VITAL(wide))
-    other = M.make_tiny(str(tmp_path / "wide"), hidden=96)   # another width
+    other = make_tiny(str(tmp_path / "wide"), hidden=96)   # another width
     wb, _ = M.load_backbone(os.path.join(other, "backbone"))
     M.add_lora(wb, r=8, alpha=16)
     with pytest.raises(ValueError, match="shape"):

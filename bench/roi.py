@@ -5,14 +5,15 @@ Measures `encode` of extract_roi.SiglipPatches (the same code the stage runs: no
 before post_layernorm; bf16 on GPU) on preprocessed random pixels, and separately the per-image CPU
 preprocessing (pad to square, bicubic resize, normalise), which batching does not speed up.
 
-    python bench_roi.py                          # tiny encoder (model.make_tiny), CPU, batch 1 and 16
-    python bench_roi.py --real --device cuda     # SigLIP-SO400M/14-448 config (MedSigLIP size), random init
+    python bench/roi.py                          # tiny encoder (demo/tiny.py), CPU, batch 1 and 16
+    python bench/roi.py --real --device cuda     # SigLIP-SO400M/14-448 config (MedSigLIP size), random init
 
 Prints a table; with --tiny the run fails (exit 1) if batch 16 is not at least 2x faster per image
 than batch 1, the requirement of issue 4.
 """
 import argparse
 import os
+import sys
 import tempfile
 import time
 
@@ -21,8 +22,9 @@ import torch
 from PIL import Image
 from transformers import SiglipImageProcessorPil, SiglipVisionConfig, SiglipVisionModel
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import extract_roi as er
-import model as vital
+from demo.tiny import make_tiny
 
 
 def real_encoder(folder):
@@ -73,7 +75,7 @@ def main():
     n = args.images or (64 if args.real else 256)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     with tempfile.TemporaryDirectory() as tmp:
-        folder = real_encoder(os.path.join(tmp, "enc")) if args.real else os.path.join(vital.make_tiny(tmp), "encoder")
+        folder = real_encoder(os.path.join(tmp, "enc")) if args.real else os.path.join(make_tiny(tmp), "encoder")
         enc = er.SiglipPatches(folder, args.device, dtype)
     name = "SigLIP-SO400M/14-448 (random)" if args.real else "tiny SigLIP (112 px, 8x8, d 48)"
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU x{torch.get_num_threads()} threads"

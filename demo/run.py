@@ -3,7 +3,7 @@ VITAL end to end on the embedded default (phantom data, tiny models, CPU): what 
 
 Every stage is a subprocess with its documented command line, printed before it runs, so the demo is
 also the recipe. A stage whose output already exists is skipped, so re-running resumes:
-  1. python model.py make-tiny OUT/models                       -> OUT/models/{backbone,decoder,encoder}
+  1. python demo/tiny.py OUT/models                       -> OUT/models/{backbone,decoder,encoder}
   P. the tiny backbone's stand-in pretraining (a random backbone cannot see; Qwen3-VL arrives pretrained):
      python prepare_data.py --seed 1 --captions ... and --questions-per-image 2 ... -> OUT/pretrain_data
      python train.py --pretrain ...                                -> OUT/pretrain/phase1/backbone
@@ -18,8 +18,8 @@ also the recipe. A stage whose output already exists is skipped, so re-running r
 then a summary: closed-ended accuracy of VITAL, of the K = 0 model, of the backbone alone and chance, overall and per question type
 (also written to OUT/summary.json and OUT/summary.md).
 
-    python demo.py                       # the defaults below (tuned on this 2-core CPU machine, README)
-    python demo.py --out runs/demo2 --n 1500 --epochs 2 2 4   # smaller / other budgets
+    python demo/run.py                       # the defaults below (tuned on this 2-core CPU machine, README)
+    python demo/run.py --out runs/demo2 --n 1500 --epochs 2 2 4   # smaller / other budgets
 """
 import argparse
 import json
@@ -132,7 +132,7 @@ def main(argv=None):
     vital, k0 = os.path.join(out, "vital"), os.path.join(out, "k0")
     timings = {}
 
-    timings["models"] = run([PY, "model.py", "make-tiny", models, "--hidden", str(args.hidden), "--layers", str(args.layers)],
+    timings["models"] = run([PY, "demo/tiny.py", models, "--hidden", str(args.hidden), "--layers", str(args.layers)],
                             skip_if=os.path.join(models, "encoder", "config.json"), what="tiny models")
     timings["data"] = run([PY, "prepare_data.py", "--source", "phantom", "--out", data, "--n", str(args.n),
                            "--seed", str(args.data_seed), "--image-size", str(args.image_size), "--teacher", "geometry"],

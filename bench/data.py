@@ -6,16 +6,18 @@ samples in under 5 minutes on a 2-core CPU machine.
 It also checks that the parallel run is deterministic: the first --check samples are made again with
 a single process and must be byte-identical records and PNGs.
 
-  python bench_data.py                      # 10,000 samples, all cores, into a temporary folder
-  python bench_data.py --n 2000 --workers 1 --out data/bench --keep
+  python bench/data.py                      # 10,000 samples, all cores, into a temporary folder
+  python bench/data.py --n 2000 --workers 1 --out data/bench --keep
 """
 import argparse
 import json
 import os
+import sys
 import shutil
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import prepare_data
 
 

@@ -3,9 +3,9 @@ Benchmark of the VITAL core (model.py): the latent loop, LoRA merging, the train
 decoder and memory. Every figure is a ratio measured within one run (medians of interleaved repeats), so
 a noisy machine moves both sides together.
 
-    python bench.py                       # small config: hidden 256, 4 layers, ~300-token prompt, B = 1 and 4
-    python bench.py --reps 20 --batch 1 4 8
-    python bench.py --real --device cuda --dtype bf16 --batch 1   # Qwen3-VL-8B / Qwen3-1.7B sizes, random init
+    python bench/loop.py                       # small config: hidden 256, 4 layers, ~300-token prompt, B = 1 and 4
+    python bench/loop.py --reps 20 --batch 1 4 8
+    python bench/loop.py --real --device cuda --dtype bf16 --batch 1   # Qwen3-VL-8B / Qwen3-1.7B sizes, random init
 
 Targets (issue 2): latent step / decode step <= 1.10; merged-LoRA inference / plain backbone <= 1.02;
 train step K=4 / K=0 <= 1.5; this loop / naive recompute-everything loop (K=4 train step) <= 0.5.
@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import copy
 import os
+import sys
 import resource
 import statistics
 import tempfile
@@ -24,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import model as M
+from demo.tiny import CHAT_TEMPLATE, make_tiny, real_configs
 
 
 def sync(device):
@@ -57,28 +60,16 @@ def interleaved(fns, reps, device):
 def build(args, folder):
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     if args.real:  # the paper's sizes (§B.1, Table 9/11), random init; needs a big GPU
-        cfg = M.Qwen3VLConfig(
-            text_config=dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-                             num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                             rope_parameters=dict(rope_type="default", rope_theta=5e6, mrope_section=[24, 20, 20],
-                                                  mrope_interleaved=True)),
-            vision_config=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096,
-                               deepstack_visual_indexes=[8, 16, 24]))
-        tok = M.make_tokenizer()
-        cfg.image_token_id = tok.convert_tokens_to_ids("<|image_pad|>")
-        cfg.vision_start_token_id = tok.convert_tokens_to_ids("<|vision_start|>")
-        cfg.vision_end_token_id = tok.convert_tokens_to_ids("<|vision_end|>")
+        cfg, dcfg, _, tok = real_configs()
         with torch.device(args.device):
             plain = M.Qwen3VLForConditionalGeneration(cfg).to(dtype).eval()
-            dec = M.Qwen3ForCausalLM(M.Qwen3Config(vocab_size=151936, hidden_size=2048, intermediate_size=6144,
-                                                   num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
-                                                   head_dim=128, tie_word_embeddings=True))
+            dec = M.Qwen3ForCausalLM(dcfg)
         proc = M.ImageOnlyQwen3VLProcessor(M.Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2),
-                                           tok, chat_template=M.CHAT_TEMPLATE)
+                                           tok, chat_template=CHAT_TEMPLATE)
         tok.padding_side = "left"
         d_v, dtok = 1152, tok
     else:
-        M.make_tiny(folder, hidden=256, layers=4, dec_hidden=128, dec_layers=2)
+        make_tiny(folder, hidden=256, layers=4, dec_hidden=128, dec_layers=2)
         plain, proc = M.load_backbone(os.path.join(folder, "backbone"), dtype, args.device)
         dec, dtok = M.load_decoder(os.path.join(folder, "decoder"), torch.float32, args.device)
         d_v = 48

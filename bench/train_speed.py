@@ -3,9 +3,9 @@ Training throughput of train.py (samples/s, tokens/s, peak memory), measured thr
 each configuration runs `train.main` for a few optimizer steps on a synthetic five-tuple set and reads the
 per-step numbers train.py writes to log.jsonl (the first steps are warm-up and are dropped).
 
-    python bench_train.py                      # tiny preset on this machine (CPU or GPU)
-    python bench_train.py --real               # real sizes, random weights: Qwen3-VL-8B + Qwen3-1.7B, r=64, d_v=1152
-    python bench_train.py --real --layers 2    # the same widths with fewer layers (a quick check of the path)
+    python bench/train_speed.py                      # tiny preset on this machine (CPU or GPU)
+    python bench/train_speed.py --real               # real sizes, random weights: Qwen3-VL-8B + Qwen3-1.7B, r=64, d_v=1152
+    python bench/train_speed.py --real --layers 2    # the same widths with fewer layers (a quick check of the path)
 
 Reference: the paper's run is 817K sample-passes (19.6K x 5 + 39.4K x 5 + 52.2K x 10) in 96 h on 6 GPUs,
 i.e. about 0.39 samples/s per GPU; the goal is >= 3x that per GPU at the same sizes.
@@ -13,6 +13,7 @@ i.e. about 0.39 samples/s per GPU; the goal is >= 3x that per GPU at the same si
 import argparse
 import json
 import os
+import sys
 import statistics
 import tempfile
 
@@ -22,8 +23,9 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import train
-from model import make_tiny, make_tokenizer
+from demo.tiny import make_tiny, real_configs
 
 PAPER_SAMPLES_PER_S_PER_GPU = 817_000 / (96 * 3600) / 6  # = 0.394
 
@@ -51,24 +53,10 @@ def write_data(folder, n, K, image_size, d_v, seed=0):
 def make_real(folder, layers=None, dec_layers=None):
     """Random-weight Qwen3-VL-8B (LLM 4096 x 36, ViT 1152 x 27) and Qwen3-1.7B (2048 x 28) written as model folders.
     The tiny tokenizer (1024 tokens) is enough: token ids only need to be < the real vocab of 151936."""
-    from transformers import Qwen2VLImageProcessorPil, Qwen3Config, Qwen3ForCausalLM, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers import Qwen2VLImageProcessorPil, Qwen3ForCausalLM, Qwen3VLForConditionalGeneration
     if os.path.isfile(os.path.join(folder, "decoder", "config.json")):
         return folder
-    tok = make_tokenizer()
-    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_end|>")}
-    cfg = Qwen3VLConfig(
-        text_config=dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=layers or 36,
-                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
-                         pad_token_id=ids["<|endoftext|>"], rope_parameters=dict(
-                             rope_type="default", rope_theta=5e6, mrope_section=[24, 20, 20], mrope_interleaved=True)),
-        vision_config=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16,
-                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=4096,
-                           num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
-    dcfg = Qwen3Config(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=dec_layers or 28,
-                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
-                       tie_word_embeddings=True, pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"])
+    cfg, dcfg, _, tok = real_configs(layers, dec_layers)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # random init straight in bf16 on the device: 16 GB, seconds on a GPU

@@ -13,8 +13,8 @@ Budget: the schedule's default epochs (5/5/10, 10/10, 20, 10/5/5: 20 in total fo
 --epoch-scale, on at most --limit train samples per phase.
 Writes OUT/results.md (the tables, also printed) and OUT/results.json (every run's numbers).
 
-    python ablate.py                                     # the README's budget (reuses runs/demo's models + data)
-    python ablate.py --seeds 0 1 2 3 4 --epoch-scale 1 --limit 0 --eval-limit 0   # a bigger budget
+    python demo/ablate.py                                     # the README's budget (reuses runs/demo's models + data)
+    python demo/ablate.py --seeds 0 1 2 3 4 --epoch-scale 1 --limit 0 --eval-limit 0   # a bigger budget
 """
 import argparse
 import json
@@ -159,7 +159,7 @@ def tables(args, res):
 
 def ensure_inputs(args):
     """Models, data and ROI features with demo.py's commands, if they are not there yet."""
-    steps = [([PY, "model.py", "make-tiny", args.models], os.path.join(args.models, "encoder", "config.json")),
+    steps = [([PY, "demo/tiny.py", args.models], os.path.join(args.models, "encoder", "config.json")),
              ([PY, "prepare_data.py", "--source", "phantom", "--out", args.data, "--n", str(args.n),
                "--image-size", str(args.image_size)], os.path.join(args.data, "stats.json")),
              ([PY, "extract_roi.py", "--samples", os.path.join(args.data, "samples.jsonl"), "--encoder",
