@@ -20,10 +20,8 @@ Several nodes (run on every node, same rendezvous endpoint; global batch = batch
         train.py --data data/vital --backbone ... --decoder ... --out runs/vital --phase 1
 Continue a killed run exactly where its last checkpoint left it:   add --resume to the same command.
 Phase p > 1 from scratch or from another run: --init none | --init runs/other/phase1.
-The tiny preset's stand-in for the real backbone's own pretraining (a random tiny backbone cannot see):
-    python prepare_data.py --source phantom --out data/captions --n 3000 --seed 1 --captions
-    python train.py --pretrain --data data/captions --preset tiny --models runs/tiny --out runs/tiny-pretrain
-    then train VITAL on it with --backbone runs/tiny-pretrain/phase1/backbone (the preset's decoder stays).
+The tiny preset's stand-in for the pretraining a real Qwen3-VL arrives with is demo/pretrain.py (it reuses
+train_phase below with its own model builder).
 Ablations: --curriculum {3-phase,2-phase,full-mix,reverse}  --lambda-sem 0  --lambda-vis 0  --projector linear
            --visual-target per_step  --max-k 0 (direct-answer baseline) ... --max-k 4.
 """
@@ -37,6 +35,7 @@ import resource
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -93,9 +92,6 @@ def get_args(argv=None):
     ap.add_argument("--curriculum", default="3-phase", choices=list(CURRICULA), help="schedule (§4.3, table above)")
     ap.add_argument("--epochs", type=float, help="epochs of this phase (default from the schedule: 5/5/10)")
     ap.add_argument("--max-k", type=int, help="cap on latent steps: K = min(latent_steps, max_k); 0 = direct answer")
-    ap.add_argument("--pretrain", action="store_true",
-                    help="tiny preset only: train the WHOLE backbone (no LoRA, no scaffolds) at K = 0 on --data and "
-                         "save it as <out>/phase1/backbone, standing in for the pretraining a real backbone already had")
     ap.add_argument("--init", help="warm-start checkpoint (default runs/<name>/phase<p-1> for p > 1; 'none' = scratch)")
     # losses (eq. 7)
     ap.add_argument("--lambda-sem", type=float, default=1.0, help="weight of L_sem; 0 removes the decoder scaffold")
@@ -126,20 +122,12 @@ def get_args(argv=None):
     if args.lambda_sem > 0 and args.max_k != 0 and not args.decoder:
         ap.error("--lambda-sem > 0 needs the auxiliary --decoder (or --lambda-sem 0 to train without it)")
     tiny = args.preset == "tiny"
-    if args.pretrain:
-        if not tiny:
-            ap.error("--pretrain is for the tiny preset: a real backbone (Qwen3-VL) is already pretrained")
-        if args.phase != 1 or args.init or args.max_k not in (None, 0):
-            ap.error("--pretrain is a single phase at K = 0: drop --phase, --init and --max-k")
-        args.max_k, args.lambda_sem, args.lambda_vis = 0, 0.0, 0.0
     args.lora_r = args.lora_r or (8 if tiny else 64)  # hidden 64 in the tiny models: r=64 would be full rank
     args.lora_alpha = args.lora_alpha or (16.0 if tiny else 128.0)
     schedule = CURRICULA[args.curriculum]
     if not 1 <= args.phase <= len(schedule):
         ap.error(f"--curriculum {args.curriculum} has phases 1..{len(schedule)}, not {args.phase}")
     args.phase_max_k, default_epochs = schedule[args.phase - 1]
-    if args.pretrain:
-        args.phase_max_k = None  # every train sample, each answered directly
     args.epochs = default_epochs if args.epochs is None else args.epochs
     return args
 
@@ -407,11 +395,27 @@ def load_trainer(folder, opt, names, rank, device):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The run
+# The run: main() sets up the process (DDP from torchrun's environment), train_phase() is the stage in
+# named steps (data, model, warm start or resume, optimizer and data order), train_loop() the loop itself.
 # ----------------------------------------------------------------------------------------------------
-def main(argv=None):
-    args = get_args(argv)
-    # DDP is detected from torchrun's environment (RANK); a plain `python train.py` is world size 1.
+@dataclass
+class Env:
+    """Where and how this process trains."""
+    rank: int
+    world: int
+    device: torch.device
+    bf16: bool
+    ctx: object  # the one precision context: autocast bf16, or nullcontext for fp32
+    log: object  # print on rank 0, silent elsewhere
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+
+def setup(args):
+    """-> (Env, whether DDP was initialised). DDP is detected from torchrun's environment (RANK); a plain
+    `python train.py` is world size 1."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if ddp:
@@ -419,151 +423,197 @@ def main(argv=None):
         rank, local_rank, world = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
     else:
         rank, local_rank, world = 0, 0, 1
-    master = rank == 0
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
     bf16 = args.dtype == "bf16" or (args.dtype == "auto" and use_cuda)
-    # One precision context: autocast bf16 (trainable weights, optimizer and losses stay fp32) or plain fp32.
+    # autocast bf16: frozen weights in bf16, trainable weights, optimizer and losses stay fp32
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-    log = print if master else (lambda *a, **k: None)
+    return Env(rank, world, device, bf16, ctx, print if rank == 0 else (lambda *a, **k: None)), ddp
+
+
+def main(argv=None, build=None, extra_files=None):
+    """train.py's entry; demo/pretrain.py calls it with its own model builder and extra checkpoint files."""
+    args = get_args(argv) if not isinstance(argv, argparse.Namespace) else argv
+    env, ddp = setup(args)
     try:
-        run(args, rank, world, master, device, bf16, ctx, log)
+        return train_phase(args, env, build or build_vital, extra_files)
     finally:
         if ddp:
             dist.destroy_process_group()
 
 
-def run(args, rank, world, master, device, bf16, ctx, log):
-    phase_dir = os.path.join(args.out, f"phase{args.phase}")
-    samples_path, roi_path = os.path.join(args.data, "samples.jsonl"), os.path.join(args.data, "roi.safetensors")
+def load_data(args):
+    """-> (this phase's records, roi, glob, roi metadata); roi/glob are None when L_vis is off."""
+    samples_path = os.path.join(args.data, "samples.jsonl")
     records = select_phase(read_samples(samples_path), args, samples_path)
-    with_steps = args.max_k != 0  # K = 0 everywhere (direct answer): the scaffolds have nothing to supervise
-    need_roi = args.lambda_vis > 0 and with_steps
-    roi, glob, roi_meta = read_roi(roi_path, records, args.visual_target == "per_step") if need_roi else (None, None, {})
-    if not args.resume and any(os.path.exists(d) for d in (phase_dir, phase_dir + ".old")):
-        raise TrainError(f"{phase_dir} already holds a checkpoint: add --resume to continue it, or remove it "
-                         "(or pick another --out) to train this phase again")  # never overwrite work silently
+    if not (args.lambda_vis > 0 and args.max_k != 0):  # K = 0 everywhere: no step to supervise
+        return records, None, None, {}
+    roi_path = os.path.join(args.data, "roi.safetensors")
+    roi, glob, meta = read_roi(roi_path, records, args.visual_target == "per_step")
+    return records, roi, glob, meta
 
-    resume_dir = None
-    if args.resume:
-        resume_dir = next((d for d in (phase_dir, phase_dir + ".old") if os.path.isfile(os.path.join(d, "config.json"))), None)
-        if resume_dir is None:
-            raise TrainError(f"--resume: no checkpoint in {phase_dir} to continue from")
 
-    # ---- models: same seed on every rank so LoRA/scaffold init agree (DDP also broadcasts rank 0's)
-    if args.preset == "tiny" and not os.path.isfile(os.path.join(args.backbone, "config.json")):
-        if master:
-            make_tiny(args.models)
-        if world > 1:
-            dist.barrier()
-    torch.manual_seed(args.seed)
-    wdtype = torch.bfloat16 if bf16 and not args.pretrain else torch.float32  # frozen weights; trainable ones stay fp32
-    # --pretrain: the backbone itself is what trains, so a resume starts from the checkpoint's copy of it
-    start_from = os.path.join(resume_dir, "backbone") if args.pretrain and resume_dir else args.backbone
-    backbone, processor = load_backbone(start_from, dtype=wdtype, device=device)
-    if args.pretrain:
-        backbone.requires_grad_(True)
-    else:
-        add_lora(backbone, args.lora_r, args.lora_alpha, args.lora_dropout)
-    decoder, dec_tokenizer = load_decoder(args.decoder, dtype=torch.float32, device=device) \
-        if args.lambda_sem > 0 and with_steps else (None, None)  # fp32: the decoder is fully trained (§4.1)
-    d_v = roi.shape[1] if roi is not None else None
-    vital = VITAL(backbone, decoder, d_v, args.projector, args.lambda_sem, args.lambda_vis, args.vp_dropout).to(device)
-    arch = dict(backbone=fingerprint(args.backbone), decoder=fingerprint(args.decoder) if decoder is not None else None,
-                lora=None if args.pretrain else [args.lora_r, args.lora_alpha])
+def find_resume(args, phase_dir):
+    """The checkpoint --resume continues (None without --resume); never overwrite a phase silently."""
+    if not args.resume:
+        if any(os.path.exists(d) for d in (phase_dir, phase_dir + ".old")):
+            raise TrainError(f"{phase_dir} already holds a checkpoint: add --resume to continue it, or remove it "
+                             "(or pick another --out) to train this phase again")
+        return None
+    found = [d for d in (phase_dir, phase_dir + ".old") if os.path.isfile(os.path.join(d, "config.json"))]
+    if not found:
+        raise TrainError(f"--resume: no checkpoint in {phase_dir} to continue from")
+    return found[0]
 
-    # ---- warm start (phase p > 1 from phase p-1) or resume (this phase's own last checkpoint)
+
+def build_vital(args, env, resume_dir, d_v):
+    """The frozen backbone (bf16 under autocast) + LoRA, the fp32 decoder (fully trained, §4.1) and heads.
+    -> (vital, processor, dec_tokenizer, arch: the identity a warm start must match)."""
+    wdtype = torch.bfloat16 if env.bf16 else torch.float32
+    backbone, processor = load_backbone(args.backbone, dtype=wdtype, device=env.device)
+    add_lora(backbone, args.lora_r, args.lora_alpha, args.lora_dropout)
+    with_decoder = args.lambda_sem > 0 and args.max_k != 0
+    decoder, dec_tokenizer = load_decoder(args.decoder, torch.float32, env.device) if with_decoder else (None, None)
+    vital = VITAL(backbone, decoder, d_v, args.projector, args.lambda_sem, args.lambda_vis, args.vp_dropout)
+    arch = dict(backbone=fingerprint(args.backbone), lora=[args.lora_r, args.lora_alpha],
+                decoder=fingerprint(args.decoder) if decoder is not None else None)
+    return vital.to(env.device), processor, dec_tokenizer, arch
+
+
+def warm_start(args, vital, arch, resume_dir, log):
+    """Load phase p-1 (or --init) into a new phase, or this phase's own last checkpoint on --resume.
+    -> (the source's config or None, the warm-start folder or None)."""
     init = args.init if args.init else (os.path.join(args.out, f"phase{args.phase - 1}") if args.phase > 1 else None)
     init = None if init == "none" else init
     src = resume_dir or init
-    if src:
-        cfg_path = os.path.join(src, "config.json")
-        if not os.path.isfile(cfg_path):
-            hint = f"run --phase {args.phase - 1} first or pass --init" if args.init is None else "check --init"
-            raise TrainError(f"phase {args.phase} warm-starts from {src}, which holds no checkpoint ({hint})")
-        with open(cfg_path) as f:
-            src_cfg = json.load(f)
-        check_compatible(src, src_cfg, arch)
-        if resume_dir:  # an exact continuation needs the same training flags (stop/save points may change)
-            free = {"resume", "max_steps", "save_every", "device", "preset", "models", "backbone", "decoder", "data", "out"}
-            diff = sorted(k for k, v in vars(args).items() if k not in free and src_cfg["args"].get(k) != v)
-            if diff:
-                raise TrainError(f"--resume: {resume_dir} was trained with other flags: " + ", ".join(
-                    f"--{k.replace('_', '-')} {src_cfg['args'].get(k)} (now {getattr(args, k)})" for k in diff))
-        try:
-            load_checkpoint(src, vital, scaffolds=vital.decoder is not None or vital.vp is not None)
-        except (ValueError, FileNotFoundError) as e:
-            raise TrainError(f"cannot load {src}: {e}") from None
-        log(f"{'resuming from' if resume_dir else 'warm start from'} {src}")
-        if not resume_dir and not src_cfg.get("finished"):
-            log(f"note: {src} stopped at step {src_cfg.get('step')} of {src_cfg.get('total_steps')} (not finished)")
-    vital.train()
-    raw = vital  # unwrapped model: what we save (keys without "module.")
-    params = [p for p in vital.parameters() if p.requires_grad]
-    if world > 1:
-        # DDP over the trainable tensors only: frozen backbone weights and buffers are neither broadcast nor
-        # all-reduced. Every trainable tensor gets a gradient each step (scaffolds are not built for K = 0),
-        # so find_unused_parameters stays off.
-        frozen = [n for n, p in vital.named_parameters() if not p.requires_grad] + [n for n, _ in vital.named_buffers()]
-        DDP._set_params_and_buffers_to_ignore_for_model(vital, frozen)
-        vital = DDP(vital, device_ids=[device.index] if device.type == "cuda" else None)
+    if not src:
+        return None, None
+    cfg_path = os.path.join(src, "config.json")
+    if not os.path.isfile(cfg_path):
+        hint = f"run --phase {args.phase - 1} first or pass --init" if args.init is None else "check --init"
+        raise TrainError(f"phase {args.phase} warm-starts from {src}, which holds no checkpoint ({hint})")
+    with open(cfg_path) as f:
+        src_cfg = json.load(f)
+    check_compatible(src, src_cfg, arch)
+    if resume_dir:  # an exact continuation needs the same training flags (stop/save points may change)
+        free = {"resume", "max_steps", "save_every", "device", "preset", "models", "backbone", "decoder", "data", "out"}
+        diff = sorted(k for k, v in vars(args).items() if k not in free and src_cfg["args"].get(k) != v)
+        if diff:
+            raise TrainError(f"--resume: {resume_dir} was trained with other flags: " + ", ".join(
+                f"--{k.replace('_', '-')} {src_cfg['args'].get(k)} (now {getattr(args, k)})" for k in diff))
+    try:
+        load_checkpoint(src, vital, scaffolds=vital.decoder is not None or vital.vp is not None)
+    except (ValueError, FileNotFoundError) as e:
+        raise TrainError(f"cannot load {src}: {e}") from None
+    log(f"{'resuming from' if resume_dir else 'warm start from'} {src}")
+    if not resume_dir and not src_cfg.get("finished"):
+        log(f"note: {src} stopped at step {src_cfg.get('step')} of {src_cfg.get('total_steps')} (not finished)")
+    return src_cfg, init
+
+
+def wrap_ddp(vital, env):
+    """DDP over the trainable tensors only: frozen backbone weights and buffers are neither broadcast nor
+    all-reduced. Every trainable tensor gets a gradient each step (scaffolds are not built for K = 0), so
+    find_unused_parameters stays off."""
+    if env.world == 1:
+        return vital
+    frozen = [n for n, p in vital.named_parameters() if not p.requires_grad] + [n for n, _ in vital.named_buffers()]
+    DDP._set_params_and_buffers_to_ignore_for_model(vital, frozen)
+    return DDP(vital, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+
+
+def reset_log(log_path, phase, step):
+    """Drop the log lines of this phase that the checkpoint we start from does not contain (a kill can
+    also leave a torn last line: dropped)."""
+    os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
+    with open(log_path, "a+") as f:
+        f.seek(0)
+        keep = [l for l in f if l.endswith("\n") and ((e := json.loads(l))["phase"] != phase or e["step"] <= step)]
+    with open(log_path, "w") as f:
+        f.writelines(keep)
+
+
+def train_phase(args, env, build=build_vital, extra_files=None):
+    """One curriculum phase. `build` makes the model (demo/pretrain.py passes its own); `extra_files(raw,
+    processor)` adds folders to every checkpoint (the pretrained backbone). -> the phase folder."""
+    phase_dir, log = os.path.join(args.out, f"phase{args.phase}"), env.log
+    records, roi, glob, roi_meta = load_data(args)
+    resume_dir = find_resume(args, phase_dir)
+    if args.preset == "tiny" and not os.path.isfile(os.path.join(args.backbone, "config.json")):
+        if env.master:
+            make_tiny(args.models)
+        if env.world > 1:
+            dist.barrier()
+    torch.manual_seed(args.seed)  # same init on every rank (DDP also broadcasts rank 0's)
+    raw, processor, dec_tokenizer, arch = build(args, env, resume_dir, roi.shape[1] if roi is not None else None)
+    src_cfg, init = warm_start(args, raw, arch, resume_dir, log)
+    raw.train()
+    model = wrap_ddp(raw, env)  # raw is what we save: keys without "module."
     groups, names = param_groups(raw, args)
-    opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, fused=env.device.type == "cuda")
 
     # ---- data order and the length of the phase
-    sampler = KBucketSampler([r["K"] for r in records], args.batch_size, world, rank, args.grad_accum, args.seed)
+    sampler = KBucketSampler([r["K"] for r in records], args.batch_size, env.world, env.rank, args.grad_accum,
+                             args.seed)
     steps_per_epoch = len(sampler) // args.grad_accum
     total = max(1, round(args.epochs * steps_per_epoch))
-    stop = min(total, args.max_steps) if args.max_steps > 0 else total
-    global_batch = args.batch_size * args.grad_accum * world
+    global_batch = args.batch_size * args.grad_accum * env.world
+    n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
     ks = {k: sum(r["K"] == k for r in records) for k in sorted({r["K"] for r in records})}
     log(f"phase {args.phase} ({args.curriculum}): {len(records)} train samples, samples per K {ks}, "
-        f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters, {'bf16 autocast' if bf16 else 'fp32'} on {device}")
-    log(f"global batch = {args.batch_size} per device x {args.grad_accum} accum x {world} ranks = {global_batch}; "
-        f"{steps_per_epoch} steps/epoch x {args.epochs} epochs = {total} steps")
+        f"{n_train / 1e6:.2f}M trainable parameters, {'bf16 autocast' if env.bf16 else 'fp32'} on {env.device}")
+    log(f"global batch = {args.batch_size} per device x {args.grad_accum} accum x {env.world} ranks = "
+        f"{global_batch}; {steps_per_epoch} steps/epoch x {args.epochs} epochs = {total} steps")
 
     step = 0
     if resume_dir:
         if src_cfg.get("finished"):
             log(f"{resume_dir} already finished its {src_cfg['total_steps']} steps: nothing to do")
-            return
-        if src_cfg["world_size"] != world or src_cfg["global_batch"] != global_batch or src_cfg["total_steps"] != total:
+            return phase_dir
+        if (src_cfg["world_size"], src_cfg["global_batch"], src_cfg["total_steps"]) != (env.world, global_batch, total):
             raise TrainError(f"{resume_dir} was trained with world size {src_cfg['world_size']}, global batch "
-                             f"{src_cfg['global_batch']}, {src_cfg['total_steps']} steps; this run has {world}, "
+                             f"{src_cfg['global_batch']}, {src_cfg['total_steps']} steps; this run has {env.world}, "
                              f"{global_batch}, {total}: exact resume needs the same")
-        step = load_trainer(resume_dir, opt, names, rank, device)["step"]
+        step = load_trainer(resume_dir, opt, names, env.rank, env.device)["step"]
     else:
-        torch.manual_seed(args.seed + rank)  # per-rank dropout streams (a resume restores them instead)
+        torch.manual_seed(args.seed + env.rank)  # per-rank dropout streams (a resume restores them instead)
 
-    config = dict(args=vars(args), phase=args.phase, arch=arch, world_size=world, global_batch=global_batch,
+    samples_path, roi_path = os.path.join(args.data, "samples.jsonl"), os.path.join(args.data, "roi.safetensors")
+    config = dict(args=vars(args), phase=args.phase, arch=arch, world_size=env.world, global_batch=global_batch,
                   total_steps=total, backbone_path=os.path.abspath(args.backbone), init=init,
-                  decoder_path=os.path.abspath(args.decoder) if decoder is not None else None,
+                  decoder_path=os.path.abspath(args.decoder) if raw.decoder is not None else None,
                   encoder_path=roi_meta.get("encoder_path"), encoder_kind=roi_meta.get("encoder_kind"),
-                  encoder_image_size=int(roi_meta["image_size"]) if "image_size" in roi_meta else None, d_v=d_v,
+                  encoder_image_size=int(roi_meta["image_size"]) if "image_size" in roi_meta else None,
+                  d_v=roi.shape[1] if roi is not None else None,
                   data=dict(samples_sha256=file_sha256(samples_path), n_train=len(records),
-                            roi_sha256=file_sha256(roi_path) if need_roi else None))
+                            roi_sha256=file_sha256(roi_path) if roi is not None else None))
     log_path = os.path.join(args.out, "log.jsonl")
-    if master:
-        os.makedirs(args.out, exist_ok=True)
-        # Drop log lines of this phase that the checkpoint we start from does not contain.
-        with open(log_path, "a+") as f:  # (a kill can leave a torn last line: dropped)
-            f.seek(0)
-            keep = [l for l in f if l.endswith("\n") and ((e := json.loads(l))["phase"] != args.phase or e["step"] <= step)]
-        with open(log_path, "w") as f:
-            f.writelines(keep)
+    if env.master:
+        reset_log(log_path, args.phase, step)
 
     def save(step):
-        rng = gather_rng(device, world)  # collective: every rank takes part
-        if master:
-            scalars = dict(step=step, world_size=world, global_batch=global_batch, total_steps=total)
+        rng = gather_rng(env.device, env.world)  # collective: every rank takes part
+        if env.master:
+            scalars = dict(step=step, world_size=env.world, global_batch=global_batch, total_steps=total)
             extra = {"trainer": trainer_writer(opt, names, rng, scalars, step >= total)}
-            if args.pretrain:  # the trained backbone as a from_pretrained folder (its adapter file is empty)
-                extra["backbone"] = lambda path: (raw.backbone.save_pretrained(path), processor.save_pretrained(path))
+            extra.update(extra_files(raw, processor) if extra_files else {})
             save_checkpoint(phase_dir, raw, dict(config, step=step, finished=step >= total), extra_files=extra)
 
-    bar = tqdm(total=stop, initial=step, desc=f"phase {args.phase}", disable=not master, dynamic_ncols=True)
-    last_saved = step if resume_dir else None
+    batches = (lambda idx: collate(records, idx, processor, dec_tokenizer, roi, glob))
+    step = train_loop(args, env, model, opt, sampler, batches, step, total, steps_per_epoch, save, log_path,
+                      resumed=resume_dir is not None)
+    log(f"phase {args.phase}: step {step}/{total}, checkpoint in {phase_dir}")
+    return phase_dir
+
+
+def train_loop(args, env, model, opt, sampler, batches, step, total, steps_per_epoch, save, log_path, resumed):
+    """Optimizer steps from `step` to the phase's end (or --max-steps): grad accumulation, one all-reduce
+    per step, grad clipping, the lr schedule, a log line per step, a checkpoint every --save-every."""
+    stop = min(total, args.max_steps) if args.max_steps > 0 else total
+    params = [p for p in model.parameters() if p.requires_grad]
+    device, last_saved = env.device, (step if resumed else None)
+    bar = tqdm(total=stop, initial=step, desc=f"phase {args.phase}", disable=not env.master, dynamic_ncols=True)
     while step < stop:
         epoch, pos = divmod(step, steps_per_epoch)
         sampler.set_epoch(epoch, start=pos * args.grad_accum)
@@ -577,24 +627,25 @@ def run(args, rank, world, master, device, bf16, ctx, log):
             # stats: L_task, L_sem, L_vis, loss (means over micro-batches), samples, tokens
             stats = torch.zeros(6, device=device, dtype=torch.float64)
             for micro in range(args.grad_accum):
-                batch, K, tokens = collate(records, next(it), processor, dec_tokenizer, roi, glob)
+                batch, K, tokens = batches(next(it))
                 batch = batch_to(batch, device)
                 # Gradients are all-reduced only on the last micro-step of the optimizer step.
-                sync = nullcontext() if (world == 1 or micro == args.grad_accum - 1) else vital.no_sync()
-                with sync:
-                    with ctx:
-                        out = vital(batch, K, args.visual_target == "per_step")
+                last = env.world == 1 or micro == args.grad_accum - 1
+                with nullcontext() if last else model.no_sync():
+                    with env.ctx:
+                        out = model(batch, K, args.visual_target == "per_step")
                     (out["loss"] / args.grad_accum).backward()
                 terms = torch.stack([out[k].detach().double() for k in ("L_task", "L_sem", "L_vis", "loss")])
                 stats[:4] += terms / args.grad_accum
                 stats[4] += len(batch["answer_ids"])
                 stats[5] += tokens
-            if world > 1:  # every rank's losses, not rank 0's last micro-batch
+            if env.world > 1:  # every rank's losses, not rank 0's last micro-batch
                 dist.all_reduce(stats)
-                stats[:4] /= world
+                stats[:4] /= env.world
             gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
             if not (torch.isfinite(stats[:4]).all() and torch.isfinite(gnorm)):
-                kept = f"last good checkpoint: {phase_dir} (step {last_saved})" if last_saved is not None else \
+                kept = f"last good checkpoint: {args.out}/phase{args.phase} (step {last_saved})" \
+                    if last_saved is not None else \
                     "no checkpoint of this phase was written yet"
                 raise TrainError(f"non-finite loss or gradient at phase {args.phase} step {step + 1} (L_task "
                                  f"{stats[0].item():.4g}, L_sem {stats[1].item():.4g}, L_vis {stats[2].item():.4g}, "
@@ -607,26 +658,27 @@ def run(args, rank, world, master, device, bf16, ctx, log):
             step += 1
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # time the GPU's work, not the launch queue
-            dt = time.time() - t0
-            if master:
-                peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-                        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20
-                entry = dict(step=step, phase=args.phase, epoch=epoch, L_task=stats[0].item(), L_sem=stats[1].item(),
-                             L_vis=stats[2].item(), loss=stats[3].item(), lr=opt.param_groups[0]["lr"],
-                             grad_norm=gnorm.item(), samples_per_s=stats[4].item() / dt,
-                             tokens_per_s=stats[5].item() / dt, peak_mem_mib=round(peak, 1))
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(entry) + "\n")
-                bar.update(1)
-                bar.set_postfix(L_task=f"{entry['L_task']:.3f}", L_sem=f"{entry['L_sem']:.3f}",
-                                L_vis=f"{entry['L_vis']:.3f}", lr=f"{entry['lr']:.2e}")
+            if env.master:
+                write_log_line(log_path, args.phase, step, epoch, stats, opt, gnorm, time.time() - t0, device, bar)
             if step % args.save_every == 0 or step == stop:
                 save(step)
                 last_saved = step
     bar.close()
-    log(f"phase {args.phase}: step {step}/{total}, checkpoint in {phase_dir}")
-    if args.pretrain:
-        log(f"pretrained backbone: {os.path.join(phase_dir, 'backbone')} (train VITAL with --backbone pointing there)")
+    return step
+
+
+def write_log_line(log_path, phase, step, epoch, stats, opt, gnorm, dt, device, bar):
+    """One log.jsonl line per optimizer step: losses, lr, grad norm, speed, peak memory."""
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20
+    entry = dict(step=step, phase=phase, epoch=epoch, L_task=stats[0].item(), L_sem=stats[1].item(),
+                 L_vis=stats[2].item(), loss=stats[3].item(), lr=opt.param_groups[0]["lr"], grad_norm=gnorm.item(),
+                 samples_per_s=stats[4].item() / dt, tokens_per_s=stats[5].item() / dt, peak_mem_mib=round(peak, 1))
+    with open(log_path, "a") as f:
+        f.write(json.dumps(entry) + "\n")
+    bar.update(1)
+    bar.set_postfix(L_task=f"{entry['L_task']:.3f}", L_sem=f"{entry['L_sem']:.3f}", L_vis=f"{entry['L_vis']:.3f}",
+                    lr=f"{entry['lr']:.2e}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ also the recipe. A stage whose output already exists is skipped, so re-running r
   1. python demo/tiny.py OUT/models                       -> OUT/models/{backbone,decoder,encoder}
   P. the tiny backbone's stand-in pretraining (a random backbone cannot see; Qwen3-VL arrives pretrained):
      python prepare_data.py --seed 1 --captions ... and --questions-per-image 2 ... -> OUT/pretrain_data
-     python train.py --pretrain ...                                -> OUT/pretrain/phase1/backbone
+     python demo/pretrain.py ...                                   -> OUT/pretrain/phase1/backbone
   2. python prepare_data.py --source phantom --out OUT/data ...  -> OUT/data/samples.jsonl, images/, masks/, stats.json
   3. python extract_roi.py ...                                   -> OUT/data/roi.safetensors
   4. python train.py ... --phase 1, 2, 3  (VITAL on the pretrained backbone, 3-phase curriculum) -> OUT/vital/phase{1,2,3}
@@ -16,7 +16,7 @@ also the recipe. A stage whose output already exists is skipped, so re-running r
                                                                -> OUT/eval_vital, eval_vital_ksample, eval_k0, eval_backbone
   7. python explain.py IMG "question" --ckpt OUT/vital/phase3    -> OUT/explain/<id>.{png,json}
 then a summary: closed-ended accuracy of VITAL, of the K = 0 model, of the backbone alone and chance, overall and per question type
-(also written to OUT/summary.json and OUT/summary.md).
+(also written to OUT/summary.json, OUT/summary.md and, with the command and date, demo/results.md).
 
     python demo/run.py                       # the defaults below (tuned on this 2-core CPU machine, README)
     python demo/run.py --out runs/demo2 --n 1500 --epochs 2 2 4   # smaller / other budgets
@@ -24,6 +24,7 @@ then a summary: closed-ended accuracy of VITAL, of the K = 0 model, of the backb
 import argparse
 import json
 import os
+import platform
 import shlex
 import subprocess
 import sys
@@ -31,6 +32,7 @@ import time
 from collections import defaultdict
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
 PY = sys.executable
 
 
@@ -66,7 +68,7 @@ def run(cmd, skip_if=None, what=""):
         return 0.0
     print(f"\n[run] {what}\n    $ {line}", flush=True)
     t0 = time.time()
-    subprocess.run(cmd, check=True, cwd=HERE)
+    subprocess.run(cmd, check=True, cwd=ROOT)
     dt = time.time() - t0
     print(f"[done] {what} in {dt:.0f}s", flush=True)
     return dt
@@ -124,112 +126,127 @@ def chance_by_type(samples, limit=0):
     return {t: 100 * sum(v) / len(v) for t, v in out.items()}
 
 
-def main(argv=None):
-    args = get_args(argv)
-    t_start = time.time()
-    out = args.out
-    models, data = os.path.join(out, "models"), os.path.join(out, "data")
-    vital, k0 = os.path.join(out, "vital"), os.path.join(out, "k0")
-    timings = {}
-
+def make_data(args, paths, timings):
+    """Stages 1-3: tiny models, phantom data with the geometry teacher, ROI features."""
+    models, data = paths["models"], paths["data"]
     timings["models"] = run([PY, "demo/tiny.py", models, "--hidden", str(args.hidden), "--layers", str(args.layers)],
                             skip_if=os.path.join(models, "encoder", "config.json"), what="tiny models")
     timings["data"] = run([PY, "prepare_data.py", "--source", "phantom", "--out", data, "--n", str(args.n),
                            "--seed", str(args.data_seed), "--image-size", str(args.image_size), "--teacher", "geometry"],
-                          skip_if=os.path.join(data, "stats.json"), what="phantom data (geometry teacher)")
+                          skip_if=os.path.join(data, "stats.json"), what="phantom data set")
     timings["roi"] = run([PY, "extract_roi.py", "--samples", os.path.join(data, "samples.jsonl"),
                           "--encoder", os.path.join(models, "encoder"), "--out", os.path.join(data, "roi.safetensors"),
                           "--quiet"], skip_if=os.path.join(data, "roi.safetensors"), what="ROI features")
-    # The stand-in pretraining: a target-free caption and two of the six question types per image, on images
-    # of another seed, answered directly (K = 0) by the whole backbone; VITAL then freezes it as the paper
-    # freezes Qwen3-VL. The backbone alone is evaluated too, as the paper reports Qwen3-VL zero-shot.
-    pre_data, pre_run = os.path.join(out, "pretrain_data"), os.path.join(out, "pretrain")
-    args.backbone = os.path.join(pre_run, "phase1", "backbone") if args.pretrain_epochs > 0 else None
-    if args.pretrain_epochs > 0:
-        common = [PY, "prepare_data.py", "--source", "phantom", "--out", pre_data, "--n", str(args.pretrain_n),
-                  "--seed", str(args.data_seed + 1), "--image-size", str(args.image_size), "--test-frac", "0",
-                  "--val-frac", "0"]
-        timings["pretrain data"] = run(common + ["--captions"], skip_if=os.path.join(pre_data, "captions.done"),
-                                       what="pretraining corpus: one caption per image")
-        open(os.path.join(pre_data, "captions.done"), "w").close()
-        timings["pretrain data"] += run(common + ["--questions-per-image", "2"], skip_if=os.path.join(pre_data, "questions.done"),
-                                        what="pretraining corpus: two question types per image")
-        open(os.path.join(pre_data, "questions.done"), "w").close()
-        cmd = [PY, "train.py", "--pretrain", "--data", pre_data, "--preset", "tiny", "--models", models, "--out", pre_run,
-               "--epochs", f"{args.pretrain_epochs:g}", "--lr", f"{args.pretrain_lr:g}", "--seed", str(args.seed)]
-        if phase_finished(os.path.join(pre_run, "phase1")):
-            run(cmd, skip_if=args.backbone, what="pretrain the tiny backbone (finished)")
-        else:
-            timings["pretrain"] = run(cmd + (["--resume"] if os.path.isdir(os.path.join(pre_run, "phase1")) else []),
-                                      what="pretrain the tiny backbone (whole model, K = 0)")
-    train_phases(args, models, data, vital, [], "VITAL", timings)
-    if not args.skip_k0:
-        train_phases(args, models, data, k0, ["--max-k", "0"], "K=0", timings)
 
+
+def pretrain(args, paths, timings):
+    """The stand-in pretraining: a target-free caption and two of the six question types per image, on
+    images of another seed, answered directly (K = 0) by the whole backbone; VITAL then freezes it as the
+    paper freezes Qwen3-VL. -> the pretrained backbone folder, or None with --pretrain-epochs 0."""
+    pre_data, pre_run = paths["pretrain_data"], paths["pretrain"]
+    if args.pretrain_epochs <= 0:
+        return None
+    backbone = os.path.join(pre_run, "phase1", "backbone")
+    common = [PY, "prepare_data.py", "--source", "phantom", "--out", pre_data, "--n", str(args.pretrain_n),
+              "--seed", str(args.data_seed + 1), "--image-size", str(args.image_size), "--test-frac", "0",
+              "--val-frac", "0"]
+    for flags, done, what in ((["--captions"], "captions.done", "one caption per image"),
+                              (["--questions-per-image", "2"], "questions.done", "two question types per image")):
+        timings["pretrain data"] = timings.get("pretrain data", 0.0) + run(
+            common + flags, skip_if=os.path.join(pre_data, done), what=f"pretraining corpus: {what}")
+        open(os.path.join(pre_data, done), "w").close()
+    cmd = [PY, "demo/pretrain.py", "--data", pre_data, "--models", paths["models"], "--out", pre_run,
+           "--epochs", f"{args.pretrain_epochs:g}", "--lr", f"{args.pretrain_lr:g}", "--seed", str(args.seed)]
+    if phase_finished(os.path.join(pre_run, "phase1")):
+        run(cmd, skip_if=backbone, what="pretrain the tiny backbone (finished)")
+    else:
+        timings["pretrain"] = run(cmd + (["--resume"] if os.path.isdir(os.path.join(pre_run, "phase1")) else []),
+                                  what="pretrain the tiny backbone (whole model, K = 0)")
+    return backbone
+
+
+def evaluate_all(args, paths, timings):
+    """VITAL at K = 4 (+ latency and collapse), VITAL at each item's own K (a diagnostic), the K = 0
+    model, and the pretrained backbone alone (no LoRA: the tiny counterpart of the zero-shot row)."""
     lim = ["--limit", str(args.eval_limit)] if args.eval_limit else []
-    ev_vital, ev_k0 = os.path.join(out, "eval_vital"), os.path.join(out, "eval_k0")
-    timings["eval VITAL"] = run([PY, "evaluate.py", "--ckpt", os.path.join(vital, "phase3"), "--data", data,
-                                 "--out", ev_vital, "--k", "4", "--latency", "--collapse"] + lim,
-                                skip_if=os.path.join(ev_vital, "metrics.json"), what="evaluate VITAL (K = 4)")
-    ev_ks = os.path.join(out, "eval_vital_ksample")
-    timings["eval VITAL K=sample"] = run([PY, "evaluate.py", "--ckpt", os.path.join(vital, "phase3"), "--data", data,
-                                          "--out", ev_ks, "--k", "sample"] + lim,
-                                         skip_if=os.path.join(ev_ks, "metrics.json"),
-                                         what="evaluate VITAL with each item's own K (diagnostic)")
+    jobs = [("eval VITAL", "vital", "eval_vital", ["--k", "4", "--latency", "--collapse"], "evaluate VITAL (K = 4)"),
+            ("eval VITAL K=sample", "vital", "eval_vital_ksample", ["--k", "sample"],
+             "evaluate VITAL with each item's own K (diagnostic)")]
     if not args.skip_k0:
-        timings["eval K=0"] = run([PY, "evaluate.py", "--ckpt", os.path.join(k0, "phase3"), "--data", data,
-                                   "--out", ev_k0, "--k", "0"] + lim,
-                                  skip_if=os.path.join(ev_k0, "metrics.json"), what="evaluate the K = 0 model")
-
-    ev_bb = os.path.join(out, "eval_backbone")
+        jobs.append(("eval K=0", "k0", "eval_k0", ["--k", "0"], "evaluate the K = 0 model"))
+    for name, run_key, out_key, flags, what in jobs:
+        timings[name] = run([PY, "evaluate.py", "--ckpt", os.path.join(paths[run_key], "phase3"), "--data",
+                             paths["data"], "--out", paths[out_key]] + flags + lim,
+                            skip_if=os.path.join(paths[out_key], "metrics.json"), what=what)
     if args.backbone:
-        timings["eval backbone"] = run([PY, "evaluate.py", "--ckpt", os.path.join(pre_run, "phase1"), "--data", data,
-                                        "--out", ev_bb, "--k", "0"] + lim, skip_if=os.path.join(ev_bb, "metrics.json"),
+        timings["eval backbone"] = run([PY, "evaluate.py", "--ckpt", os.path.join(paths["pretrain"], "phase1"),
+                                        "--data", paths["data"], "--out", paths["eval_backbone"], "--k", "0"] + lim,
+                                       skip_if=os.path.join(paths["eval_backbone"], "metrics.json"),
                                        what="evaluate the pretrained backbone alone (no LoRA)")
 
-    samples = read_jsonl(os.path.join(data, "samples.jsonl"))
-    test = [s for s in samples if s["split"] == "test"]
-    # one test image with a multi-step question (describe/reasoning) if there is one: more steps to read
-    pick = next((s for s in test if s.get("latent_steps", 1) >= 3), test[0])
-    img = pick["image"] if os.path.isabs(pick["image"]) else os.path.join(data, pick["image"])
-    stem = os.path.join(out, "explain", pick["id"])
-    timings["explain"] = run([PY, "explain.py", img, pick["question"], "--ckpt", os.path.join(vital, "phase3"),
-                              "--out", stem], skip_if=stem + ".json", what="explain one test image")
 
-    # ---- summary
+def explain_one(samples, paths, timings):
+    """One test image with a multi-step question (describe/reasoning) if there is one: more steps to read."""
+    test = [s for s in samples if s["split"] == "test"]
+    pick = next((s for s in test if s.get("latent_steps", 1) >= 3), test[0])
+    img = pick["image"] if os.path.isabs(pick["image"]) else os.path.join(paths["data"], pick["image"])
+    stem = os.path.join(paths["out"], "explain", pick["id"])
+    timings["explain"] = run([PY, "explain.py", img, pick["question"], "--ckpt",
+                              os.path.join(paths["vital"], "phase3"), "--out", stem],
+                             skip_if=stem + ".json", what="explain one test image")
+    with open(stem + ".json") as f:
+        return pick, stem, json.load(f)
+
+
+def summary_table(args, samples, paths):
+    """-> (markdown rows, {type: accuracies}) of closed-ended accuracy per question type."""
     chance = chance_by_type(samples, args.eval_limit)
-    acc_v = accuracy_by_type(os.path.join(ev_vital, "predictions.jsonl"), samples)
-    acc_s = accuracy_by_type(os.path.join(ev_ks, "predictions.jsonl"), samples)
-    acc_0 = {} if args.skip_k0 else accuracy_by_type(os.path.join(ev_k0, "predictions.jsonl"), samples)
-    acc_b = accuracy_by_type(os.path.join(ev_bb, "predictions.jsonl"), samples) if args.backbone else {}
-    types = ["all"] + sorted(t for t in acc_v if t != "all")
+    acc = {k: accuracy_by_type(os.path.join(paths[p], "predictions.jsonl"), samples) if use else {}
+           for k, p, use in (("vital", "eval_vital", True), ("own", "eval_vital_ksample", True),
+                             ("k0", "eval_k0", not args.skip_k0), ("bb", "eval_backbone", bool(args.backbone)))}
+    types = ["all"] + sorted(t for t in acc["vital"] if t != "all")
     pct = lambda a, t: (100 * a[t][0] / a[t][1]) if t in a and a[t][1] else float("nan")
     rows = ["| question type | n | VITAL (K=4) | VITAL (own K) | K=0 model | backbone alone | chance |",
             "|---|---:|---:|---:|---:|---:|---:|"]
+    table = {}
     for t in types:
-        rows.append(f"| {t} | {acc_v[t][1]} | {pct(acc_v, t):.1f} | {pct(acc_s, t):.1f} | {pct(acc_0, t):.1f} | "
-                    f"{pct(acc_b, t):.1f} | {chance.get(t, float('nan')):.1f} |")
-    wall = time.time() - t_start
-    summary = {"wall_s_this_run": round(wall, 1), "stage_s": {k: round(v, 1) for k, v in timings.items()},
-               "accuracy": {t: {"n": acc_v[t][1], "vital": pct(acc_v, t), "vital_own_k": pct(acc_s, t), "k0": pct(acc_0, t),
-                                 "backbone_alone": pct(acc_b, t), "chance": chance.get(t)}
-                            for t in types}, "args": vars(args)}
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    with open(os.path.join(out, "summary.md"), "w") as f:
-        f.write("\n".join(rows) + "\n")
-    with open(stem + ".json") as f:
-        ex = json.load(f)
+        table[t] = dict(n=acc["vital"][t][1], vital=pct(acc["vital"], t), vital_own_k=pct(acc["own"], t),
+                        k0=pct(acc["k0"], t), backbone_alone=pct(acc["bb"], t), chance=chance.get(t))
+        rows.append(f"| {t} | {table[t]['n']} | {table[t]['vital']:.1f} | {table[t]['vital_own_k']:.1f} | "
+                    f"{table[t]['k0']:.1f} | {table[t]['backbone_alone']:.1f} | {chance.get(t, float('nan')):.1f} |")
+    return rows, table
 
+
+def write_results(args, argv, rows, wall, timings):
+    """demo/results.md: the table with the command, date and machine that produced it (rewritten each run)."""
+    cmd = "python demo/run.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    with open(os.path.join(HERE, "results.md"), "w") as f:
+        f.write(f"# Demo results\n\nWritten by `{cmd.strip()}` on {time.strftime('%Y-%m-%d %H:%M')} "
+                f"({platform.machine()}, {os.cpu_count()} cores, torch {torch_version()}); wall time "
+                f"{wall / 60:.1f} min. Closed-ended accuracy (%) on the phantom test split, training seed "
+                f"{args.seed}:\n\n" + "\n".join(rows) + "\n\nStages (s): " +
+                ", ".join(f"{k} {v:.0f}" for k, v in timings.items() if v) + "\n")
+
+
+def torch_version():
+    out = subprocess.run([PY, "-c", "import torch; print(torch.__version__)"], capture_output=True, text=True)
+    return out.stdout.strip()
+
+
+def print_report(paths, args, pick, stem, ex, rows, wall, timings):
     print("\n================ VITAL demo: artifacts ================")
-    for name, path in [("tiny models", models), ("pretraining corpus", pre_data), ("pretrained backbone", args.backbone or "-"),
-                       ("backbone-alone evaluation", ev_bb), ("phantom data (samples.jsonl, images/, masks/, overlays/, stats.json)", data),
-                       ("ROI features", os.path.join(data, "roi.safetensors")),
-                       ("VITAL checkpoints + log.jsonl", vital), ("K = 0 checkpoints", k0),
-                       ("VITAL evaluation (predictions.jsonl, metrics.json, latency.json, collapse.json/.png)", ev_vital),
-                       ("VITAL evaluation, each item's own K", ev_ks), ("K = 0 evaluation", ev_k0), ("explanation (panel + JSON)", stem + ".png"),
-                       ("summary", os.path.join(out, "summary.md"))]:
-        print(f"  {name:<88} {path}")
+    for name, path in [("tiny models", paths["models"]), ("pretraining corpus", paths["pretrain_data"]),
+                       ("pretrained backbone", args.backbone or "-"),
+                       ("backbone-alone evaluation", paths["eval_backbone"]),
+                       ("phantom data (samples.jsonl, images/, masks/, overlays/, stats.json)", paths["data"]),
+                       ("ROI features", os.path.join(paths["data"], "roi.safetensors")),
+                       ("VITAL checkpoints + log.jsonl", paths["vital"]), ("K = 0 checkpoints", paths["k0"]),
+                       ("VITAL evaluation (predictions, metrics, latency, collapse)", paths["eval_vital"]),
+                       ("VITAL evaluation, each item's own K", paths["eval_vital_ksample"]),
+                       ("K = 0 evaluation", paths["eval_k0"]), ("explanation (panel + JSON)", stem + ".png"),
+                       ("summary", os.path.join(paths["out"], "summary.md")),
+                       ("results (command, date, table)", os.path.join("demo", "results.md"))]:
+        print(f"  {name:<70} {path}")
     print(f"\nexplain: Q: {pick['question']}\n         gold: {pick['answer']}")
     print(f"         VITAL: {ex.get('answer')}")
     for st in ex.get("steps", []):
@@ -240,6 +257,33 @@ def main(argv=None):
     print("\n".join(rows))
     print(f"\nwall time of this run: {wall / 60:.1f} min (stages: " +
           ", ".join(f"{k} {v:.0f}s" for k, v in timings.items() if v) + ")")
+
+
+def main(argv=None):
+    args = get_args(argv)
+    os.chdir(ROOT)  # the stage commands are run, and printed, from the repository root
+    t_start, timings, out = time.time(), {}, args.out
+    paths = {k: os.path.join(out, k) for k in ("models", "data", "pretrain_data", "pretrain", "vital", "k0",
+                                               "eval_vital", "eval_vital_ksample", "eval_k0", "eval_backbone")}
+    paths["out"] = out
+    make_data(args, paths, timings)
+    args.backbone = pretrain(args, paths, timings)
+    train_phases(args, paths["models"], paths["data"], paths["vital"], [], "VITAL", timings)
+    if not args.skip_k0:
+        train_phases(args, paths["models"], paths["data"], paths["k0"], ["--max-k", "0"], "K=0", timings)
+    evaluate_all(args, paths, timings)
+    samples = read_jsonl(os.path.join(paths["data"], "samples.jsonl"))
+    pick, stem, ex = explain_one(samples, paths, timings)
+    rows, table = summary_table(args, samples, paths)
+    wall = time.time() - t_start
+    summary = {"wall_s_this_run": round(wall, 1), "stage_s": {k: round(v, 1) for k, v in timings.items()},
+               "accuracy": table, "args": vars(args)}
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write("\n".join(rows) + "\n")
+    write_results(args, argv, rows, wall, timings)
+    print_report(paths, args, pick, stem, ex, rows, wall, timings)
 
 
 if __name__ == "__main__":

@@ -313,16 +313,17 @@ def test_two_rank_resume_is_exact_with_dropout(env, tmp_path):
     assert [e["loss"] for e in read_log(tmp_path / "a")] == [e["loss"] for e in read_log(tmp_path / "b")]
 
 
-# ---------------------------------------------------------------------------------------------- --pretrain
+# --------------------------------------------------------------------------- demo/pretrain.py (tiny only)
 def test_pretrain_trains_whole_backbone_resumes_exactly_and_feeds_vital(env, tmp_path):
+    from demo import pretrain
     from model import load_backbone
     import evaluate
-    pre = lambda out, *extra: ["--pretrain", "--data", env["data"], "--preset", "tiny", "--models", env["models"],
-                               "--out", str(out), "--batch-size", "4", "--epochs", "2", "--lr", "1e-3", *map(str, extra)]
+    pre = lambda out, *extra: ["--data", env["data"], "--models", env["models"], "--out", str(out),
+                               "--batch-size", "4", "--epochs", "2", "--lr", "1e-3", *map(str, extra)]
     a, b = tmp_path / "a", tmp_path / "b"
-    train.main(pre(a))
-    train.main(pre(b, "--max-steps", 3, "--save-every", 1))
-    train.main(pre(b, "--resume"))
+    pretrain.main(pre(a))
+    pretrain.main(pre(b, "--max-steps", 3, "--save-every", 1))
+    pretrain.main(pre(b, "--resume"))
     wa, wb = (load_file(f"{d}/phase1/backbone/model.safetensors") for d in (a, b))
     w0 = load_file(f"{env['models']}/backbone/model.safetensors")
     assert max_diff(wa, wb) == 0  # a resume continues from the saved backbone, bit-exact
@@ -338,5 +339,5 @@ def test_pretrain_trains_whole_backbone_resumes_exactly_and_feeds_vital(env, tmp
     v = tmp_path / "vital"
     train.main(flags(env, v, "--backbone", f"{a}/phase1/backbone", "--max-steps", 2))
     assert json.load(open(v / "phase1" / "config.json"))["backbone_path"] == os.path.abspath(f"{a}/phase1/backbone")
-    with pytest.raises(SystemExit):  # a real backbone is already pretrained
+    with pytest.raises(SystemExit):  # train.py itself has no way to train the whole backbone
         train.get_args(["--pretrain", "--data", env["data"], "--backbone", "x", "--decoder", "y"])
