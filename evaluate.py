@@ -1,5 +1,5 @@
 """
-VITAL stage 4: evaluation (paper §4.1-4.3, §B.4, §C.6; DESIGN.md §7).
+VITAL stage 4: evaluation (paper §4.1-4.3, §B.4, §C.6).
 
 The deployed model is the frozen backbone with the LoRA MERGED into its weights and then unwrapped, so
 it has exactly the plain backbone's modules and parameter count: the scaffolds (pj_in, decoder, visual
@@ -19,28 +19,27 @@ articles (a, an, the) dropped, whitespace collapsed.
   open-ended token-F1     bags of whitespace tokens of the normalised strings (harmonic mean of P, R).
   multiple-choice acc.    closed accuracy over the items that have choices (PMC-VQA, in-domain).
 
-Benchmark JSONL schema (one object a line; what `convert` writes and `--bench` reads):
+Benchmark JSONL schema (one object a line; what tools/convert_benchmarks.py writes and `--bench` reads):
   {"id": str, "image": path (absolute, or relative to the JSONL), "question": str, "answer": str,
    "answer_type": "closed" | "open", "choices": [str, ...] (optional), "answer_index": int (with choices)}
 
-Reads:  a checkpoint folder runs/<name>/phase<p>/ (config.json + adapter.safetensors; DESIGN.md §2),
-        DATA/samples.jsonl (test split: choices + answer_index), benchmark JSONL files.
+Reads:  a checkpoint folder runs/<name>/phase<p>/ (config.json + adapter.safetensors: the checkpoint
+        layout in model.py section 7), DATA/samples.jsonl (test split: choices + answer_index),
+        benchmark JSONL files.
 Writes: OUT/predictions.jsonl (one line per item with its score), OUT/metrics.json, OUT/table.md
         (shaped like a Table 1 row), with --latency OUT/latency.json, with --collapse
         OUT/collapse.json + OUT/collapse.png (inter-step cosine similarity of h_1..h_K, eq. 9).
 
 Commands:
     python evaluate.py --ckpt runs/tiny-vital/phase3 --data data/phantom --out runs/tiny-vital/eval
-    python evaluate.py --ckpt runs/vital/phase3 --data data/vital --bench bench/vqa-rad.jsonl \\
-        bench/pmc-vqa.jsonl --out runs/vital/eval --latency --collapse
-    python evaluate.py convert --format vqa-rad --src VQA_RAD/testset.json --images VQA_RAD/images --out bench/vqa-rad.jsonl
-    python evaluate.py convert --format slake --src Slake1.0/test.json --out bench/slake.jsonl
-    python evaluate.py convert --format pmc-vqa --src PMC-VQA/test_clean.csv --images PMC-VQA/images --out bench/pmc-vqa.jsonl
-    (formats: vqa-rad | pathvqa | slake | pmc-vqa | gemex; .json, .jsonl, .csv or .parquet (needs pyarrow))
+    python evaluate.py --ckpt runs/vital/phase3 --data data/vital --bench data/benchmarks/vqa-rad.jsonl \\
+        data/benchmarks/pmc-vqa.jsonl --out runs/vital/eval --latency --collapse
+The benchmark files come from their published test files through tools/convert_benchmarks.py
+(VQA-RAD, PathVQA, SLAKE, PMC-VQA, GEMeX-RMCoT; its docstring has the commands), e.g.
+    python tools/convert_benchmarks.py --format slake --src Slake1.0/test.json \\
+        --out data/benchmarks/slake.jsonl
 """
 import argparse
-import csv
-import io
 import json
 import os
 import re
@@ -53,7 +52,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
-from safetensors import safe_open
 
 import model as M
 
@@ -137,7 +135,8 @@ def aggregate(rows):
         if closed:
             m["closed_acc"] = 100 * sum(r["correct"] for r in closed) / len(closed)
             m["n_closed"] = len(closed)
-            m["unmatched"] = sum(r.get("matched") is None and not r["correct"] for r in closed)  # misses by rule
+            # misses by rule: no choice could be matched
+            m["unmatched"] = sum(r.get("matched") is None and not r["correct"] for r in closed)
         if mc:
             m["mc_acc"], m["n_mc"] = 100 * sum(r["correct"] for r in mc) / len(mc), len(mc)
         if opn:
@@ -150,6 +149,7 @@ def aggregate(rows):
 # 2. Items: the in-domain test split of samples.jsonl and benchmark JSONL files (schema above).
 # ----------------------------------------------------------------------------------------------------
 def read_jsonl(path):
+    """-> [(line number, object)] for the non-empty lines (also used by explain.py and the converters)."""
     if not os.path.isfile(path):
         raise EvalError(f"{path}: no such file")
     rows = []
@@ -159,7 +159,8 @@ def read_jsonl(path):
                 try:
                     rows.append((n, json.loads(line)))
                 except json.JSONDecodeError as e:
-                    raise EvalError(f"{path} line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
+                    raise EvalError(f"{path} line {n}: not valid JSON "
+                                    f"({e.msg} at column {e.colno})") from None
     return rows
 
 
@@ -168,12 +169,14 @@ def check_item(path, n, it, need):
         if field not in it:
             raise EvalError(f"{path} line {n}: missing field '{field}'")
     if it.get("answer_type") not in ("closed", "open"):
-        raise EvalError(f"{path} line {n}: field 'answer_type' must be 'closed' or 'open', got {it.get('answer_type')!r}")
+        raise EvalError(f"{path} line {n}: field 'answer_type' must be 'closed' or 'open', "
+                        f"got {it.get('answer_type')!r}")
     if it.get("choices") is not None:
-        ok = isinstance(it["choices"], list) and len(it["choices"]) >= 2 and isinstance(it.get("answer_index"), int) \
-            and 0 <= it["answer_index"] < len(it["choices"])
+        ok = isinstance(it["choices"], list) and len(it["choices"]) >= 2 \
+            and isinstance(it.get("answer_index"), int) and 0 <= it["answer_index"] < len(it["choices"])
         if not ok:
-            raise EvalError(f"{path} line {n}: 'choices' needs a list of >= 2 strings and an 'answer_index' into it")
+            raise EvalError(f"{path} line {n}: 'choices' needs a list of >= 2 strings and an "
+                            "'answer_index' into it")
 
 
 def read_test_split(data):
@@ -184,7 +187,8 @@ def read_test_split(data):
         if r.get("split") != "test":
             continue
         r = dict(r, answer_type="closed", benchmark=f"in-domain/{r.get('source', 'unknown')}")
-        check_item(path, n, r, ("id", "image", "question", "answer", "choices", "answer_index", "latent_steps"))
+        check_item(path, n, r, ("id", "image", "question", "answer", "choices", "answer_index",
+                                "latent_steps"))
         r["image_path"] = os.path.join(os.path.dirname(os.path.abspath(path)), r["image"])
         items.append(r)
     if not items:
@@ -215,7 +219,8 @@ def weight_bytes(module):
 def load_inference_model(ckpt, backbone_path=None, device="cpu", dtype=torch.float32):
     """-> (backbone, processor, config, overhead report). Only adapter.safetensors is read."""
     config = M.read_ckpt_config(ckpt)
-    pretrained = bool(config.get("args", {}).get("pretrain"))  # train.py --pretrain: the backbone itself, no LoRA
+    # train.py --pretrain: the checkpoint is the backbone itself, no LoRA
+    pretrained = bool(config.get("args", {}).get("pretrain"))
     path = backbone_path or (os.path.join(ckpt, "backbone") if pretrained else
                              M.ckpt_field(config, ckpt, "backbone_path", "args.backbone"))
     backbone, processor = M.load_backbone(path, dtype=dtype, device=device)
@@ -238,11 +243,14 @@ def load_inference_model(ckpt, backbone_path=None, device="cpu", dtype=torch.flo
 # ----------------------------------------------------------------------------------------------------
 # 4. Prediction: batches of one K, greedy answers.
 # ----------------------------------------------------------------------------------------------------
-def open_image(path):
+def open_image(path, error=EvalError):
+    """model.load_image; a missing or unreadable file is one `error` naming it (explain.py passes its own)."""
+    if not os.path.isfile(path):
+        raise error(f"image '{path}': no such file")
     try:
         return M.load_image(path)
-    except Exception as e:
-        raise EvalError(f"cannot read image {path}: {e}") from None
+    except Exception as e:  # truncated, not an image, decompression bomb, ...
+        raise error(f"image '{path}' cannot be read as an image ({type(e).__name__}: {e})") from None
 
 
 def predict(backbone, processor, items, K, batch_size, max_new_tokens, device):
@@ -263,27 +271,30 @@ def run_items(backbone, processor, items, k, args, device):
     ks = [k] * len(items) if k != "sample" else [r.get("latent_steps") for r in items]
     if None in ks:
         bad = items[ks.index(None)]
-        raise EvalError(f"--k sample needs latent_steps on every item; {bad['benchmark']} item {bad['id']} has "
-                        "none (benchmark files do not): evaluate them with a fixed --k")
+        raise EvalError(f"--k sample needs latent_steps on every item; {bad['benchmark']} item "
+                        f"{bad['id']} has none (benchmark files do not): evaluate them with a fixed --k")
     rows = [None] * len(items)
     for K in sorted(set(ks)):
         idx = [i for i, kk in enumerate(ks) if kk == K]
-        preds = predict(backbone, processor, [items[i] for i in idx], K, args.batch_size, args.max_new_tokens, device)
+        preds = predict(backbone, processor, [items[i] for i in idx], K, args.batch_size,
+                        args.max_new_tokens, device)
         for i, p in zip(idx, preds):
             it = items[i]
-            rows[i] = dict(id=it["id"], benchmark=it["benchmark"], image=it["image_path"], question=it["question"],
-                           answer=it["answer"], answer_type=it["answer_type"], choices=it.get("choices"),
-                           answer_index=it.get("answer_index"), K=K, prediction=p, **score_item(it, p))
+            rows[i] = dict(id=it["id"], benchmark=it["benchmark"], image=it["image_path"],
+                           question=it["question"], answer=it["answer"], answer_type=it["answer_type"],
+                           choices=it.get("choices"), answer_index=it.get("answer_index"), K=K, prediction=p,
+                           **score_item(it, p))
     return rows
 
 
 # ----------------------------------------------------------------------------------------------------
 # 5. The Table 1 row.
 # ----------------------------------------------------------------------------------------------------
-GROUPS = {"vqa-rad": "Medical VQA", "pathvqa": "Medical VQA", "slake": "Medical VQA", "pmc-vqa": "Medical VQA",
-          "gemex": "Visual Grounding QA"}
+GROUPS = {"vqa-rad": "Medical VQA", "pathvqa": "Medical VQA", "slake": "Medical VQA",
+          "pmc-vqa": "Medical VQA", "gemex": "Visual Grounding QA"}
 NAMES = {"in-domain/msd": "MSD", "in-domain/biomedparse": "BiomedParse", "in-domain/phantom": "Phantom",
-         "vqa-rad": "VQA-RAD", "pathvqa": "PathVQA", "slake": "SLAKE", "pmc-vqa": "PMC-VQA", "gemex": "GEMeX-RMCoT"}
+         "vqa-rad": "VQA-RAD", "pathvqa": "PathVQA", "slake": "SLAKE", "pmc-vqa": "PMC-VQA",
+         "gemex": "GEMeX-RMCoT"}
 
 
 def table_md(metrics, label):
@@ -318,7 +329,8 @@ def latency(backbone, processor, items, args, device):
     """Each sample alone (B = 1). Warm-up of every K first, then the K values are timed round-robin
     within each repeat, so that a slow start or clock drift does not favour the K timed last."""
     eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    prefixes = [M.build_prefix(processor, [open_image(r["image_path"])], [r["question"]]).to(device) for r in items]
+    prefixes = [M.build_prefix(processor, [open_image(r["image_path"])], [r["question"]]).to(device)
+                for r in items]
     Ks = range(0, 5)
     total = {K: [[] for _ in prefixes] for K in Ks}
     loop = {K: [[] for _ in prefixes] for K in Ks}
@@ -346,8 +358,9 @@ def latency(backbone, processor, items, args, device):
         res[K]["ratio_to_K0"] = res[K]["ms_per_sample"] / res[0]["ms_per_sample"]
     return dict(per_K=res, n_samples=len(items), warmup=args.warmup, repeats=args.repeats, batch_size=1,
                 device=str(device), max_new_tokens=args.max_new_tokens,
-                note="ms_per_sample = loop_ms (prefix + K latent steps) + answer_ms (greedy answer, grows with "
-                     "answer_tokens): a K whose answers are shorter can be faster than K = 0 (§4.3, Figure 4)")
+                note="ms_per_sample = loop_ms (prefix + K latent steps) + answer_ms (greedy answer, grows "
+                     "with answer_tokens): a K whose answers are shorter can be faster than K = 0 "
+                     "(§4.3, Figure 4)")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -401,151 +414,18 @@ def draw_collapse(res, path, cell=80):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 8. Converters: benchmark files as published -> the JSONL schema above.
+# 8. Command line.
 # ----------------------------------------------------------------------------------------------------
-def read_records(src):
-    """.json (a list, or {split: list}), .jsonl, .csv or .parquet -> list of dicts."""
-    if not os.path.isfile(src):
-        raise EvalError(f"--src {src}: no such file")
-    ext = os.path.splitext(src)[1].lower()
-    if ext == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise EvalError(f"{src}: reading parquet needs the 'pyarrow' package, which is not installed "
-                            "(pip install pyarrow), or give the benchmark's .json/.csv file instead") from None
-        return pq.read_table(src).to_pylist()
-    if ext == ".csv":
-        with open(src, newline="", encoding="utf-8-sig") as f:
-            return list(csv.DictReader(f))
-    if ext == ".jsonl":
-        return [r for _, r in read_jsonl(src)]
-    with open(src) as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise EvalError(f"{src}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    if isinstance(data, dict):  # {"test": [...]} or {"data": [...]}
-        lists = [v for v in data.values() if isinstance(v, list)]
-        data = lists[0] if len(lists) == 1 else data
-    if not isinstance(data, list):
-        raise EvalError(f"{src}: expected a list of question records")
-    return data
-
-
-def pick(rec, keys, src, n, required=True):
-    for k in keys:
-        if k in rec and rec[k] not in (None, ""):
-            return rec[k]
-    if required:
-        raise EvalError(f"{src} record {n}: none of the fields {list(keys)} (fields present: {sorted(rec)[:12]})")
-    return None
-
-
-def image_field(rec, keys, src, n, images, out_dir, name):
-    """An image given as a file name (resolved in `images`) or as parquet bytes (written as PNG)."""
-    v = pick(rec, keys, src, n)
-    if isinstance(v, dict) and v.get("bytes"):
-        os.makedirs(os.path.join(out_dir, f"{name}_images"), exist_ok=True)
-        path = os.path.join(out_dir, f"{name}_images", f"{n:06d}.png")
-        Image.open(io.BytesIO(v["bytes"])).save(path)
-        return os.path.abspath(path)
-    if isinstance(v, dict):
-        v = v.get("path")
-    return os.path.abspath(os.path.join(images, str(v)))
-
-
-def closed_type(rec, answer):
-    """The file's own label (answer_type CLOSED/OPEN) when present, else closed = a yes/no answer."""
-    t = str(rec.get("answer_type", "")).strip().lower()
-    if t in ("closed", "open"):
-        return t
-    return "closed" if normalize(answer) in ("yes", "no") else "open"
-
-
-def strip_letter(text):
-    return re.sub(r"^\s*\(?[A-Da-d]\)?\s*[:.)]\s*", "", str(text)).strip()
-
-
-def convert_records(fmt, recs, src, images, out_dir, name):
-    items = []
-    for n, r in enumerate(recs, 1):
-        if fmt == "slake" and str(r.get("q_lang", "en")).lower() != "en":
-            continue  # English questions only (SLAKE is bilingual)
-        img = image_field(r, ("image", "img_name", "image_name", "image_path", "img_path", "Figure_path", "img_id"),
-                          src, n, images, out_dir, name)
-        q = str(pick(r, ("question", "Question"), src, n))
-        it = dict(id=f"{name}-{r.get('qid', r.get('id', n))}", image=img, question=q)
-        if fmt == "pmc-vqa":
-            choices = [strip_letter(pick(r, (f"Choice {c}",), src, n)) for c in "ABCD"]
-            label = pick(r, ("Answer_label", "Anwser_label"), src, n, required=False)
-            ans = str(pick(r, ("Answer", "Anwser"), src, n))
-            key = (label or ans).strip()
-            if len(key) == 1 and key.upper() in "ABCD":
-                idx = "ABCD".index(key.upper())
-            else:
-                hits = [i for i, c in enumerate(choices) if normalize(c) == normalize(strip_letter(ans))]
-                if not hits:
-                    raise EvalError(f"{src} record {n}: answer {ans!r} is none of the choices {choices}")
-                idx = hits[0]
-            it.update(answer=choices[idx], answer_type="closed", choices=choices, answer_index=idx)
-        elif fmt == "gemex":
-            ans = pick(r, ("answer", "Answer", "gt_answer"), src, n)
-            opts = r.get("options") or r.get("choices")
-            if isinstance(opts, dict):
-                opts = [opts[k] for k in sorted(opts)]
-            letters = [a.strip() for a in (ans if isinstance(ans, list) else [ans])]
-            if opts and len(letters) == 1 and len(letters[0]) == 1 and letters[0].upper() in "ABCDEFGH":
-                idx = "ABCDEFGH".index(letters[0].upper())
-                opts = [strip_letter(o) for o in opts]
-                it.update(answer=opts[idx], answer_type="closed", choices=opts, answer_index=idx)
-            else:  # a list answer (several findings or letters) is scored as its items joined
-                text = ", ".join(str(a) for a in letters)
-                qt = str(r.get("question_type", r.get("type", ""))).lower()
-                it.update(answer=text, answer_type="open" if "open" in qt else closed_type(r, text))
-        else:  # vqa-rad, pathvqa, slake: image / question / answer
-            ans = str(pick(r, ("answer", "Answer"), src, n))
-            it.update(answer=ans, answer_type=closed_type(r, ans))
-        items.append(it)
-    return items
-
-
-def convert(argv):
-    ap = argparse.ArgumentParser(prog="evaluate.py convert", description="benchmark files -> evaluate.py JSONL")
-    ap.add_argument("--format", required=True, choices=["vqa-rad", "pathvqa", "slake", "pmc-vqa", "gemex"],
-                    help="which benchmark the --src file is")
-    ap.add_argument("--src", required=True, help="the published file (.json, .jsonl, .csv, or .parquet with pyarrow)")
-    ap.add_argument("--images", help="folder the file's image names are relative to (default: SLAKE imgs/ next "
-                                     "to the file if present, else the file's folder)")
-    ap.add_argument("--out", required=True, help="output JSONL (its stem becomes the benchmark name)")
-    args = ap.parse_args(argv)
-    images = args.images or next((d for d in (os.path.join(os.path.dirname(args.src), "imgs"),
-                                              os.path.join(os.path.dirname(args.src), "images"))
-                                  if os.path.isdir(d)), os.path.dirname(os.path.abspath(args.src)))
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(out_dir, exist_ok=True)
-    name = os.path.splitext(os.path.basename(args.out))[0]
-    items = convert_records(args.format, read_records(args.src), args.src, images, out_dir, name)
-    missing = [it["image"] for it in items if not os.path.isfile(it["image"])]
-    with open(args.out, "w") as f:
-        f.writelines(json.dumps(it) + "\n" for it in items)
-    kinds = Counter(it["answer_type"] for it in items)
-    print(f"{args.out}: {len(items)} items ({kinds['closed']} closed, {kinds['open']} open)"
-          + (f"; WARNING {len(missing)} images not found, e.g. {missing[:2]} (check --images)" if missing else ""))
-    return items
-
-
-# ----------------------------------------------------------------------------------------------------
-# 9. Command line.
-# ----------------------------------------------------------------------------------------------------
-def get_args(argv):
-    ap = argparse.ArgumentParser(description="VITAL evaluation (§4, §B.4, §C.6); `evaluate.py convert -h` for converters")
-    ap.add_argument("--ckpt", required=True, help="checkpoint folder runs/<name>/phase<p> (config.json + adapter)")
+def get_args(argv=None):
+    ap = argparse.ArgumentParser(description="VITAL evaluation (§4, §B.4, §C.6); benchmark files: "
+                                             "tools/convert_benchmarks.py -h")
+    ap.add_argument("--ckpt", required=True,
+                    help="checkpoint folder runs/<name>/phase<p> (config.json + adapter)")
     ap.add_argument("--data", help="folder with samples.jsonl: its test split is the in-domain benchmark")
     ap.add_argument("--bench", nargs="*", default=[], help="benchmark JSONL files (schema in the docstring)")
     ap.add_argument("--out", required=True, help="output folder for predictions, metrics, table, PNGs")
-    ap.add_argument("--k", default="4", help="latent steps for every question (default 4, Table 3); 'sample' = "
-                                              "each test item's own latent_steps (diagnostic)")
+    ap.add_argument("--k", default="4", help="latent steps for every question (default 4, Table 3); "
+                                              "'sample' = each test item's own latent_steps (diagnostic)")
     ap.add_argument("--backbone", help="override the backbone folder named in the checkpoint's config.json")
     ap.add_argument("--batch-size", type=int, default=8, help="questions per generate call")
     ap.add_argument("--max-new-tokens", type=int, default=64, help="longest greedy answer")
@@ -572,13 +452,15 @@ def get_args(argv):
     return args
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["convert"]:
-        return convert(argv[1:])
-    args = get_args(argv)
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+def device_and_dtype(name):
+    """--device auto|cpu|cuda -> (torch.device, dtype): bf16 on a GPU, fp32 on the CPU."""
+    use_cuda = name == "cuda" or (name == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if use_cuda else "cpu")
+    return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def select_items(args):
+    """The in-domain test split and the benchmark files, each cut to its first --limit items."""
     items = []
     if args.data:
         items += read_test_split(args.data)
@@ -587,36 +469,45 @@ def main(argv=None):
     if args.limit > 0:
         items = [it for name in dict.fromkeys(r["benchmark"] for r in items)
                  for it in [r for r in items if r["benchmark"] == name][:args.limit]]
+    return items
+
+
+def write_json(obj, path):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    device, dtype = device_and_dtype(args.device)
+    items = select_items(args)
     backbone, processor, config, overhead = load_inference_model(args.ckpt, args.backbone, device, dtype)
     print(f"deployed model: {overhead['deployed']['params']:,} parameters = plain backbone "
           f"{overhead['plain_backbone']['params']:,} (+{overhead['extra_params']}), weights "
-          f"{overhead['deployed']['bytes'] / 2**20:.1f} MiB (+{overhead['extra_bytes']} B); scaffolds left on disk "
-          f"({overhead['scaffold_bytes_left_on_disk'] / 2**20:.1f} MiB)")
+          f"{overhead['deployed']['bytes'] / 2**20:.1f} MiB (+{overhead['extra_bytes']} B); scaffolds left "
+          f"on disk ({overhead['scaffold_bytes_left_on_disk'] / 2**20:.1f} MiB)")
     os.makedirs(args.out, exist_ok=True)
     rows = run_items(backbone, processor, items, args.k, args, device)
     with open(os.path.join(args.out, "predictions.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     metrics = aggregate(rows)
     label = f"VITAL (K={args.k})"
-    result = dict(ckpt=os.path.abspath(args.ckpt), phase=config.get("phase"), step=config.get("step"), K=args.k,
-                  device=str(device), benchmarks=metrics, overhead=overhead)
+    result = dict(ckpt=os.path.abspath(args.ckpt), phase=config.get("phase"), step=config.get("step"),
+                  K=args.k, device=str(device), benchmarks=metrics, overhead=overhead)
     if args.latency:
         result["latency"] = latency(backbone, processor, items[:args.latency_n], args, device)
-        with open(os.path.join(args.out, "latency.json"), "w") as f:
-            json.dump(result["latency"], f, indent=2)
+        write_json(result["latency"], os.path.join(args.out, "latency.json"))
         for K, v in result["latency"]["per_K"].items():
-            print(f"latency K={K}: {v['ms_per_sample']:.1f} ms/sample (x{v['ratio_to_K0']:.2f} of K=0), loop "
-                  f"{v['loop_ms']:.1f} ms, answer {v['answer_tokens']:.1f} tokens")
+            print(f"latency K={K}: {v['ms_per_sample']:.1f} ms/sample (x{v['ratio_to_K0']:.2f} of K=0), "
+                  f"loop {v['loop_ms']:.1f} ms, answer {v['answer_tokens']:.1f} tokens")
     if args.collapse:
         coll = collapse_matrix(backbone, processor, items, args.collapse_k, args.batch_size, device)
         result["collapse"] = coll
-        with open(os.path.join(args.out, "collapse.json"), "w") as f:
-            json.dump(coll, f, indent=2)
+        write_json(coll, os.path.join(args.out, "collapse.json"))
         draw_collapse(coll, os.path.join(args.out, "collapse.png"))
         print(f"collapse: mean off-diagonal cosine {coll['mean_offdiag']:.4f}, adjacent "
               + ", ".join(f"{a:.4f}" for a in coll["adjacent"]))
-    with open(os.path.join(args.out, "metrics.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(result, os.path.join(args.out, "metrics.json"))
     table = table_md(metrics, label)
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(table)

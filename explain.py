@@ -1,6 +1,6 @@
 """
 VITAL stage 5: post-hoc dual interpretability (paper §3.3 "Dual Interpretability", §4.2 Figure 3, §C.7
-Figure 12; DESIGN.md §7).
+Figure 12).
 
 The scaffolds dropped at inference are re-attached to read every latent state h_1..h_K of one question:
     text window    the auxiliary decoder reads h_k out as a sentence: decoder([pj_in(h_k)]) greedy (§3.3)
@@ -13,17 +13,19 @@ The answer itself comes from the unchanged inference path (merged LoRA, latent l
 explanation never alters what the model says. The readouts are approximations of the latent states, not
 a faithful account of the decision (paper, Limitations).
 
-Reads:  the newest checkpoint under runs/ (or --ckpt): config.json, adapter.safetensors, scaffold.safetensors
-        (pj_in, decoder, vp); the backbone and decoder folders named in its config.json; the SigLIP encoder
-        folder (--encoder, else config.json's encoder_path, else the encoder recorded in the run's
-        roi.safetensors, else the tiny preset's <models>/encoder); optionally --bank roi.safetensors.
+Reads:  the newest checkpoint under runs/ (or --ckpt): config.json, adapter.safetensors,
+        scaffold.safetensors (pj_in, decoder, vp; the checkpoint layout in model.py section 7); the
+        backbone and decoder folders named in its config.json; the SigLIP encoder folder (--encoder, else
+        config.json's encoder_path, else the encoder recorded in the run's roi.safetensors, else the tiny
+        preset's <models>/encoder); optionally --bank roi.safetensors.
 Writes: OUT.png   a panel like Figure 3/12: the image, one heatmap per step with its sentence, the answer
         OUT.json  the same content as numbers: answer, per step sentence, heatmap grid (raw cosine), peak
         OUT_bank/ thumbnails of the nearest ROIs (with --bank)
 
 Commands:
     python explain.py img.png "Where is the lesion located?"
-    python explain.py img.png "Describe the liver." --ckpt runs/vital/phase3 --k 4 --bank data/vital/roi.safetensors
+    python explain.py img.png "Describe the liver." --ckpt runs/vital/phase3 --k 4 \\
+        --bank data/vital/roi.safetensors
     python explain.py img.png "Is there a nodule?" --encoder ckpt/medsiglip-448 --out figs/case1
 """
 import argparse
@@ -39,8 +41,8 @@ from PIL import Image, ImageDraw, ImageFont
 from safetensors import safe_open
 
 import model as M
-from evaluate import EvalError, colormap
-from extract_roi import QwenSelfPatches, SiglipPatches, pad_image
+from evaluate import EvalError, colormap, device_and_dtype, open_image, read_jsonl
+from extract_roi import build_encoder, pad_image
 
 
 class ExplainError(Exception):
@@ -64,8 +66,8 @@ def find_checkpoint(runs):
         if "config.json" in files and "adapter.safetensors" in files:
             found.append((os.path.getmtime(os.path.join(root, "config.json")), root))
     if not found:
-        raise ExplainError(f"no checkpoint found under '{runs}/' (a folder with config.json + adapter.safetensors); "
-                           + HOW_TO_TRAIN)
+        raise ExplainError(f"no checkpoint found under '{runs}/' (a folder with config.json + "
+                           "adapter.safetensors); " + HOW_TO_TRAIN)
     return max(found)[1]
 
 
@@ -81,17 +83,19 @@ def resolve_encoder(config, ckpt, override):
         with safe_open(roi, "pt") as f:
             meta = f.metadata() or {}
         if meta.get("encoder_path"):
-            named.append((meta["encoder_path"], meta.get("encoder_kind", "siglip"), int(meta.get("image_size", 448)),
+            named.append((meta["encoder_path"], meta.get("encoder_kind", "siglip"),
+                          int(meta.get("image_size", 448)),
                           f"{roi} (the encoder that made the L_vis targets)"))
     if args.get("preset") == "tiny" and args.get("models"):
-        named.append((os.path.join(args["models"], "encoder"), "siglip", 448, f"{ckpt}/config.json args.models"))
+        named.append((os.path.join(args["models"], "encoder"), "siglip", 448,
+                      f"{ckpt}/config.json args.models"))
     if not named:
         raise ExplainError(f"{ckpt}/config.json names no encoder folder: pass --encoder FOLDER (the SigLIP "
                            "encoder extract_roi.py used, e.g. MedSigLIP-448)")
     path, kind, size, src = named[0]
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise ExplainError(f"encoder folder '{path}' (from {src}) does not exist or holds no config.json: pass "
-                           "--encoder FOLDER (the SigLIP encoder extract_roi.py used)")
+        raise ExplainError(f"encoder folder '{path}' (from {src}) does not exist or holds no config.json: "
+                           "pass --encoder FOLDER (the SigLIP encoder extract_roi.py used)")
     return path, kind, size, src
 
 
@@ -103,19 +107,24 @@ def load_explainer(ckpt, device, dtype):
     config = M.read_ckpt_config(ckpt)
     sc_path = os.path.join(ckpt, "scaffold.safetensors")
     if not os.path.isfile(sc_path):
-        raise ExplainError(f"checkpoint '{ckpt}' has no scaffold.safetensors: explain needs the decoder + pj_in "
-                           "and/or the visual projector (train with --lambda-sem > 0 / --lambda-vis > 0)")
+        raise ExplainError(f"checkpoint '{ckpt}' has no scaffold.safetensors: explain needs the decoder + "
+                           "pj_in and/or the visual projector (train with --lambda-sem > 0 / "
+                           "--lambda-vis > 0)")
     with safe_open(sc_path, "pt") as f:
         keys = list(f.keys())
         d_v = f.get_slice("vp.out.weight").get_shape()[0] if "vp.out.weight" in keys else None
     has_dec = any(k.startswith("decoder.") for k in keys) and any(k.startswith("pj_in.") for k in keys)
     if not has_dec and d_v is None:
-        raise ExplainError(f"{sc_path} holds neither the decoder + pj_in nor the visual projector (keys: {keys[:5]})")
-    backbone, processor = M.load_backbone(M.ckpt_field(config, ckpt, "backbone_path", "args.backbone"), dtype, device)
+        raise ExplainError(f"{sc_path} holds neither the decoder + pj_in nor the visual projector "
+                           f"(keys: {keys[:5]})")
+    backbone_path = M.ckpt_field(config, ckpt, "backbone_path", "args.backbone")
+    backbone, processor = M.load_backbone(backbone_path, dtype, device)
     r, alpha = M.ckpt_field(config, ckpt, "arch.lora")
     M.add_lora(backbone, r, alpha, 0.0)
-    decoder, dec_tok = M.load_decoder(M.ckpt_field(config, ckpt, "decoder_path", "args.decoder"), dtype, device) \
-        if has_dec else (None, None)
+    decoder, dec_tok = None, None
+    if has_dec:
+        decoder_path = M.ckpt_field(config, ckpt, "decoder_path", "args.decoder")
+        decoder, dec_tok = M.load_decoder(decoder_path, dtype, device)
     vital = M.VITAL(backbone, decoder, d_v, config.get("args", {}).get("projector", "res_mlp_ln"),
                     lambda_sem=1.0 if has_dec else 0.0, lambda_vis=1.0 if d_v else 0.0).to(device)
     M.load_checkpoint(ckpt, vital, scaffolds=True)
@@ -160,7 +169,8 @@ def grid_to_image(heat, box, s):
 
 
 def nearest_rois(bank_path, v, top):
-    """Nearest training ROI features of each VP(h_k) by cosine (§3.3 retrieval) -> per step [(id, score, row)]."""
+    """Nearest training ROI features of each VP(h_k) by cosine (§3.3 retrieval)
+    -> (per step [(id, score, row)], the bank's metadata, its `box` tensor or None)."""
     if not os.path.isfile(bank_path):
         raise ExplainError(f"--bank {bank_path}: no such file (extract_roi.py writes roi.safetensors)")
     with safe_open(bank_path, "pt") as f:
@@ -175,8 +185,9 @@ def nearest_rois(bank_path, v, top):
     ids = json.loads(meta["ids"])
     scores = v.float() @ F.normalize(roi, dim=-1).T                                          # (K, N)
     val, idx = scores.topk(min(top, len(ids)), dim=-1)
-    return [[(ids[j], float(s), j) for s, j in zip(val[k].tolist(), idx[k].tolist())] for k in range(len(v))], \
-        meta, box
+    nearest = [[(ids[j], float(s), j) for s, j in zip(val[k].tolist(), idx[k].tolist())]
+               for k in range(len(v))]
+    return nearest, meta, box
 
 
 def bank_thumbnails(bank, meta, box, out_dir, size=64):
@@ -184,11 +195,8 @@ def bank_thumbnails(bank, meta, box, out_dir, size=64):
     samples = meta.get("samples")
     images = {}
     if samples and os.path.isfile(samples):
-        with open(samples) as f:
-            for line in f:
-                if line.strip():
-                    r = json.loads(line)
-                    images[r.get("id")] = os.path.join(os.path.dirname(samples), r.get("image", ""))
+        for _, r in read_jsonl(samples):
+            images[r.get("id")] = os.path.join(os.path.dirname(samples), r.get("image", ""))
     os.makedirs(out_dir, exist_ok=True)
     out = []
     for k, step in enumerate(bank, 1):
@@ -225,7 +233,8 @@ def square_view(image, tile):
 
 
 def overlay(image, heat_img, box, s, tile, alpha=0.5):
-    """The heatmap (min-max scaled per step, as in Figure 12) blended over the grey image, in the square view."""
+    """The heatmap (min-max scaled per step, as in Figure 12) blended over the grey image, in the square
+    view."""
     lo, hi = float(heat_img.min()), float(heat_img.max())
     rgb = colormap((heat_img - lo) / (hi - lo) if hi > lo else np.zeros_like(heat_img))
     grey = np.asarray(image.convert("L").convert("RGB"), dtype=np.float32)
@@ -248,7 +257,8 @@ def draw_panel(path, image, question, answer, steps, box, s, tile, bank):
     font, small = ImageFont.load_default(size=14), ImageFont.load_default(size=11)
     width_chars = max(20, (W - 2 * MARGIN) // 8)
     dr.text((MARGIN, 6), textwrap.shorten(f"Q: {question}", width_chars), fill="black", font=font)
-    dr.text((MARGIN, 28), textwrap.shorten(printable(f"A: {answer or '(empty)'}"), width_chars), fill=(0, 90, 0), font=font)
+    dr.text((MARGIN, 28), textwrap.shorten(printable(f"A: {answer or '(empty)'}"), width_chars),
+            fill=(0, 90, 0), font=font)
     x = MARGIN
     im.paste(square_view(image, tile), (x, HEADER))
     dr.text((x, HEADER + tile + 4), "input image", fill="black", font=font)
@@ -275,17 +285,22 @@ def draw_panel(path, image, question, answer, steps, box, s, tile, bank):
 # ----------------------------------------------------------------------------------------------------
 # 5. Command line.
 # ----------------------------------------------------------------------------------------------------
-def get_args(argv):
-    ap = argparse.ArgumentParser(description="VITAL dual interpretability: text and visual window of every latent step")
+def get_args(argv=None):
+    ap = argparse.ArgumentParser(description="VITAL dual interpretability: text and visual window of every "
+                                             "latent step")
     ap.add_argument("image", help="image file (PNG, JPEG, ... ; 16-bit grey is scaled like extract_roi.py)")
     ap.add_argument("question", help="the question about the image")
-    ap.add_argument("--ckpt", help="checkpoint folder runs/<name>/phase<p> (default: the newest under --runs)")
+    ap.add_argument("--ckpt",
+                    help="checkpoint folder runs/<name>/phase<p> (default: the newest under --runs)")
     ap.add_argument("--runs", default="runs", help="where to look for the newest checkpoint")
     ap.add_argument("--k", type=int, default=4, help="latent steps (default 4, as evaluate.py)")
-    ap.add_argument("--encoder", help="SigLIP encoder folder (default: the one the checkpoint's data was made with)")
-    ap.add_argument("--bank", help="roi.safetensors whose ROI features are searched for each step's nearest ones")
+    ap.add_argument("--encoder",
+                    help="SigLIP encoder folder (default: the one the checkpoint's data was made with)")
+    ap.add_argument("--bank",
+                    help="roi.safetensors whose ROI features are searched for each step's nearest ones")
     ap.add_argument("--bank-top", type=int, default=3, help="nearest ROIs shown per step")
-    ap.add_argument("--out", help="output stem: writes OUT.png and OUT.json (default explain_out/<image name>)")
+    ap.add_argument("--out",
+                    help="output stem: writes OUT.png and OUT.json (default explain_out/<image name>)")
     ap.add_argument("--tile", type=int, default=224, help="side of one panel tile in pixels")
     ap.add_argument("--max-new-tokens", type=int, default=64, help="longest answer")
     ap.add_argument("--max-step-tokens", type=int, default=40, help="longest decoded step sentence")
@@ -296,64 +311,75 @@ def get_args(argv):
     return args
 
 
-def open_image(path):
-    if not os.path.isfile(path):
-        raise ExplainError(f"image '{path}': no such file")
-    try:
-        return M.load_image(path)
-    except Exception as e:
-        raise ExplainError(f"image '{path}' cannot be read as an image ({type(e).__name__}: {e})") from None
+def visual_window(vital, h, image, config, ckpt, args, device, out):
+    """VP(h_k) against every patch of the full image -> (heat (K, g, g), box, s, bank or None, encoder
+    info). The encoder must be the one the ROI targets came from: its width is VP's output width d_v."""
+    path, kind, size, src = resolve_encoder(config, ckpt, args.encoder)
+    enc = build_encoder(kind, path, device, size)
+    v = M.project_latent(vital.vp, h)                                                       # (K, d_v)
+    if v.shape[1] != enc.dim:
+        raise ExplainError(f"the visual projector gives {v.shape[1]}-d features but encoder '{path}' (from "
+                           f"{src}) has width {enc.dim}: pass --encoder with the encoder the ROI targets "
+                           "came from")
+    f, box, s = patch_features(enc, image)
+    heat = heatmaps(f.cpu(), v.cpu(), enc.grid)                                             # (K, g, g)
+    enc_info = dict(path=os.path.abspath(path), kind=kind, from_=src, grid=enc.grid, d_v=enc.dim)
+    bank = None
+    if args.bank:
+        nb, meta, bbox = nearest_rois(args.bank, v.cpu(), args.bank_top)
+        bank = bank_thumbnails(nb, meta, bbox, out + "_bank")
+    return heat, box, s, bank, enc_info
+
+
+def step_record(k, sentence, heat, box, s, bank):
+    """Step k (0-based) as a dict: its sentence and, with the visual window, its heatmap (raw cosine over
+    the grid), the peak patch, the heatmap over the image (`heat_img`, for the panel) and the neighbours."""
+    st = dict(k=k + 1, sentence=sentence)
+    if heat is not None:
+        g = heat.shape[-1]
+        r, c = divmod(int(heat[k].flatten().argmax()), g)
+        cell = s / g  # patch side in square pixels; the peak's centre in original image pixels:
+        st.update(heatmap=heat[k].tolist(), peak=dict(row=r, col=c, cos=float(heat[k].max()),
+                  x=(c + 0.5) * cell - box[0], y=(r + 0.5) * cell - box[1]),
+                  cos_min=float(heat[k].min()), cos_max=float(heat[k].max()))
+        st["heat_img"] = grid_to_image(heat[k], box, s)
+    if bank is not None:
+        st["nearest_rois"] = bank[k]
+    return st
+
+
+def print_steps(ckpt, question, answer, steps):
+    print(f"checkpoint: {ckpt}\nQ: {question}\nA: {answer}")
+    for st in steps:
+        where = ""
+        if "peak" in st:
+            where = f"  [looks at x={st['peak']['x']:.0f}, y={st['peak']['y']:.0f}, cos {st['cos_max']:.3f}]"
+        sentence = st["sentence"] if st["sentence"] is not None else "(no text decoder)"
+        print(f"step {st['k']}: {sentence}{where}")
 
 
 def explain(args):
-    image = open_image(args.image)
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    image = open_image(args.image, ExplainError)
+    device, dtype = device_and_dtype(args.device)
     ckpt = args.ckpt or find_checkpoint(args.runs)
     try:
         vital, processor, dec_tok, config = load_explainer(ckpt, device, dtype)
     except (EvalError, M.CheckpointError, FileNotFoundError, ValueError) as e:
         raise ExplainError(str(e)) from None
-    answer, h = answer_and_latents(vital, processor, image, args.question, args.k, args.max_new_tokens, device)
-    sentences = M.decode_latent(vital.decoder, vital.pj_in, dec_tok, h, args.max_step_tokens) \
-        if vital.decoder is not None else [None] * args.k
+    answer, h = answer_and_latents(vital, processor, image, args.question, args.k, args.max_new_tokens,
+                                   device)
+    sentences = [None] * args.k  # text window: only with the decoder + pj_in
+    if vital.decoder is not None:
+        sentences = M.decode_latent(vital.decoder, vital.pj_in, dec_tok, h, args.max_step_tokens)
     out = args.out or os.path.join("explain_out", os.path.splitext(os.path.basename(args.image))[0])
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     result = dict(image=os.path.abspath(args.image), question=args.question, answer=answer, K=args.k,
                   ckpt=os.path.abspath(ckpt), steps=[])
     heat, box, s, bank, enc_info = None, None, None, None, None
-    if vital.vp is not None:
-        path, kind, size, src = resolve_encoder(config, ckpt, args.encoder)
-        enc = QwenSelfPatches(path, size, device, dtype) if kind == "self" else SiglipPatches(path, device, dtype)
-        v = M.project_latent(vital.vp, h)                                                   # (K, d_v)
-        if v.shape[1] != enc.dim:
-            raise ExplainError(f"the visual projector gives {v.shape[1]}-d features but encoder '{path}' (from {src}) "
-                               f"has width {enc.dim}: pass --encoder with the encoder the ROI targets came from")
-        f, box, s = patch_features(enc, image)
-        heat = heatmaps(f.cpu(), v.cpu(), enc.grid)                                         # (K, g, g)
-        enc_info = dict(path=os.path.abspath(path), kind=kind, from_=src, grid=enc.grid, d_v=enc.dim)
-        if args.bank:
-            nb, meta, bbox = nearest_rois(args.bank, v.cpu(), args.bank_top)
-            bank = bank_thumbnails(nb, meta, bbox, out + "_bank")
-    steps = []
-    for k in range(args.k):
-        st = dict(k=k + 1, sentence=sentences[k])
-        if heat is not None:
-            g = heat.shape[-1]
-            flat = int(heat[k].flatten().argmax())
-            r, c = divmod(flat, g)
-            cell = s / g  # patch side in square pixels; the peak's centre in original image pixels:
-            st.update(heatmap=heat[k].tolist(), peak=dict(row=r, col=c, cos=float(heat[k].max()),
-                      x=(c + 0.5) * cell - box[0], y=(r + 0.5) * cell - box[1]),
-                      cos_min=float(heat[k].min()), cos_max=float(heat[k].max()))
-            st["heat_img"] = grid_to_image(heat[k], box, s)
-        if bank is not None:
-            st["nearest_rois"] = bank[k]
-        steps.append(st)
-    print(f"checkpoint: {ckpt}\nQ: {args.question}\nA: {answer}")
-    for st in steps:
-        where = f"  [looks at x={st['peak']['x']:.0f}, y={st['peak']['y']:.0f}, cos {st['cos_max']:.3f}]" if "peak" in st else ""
-        print(f"step {st['k']}: {st['sentence'] if st['sentence'] is not None else '(no text decoder)'}{where}")
+    if vital.vp is not None:  # visual window: only with the visual projector
+        heat, box, s, bank, enc_info = visual_window(vital, h, image, config, ckpt, args, device, out)
+    steps = [step_record(k, sentences[k], heat, box, s, bank) for k in range(args.k)]
+    print_steps(ckpt, args.question, answer, steps)
     if heat is not None:
         size = draw_panel(out + ".png", image, args.question, answer, steps, box, s, args.tile, bank)
         result.update(panel=os.path.abspath(out + ".png"), panel_size=list(size), encoder=enc_info)

@@ -1,6 +1,6 @@
 """
 Stage 2 of VITAL: adaptive ROI features from a frozen medical vision encoder (paper §3.4, §A.5, §C.3,
-§C.5; ../shared/DESIGN.md §2 and §5). They are the targets of the visual loss L_vis (§3.3).
+§C.5). They are the targets of the visual loss L_vis (§3.3).
 
 For every unique (image, mask) pair of samples.jsonl:
 
@@ -26,7 +26,8 @@ square view is resized to `--self-size` px (a multiple of 32) and we pool the ME
 (`pooler_output`: one token per 2x2 block of 16-px patches, out_hidden_size wide), i.e. exactly the
 image tokens the LLM receives, on a (size/32) x (size/32) grid.
 
-Reads:  samples.jsonl (DESIGN.md §2; image/mask paths relative to the JSONL), its images and masks.
+Reads:  samples.jsonl (the schema in prepare_data.py's docstring; image/mask paths relative to the
+        JSONL), its images and masks.
 Writes: roi.safetensors: roi (N,d_v) f32, global (N,d_v), top5_index (N,5) i64, top5_score (N,5),
         pathway (N,) i64, box (N,4) i64, mask_ratio (N,); metadata ids (JSON list, row order) + settings.
         roi_report.json: failed samples (id, line, reason; they get no row) and fallbacks used.
@@ -76,7 +77,7 @@ class Unit:
     ids: list = field(default_factory=list)
 
 
-def read_samples(path):
+def read_units(path):
     """-> (samples in file order as (line, id, Unit key), units by key, failures [{id, line, reason}])."""
     root = os.path.dirname(os.path.abspath(path))
     rows, units, failed, seen = [], {}, [], set()
@@ -105,7 +106,7 @@ def read_samples(path):
 
 
 def load_mask(path, size):
-    """-> (H, W) bool array, binarised > 0 (DESIGN.md §4); must match the image's (W, H) size."""
+    """-> (H, W) bool array, binarised > 0 (any labelled pixel is ROI); must match the image's (W, H) size."""
     try:
         with Image.open(path) as im:
             a = np.asarray(im)
@@ -212,8 +213,10 @@ class SiglipPatches:
     def __init__(self, path, device="cpu", dtype=torch.float32):
         self.model, proc = M.load_encoder(path, dtype, device)
         cfg = self.model.config
-        self.name, self.path, self.device, self.dtype = os.path.basename(os.path.normpath(path)), path, device, dtype
-        self.image_size, self.grid, self.dim = cfg.image_size, cfg.image_size // cfg.patch_size, cfg.hidden_size
+        self.name, self.path = os.path.basename(os.path.normpath(path)), path
+        self.device, self.dtype = device, dtype
+        self.image_size, self.dim = cfg.image_size, cfg.hidden_size
+        self.grid = cfg.image_size // cfg.patch_size
         self.mean = torch.tensor(proc.image_mean).view(3, 1, 1)
         self.std = torch.tensor(proc.image_std).view(3, 1, 1)
         self.resample = proc.resample  # bicubic for SigLIP
@@ -231,7 +234,7 @@ class SiglipPatches:
 
 
 class QwenSelfPatches:
-    """The backbone's own vision tower (§C.3, self-referential ablation): merged tokens = LLM image tokens."""
+    """The backbone's own vision tower (§C.3 self-referential ablation): merged tokens = LLM image tokens."""
     kind = "self"
 
     def __init__(self, path, size=448, device="cpu", dtype=torch.float32):
@@ -241,7 +244,8 @@ class QwenSelfPatches:
         if size % unit:
             raise ValueError(f"--self-size {size} must be a multiple of {unit} (patch {self.ip.patch_size} "
                              f"x merge {self.ip.merge_size})")
-        self.name, self.path, self.device, self.dtype = os.path.basename(os.path.normpath(path)), path, device, dtype
+        self.name, self.path = os.path.basename(os.path.normpath(path)), path
+        self.device, self.dtype = device, dtype
         self.image_size, self.grid = size, size // unit
         self.dim = self.visual.config.out_hidden_size
 
@@ -263,6 +267,14 @@ class QwenSelfPatches:
         out = self.visual(x.flatten(0, 1).to(self.device, self.dtype), grid_thw=thw)
         # pooler_output: merged tokens, row-major over the (g, g) grid of 2x2 patch blocks
         return out.pooler_output.float().cpu().view(B, self.grid * self.grid, self.dim)
+
+
+def build_encoder(kind, path, device, self_size=448):
+    """--encoder-kind siglip|self -> the frozen encoder, bf16 on a GPU (explain.py builds its own with it)."""
+    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    if kind == "self":
+        return QwenSelfPatches(path, self_size, device, dtype)
+    return SiglipPatches(path, device, dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -310,7 +322,8 @@ def extract_chunk(units, enc, args, global_cache):
         need_full = plan.pathway == FULL or u.image not in global_cache
         if need_full and ("full", u.image) not in views:
             _, content = view_grids(mask, full, g)
-            views["full", u.image] = View(enc.preprocess(pad_image(img, full)), binarise(content, VALID_THRESHOLD)[0])
+            valid = binarise(content, VALID_THRESHOLD)[0]
+            views["full", u.image] = View(enc.preprocess(pad_image(img, full)), valid)
         if u.image not in global_cache:
             views["full", u.image].tasks.append(("global", u.key, None))
         mfrac, content = view_grids(mask, plan.box, g)
@@ -323,7 +336,8 @@ def extract_chunk(units, enc, args, global_cache):
             keep, fell = binarise(content, VALID_THRESHOLD)
             if fell:
                 notes[u.key] = f"no crop patch >= {VALID_THRESHOLD} real image: pooled the fullest patch(es)"
-            views["crop", u.key] = View(enc.preprocess(pad_image(img, plan.box)), keep, [("roi", u.key, keep)])
+            views["crop", u.key] = View(enc.preprocess(pad_image(img, plan.box)), keep,
+                                        [("roi", u.key, keep)])
     rows, vlist = {}, list(views.items())
     for i in range(0, len(vlist), args.batch_size):  # batched: one encoder call per batch_size views
         batch = vlist[i:i + args.batch_size]
@@ -347,8 +361,9 @@ def extract_chunk(units, enc, args, global_cache):
 # ----------------------------------------------------------------------------------------------------
 # 5. The run: chunks -> shards (resumable) -> one atomic roi.safetensors + report.
 # ----------------------------------------------------------------------------------------------------
-ROW_TENSORS = {"roi": torch.float32, "global": torch.float32, "top5_index": torch.int64, "top5_score": torch.float32,
-               "pathway": torch.int64, "box": torch.int64, "mask_ratio": torch.float32}
+ROW_TENSORS = {"roi": torch.float32, "global": torch.float32, "top5_index": torch.int64,
+               "top5_score": torch.float32, "pathway": torch.int64, "box": torch.int64,
+               "mask_ratio": torch.float32}
 
 
 def settings_of(enc, args):
@@ -359,7 +374,9 @@ def settings_of(enc, args):
 
 
 def stack_rows(rows, keys):
-    return {k: torch.stack([rows[key][k] for key in keys]).to(dt).contiguous() for k, dt in ROW_TENSORS.items()}
+    """Rows {key: {name: tensor}} -> {name: (len(keys), ...) tensor}, in the order of `keys`."""
+    return {k: torch.stack([rows[key][k] for key in keys]).to(dt).contiguous()
+            for k, dt in ROW_TENSORS.items()}
 
 
 def atomic_save(tensors, path, metadata):
@@ -389,7 +406,7 @@ def load_shards(shard_dir, settings):
 
 def extract(samples_path, out, enc, args):
     """Whole stage: returns the report dict. Reruns continue from the shards next to `out`."""
-    rows_in_order, units, failed = read_samples(samples_path)
+    rows_in_order, units, failed = read_units(samples_path)
     n_samples = len(rows_in_order) + len(failed)  # every non-empty line, readable or not
     stem = os.path.splitext(out)[0]
     shard_dir, settings = stem + "_shards", settings_of(enc, args)
@@ -470,7 +487,8 @@ def grid_search(units, enc, args):
             boxes = {"full": full, **{d: crop_box(mask, d, args.min_crop) for d in args.deltas}}
             todo.append((float(mask.mean()), {}))
             for name, box in boxes.items():
-                pending.append((len(todo) - 1, name, enc.preprocess(pad_image(img, box)), view_grids(mask, box, g)))
+                pixels = enc.preprocess(pad_image(img, box))
+                pending.append((len(todo) - 1, name, pixels, view_grids(mask, box, g)))
         for j in range(0, len(pending), args.batch_size):
             batch = pending[j:j + args.batch_size]
             for (t, name, _, grids), f in zip(batch, enc.encode(torch.stack([b[2] for b in batch]))):
@@ -525,7 +543,8 @@ def draw_heatmaps(table, taus, deltas, path, chosen):
             for j, d in enumerate(deltas):
                 v = lookup[tau, d][name]
                 t = 0.5 if math.isnan(v) or hi == lo else (v - lo) / (hi - lo)
-                box = (x0 + left + j * cell, top + i * cell, x0 + left + (j + 1) * cell - 1, top + (i + 1) * cell - 1)
+                box = (x0 + left + j * cell, top + i * cell,
+                       x0 + left + (j + 1) * cell - 1, top + (i + 1) * cell - 1)
                 dr.rectangle(box, fill=colour(t), outline="red" if (tau, d) == chosen else None,
                              width=3 if (tau, d) == chosen else 1)
                 dr.text((box[0] + 6, box[1] + cell // 2 - 6), fmt.format(v), font=font,
@@ -534,15 +553,15 @@ def draw_heatmaps(table, taus, deltas, path, chosen):
 
 
 def run_grid_search(samples_path, out, enc, args):
-    _, units, _ = read_samples(samples_path)
+    _, units, _ = read_units(samples_path)
     units = sorted(units.values(), key=lambda u: u.key)
     units = random.Random(args.seed).sample(units, min(args.subset, len(units)))
     table = grid_search(units, enc, args)
     best = choose(table, args.min_coverage)
     stem = os.path.splitext(out)[0] + "_gridsearch"
     with open(stem + ".json", "w") as f:
-        json.dump(dict(table=table, chosen=best, subset=len(units), seed=args.seed, min_coverage=args.min_coverage,
-                       encoder=enc.name, grid=enc.grid), f, indent=1)
+        json.dump(dict(table=table, chosen=best, subset=len(units), seed=args.seed,
+                       min_coverage=args.min_coverage, encoder=enc.name, grid=enc.grid), f, indent=1)
     md = ["| tau | delta | coverage % | intensity | SNR | crop samples |", "|---|---|---|---|---|---|"]
     md += [f"| {r['tau']:g} | {r['delta']:g} | {r['coverage']:.1f} | {r['intensity']:.4g} | {r['snr']:.4f} | "
            f"{r['n_crop']}/{r['n']} |" for r in table]
@@ -559,7 +578,7 @@ def run_grid_search(samples_path, out, enc, args):
 # ----------------------------------------------------------------------------------------------------
 # 7. Command line.
 # ----------------------------------------------------------------------------------------------------
-def parse_args(argv=None):
+def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # input / output
     p.add_argument("--samples", required=True, help="samples.jsonl of prepare_data.py (paths relative to it)")
@@ -568,20 +587,23 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="output roi.safetensors; report, shards and grid search "
                                                 "files are written next to it")
     p.add_argument("--encoder-kind", choices=["siglip", "self"], default="siglip",
-                   help="siglip: external encoder (default, MedSigLIP); self: backbone's own vision tower (§C.3)")
+                   help="siglip: external encoder (default, MedSigLIP); self: the backbone's own (§C.3)")
     p.add_argument("--self-size", type=int, default=448, help="square input size for --encoder-kind self "
                                                               "(multiple of 32; grid = size/32)")
     # the adaptive strategy (§A.5.2)
-    p.add_argument("--tau", type=float, default=0.1, help="mask area ratio at or above which the full image is used")
-    p.add_argument("--delta", type=float, default=0.05, help="crop margin on each side, fraction of the box size")
-    p.add_argument("--min-crop", type=int, default=32, help="smallest crop side in source pixels (tiny masks)")
+    p.add_argument("--tau", type=float, default=0.1, help="full image when mask area / image area >= tau")
+    p.add_argument("--delta", type=float, default=0.05, help="crop margin per side, fraction of the box size")
+    p.add_argument("--min-crop", type=int, default=32, help="smallest crop side in source px (tiny masks)")
     # grid search (§A.5.3)
     p.add_argument("--grid-search", action="store_true", help="run the tau x delta grid search instead")
-    p.add_argument("--subset", type=int, default=1000, help="grid search: number of random (image, mask) pairs")
+    p.add_argument("--subset", type=int, default=1000, help="grid search: random (image, mask) pairs used")
     p.add_argument("--seed", type=int, default=0, help="grid search: seed of the subset")
-    p.add_argument("--taus", type=float, nargs="+", default=[0.02, 0.05, 0.1, 0.2, 0.3], help="grid search: tau values")
-    p.add_argument("--deltas", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.2], help="grid search: delta values")
-    p.add_argument("--min-coverage", type=float, default=10.0, help="grid search: least mean coverage %% to be chosen")
+    p.add_argument("--taus", type=float, nargs="+", default=[0.02, 0.05, 0.1, 0.2, 0.3],
+                   help="grid search: tau values")
+    p.add_argument("--deltas", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.2],
+                   help="grid search: delta values")
+    p.add_argument("--min-coverage", type=float, default=10.0,
+                   help="grid search: least mean coverage %% to be chosen")
     # running
     p.add_argument("--batch-size", type=int, default=16, help="images per encoder call")
     p.add_argument("--shard-size", type=int, default=64, help="(image, mask) pairs per resumable shard")
@@ -591,25 +613,18 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def build_encoder(args):
-    dtype = torch.bfloat16 if str(args.device).startswith("cuda") else torch.float32  # bf16 on GPU
-    if args.encoder_kind == "self":
-        return QwenSelfPatches(args.encoder, args.self_size, args.device, dtype)
-    return SiglipPatches(args.encoder, args.device, dtype)
-
-
 def main(argv=None):
-    args = parse_args(argv)
+    args = get_args(argv)
     if not os.path.isfile(args.samples):
         raise SystemExit(f"--samples: no file at {args.samples}")
-    enc = build_encoder(args)
+    enc = build_encoder(args.encoder_kind, args.encoder, args.device, args.self_size)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     if args.grid_search:
         return run_grid_search(args.samples, args.out, enc, args)
     rep = extract(args.samples, args.out, enc, args)
-    print(f"{args.out}: {rep['n_rows']} rows ({rep['n_unique_pairs']} unique image/mask pairs, {rep['n_crop']} "
-          f"crop rows), d_v {enc.dim}, grid {enc.grid}x{enc.grid}; {len(rep['failed'])} failed, "
-          f"{len(rep['fallbacks'])} fallbacks -> {os.path.splitext(args.out)[0]}_report.json")
+    print(f"{args.out}: {rep['n_rows']} rows ({rep['n_unique_pairs']} unique image/mask pairs, "
+          f"{rep['n_crop']} crop rows), d_v {enc.dim}, grid {enc.grid}x{enc.grid}; {len(rep['failed'])} "
+          f"failed, {len(rep['fallbacks'])} fallbacks -> {os.path.splitext(args.out)[0]}_report.json")
     return rep
 
 

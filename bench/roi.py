@@ -55,7 +55,8 @@ def images_per_second(enc, batch, n_images, device):
 
 
 def preprocess_per_second(enc, n=50):
-    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (512, 384), dtype=np.uint8)).convert("RGB")
+    img = Image.fromarray(
+        np.random.default_rng(0).integers(0, 255, (512, 384), dtype=np.uint8)).convert("RGB")
     t = time.perf_counter()
     for _ in range(n):
         enc.preprocess(er.pad_image(img, (0, 0, 384, 512)))
@@ -64,7 +65,8 @@ def preprocess_per_second(enc, n=50):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--real", action="store_true", help="SigLIP-SO400M/14-448 config instead of the tiny encoder")
+    p.add_argument("--real", action="store_true",
+                   help="SigLIP-SO400M/14-448 config instead of the tiny encoder")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16], help="batch sizes to time")
     p.add_argument("--images", type=int, default=None, help="images per timing (default 256 tiny, 64 real)")
@@ -75,18 +77,22 @@ def main():
     n = args.images or (64 if args.real else 256)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     with tempfile.TemporaryDirectory() as tmp:
-        folder = real_encoder(os.path.join(tmp, "enc")) if args.real else os.path.join(make_tiny(tmp), "encoder")
+        folder = real_encoder(os.path.join(tmp, "enc")) if args.real \
+            else os.path.join(make_tiny(tmp), "encoder")
         enc = er.SiglipPatches(folder, args.device, dtype)
     name = "SigLIP-SO400M/14-448 (random)" if args.real else "tiny SigLIP (112 px, 8x8, d 48)"
-    dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU x{torch.get_num_threads()} threads"
+    dev = torch.cuda.get_device_name() if args.device.startswith("cuda") \
+        else f"CPU x{torch.get_num_threads()} threads"
     print(f"\nencoder: {name}; device: {dev}; dtype {dtype}; grid {enc.grid}x{enc.grid}, d_v {enc.dim}")
     print(f"{'batch':>6} | {'images/s':>10} | {'ms/image':>9} | {'speed-up vs batch 1':>20}")
     print("-" * 55)
     rates = {}
     for b in args.batches:
         rates[b] = images_per_second(enc, b, n, args.device)
-        print(f"{b:>6} | {rates[b]:>10.1f} | {1000 / rates[b]:>9.2f} | {rates[b] / rates[args.batches[0]]:>19.2f}x")
-    print(f"CPU preprocessing (512x384 grey -> {enc.image_size} px): {preprocess_per_second(enc):.1f} images/s")
+        print(f"{b:>6} | {rates[b]:>10.1f} | {1000 / rates[b]:>9.2f} | "
+              f"{rates[b] / rates[args.batches[0]]:>19.2f}x")
+    print(f"CPU preprocessing (512x384 grey -> {enc.image_size} px): "
+          f"{preprocess_per_second(enc):.1f} images/s")
     if not args.real and 1 in rates and 16 in rates and rates[16] < 2 * rates[1]:
         raise SystemExit(f"batch 16 is only {rates[16] / rates[1]:.2f}x faster per image than batch 1 (< 2x)")
 

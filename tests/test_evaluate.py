@@ -1,5 +1,5 @@
-"""evaluate.py: §B.4 metrics on hand-computed cases, the converters on files in the published formats, and an
-end-to-end run on a tiny checkpoint whose numbers are recomputed from its predictions file."""
+"""evaluate.py: §B.4 metrics on hand-computed cases, the converters (tools/convert_benchmarks.py) on files in
+the published formats, and an end-to-end run on a tiny checkpoint whose numbers are recomputed from its predictions file."""
 import csv
 import json
 import os
@@ -13,6 +13,7 @@ from PIL import Image
 import evaluate as E
 import model as M
 from demo.tiny import make_tiny
+from tools import convert_benchmarks as CB
 
 R, ALPHA = 4, 8.0
 
@@ -135,7 +136,7 @@ def test_aggregate_by_hand():
 # ----------------------------------------------------------------------------------------------------
 def convert(tmp_path, fmt, src, *extra):
     out = str(tmp_path / "bench" / f"{fmt}.jsonl")
-    E.main(["convert", "--format", fmt, "--src", str(src), "--out", out, *extra])
+    CB.main(["--format", fmt, "--src", str(src), "--out", out, *extra])
     return [json.loads(l) for l in open(out)]
 
 

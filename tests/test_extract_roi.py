@@ -29,7 +29,7 @@ def siglip(tiny):
 
 
 def args_for(*extra):
-    return er.parse_args(["--samples", "x", "--encoder", "x", "--out", "x", "--quiet", *extra])
+    return er.get_args(["--samples", "x", "--encoder", "x", "--out", "x", "--quiet", *extra])
 
 
 def save_pair(folder, name, img, mask):
