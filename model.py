@@ -33,7 +33,8 @@ from safetensors.torch import load_file, save_file
 import numpy as np
 from PIL import Image
 from transformers import (AutoTokenizer, DynamicCache, Qwen2VLImageProcessorPil, Qwen3ForCausalLM,
-                          Qwen3VLForConditionalGeneration, Qwen3VLProcessor, SiglipImageProcessorPil, SiglipVisionModel)
+                          Qwen3VLForConditionalGeneration, Qwen3VLProcessor, SiglipImageProcessorPil,
+                          SiglipVisionModel)
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -44,7 +45,8 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 #
 #        x ──► W (frozen) ─────────────┐
 #        │                             + ──► y          A: (r, in)  kaiming-uniform(a=sqrt(5))
-#        └─► dropout ─► A ─► B ─► *s ──┘                B: (out, r) zeros  =>  y == W x at init
+#        └─► dropout ─► A ─► B ─► *s ──┘                B: (out, r) zeros
+#                                                       =>  y == W x at init
 # ----------------------------------------------------------------------------------------------------
 class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, r=64, alpha=128, dropout=0.05):
@@ -216,7 +218,8 @@ def tokenize_steps(dec_tokenizer, chains, K):
     seqs = []
     for chain in chains:
         for k in range(K):
-            seqs.append(dec_tokenizer(chain[k], add_special_tokens=False)["input_ids"] + [eos] if k < len(chain) else [])
+            seqs.append(dec_tokenizer(chain[k], add_special_tokens=False)["input_ids"] + [eos]
+                        if k < len(chain) else [])
     ids, mask = _pad_right(seqs, dec_tokenizer.pad_token_id)
     return ids.view(len(chains), K, -1), mask.view(len(chains), K, -1)
 
@@ -248,9 +251,10 @@ def _pad_right(seqs, pad_id):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 4. The recurrent latent loop on one KV-cache (§3.2). transformers traps (DESIGN.md §3): pass explicit
-#    M-RoPE position_ids AND the full 2-D attention mask (past + new columns) on every call; never pass
-#    pixel values after the prefix; the cache argument is `cache=`.
+# 4. The recurrent latent loop on one KV-cache (§3.2). transformers traps (found by probing the pinned
+#    transformers 5.24; test_cached_loop_equals_one_full_forward in tests/test_model.py guards them):
+#    pass explicit M-RoPE position_ids AND the full 2-D attention mask (past + new columns) on every call;
+#    never pass pixel values after the prefix; the cache argument is `cache=`.
 # ----------------------------------------------------------------------------------------------------
 @dataclass
 class LoopState:
@@ -277,7 +281,7 @@ def prefix_forward(backbone, prefix):
     inner = backbone.model
     pos, delta = inner.get_rope_index(prefix["input_ids"], prefix["mm_token_type_ids"],
                                       image_grid_thw=prefix["image_grid_thw"],
-                                      attention_mask=prefix["attention_mask"])                  # (3,B,P), (B,1)
+                                      attention_mask=prefix["attention_mask"])                # (3,B,P), (B,1)
     cache = DynamicCache(config=backbone.config.text_config)
     out = inner(input_ids=prefix["input_ids"], attention_mask=prefix["attention_mask"], position_ids=pos,
                 pixel_values=prefix["pixel_values"], image_grid_thw=prefix["image_grid_thw"],
@@ -372,7 +376,8 @@ def decoder_loss(decoder, pj_in, h, step_ids, step_mask):
     x0 = pj_in(h.reshape(B * K, 1, -1))                                                    # (BK, 1, d_dec)
     emb = decoder.get_input_embeddings()(step_ids.reshape(B * K, L)[:, :-1])               # (BK, L-1, d_dec)
     inp = torch.cat([x0.to(emb.dtype), emb], dim=1)                                         # (BK, L, d_dec)
-    attn = torch.cat([torch.ones_like(step_mask.reshape(B * K, L)[:, :1]), step_mask.reshape(B * K, L)[:, :-1]], 1)
+    attn = torch.cat([torch.ones_like(step_mask.reshape(B * K, L)[:, :1]),
+                      step_mask.reshape(B * K, L)[:, :-1]], 1)
     logits = decoder(inputs_embeds=inp, attention_mask=attn).logits.float()                 # (BK, L, V)
     m = step_mask.reshape(B * K, L).float()
     ce = F.cross_entropy(logits.transpose(1, 2), step_ids.reshape(B * K, L), reduction="none")  # (BK, L)
@@ -395,8 +400,8 @@ def visual_targets(roi, glob, K, per_step=False):
 # 6. VITAL: backbone (+LoRA) and optional scaffolds; forward returns the joint loss of eq. (7).
 # ----------------------------------------------------------------------------------------------------
 class VITAL(nn.Module):
-    def __init__(self, backbone, decoder=None, d_v=None, projector="res_mlp_ln", lambda_sem=1.0, lambda_vis=0.1,
-                 vp_dropout=0.1):
+    def __init__(self, backbone, decoder=None, d_v=None, projector="res_mlp_ln", lambda_sem=1.0,
+                 lambda_vis=0.1, vp_dropout=0.1):
         super().__init__()
         self.backbone = backbone
         d = backbone.config.text_config.hidden_size
@@ -411,7 +416,7 @@ class VITAL(nn.Module):
         Returns dict(loss, L_task, L_sem, L_vis, h) with h = (B, K, d) latent states h_1..h_K."""
         st = latent_loop(self.backbone, batch["prefix"], K)
         logits = answer_logits(self.backbone, st, batch["answer_ids"], batch["answer_mask"]).float()
-        tgt = batch["answer_ids"].masked_fill(batch["answer_mask"] == 0, -100)               # padding never counts
+        tgt = batch["answer_ids"].masked_fill(batch["answer_mask"] == 0, -100)          # padding never counts
         L_task = F.cross_entropy(logits.transpose(1, 2), tgt, ignore_index=-100)
         zero = logits.new_zeros(())
         h = torch.cat(st.h[1:], dim=1) if K > 0 else logits.new_zeros(logits.shape[0], 0, 1)  # (B, K, d)
@@ -419,9 +424,11 @@ class VITAL(nn.Module):
         if K > 0 and self.decoder is not None:
             L_sem = decoder_loss(self.decoder, self.pj_in, h, batch["step_ids"], batch["step_mask"])
         if K > 0 and self.vp is not None:
-            valid = (batch["step_mask"].sum(-1) > 0).float() if "step_mask" in batch else h.new_ones(h.shape[:2])
-            tgt_v = visual_targets(batch["roi"].float(), batch.get("global", batch["roi"]).float(), K, per_step_target)
-            l1 = (self.vp(h).float() - tgt_v).abs().mean(-1)                                   # (B, K), L1 (eq. 6)
+            valid = ((batch["step_mask"].sum(-1) > 0).float() if "step_mask" in batch
+                     else h.new_ones(h.shape[:2]))
+            tgt_v = visual_targets(batch["roi"].float(), batch.get("global", batch["roi"]).float(), K,
+                                   per_step_target)
+            l1 = (self.vp(h).float() - tgt_v).abs().mean(-1)                              # (B, K), L1 (eq. 6)
             L_vis = (l1 * valid).sum() / valid.sum().clamp(min=1)
         loss = L_task + self.lambda_sem * L_sem + self.lambda_vis * L_vis
         return dict(loss=loss, L_task=L_task, L_sem=L_sem, L_vis=L_vis, h=h)
@@ -438,9 +445,10 @@ def decode_latent(decoder, pj_in, dec_tokenizer, h, max_new_tokens=40):
     """Text window (§3.3): read a latent h (N, d) out as a sentence through pj_in + decoder (greedy)."""
     # pj_in is trained in fp32 while h comes from a bf16 backbone on a GPU: compute in pj_in's dtype
     x = pj_in(h.reshape(-1, 1, h.shape[-1]).to(pj_in.weight.dtype)).to(decoder.dtype)     # (N, 1, d_dec)
-    ids = decoder.generate(inputs_embeds=x, attention_mask=torch.ones(x.shape[:2], dtype=torch.long, device=x.device),
-                           max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=dec_tokenizer.eos_token_id,
-                           pad_token_id=dec_tokenizer.pad_token_id)
+    ids = decoder.generate(inputs_embeds=x,
+                           attention_mask=torch.ones(x.shape[:2], dtype=torch.long, device=x.device),
+                           max_new_tokens=max_new_tokens, do_sample=False,
+                           eos_token_id=dec_tokenizer.eos_token_id, pad_token_id=dec_tokenizer.pad_token_id)
     return [s.strip() for s in dec_tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
 
@@ -482,14 +490,16 @@ def ckpt_field(config, folder, *keys):
 
 def save_checkpoint(folder, vital: VITAL, config: dict, extra_files=None):
     """Write adapter.safetensors, scaffold.safetensors and config.json into folder atomically: everything
-    goes to folder.tmp first and is renamed into place only when complete. extra_files: {name: writer(path)}."""
+    goes to folder.tmp first and is renamed into place only when complete.
+    extra_files: {name: writer(path)}."""
     tmp, old = folder.rstrip("/") + ".tmp", folder.rstrip("/") + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     adapter, scaffold = vital.trainable_state_dict()
     save_file({k: v.contiguous().cpu() for k, v in adapter.items()}, os.path.join(tmp, "adapter.safetensors"))
     if scaffold:
-        save_file({k: v.contiguous().cpu() for k, v in scaffold.items()}, os.path.join(tmp, "scaffold.safetensors"))
+        save_file({k: v.contiguous().cpu() for k, v in scaffold.items()},
+                  os.path.join(tmp, "scaffold.safetensors"))
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     for name, writer in (extra_files or {}).items():
@@ -507,7 +517,8 @@ def _load_into(module, tensors, path):
         if k not in own:
             raise ValueError(f"{path}: tensor '{k}' has no place in this model (another architecture?)")
         if own[k].shape != v.shape:
-            raise ValueError(f"{path}: '{k}' has shape {tuple(v.shape)}, this model expects {tuple(own[k].shape)} "
+            raise ValueError(f"{path}: '{k}' has shape {tuple(v.shape)}, "
+                             f"this model expects {tuple(own[k].shape)} "
                              "(checkpoint of another width or LoRA rank?)")
         with torch.no_grad():
             own[k].copy_(v)
@@ -525,7 +536,8 @@ def load_checkpoint(folder, vital: VITAL, scaffolds=True):
     expected = {n for n, _ in vital.backbone.named_parameters() if ".lora_" in n}
     if set(adapter) != expected:
         missing = sorted(expected - set(adapter))[:3] or sorted(set(adapter) - expected)[:3]
-        raise ValueError(f"{folder}/adapter.safetensors does not match this backbone's LoRA layers (e.g. {missing})")
+        raise ValueError(f"{folder}/adapter.safetensors does not match this backbone's LoRA layers "
+                         f"(e.g. {missing})")
     _load_into(vital.backbone, adapter, f"{folder}/adapter.safetensors")
     sc_path = os.path.join(folder, "scaffold.safetensors")
     if scaffolds and os.path.isfile(sc_path):
@@ -546,7 +558,8 @@ def export_peft(folder, vital: VITAL, base_model_path=""):
     cfg = dict(peft_type="LORA", task_type=None, r=layers[0].r, lora_alpha=layers[0].alpha,
                lora_dropout=layers[0].dropout.p, bias="none", fan_in_fan_out=False, inference_mode=True,
                init_lora_weights=True, base_model_name_or_path=base_model_path,
-               target_modules=r".*language_model\.layers\.\d+\.(self_attn|mlp)\.(" + "|".join(LORA_TARGETS) + ")")
+               target_modules=(r".*language_model\.layers\.\d+\.(self_attn|mlp)\.("
+                               + "|".join(LORA_TARGETS) + ")"))
     with open(os.path.join(folder, "adapter_config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
 
@@ -565,8 +578,8 @@ def main():
     dec, _ = load_decoder(os.path.join(args.folder, "decoder"))
     enc, _ = load_encoder(os.path.join(args.folder, "encoder"))
     n_lora = add_lora(bb)
-    print(f"backbone {count_params(bb) / 1e6:.2f}M (LoRA layers {n_lora}), decoder {count_params(dec) / 1e6:.2f}M, "
-          f"encoder {count_params(enc) / 1e6:.2f}M")
+    print(f"backbone {count_params(bb) / 1e6:.2f}M (LoRA layers {n_lora}), "
+          f"decoder {count_params(dec) / 1e6:.2f}M, encoder {count_params(enc) / 1e6:.2f}M")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """
-VITAL stage 3: curriculum training of the LoRA + scaffolds (paper §3.5, §4.1, §B.3, ablations §4.3, §C.1-C.5).
+VITAL stage 3: curriculum training of the LoRA + scaffolds (paper §3.5, §4.1, §B.3,
+ablations §4.3, §C.1-C.5).
 
 Reads  DATA/samples.jsonl (train split only) + DATA/roi.safetensors (the L_vis targets, extract_roi.py).
 Writes runs/<name>/phase<p>/  adapter.safetensors, scaffold.safetensors, config.json, trainer/ (for --resume)
@@ -7,14 +8,15 @@ Writes runs/<name>/phase<p>/  adapter.safetensors, scaffold.safetensors, config.
 
 Data first (stages 1-2), here the embedded phantom set with the tiny models:
     python demo/tiny.py runs/tiny && python prepare_data.py --source phantom --out data/phantom --n 2000
-    python extract_roi.py --samples data/phantom/samples.jsonl --encoder runs/tiny/encoder --out data/phantom/roi.safetensors
+    python extract_roi.py --samples data/phantom/samples.jsonl --encoder runs/tiny/encoder \\
+        --out data/phantom/roi.safetensors
 One process (a GPU, or the CPU), the three phases of the default curriculum, each warm-starting from the last:
     python train.py --data data/phantom --preset tiny --out runs/tiny-vital --phase 1
     python train.py --data data/phantom --preset tiny --out runs/tiny-vital --phase 2
     python train.py --data data/phantom --preset tiny --out runs/tiny-vital --phase 3
 Real models, 6 GPUs on one node (the paper's setting):
-    torchrun --standalone --nproc_per_node=6 train.py --data data/vital --backbone ckpt/Qwen3-VL-8B-Instruct \\
-        --decoder ckpt/Qwen3-1.7B --out runs/vital --phase 1
+    torchrun --standalone --nproc_per_node=6 train.py --data data/vital \\
+        --backbone ckpt/Qwen3-VL-8B-Instruct --decoder ckpt/Qwen3-1.7B --out runs/vital --phase 1
 Several nodes (run on every node, same rendezvous endpoint; global batch = batch x accum x world size):
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 --rdzv-id=vital \\
         train.py --data data/vital --backbone ... --decoder ... --out runs/vital --phase 1
@@ -45,8 +47,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from demo.tiny import make_tiny
-from model import (VITAL, add_lora, batch_to, load_backbone, load_checkpoint, load_decoder, load_image, make_batch,
-                   save_checkpoint)
+from model import (VITAL, add_lora, batch_to, load_backbone, load_checkpoint, load_decoder, load_image,
+                   make_batch, save_checkpoint)
 
 # ----------------------------------------------------------------------------------------------------
 # Curriculum schedules (§3.5, §4.3 Table 3). Each phase = (highest latent_steps admitted, None = all K;
@@ -63,8 +65,8 @@ CURRICULA = {
     "full-mix": [(None, 20)],
     "reverse": [(None, 10), (2, 5), (1, 5)],
 }
-REQUIRED = {"id": str, "image": str, "question": str, "answer": str, "reasoning_chain": list, "latent_steps": int,
-            "split": str}
+REQUIRED = {"id": str, "image": str, "question": str, "answer": str, "reasoning_chain": list,
+            "latent_steps": int, "split": str}
 
 
 class TrainError(Exception):
@@ -75,44 +77,61 @@ def get_args(argv=None):
     ap = argparse.ArgumentParser(description="VITAL curriculum training (paper §3.5)")
     # data
     ap.add_argument("--data", required=True, help="folder with samples.jsonl and roi.safetensors")
-    ap.add_argument("--limit", type=int, default=0, help="use only the first N train samples of the phase (0 = all)")
+    ap.add_argument("--limit", type=int, default=0,
+                    help="use only the first N train samples of the phase (0 = all)")
     # models
-    ap.add_argument("--preset", choices=["tiny"], help="tiny: tiny models of the real classes in --models (made if absent)")
-    ap.add_argument("--models", default="runs/tiny", help="folder of the tiny preset's backbone/decoder/encoder")
+    ap.add_argument("--preset", choices=["tiny"],
+                    help="tiny: tiny models of the real classes in --models (made if absent)")
+    ap.add_argument("--models", default="runs/tiny",
+                    help="folder of the tiny preset's backbone/decoder/encoder")
     ap.add_argument("--backbone", help="Qwen3-VL model folder (e.g. Qwen3-VL-8B-Instruct)")
     ap.add_argument("--decoder", help="auxiliary text decoder folder (e.g. Qwen3-1.7B)")
     ap.add_argument("--lora-r", type=int, help="LoRA rank (default 64, paper; 8 with --preset tiny)")
     ap.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 128; 16 with --preset tiny)")
     ap.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input (§B.3)")
-    ap.add_argument("--projector", default="res_mlp_ln", choices=["linear", "mlp", "mlp_ln", "res_mlp_ln", "transformer"],
+    ap.add_argument("--projector", default="res_mlp_ln",
+                    choices=["linear", "mlp", "mlp_ln", "res_mlp_ln", "transformer"],
                     help="visual projector variant (§C.2, Table 13)")
     ap.add_argument("--vp-dropout", type=float, default=0.1, help="dropout inside the visual projector")
     # curriculum
     ap.add_argument("--phase", type=int, default=1, help="curriculum phase to train (1-based)")
-    ap.add_argument("--curriculum", default="3-phase", choices=list(CURRICULA), help="schedule (§4.3, table above)")
+    ap.add_argument("--curriculum", default="3-phase", choices=list(CURRICULA),
+                    help="schedule (§4.3, table above)")
     ap.add_argument("--epochs", type=float, help="epochs of this phase (default from the schedule: 5/5/10)")
-    ap.add_argument("--max-k", type=int, help="cap on latent steps: K = min(latent_steps, max_k); 0 = direct answer")
-    ap.add_argument("--init", help="warm-start checkpoint (default runs/<name>/phase<p-1> for p > 1; 'none' = scratch)")
+    ap.add_argument("--max-k", type=int,
+                    help="cap on latent steps: K = min(latent_steps, max_k); 0 = direct answer")
+    ap.add_argument("--init",
+                    help="warm-start checkpoint (default runs/<name>/phase<p-1> for p > 1; 'none' = scratch)")
     # losses (eq. 7)
-    ap.add_argument("--lambda-sem", type=float, default=1.0, help="weight of L_sem; 0 removes the decoder scaffold")
-    ap.add_argument("--lambda-vis", type=float, default=0.1, help="weight of L_vis; 0 removes the visual projector")
-    ap.add_argument("--visual-target", default="shared", choices=["shared", "per_step"], help="L_vis target (§C.5)")
+    ap.add_argument("--lambda-sem", type=float, default=1.0,
+                    help="weight of L_sem; 0 removes the decoder scaffold")
+    ap.add_argument("--lambda-vis", type=float, default=0.1,
+                    help="weight of L_vis; 0 removes the visual projector")
+    ap.add_argument("--visual-target", default="shared", choices=["shared", "per_step"],
+                    help="L_vis target (§C.5)")
     # optimisation
     ap.add_argument("--batch-size", type=int, default=8, help="samples per micro-batch per device")
     ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step per device")
     ap.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (LoRA and scaffolds)")
-    ap.add_argument("--lr-decoder", type=float, help="peak learning rate of the auxiliary decoder (default --lr)")
-    ap.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases and norms)")
-    ap.add_argument("--warmup", type=float, default=0.05, help="fraction of the phase's steps with linear warmup")
+    ap.add_argument("--lr-decoder", type=float,
+                    help="peak learning rate of the auxiliary decoder (default --lr)")
+    ap.add_argument("--weight-decay", type=float, default=0.01,
+                    help="AdamW weight decay (not on biases and norms)")
+    ap.add_argument("--warmup", type=float, default=0.05,
+                    help="fraction of the phase's steps with linear warmup")
     ap.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (0 = off)")
     # run
     ap.add_argument("--out", default="runs/vital", help="run folder runs/<name>; phases go to <out>/phase<p>")
-    ap.add_argument("--save-every", type=int, default=500, help="checkpoint every N optimizer steps (and at the end)")
+    ap.add_argument("--save-every", type=int, default=500,
+                    help="checkpoint every N optimizer steps (and at the end)")
     ap.add_argument("--resume", action="store_true", help="continue this phase from its last checkpoint")
-    ap.add_argument("--max-steps", type=int, default=0, help="stop after this step (the lr schedule still spans the phase)")
-    ap.add_argument("--seed", type=int, default=1337, help="seed of init, data order and dropout (rank r uses seed+r)")
+    ap.add_argument("--max-steps", type=int, default=0,
+                    help="stop after this step (the lr schedule still spans the phase)")
+    ap.add_argument("--seed", type=int, default=1337,
+                    help="seed of init, data order and dropout (rank r uses seed+r)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
-    ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="autocast dtype (auto: bf16 on CUDA)")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="autocast dtype (auto: bf16 on CUDA)")
     args = ap.parse_args(argv)
     if args.preset == "tiny":
         args.backbone = args.backbone or os.path.join(args.models, "backbone")
@@ -133,7 +152,8 @@ def get_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Data: samples.jsonl (DESIGN.md §2) + roi.safetensors. Every problem names the file, line and field.
+# Data: samples.jsonl (written by prepare_data.py; fields: REQUIRED above) + roi.safetensors (extract_roi.py).
+# Every problem names the file, line and field.
 # ----------------------------------------------------------------------------------------------------
 def read_samples(path):
     """All records of a samples.jsonl, validated; each gets `line` and an absolute `image_path`."""
@@ -157,8 +177,8 @@ def read_samples(path):
                     raise TrainError(f"{path} line {n}: field '{field}' should be {typ.__name__}, "
                                      f"got {type(r[field]).__name__}")
             if r["latent_steps"] != len(r["reasoning_chain"]):
-                raise TrainError(f"{path} line {n}: latent_steps = {r['latent_steps']} but reasoning_chain has "
-                                 f"{len(r['reasoning_chain'])} steps")
+                raise TrainError(f"{path} line {n}: latent_steps = {r['latent_steps']} "
+                                 f"but reasoning_chain has {len(r['reasoning_chain'])} steps")
             if r["id"] in seen:
                 raise TrainError(f"{path} line {n}: id '{r['id']}' already used on line {seen[r['id']]}")
             seen[r["id"]] = n
@@ -178,8 +198,9 @@ def select_phase(records, args, path):
         for r in train:
             counts[r["latent_steps"]] = counts.get(r["latent_steps"], 0) + 1
         want = "all K >= 1" if hi is None else f"1 <= latent_steps <= {hi}"
-        raise TrainError(f"phase {args.phase} of --curriculum {args.curriculum} ({want}) has no train samples in "
-                         f"{path} (train samples by latent_steps: {dict(sorted(counts.items())) or 'none'})")
+        raise TrainError(f"phase {args.phase} of --curriculum {args.curriculum} ({want}) has no train "
+                         f"samples in {path} (train samples by latent_steps: "
+                         f"{dict(sorted(counts.items())) or 'none'})")
     chosen = chosen[:args.limit] if args.limit > 0 else chosen
     for r in chosen:
         r["K"] = r["latent_steps"] if args.max_k is None else min(r["latent_steps"], args.max_k)
@@ -202,7 +223,8 @@ def read_roi(path, records, need_global):
         names = set(f.keys())
         for name in ["roi"] + (["global"] if need_global else []):
             if name not in names:
-                raise TrainError(f"{path}: no tensor '{name}'" + (" (needed by --visual-target per_step)" if name == "global" else ""))
+                raise TrainError(f"{path}: no tensor '{name}'"
+                                 + (" (needed by --visual-target per_step)" if name == "global" else ""))
         roi = f.get_tensor("roi").float()
         glob = f.get_tensor("global").float() if need_global else None
     if roi.ndim != 2 or roi.shape[0] != len(ids):
@@ -211,7 +233,8 @@ def read_roi(path, records, need_global):
     missing = [r["id"] for r in records if r["id"] not in row]
     if missing:
         raise TrainError(f"{path}: {len(missing)} training samples have no ROI feature: {missing[:20]}"
-                         + (" ..." if len(missing) > 20 else "") + " (re-run extract_roi.py, or --lambda-vis 0)")
+                         + (" ..." if len(missing) > 20 else "")
+                         + " (re-run extract_roi.py, or --lambda-vis 0)")
     rows = torch.tensor([row[r["id"]] for r in records])
     roi, glob = roi[rows], (glob[rows] if glob is not None else None)
     bad = [records[i]["id"] for i in range(len(records)) if not torch.isfinite(roi[i]).all()]
@@ -221,14 +244,15 @@ def read_roi(path, records, need_global):
 
 
 class KBucketSampler:
-    """Micro-batches of samples with the same K (DESIGN.md §3 item 5), identical on every rank.
+    """Micro-batches of samples with the same K (each runs its own K, see CURRICULA), identical on every rank.
     Per epoch: shuffle each K bucket with seed + epoch, cut into batches, shuffle the batch order, pad the
     list to a multiple of world x accum by repeating its head (every rank gets as many batches: no DDP hang),
     then rank r takes batches r, r + world, ... so the micro-batches of one optimizer step are the same
     whatever the split between ranks and accumulation (that is what makes 2 ranks == 1 rank x 2 accum)."""
 
     def __init__(self, ks, batch_size, world=1, rank=0, accum=1, seed=0):
-        self.ks, self.B, self.world, self.rank, self.accum, self.seed = list(ks), batch_size, world, rank, accum, seed
+        self.ks, self.B, self.world, self.rank, self.accum, self.seed = (list(ks), batch_size, world, rank,
+                                                                         accum, seed)
         self.epoch, self.start = 0, 0
         n = sum(math.ceil(self.ks.count(k) / batch_size) for k in set(self.ks))
         self.n_global = math.ceil(n / (world * accum)) * world * accum  # padded number of micro-batches
@@ -270,7 +294,8 @@ def collate(records, idx, processor, dec_tokenizer, roi, glob):
 # Identity of the models, so that a warm start from another backbone, decoder or LoRA shape is refused.
 # ----------------------------------------------------------------------------------------------------
 def fingerprint(folder):
-    """sha256 of config.json + the first MiB of every weight file: cheap even for 16 GB, differs per weights."""
+    """sha256 of config.json + the first MiB of every weight file: cheap even for 16 GB,
+    differs per weights."""
     h = hashlib.sha256()
     with open(os.path.join(folder, "config.json"), "rb") as f:
         h.update(f.read())
@@ -295,7 +320,8 @@ def check_compatible(init, cfg, arch):
         if key == "decoder" and (old.get(key) is None or arch[key] is None):
             continue  # one side trains without the decoder scaffold: nothing to compare
         if old.get(key) != arch[key]:
-            raise TrainError(f"--init {init} was trained with {what} {old.get(key)}, this run uses {arch[key]}: "
+            raise TrainError(f"--init {init} was trained with {what} {old.get(key)}, "
+                             f"this run uses {arch[key]}: "
                              "refusing to warm-start across models")
 
 
@@ -311,8 +337,8 @@ def param_groups(model, args):
                    if p.requires_grad and n.startswith("decoder.") == is_dec and (p.ndim >= 2) == decay]
             if sel:
                 lr = args.lr_decoder if (is_dec and args.lr_decoder) else args.lr
-                groups.append(dict(params=[p for _, p in sel], weight_decay=args.weight_decay if decay else 0.0,
-                                   lr=lr, base_lr=lr))
+                groups.append(dict(params=[p for _, p in sel],
+                                   weight_decay=args.weight_decay if decay else 0.0, lr=lr, base_lr=lr))
                 names.append([n for n, _ in sel])
     return groups, names
 
@@ -348,7 +374,8 @@ def gather_rng(device, world):
 
 def trainer_writer(opt, names, rng, scalars, finished):
     """A writer(path) for save_checkpoint's extra_files: path/state.safetensors + path/state.json.
-    A finished phase keeps only the JSON: its Adam moments (2x the decoder's 1.7B in fp32) are never reused."""
+    A finished phase keeps only the JSON: its Adam moments (2x the decoder's 1.7B in fp32)
+    are never reused."""
     def write(path):
         os.makedirs(path)
         if finished:
@@ -386,7 +413,8 @@ def load_trainer(folder, opt, names, rank, device):
             per_param.setdefault(n, {})[field] = v
     for g, saved in zip(sd["param_groups"], state["param_groups"]):
         g.update({k: v for k, v in saved.items() if k != "names"})
-        sd["state"].update({idx: per_param[n] for idx, n in zip(g["params"], saved["names"]) if n in per_param})
+        sd["state"].update({idx: per_param[n] for idx, n in zip(g["params"], saved["names"])
+                            if n in per_param})
     opt.load_state_dict(sd)
     torch.set_rng_state(tensors[f"rng.cpu.rank{rank}"])
     if device.type == "cuda":
@@ -458,8 +486,8 @@ def find_resume(args, phase_dir):
     """The checkpoint --resume continues (None without --resume); never overwrite a phase silently."""
     if not args.resume:
         if any(os.path.exists(d) for d in (phase_dir, phase_dir + ".old")):
-            raise TrainError(f"{phase_dir} already holds a checkpoint: add --resume to continue it, or remove it "
-                             "(or pick another --out) to train this phase again")
+            raise TrainError(f"{phase_dir} already holds a checkpoint: add --resume to continue it, "
+                             "or remove it (or pick another --out) to train this phase again")
         return None
     found = [d for d in (phase_dir, phase_dir + ".old") if os.path.isfile(os.path.join(d, "config.json"))]
     if not found:
@@ -474,7 +502,8 @@ def build_vital(args, env, resume_dir, d_v):
     backbone, processor = load_backbone(args.backbone, dtype=wdtype, device=env.device)
     add_lora(backbone, args.lora_r, args.lora_alpha, args.lora_dropout)
     with_decoder = args.lambda_sem > 0 and args.max_k != 0
-    decoder, dec_tokenizer = load_decoder(args.decoder, torch.float32, env.device) if with_decoder else (None, None)
+    decoder, dec_tokenizer = (load_decoder(args.decoder, torch.float32, env.device) if with_decoder
+                              else (None, None))
     vital = VITAL(backbone, decoder, d_v, args.projector, args.lambda_sem, args.lambda_vis, args.vp_dropout)
     arch = dict(backbone=fingerprint(args.backbone), lora=[args.lora_r, args.lora_alpha],
                 decoder=fingerprint(args.decoder) if decoder is not None else None)
@@ -484,7 +513,8 @@ def build_vital(args, env, resume_dir, d_v):
 def warm_start(args, vital, arch, resume_dir, log):
     """Load phase p-1 (or --init) into a new phase, or this phase's own last checkpoint on --resume.
     -> (the source's config or None, the warm-start folder or None)."""
-    init = args.init if args.init else (os.path.join(args.out, f"phase{args.phase - 1}") if args.phase > 1 else None)
+    init = args.init if args.init else (os.path.join(args.out, f"phase{args.phase - 1}") if args.phase > 1
+                                        else None)
     init = None if init == "none" else init
     src = resume_dir or init
     if not src:
@@ -497,7 +527,8 @@ def warm_start(args, vital, arch, resume_dir, log):
         src_cfg = json.load(f)
     check_compatible(src, src_cfg, arch)
     if resume_dir:  # an exact continuation needs the same training flags (stop/save points may change)
-        free = {"resume", "max_steps", "save_every", "device", "preset", "models", "backbone", "decoder", "data", "out"}
+        free = {"resume", "max_steps", "save_every", "device", "preset", "models", "backbone", "decoder",
+                "data", "out"}
         diff = sorted(k for k, v in vars(args).items() if k not in free and src_cfg["args"].get(k) != v)
         if diff:
             raise TrainError(f"--resume: {resume_dir} was trained with other flags: " + ", ".join(
@@ -508,7 +539,8 @@ def warm_start(args, vital, arch, resume_dir, log):
         raise TrainError(f"cannot load {src}: {e}") from None
     log(f"{'resuming from' if resume_dir else 'warm start from'} {src}")
     if not resume_dir and not src_cfg.get("finished"):
-        log(f"note: {src} stopped at step {src_cfg.get('step')} of {src_cfg.get('total_steps')} (not finished)")
+        log(f"note: {src} stopped at step {src_cfg.get('step')} of {src_cfg.get('total_steps')} "
+            "(not finished)")
     return src_cfg, init
 
 
@@ -518,7 +550,8 @@ def wrap_ddp(vital, env):
     find_unused_parameters stays off."""
     if env.world == 1:
         return vital
-    frozen = [n for n, p in vital.named_parameters() if not p.requires_grad] + [n for n, _ in vital.named_buffers()]
+    frozen = ([n for n, p in vital.named_parameters() if not p.requires_grad]
+              + [n for n, _ in vital.named_buffers()])
     DDP._set_params_and_buffers_to_ignore_for_model(vital, frozen)
     return DDP(vital, device_ids=[env.device.index] if env.device.type == "cuda" else None)
 
@@ -529,7 +562,8 @@ def reset_log(log_path, phase, step):
     os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
     with open(log_path, "a+") as f:
         f.seek(0)
-        keep = [l for l in f if l.endswith("\n") and ((e := json.loads(l))["phase"] != phase or e["step"] <= step)]
+        keep = [l for l in f
+                if l.endswith("\n") and ((e := json.loads(l))["phase"] != phase or e["step"] <= step)]
     with open(log_path, "w") as f:
         f.writelines(keep)
 
@@ -546,7 +580,8 @@ def train_phase(args, env, build=build_vital, extra_files=None):
         if env.world > 1:
             dist.barrier()
     torch.manual_seed(args.seed)  # same init on every rank (DDP also broadcasts rank 0's)
-    raw, processor, dec_tokenizer, arch = build(args, env, resume_dir, roi.shape[1] if roi is not None else None)
+    raw, processor, dec_tokenizer, arch = build(args, env, resume_dir,
+                                                roi.shape[1] if roi is not None else None)
     src_cfg, init = warm_start(args, raw, arch, resume_dir, log)
     raw.train()
     model = wrap_ddp(raw, env)  # raw is what we save: keys without "module."
@@ -562,7 +597,8 @@ def train_phase(args, env, build=build_vital, extra_files=None):
     n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
     ks = {k: sum(r["K"] == k for r in records) for k in sorted({r["K"] for r in records})}
     log(f"phase {args.phase} ({args.curriculum}): {len(records)} train samples, samples per K {ks}, "
-        f"{n_train / 1e6:.2f}M trainable parameters, {'bf16 autocast' if env.bf16 else 'fp32'} on {env.device}")
+        f"{n_train / 1e6:.2f}M trainable parameters, "
+        f"{'bf16 autocast' if env.bf16 else 'fp32'} on {env.device}")
     log(f"global batch = {args.batch_size} per device x {args.grad_accum} accum x {env.world} ranks = "
         f"{global_batch}; {steps_per_epoch} steps/epoch x {args.epochs} epochs = {total} steps")
 
@@ -571,17 +607,21 @@ def train_phase(args, env, build=build_vital, extra_files=None):
         if src_cfg.get("finished"):
             log(f"{resume_dir} already finished its {src_cfg['total_steps']} steps: nothing to do")
             return phase_dir
-        if (src_cfg["world_size"], src_cfg["global_batch"], src_cfg["total_steps"]) != (env.world, global_batch, total):
-            raise TrainError(f"{resume_dir} was trained with world size {src_cfg['world_size']}, global batch "
-                             f"{src_cfg['global_batch']}, {src_cfg['total_steps']} steps; this run has {env.world}, "
-                             f"{global_batch}, {total}: exact resume needs the same")
+        if ((src_cfg["world_size"], src_cfg["global_batch"], src_cfg["total_steps"])
+                != (env.world, global_batch, total)):
+            raise TrainError(f"{resume_dir} was trained with world size {src_cfg['world_size']}, "
+                             f"global batch {src_cfg['global_batch']}, {src_cfg['total_steps']} steps; "
+                             f"this run has {env.world}, {global_batch}, {total}: "
+                             "exact resume needs the same")
         step = load_trainer(resume_dir, opt, names, env.rank, env.device)["step"]
     else:
         torch.manual_seed(args.seed + env.rank)  # per-rank dropout streams (a resume restores them instead)
 
-    samples_path, roi_path = os.path.join(args.data, "samples.jsonl"), os.path.join(args.data, "roi.safetensors")
-    config = dict(args=vars(args), phase=args.phase, arch=arch, world_size=env.world, global_batch=global_batch,
-                  total_steps=total, backbone_path=os.path.abspath(args.backbone), init=init,
+    samples_path, roi_path = (os.path.join(args.data, "samples.jsonl"),
+                              os.path.join(args.data, "roi.safetensors"))
+    config = dict(args=vars(args), phase=args.phase, arch=arch, world_size=env.world,
+                  global_batch=global_batch, total_steps=total,
+                  backbone_path=os.path.abspath(args.backbone), init=init,
                   decoder_path=os.path.abspath(args.decoder) if raw.decoder is not None else None,
                   encoder_path=roi_meta.get("encoder_path"), encoder_kind=roi_meta.get("encoder_kind"),
                   encoder_image_size=int(roi_meta["image_size"]) if "image_size" in roi_meta else None,
@@ -598,7 +638,8 @@ def train_phase(args, env, build=build_vital, extra_files=None):
             scalars = dict(step=step, world_size=env.world, global_batch=global_batch, total_steps=total)
             extra = {"trainer": trainer_writer(opt, names, rng, scalars, step >= total)}
             extra.update(extra_files(raw, processor) if extra_files else {})
-            save_checkpoint(phase_dir, raw, dict(config, step=step, finished=step >= total), extra_files=extra)
+            save_checkpoint(phase_dir, raw, dict(config, step=step, finished=step >= total),
+                            extra_files=extra)
 
     batches = (lambda idx: collate(records, idx, processor, dec_tokenizer, roi, glob))
     step = train_loop(args, env, model, opt, sampler, batches, step, total, steps_per_epoch, save, log_path,
@@ -607,13 +648,15 @@ def train_phase(args, env, build=build_vital, extra_files=None):
     return phase_dir
 
 
-def train_loop(args, env, model, opt, sampler, batches, step, total, steps_per_epoch, save, log_path, resumed):
+def train_loop(args, env, model, opt, sampler, batches, step, total, steps_per_epoch, save, log_path,
+               resumed):
     """Optimizer steps from `step` to the phase's end (or --max-steps): grad accumulation, one all-reduce
     per step, grad clipping, the lr schedule, a log line per step, a checkpoint every --save-every."""
     stop = min(total, args.max_steps) if args.max_steps > 0 else total
     params = [p for p in model.parameters() if p.requires_grad]
     device, last_saved = env.device, (step if resumed else None)
-    bar = tqdm(total=stop, initial=step, desc=f"phase {args.phase}", disable=not env.master, dynamic_ncols=True)
+    bar = tqdm(total=stop, initial=step, desc=f"phase {args.phase}", disable=not env.master,
+               dynamic_ncols=True)
     while step < stop:
         epoch, pos = divmod(step, steps_per_epoch)
         sampler.set_epoch(epoch, start=pos * args.grad_accum)
@@ -642,13 +685,15 @@ def train_loop(args, env, model, opt, sampler, batches, step, total, steps_per_e
             if env.world > 1:  # every rank's losses, not rank 0's last micro-batch
                 dist.all_reduce(stats)
                 stats[:4] /= env.world
-            gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+            gnorm = torch.nn.utils.clip_grad_norm_(params,
+                                                   args.grad_clip if args.grad_clip > 0 else float("inf"))
             if not (torch.isfinite(stats[:4]).all() and torch.isfinite(gnorm)):
                 kept = f"last good checkpoint: {args.out}/phase{args.phase} (step {last_saved})" \
                     if last_saved is not None else \
                     "no checkpoint of this phase was written yet"
                 raise TrainError(f"non-finite loss or gradient at phase {args.phase} step {step + 1} (L_task "
-                                 f"{stats[0].item():.4g}, L_sem {stats[1].item():.4g}, L_vis {stats[2].item():.4g}, "
+                                 f"{stats[0].item():.4g}, L_sem {stats[1].item():.4g}, "
+                                 f"L_vis {stats[2].item():.4g}, "
                                  f"grad norm {gnorm.item():.4g}); stopped without saving; {kept}")
             lr_mult = lr_factor(step, total, args.warmup)
             for g in opt.param_groups:
@@ -659,7 +704,8 @@ def train_loop(args, env, model, opt, sampler, batches, step, total, steps_per_e
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # time the GPU's work, not the launch queue
             if env.master:
-                write_log_line(log_path, args.phase, step, epoch, stats, opt, gnorm, time.time() - t0, device, bar)
+                write_log_line(log_path, args.phase, step, epoch, stats, opt, gnorm, time.time() - t0, device,
+                               bar)
             if step % args.save_every == 0 or step == stop:
                 save(step)
                 last_saved = step
@@ -672,13 +718,14 @@ def write_log_line(log_path, phase, step, epoch, stats, opt, gnorm, dt, device, 
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20
     entry = dict(step=step, phase=phase, epoch=epoch, L_task=stats[0].item(), L_sem=stats[1].item(),
-                 L_vis=stats[2].item(), loss=stats[3].item(), lr=opt.param_groups[0]["lr"], grad_norm=gnorm.item(),
-                 samples_per_s=stats[4].item() / dt, tokens_per_s=stats[5].item() / dt, peak_mem_mib=round(peak, 1))
+                 L_vis=stats[2].item(), loss=stats[3].item(), lr=opt.param_groups[0]["lr"],
+                 grad_norm=gnorm.item(), samples_per_s=stats[4].item() / dt,
+                 tokens_per_s=stats[5].item() / dt, peak_mem_mib=round(peak, 1))
     with open(log_path, "a") as f:
         f.write(json.dumps(entry) + "\n")
     bar.update(1)
-    bar.set_postfix(L_task=f"{entry['L_task']:.3f}", L_sem=f"{entry['L_sem']:.3f}", L_vis=f"{entry['L_vis']:.3f}",
-                    lr=f"{entry['lr']:.2e}")
+    bar.set_postfix(L_task=f"{entry['L_task']:.3f}", L_sem=f"{entry['L_sem']:.3f}",
+                    L_vis=f"{entry['L_vis']:.3f}", lr=f"{entry['lr']:.2e}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ def main():
     p.add_argument("--n", type=int, default=10000, help="phantom images (= samples with one question each)")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="worker processes")
     p.add_argument("--image-size", type=int, default=128, help="phantom image side in pixels")
-    p.add_argument("--check", type=int, default=300, help="samples re-made with one process to check determinism")
+    p.add_argument("--check", type=int, default=300,
+                   help="samples re-made with one process to check determinism")
     p.add_argument("--out", default=None, help="output folder (default: a temporary one)")
     p.add_argument("--keep", action="store_true", help="keep the output folder")
     args = p.parse_args()
@@ -52,8 +53,8 @@ def main():
     with open(os.path.join(ref, "samples.jsonl")) as fh:
         for line in fh:
             r = json.loads(line)
-            pngs = all(open(os.path.join(ref, r[k]), "rb").read() == open(os.path.join(out, r[k]), "rb").read()
-                       for k in ("image", "mask", "overlay"))
+            pngs = all(open(os.path.join(ref, r[k]), "rb").read()
+                       == open(os.path.join(out, r[k]), "rb").read() for k in ("image", "mask", "overlay"))
             same += int(first.get(r["id"]) == r and pngs)
     shutil.rmtree(ref)
 

@@ -82,8 +82,9 @@ def make_inputs(processor, dec_tok, B, K, px, d_v, device, seed=0):
     imgs = [Image.fromarray((rng.random((px, px)) * 255).astype("uint8")) for _ in range(B)]
     qs = ["Analyze the visual findings of the liver in this CT image and describe its location."] * B
     ans = ["The liver lies in the upper left part of the image with smooth edges and uniform intensity."] * B
-    chains = [["A large smooth bright organ is visible in the image.", "It occupies the upper left part of the image.",
-               "Its edges are smooth and well defined.", "Its intensity is uniform compared with its surroundings."]] * B
+    chains = [["A large smooth bright organ is visible in the image.",
+               "It occupies the upper left part of the image.", "Its edges are smooth and well defined.",
+               "Its intensity is uniform compared with its surroundings."]] * B
     roi = F.normalize(torch.randn(B, d_v, generator=torch.Generator().manual_seed(seed)), dim=-1)
     return M.batch_to(M.make_batch(processor, dec_tok, imgs, qs, ans, chains, K, roi=roi), device), imgs
 
@@ -114,7 +115,8 @@ def peak_gib(device):
 def train_rows(vital, processor, dec_tok, args, device, d_v):
     params = [p for p in vital.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01, fused=device.type == "cuda")
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16" else torch.autocast(device.type, enabled=False)
+    amp = (torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16"
+           else torch.autocast(device.type, enabled=False))
     rows, too_big = [], set()
     vital.train()
 
@@ -145,7 +147,8 @@ def train_rows(vital, processor, dec_tok, args, device, d_v):
                 times.append(t)
                 losses = {k: float(out[k].detach()) for k in ("L_task", "L_sem", "L_vis")}
             ms = statistics.median(times)
-            row.update(status="ok", ms_per_step=ms, samples_per_s=B / ms * 1e3, peak_gib=peak_gib(device), **losses)
+            row.update(status="ok", ms_per_step=ms, samples_per_s=B / ms * 1e3, peak_gib=peak_gib(device),
+                       **losses)
         except torch.OutOfMemoryError:
             opt.zero_grad(set_to_none=True)
             row.update(status="out of memory", peak_gib=peak_gib(device))
@@ -173,7 +176,8 @@ def latency_rows(backbone, prefix, args, device, label):
     times = {K: [] for K in Ks}
     for _ in range(args.reps):
         for K in Ks:
-            times[K].append(timed_ms(lambda: M.generate(backbone, prefix, K, -1, args.answer_tokens), device)[0])
+            times[K].append(timed_ms(lambda: M.generate(backbone, prefix, K, -1, args.answer_tokens),
+                                     device)[0])
     return {K: dict(form=label, K=K, ms=statistics.median(times[K])) for K in Ks}
 
 
@@ -195,7 +199,8 @@ def latent_vs_decode(backbone, prefix, device, n=8, reps=5):
                     tok = backbone.lm_head(M._text_step(backbone, emb(tok[:, None]), st))[:, -1].argmax(-1)
         return timed_ms(steps, device)[0] / n
     run("latent"), run("decode")
-    return statistics.median(run("latent") for _ in range(reps)), statistics.median(run("decode") for _ in range(reps))
+    return (statistics.median(run("latent") for _ in range(reps)),
+            statistics.median(run("decode") for _ in range(reps)))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -206,10 +211,12 @@ def explanation(vital, processor, dec_tok, enc_dir, image, args, device):
     t = {}
     t["answer"], (answer, h) = timed_ms(lambda: explain.answer_and_latents(
         vital, processor, image, "Where is the lesion located?", 4, args.answer_tokens, device), device)
-    t["sentences"], sentences = timed_ms(lambda: M.decode_latent(vital.decoder, vital.pj_in, dec_tok, h, 24), device)
+    t["sentences"], sentences = timed_ms(lambda: M.decode_latent(vital.decoder, vital.pj_in, dec_tok, h, 24),
+                                         device)
     enc = SiglipPatches(enc_dir, device, wdtype)
     t["heatmaps"], (heat, box, s) = timed_ms(lambda: heat_of(vital, enc, image, h), device)
-    steps = [dict(k=k + 1, sentence=sentences[k], heat_img=explain.grid_to_image(heat[k], box, s)) for k in range(4)]
+    steps = [dict(k=k + 1, sentence=sentences[k], heat_img=explain.grid_to_image(heat[k], box, s))
+             for k in range(4)]
     png = os.path.join(args.out, "explain.png")
     size = explain.draw_panel(png, image, "Where is the lesion located?", answer, steps, box, s, 160, None)
     return dict(ms=t, answer=answer, sentences=sentences, heat_shape=list(heat.shape),
@@ -225,14 +232,19 @@ def heat_of(vital, enc, image, h):
 # ----------------------------------------------------------------------------------------------------
 def get_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tiny", action="store_true", help="tiny configs (demo/tiny.py) instead of the real sizes")
-    ap.add_argument("--layers", type=int, help="LLM layers of backbone and decoder (default: the real 36 and 28)")
+    ap.add_argument("--tiny", action="store_true",
+                    help="tiny configs (demo/tiny.py) instead of the real sizes")
+    ap.add_argument("--layers", type=int,
+                    help="LLM layers of backbone and decoder (default: the real 36 and 28)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    ap.add_argument("--dtype", choices=["bf16", "fp32"], help="frozen weights + autocast (default bf16 on CUDA)")
+    ap.add_argument("--dtype", choices=["bf16", "fp32"],
+                    help="frozen weights + autocast (default bf16 on CUDA)")
     ap.add_argument("--lora-r", type=int, help="LoRA rank (default 64; 8 with --tiny)")
-    ap.add_argument("--train", nargs="*", help="training configs BxPX[xK] (K default 4; default: 4x448x0 1x448 "
-                                               "2x448 4x448 8x448 1x1024 2x1024 4x1024; --tiny: 2x96x0 2x96)")
-    ap.add_argument("--train-reps", type=int, default=3, help="timed training steps per config (after 1 warm-up)")
+    ap.add_argument("--train", nargs="*",
+                    help="training configs BxPX[xK] (K default 4; default: 4x448x0 1x448 "
+                         "2x448 4x448 8x448 1x1024 2x1024 4x1024; --tiny: 2x96x0 2x96)")
+    ap.add_argument("--train-reps", type=int, default=3,
+                    help="timed training steps per config (after 1 warm-up)")
     ap.add_argument("--px", type=int, help="image side for latency and explanation (default 448; --tiny 96)")
     ap.add_argument("--answer-tokens", type=int, default=16, help="answer tokens decoded per latency sample")
     ap.add_argument("--reps", type=int, default=5, help="timed repeats per latency figure")
@@ -241,7 +253,8 @@ def get_args(argv=None):
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     args.lora_r = args.lora_r or (8 if args.tiny else 64)
     args.train = args.train if args.train is not None else (
-        ["2x96x0", "2x96"] if args.tiny else ["4x448x0", "1x448", "2x448", "4x448", "8x448", "1x1024", "2x1024", "4x1024"])
+        ["2x96x0", "2x96"] if args.tiny
+        else ["4x448x0", "1x448", "2x448", "4x448", "8x448", "1x1024", "2x1024", "4x1024"])
     args.px = args.px or (96 if args.tiny else 448)
     return args
 
@@ -258,13 +271,17 @@ def main(argv=None):
         vital = M.VITAL(backbone, decoder, d_v).to(device)
         build_s = time.time() - t0
         n_train = sum(p.numel() for p in vital.parameters() if p.requires_grad)
-        res = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)",
+        res = dict(device=(torch.cuda.get_device_name(device) if device.type == "cuda"
+                           else f"CPU ({torch.get_num_threads()} threads)"),
                    sizes="tiny" if args.tiny else f"real widths, {args.layers or 'all'} LLM layers",
                    dtype=args.dtype, torch=torch.__version__, build_s=build_s,
                    params=dict(backbone=M.count_params(backbone), trainable=n_train,
-                               lora=sum(p.numel() for m in M.lora_layers(backbone) for p in (m.lora_A, m.lora_B))))
-        print(f"built in {build_s:.0f} s on {res['device']}: backbone {res['params']['backbone'] / 1e9:.2f}B, "
-              f"trainable {n_train / 1e6:.1f}M (LoRA {res['params']['lora'] / 1e6:.1f}M), d_v {d_v}", flush=True)
+                               lora=sum(p.numel() for m in M.lora_layers(backbone)
+                                        for p in (m.lora_A, m.lora_B))))
+        print(f"built in {build_s:.0f} s on {res['device']}: "
+              f"backbone {res['params']['backbone'] / 1e9:.2f}B, "
+              f"trainable {n_train / 1e6:.1f}M (LoRA {res['params']['lora'] / 1e6:.1f}M), d_v {d_v}",
+              flush=True)
         res["train"] = train_rows(vital, processor, dec_tok, args, device, d_v)
         for r in res["train"]:
             print("train", json.dumps(r), flush=True)
@@ -272,7 +289,8 @@ def main(argv=None):
         b1, imgs = make_inputs(processor, dec_tok, 1, 0, args.px, d_v, device, seed=1)
         prefix = b1["prefix"]
         res["prefix_tokens"] = int(prefix["input_ids"].shape[1])
-        amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16" else torch.autocast(device.type, enabled=False)
+        amp = (torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16"
+               else torch.autocast(device.type, enabled=False))
         with amp:  # inference under the same autocast as evaluate.py on a GPU
             lat = latency_rows(backbone, prefix, args, device, "LoRA unmerged (training form)")
             M.set_lora_merged(backbone, True)
@@ -282,7 +300,8 @@ def main(argv=None):
         res["explain"] = explanation(vital, processor, dec_tok, enc_dir, imgs[0], args, device)
         with amp:
             M.fold_lora(backbone)
-            lat_f = latency_rows(backbone, prefix, args, device, "LoRA folded = plain backbone modules (deployed)")
+            lat_f = latency_rows(backbone, prefix, args, device,
+                                 "LoRA folded = plain backbone modules (deployed)")
         res["latency"] = [lat[K] for K in lat] + [lat_m[K] for K in lat_m] + [lat_f[K] for K in lat_f]
         res["total_s"] = time.time() - t0
     with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
@@ -294,12 +313,16 @@ def main(argv=None):
 def report(res, args):
     print(f"\nVITAL GPU check: {res['device']}, {res['sizes']}, {res['dtype']}, torch {res['torch']}; "
           f"{res['total_s']:.0f} s in all ({res['build_s']:.0f} s building)")
-    print(f"\n1. training step (train.py's recipe: autocast, 3 losses, backward, clip, AdamW), median of {args.train_reps}")
-    print(f"{'batch':>5} {'px':>5} {'K':>2} {'tokens':>6} {'ms/step':>8} {'samples/s':>9} {'peak GiB':>8}  status")
+    print(f"\n1. training step (train.py's recipe: autocast, 3 losses, backward, clip, AdamW), "
+          f"median of {args.train_reps}")
+    print(f"{'batch':>5} {'px':>5} {'K':>2} {'tokens':>6} {'ms/step':>8} {'samples/s':>9} {'peak GiB':>8}"
+          "  status")
     for r in res["train"]:
-        print(f"{r['batch']:>5} {r['px']:>5} {r['K']:>2} {r.get('prefix_tokens', ''):>6} {r.get('ms_per_step', float('nan')):>8.0f} "
-              f"{r.get('samples_per_s', float('nan')):>9.2f} {r.get('peak_gib', float('nan')):>8.1f}  {r['status']}")
-    print("   activation checkpointing: not implemented yet (issue 13 item 2), so no 'with checkpointing' rows")
+        print(f"{r['batch']:>5} {r['px']:>5} {r['K']:>2} {r.get('prefix_tokens', ''):>6} "
+              f"{r.get('ms_per_step', float('nan')):>8.0f} {r.get('samples_per_s', float('nan')):>9.2f} "
+              f"{r.get('peak_gib', float('nan')):>8.1f}  {r['status']}")
+    print("   activation checkpointing: not implemented yet (issue 13 item 2), "
+          "so no 'with checkpointing' rows")
     print(f"\n2. inference latency, batch 1, {res['prefix_tokens']}-token prompt ({args.px} px), "
           f"{args.answer_tokens} answer tokens, median of {args.reps}")
     forms = list(dict.fromkeys(r["form"] for r in res["latency"]))
@@ -307,10 +330,12 @@ def report(res, args):
     for form in forms:
         ms = [r["ms"] for r in res["latency"] if r["form"] == form]
         print(f"{form:<50}" + "".join(f"{m:>7.1f}ms" for m in ms) + f"{ms[4] / ms[0]:>7.2f}")
-    print(f"   one latent step {res['latent_step_ms']:.2f} ms, one greedy decode step {res['decode_step_ms']:.2f} ms "
+    print(f"   one latent step {res['latent_step_ms']:.2f} ms, "
+          f"one greedy decode step {res['decode_step_ms']:.2f} ms "
           f"(ratio {res['latent_step_ms'] / res['decode_step_ms']:.2f})")
     e = res["explain"]
-    print(f"\n3. one explanation: answer {e['ms']['answer']:.0f} ms, step sentences {e['ms']['sentences']:.0f} ms, "
+    print(f"\n3. one explanation: answer {e['ms']['answer']:.0f} ms, "
+          f"step sentences {e['ms']['sentences']:.0f} ms, "
           f"heatmaps {e['ms']['heatmaps']:.0f} ms; heatmap {e['heat_shape']}, panel {e['panel']}")
 
 

@@ -3,9 +3,10 @@ Benchmark of the VITAL core (model.py): the latent loop, LoRA merging, the train
 decoder and memory. Every figure is a ratio measured within one run (medians of interleaved repeats), so
 a noisy machine moves both sides together.
 
-    python bench/loop.py                       # small config: hidden 256, 4 layers, ~300-token prompt, B = 1 and 4
+    python bench/loop.py                  # small config: hidden 256, 4 layers, ~300-token prompt, B = 1 and 4
     python bench/loop.py --reps 20 --batch 1 4 8
-    python bench/loop.py --real --device cuda --dtype bf16 --batch 1   # Qwen3-VL-8B / Qwen3-1.7B sizes, random init
+    # Qwen3-VL-8B / Qwen3-1.7B sizes, random init
+    python bench/loop.py --real --device cuda --dtype bf16 --batch 1
 
 Targets (issue 2): latent step / decode step <= 1.10; merged-LoRA inference / plain backbone <= 1.02;
 train step K=4 / K=0 <= 1.5; this loop / naive recompute-everything loop (K=4 train step) <= 0.5.
@@ -64,7 +65,8 @@ def build(args, folder):
         with torch.device(args.device):
             plain = M.Qwen3VLForConditionalGeneration(cfg).to(dtype).eval()
             dec = M.Qwen3ForCausalLM(dcfg)
-        proc = M.ImageOnlyQwen3VLProcessor(M.Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2),
+        proc = M.ImageOnlyQwen3VLProcessor(M.Qwen2VLImageProcessorPil(patch_size=16, merge_size=2,
+                                                                      temporal_patch_size=2),
                                            tok, chat_template=CHAT_TEMPLATE)
         tok.padding_side = "left"
         d_v, dtok = 1152, tok
@@ -137,8 +139,8 @@ def naive_loop(bb, prefix, K, answer_ids, answer_mask):
     vis = ids == bb.config.image_token_id
     emb = inner.get_input_embeddings()(ids)
     emb = emb.masked_scatter(vis[..., None].expand_as(emb), torch.cat(img.pooler_output, 0).to(emb.dtype))
-    pos, delta = inner.get_rope_index(ids, prefix["mm_token_type_ids"], image_grid_thw=prefix["image_grid_thw"],
-                                      attention_mask=mask)
+    pos, delta = inner.get_rope_index(ids, prefix["mm_token_type_ids"],
+                                      image_grid_thw=prefix["image_grid_thw"], attention_mask=mask)
     B = ids.shape[0]
     start = mask.sum(-1) + delta[:, 0]
     ds = [torch.cat(f, 0) for f in img.deepstack_features]
@@ -148,8 +150,9 @@ def naive_loop(bb, prefix, K, answer_ids, answer_mask):
         p = torch.cat([pos, (start[:, None] + torch.arange(n, device=ids.device))[None].expand(3, B, n)], 2)
         m = torch.cat([mask, torch.ones(B, n, dtype=mask.dtype, device=ids.device)], 1)
         vm = torch.cat([vis, torch.zeros(B, n, dtype=torch.bool, device=ids.device)], 1)
-        return inner.language_model(inputs_embeds=torch.cat([emb, extra], 1), attention_mask=m, position_ids=p,
-                                    visual_pos_masks=vm, deepstack_visual_embeds=ds).last_hidden_state
+        return inner.language_model(inputs_embeds=torch.cat([emb, extra], 1), attention_mask=m,
+                                    position_ids=p, visual_pos_masks=vm,
+                                    deepstack_visual_embeds=ds).last_hidden_state
     h = [full(emb[:, :0])[:, -1:]]
     for _ in range(K):
         h.append(full(torch.cat(h, 1))[:, -1:])
@@ -180,7 +183,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="batch sizes to measure")
     ap.add_argument("--reps", type=int, default=10, help="timed repeats per figure (medians)")
-    ap.add_argument("--image-px", type=int, default=512, help="square image size (512 px -> 256 visual tokens)")
+    ap.add_argument("--image-px", type=int, default=512,
+                    help="square image size (512 px -> 256 visual tokens)")
     ap.add_argument("--r", type=int, default=16, help="LoRA rank")
     ap.add_argument("--real", action="store_true", help="real model sizes with random weights (GPU)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
@@ -191,8 +195,8 @@ def main():
     plain, vital, proc, dtok = build(args, tmp)
     bb = vital.backbone
     d_v = vital.vp.out.out_features
-    amp = (torch.autocast("cuda", dtype=torch.bfloat16) if args.device.startswith("cuda") and args.dtype == "bf16"
-           else contextlib.nullcontext())
+    amp = (torch.autocast("cuda", dtype=torch.bfloat16)
+           if args.device.startswith("cuda") and args.dtype == "bf16" else contextlib.nullcontext())
     eos = -1  # never stop early: every run generates the same number of tokens
     rows = []
 
@@ -216,7 +220,8 @@ def main():
             # All three are deep copies, so that their weights sit in the same kind of memory (a model
             # loaded by from_pretrained may keep its weights memory-mapped from the safetensors file).
             # A second copy of the plain backbone is the control: plain / plain measures the noise floor.
-            folded, merged, base, base2 = copy.deepcopy(bb), copy.deepcopy(bb), copy.deepcopy(plain), copy.deepcopy(plain)
+            folded, merged, base, base2 = (copy.deepcopy(bb), copy.deepcopy(bb), copy.deepcopy(plain),
+                                           copy.deepcopy(plain))
             M.fold_lora(folded)               # what evaluate.py deploys: plain modules, W + sBA inside
             M.set_lora_merged(merged, True)   # merged in place, wrappers kept (can be unmerged)
             t_merged, t_folded, t_plain, t_plain2 = interleaved(
@@ -267,13 +272,16 @@ def main():
             if args.device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
                 step(b4, 4)()
-                row("  peak CUDA memory, train step K=4", torch.cuda.max_memory_allocated() / 2**30, unit="GiB")
+                row("  peak CUDA memory, train step K=4", torch.cuda.max_memory_allocated() / 2**30,
+                    unit="GiB")
             vital.eval()
-    rows.append(("process peak RSS", f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB", "", ""))
+    rows.append(("process peak RSS", f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB",
+                 "", ""))
 
     w = max(len(r[0]) for r in rows) + 2
     print(f"\nVITAL bench: {'real sizes' if args.real else 'small config (hidden 256, 4 layers)'}, "
-          f"device {args.device}, dtype {args.dtype}, torch threads {torch.get_num_threads()}, {args.reps} reps\n")
+          f"device {args.device}, dtype {args.dtype}, torch threads {torch.get_num_threads()}, "
+          f"{args.reps} reps\n")
     print(f"{'figure':<{w}}{'value':>14}  {'target':>8}  ok")
     for name, value, target, ok in rows:
         print(f"{name:<{w}}{value:>14}  {target:>8}  {ok}")

@@ -5,7 +5,8 @@ phantom data with the tiny models, a fixed budget and several training seeds.
 Every run is `train.py` (all phases of its curriculum) then `evaluate.py` on the test split, as
 subprocesses with their documented command lines; a run whose OUT/<config>/s<seed>/eval/metrics.json
 exists is skipped, and a phase killed half-way continues with --resume, so re-running resumes.
-  Table 2      task-only (--lambda-sem 0 --lambda-vis 0), +semantic (--lambda-vis 0), +visual (--lambda-sem 0), full
+  Table 2      task-only (--lambda-sem 0 --lambda-vis 0), +semantic (--lambda-vis 0),
+               +visual (--lambda-sem 0), full
   Table 3      K = 0..4 as --max-k (train) and --k (evaluate); K = 4 is the full model
   curriculum   --curriculum 3-phase (= full) / 2-phase / full-mix / reverse, each with the same total epochs
   §C.6         mean off-diagonal inter-step cosine similarity (evaluate --collapse, K = 4), task-only vs full
@@ -13,7 +14,7 @@ Budget: the schedule's default epochs (5/5/10, 10/10, 20, 10/5/5: 20 in total fo
 --epoch-scale, on at most --limit train samples per phase.
 Writes OUT/results.md (the tables, also printed) and OUT/results.json (every run's numbers).
 
-    python demo/ablate.py                                     # the README's budget (reuses runs/demo's models + data)
+    python demo/ablate.py                             # the README's budget (reuses runs/demo's models + data)
     python demo/ablate.py --seeds 0 1 2 3 4 --epoch-scale 1 --limit 0 --eval-limit 0   # a bigger budget
 """
 import argparse
@@ -29,7 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PY = sys.executable
-SCHEDULES = {"3-phase": [5, 5, 10], "2-phase": [10, 10], "full-mix": [20], "reverse": [10, 5, 5]}  # train.py's CURRICULA
+# train.py's CURRICULA
+SCHEDULES = {"3-phase": [5, 5, 10], "2-phase": [10, 10], "full-mix": [20], "reverse": [10, 5, 5]}
 LOSSES = {"task-only": ["--lambda-sem", "0", "--lambda-vis", "0"], "+semantic": ["--lambda-vis", "0"],
           "+visual": ["--lambda-sem", "0"], "full": []}
 _print_lock = threading.Lock()
@@ -38,20 +40,26 @@ _print_lock = threading.Lock()
 def get_args(argv=None):
     ap = argparse.ArgumentParser(description="VITAL ablations in miniature (paper §4.3, §C.6)")
     ap.add_argument("--out", default="runs/ablate", help="run folders, results.md, results.json")
-    ap.add_argument("--models", default="runs/demo/models", help="tiny models (made with demo.py's command if absent)")
+    ap.add_argument("--models", default="runs/demo/models",
+                    help="tiny models (made with demo.py's command if absent)")
     ap.add_argument("--backbone", default="runs/demo/pretrain/phase1/backbone",
-                    help="the backbone every run freezes: demo.py's pretrained tiny one ('' = the random one in --models)")
-    ap.add_argument("--data", default="runs/demo/data", help="phantom data with roi.safetensors (made if absent)")
+                    help="the backbone every run freezes: demo.py's pretrained tiny one "
+                         "('' = the random one in --models)")
+    ap.add_argument("--data", default="runs/demo/data",
+                    help="phantom data with roi.safetensors (made if absent)")
     ap.add_argument("--n", type=int, default=3000, help="phantom images, only if --data has to be made")
     ap.add_argument("--image-size", type=int, default=96, help="phantom side, only if --data has to be made")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (>= 3 for a spread)")
-    ap.add_argument("--epoch-scale", type=float, default=0.2, help="x the schedule's default epochs (20 in total)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                    help="training seeds (>= 3 for a spread)")
+    ap.add_argument("--epoch-scale", type=float, default=0.2,
+                    help="x the schedule's default epochs (20 in total)")
     ap.add_argument("--limit", type=int, default=800, help="train samples per phase (0 = all)")
     ap.add_argument("--lora-r", type=int, default=64)
     ap.add_argument("--lora-alpha", type=int, default=128)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--eval-limit", type=int, default=0, help="test items evaluated (0 = all)")
-    ap.add_argument("--jobs", type=int, default=2, help="runs at once (each with OMP_NUM_THREADS = cores / jobs)")
+    ap.add_argument("--jobs", type=int, default=2,
+                    help="runs at once (each with OMP_NUM_THREADS = cores / jobs)")
     ap.add_argument("--only", nargs="*", help="config names to run (default all)")
     return ap.parse_args(argv)
 
@@ -96,14 +104,15 @@ def one_run(args, name, seed, spec, env):
         phase_dir = os.path.join(run_dir, f"phase{p}")
         if phase_finished(phase_dir):
             continue
-        cmd = [PY, "train.py", "--data", args.data, "--preset", "tiny", "--models", args.models, "--out", run_dir,
+        cmd = [PY, "train.py", "--data", args.data, "--preset", "tiny",
+               "--models", args.models, "--out", run_dir,
                "--phase", str(p), "--epochs", f"{ep * args.epoch_scale:g}", "--limit", str(args.limit),
                "--lora-r", str(args.lora_r), "--lora-alpha", str(args.lora_alpha), "--lr", f"{args.lr:g}",
                "--seed", str(seed)] + extra + (["--resume"] if os.path.isdir(phase_dir) else []) + \
               (["--backbone", args.backbone] if args.backbone else [])
         sh(cmd, env, log)
-    cmd = [PY, "evaluate.py", "--ckpt", os.path.join(run_dir, f"phase{len(SCHEDULES[cur])}"), "--data", args.data,
-           "--out", ev, "--k", str(k_eval)] + (["--collapse"] if collapse else []) + \
+    cmd = [PY, "evaluate.py", "--ckpt", os.path.join(run_dir, f"phase{len(SCHEDULES[cur])}"),
+           "--data", args.data, "--out", ev, "--k", str(k_eval)] + (["--collapse"] if collapse else []) + \
           (["--limit", str(args.eval_limit)] if args.eval_limit else [])
     sh(cmd, env, log)
     with _print_lock:
@@ -137,23 +146,30 @@ def chance(data, limit):
 
 def tables(args, res):
     seeds = ", ".join(map(str, args.seeds))
-    get = lambda name, key="acc": [res[name][s][key] for s in sorted(res.get(name, {})) if key in res[name][s]]
+    get = lambda name, key="acc": [res[name][s][key] for s in sorted(res.get(name, {}))
+                                   if key in res[name][s]]
     per_seed = lambda name, key="acc", d=1: " / ".join(f"{v:.{d}f}" for v in get(name, key))
-    out = [f"Budget: {args.epoch_scale:g} x the schedule's epochs (20 in total at scale 1), at most {args.limit or 'all'} "
-           f"train samples per phase, LoRA r={args.lora_r} alpha={args.lora_alpha}, lr {args.lr:g}, training seeds {seeds}; "
-           f"closed-ended accuracy (%) on {args.eval_limit or 'all'} phantom test items, mean ± sample std over seeds "
-           f"(per-seed values after). Chance: {chance(args.data, args.eval_limit):.1f}%.", "",
+    out = [f"Budget: {args.epoch_scale:g} x the schedule's epochs (20 in total at scale 1), "
+           f"at most {args.limit or 'all'} train samples per phase, LoRA r={args.lora_r} "
+           f"alpha={args.lora_alpha}, lr {args.lr:g}, training seeds {seeds}; "
+           f"closed-ended accuracy (%) on {args.eval_limit or 'all'} phantom test items, "
+           f"mean ± sample std over seeds (per-seed values after). "
+           f"Chance: {chance(args.data, args.eval_limit):.1f}%.", "",
            "**Table 2 (supervision, K = 4, 3-phase)**", "", "| config | acc | per seed |", "|---|---:|---|"]
     out += [f"| {n} | {fmt(get(n))} | {per_seed(n)} |" for n in LOSSES]
     out += ["", "**Table 3 (latent steps: --max-k K in training, --k K at evaluation)**", "",
             "| K | acc | per seed |", "|---|---:|---|"]
-    out += [f"| {k} | {fmt(get(n))} | {per_seed(n)} |" for k, n in [(k, f"K={k}") for k in range(4)] + [(4, "full")]]
-    out += ["", "**Curriculum (§4.3; same total epochs)**", "", "| schedule | acc | per seed |", "|---|---:|---|"]
+    out += [f"| {k} | {fmt(get(n))} | {per_seed(n)} |"
+            for k, n in [(k, f"K={k}") for k in range(4)] + [(4, "full")]]
+    out += ["", "**Curriculum (§4.3; same total epochs)**", "",
+            "| schedule | acc | per seed |", "|---|---:|---|"]
     out += [f"| {c} | {fmt(get(n))} | {per_seed(n)} |" for c, n in
             [("3-phase", "full"), ("2-phase", "2-phase"), ("full-mix", "full-mix"), ("reverse", "reverse")]]
-    out += ["", "**§C.6 inter-step similarity (mean off-diagonal cosine of h_1..h_4; lower = less collapse)**", "",
+    out += ["", "**§C.6 inter-step similarity (mean off-diagonal cosine of h_1..h_4; "
+                "lower = less collapse)**", "",
             "| config | cosine | per seed |", "|---|---:|---|"]
-    out += [f"| {n} | {fmt(get(n, 'collapse'), 3)} | {per_seed(n, 'collapse', 3)} |" for n in ("task-only", "full")]
+    out += [f"| {n} | {fmt(get(n, 'collapse'), 3)} | {per_seed(n, 'collapse', 3)} |"
+            for n in ("task-only", "full")]
     return "\n".join(out) + "\n"
 
 
@@ -163,7 +179,8 @@ def ensure_inputs(args):
              ([PY, "prepare_data.py", "--source", "phantom", "--out", args.data, "--n", str(args.n),
                "--image-size", str(args.image_size)], os.path.join(args.data, "stats.json")),
              ([PY, "extract_roi.py", "--samples", os.path.join(args.data, "samples.jsonl"), "--encoder",
-               os.path.join(args.models, "encoder"), "--out", os.path.join(args.data, "roi.safetensors"), "--quiet"],
+               os.path.join(args.models, "encoder"), "--out", os.path.join(args.data, "roi.safetensors"),
+               "--quiet"],
               os.path.join(args.data, "roi.safetensors"))]
     for cmd, done in steps:
         if not os.path.exists(done):
@@ -174,8 +191,8 @@ def ensure_inputs(args):
 def main(argv=None):
     args = get_args(argv)
     if args.backbone and not os.path.isfile(os.path.join(args.backbone, "config.json")):
-        sys.exit(f"ablate.py: error: no backbone at {args.backbone}: run demo.py first (it pretrains the tiny "
-                 "backbone), or pass --backbone '' to freeze the random one")
+        sys.exit(f"ablate.py: error: no backbone at {args.backbone}: run demo.py first "
+                 "(it pretrains the tiny backbone), or pass --backbone '' to freeze the random one")
     ensure_inputs(args)
     os.makedirs(args.out, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // args.jobs)))

@@ -1,5 +1,6 @@
 """
-The tiny backbone's stand-in for the pretraining a real Qwen3-VL arrives with (demo only; a real run skips it).
+The tiny backbone's stand-in for the pretraining a real Qwen3-VL arrives with (demo only; a real run
+skips it).
 
 A random tiny backbone cannot see: its frozen vision tower does not pass on where a shaped target sits on a
 textured background (docs/tuning-log.md has the bisection). So before VITAL freezes it, the demo trains the
@@ -8,10 +9,10 @@ WHOLE tiny backbone (vision tower, merger, LLM, embeddings, head; no LoRA, no sc
 phase (train.train_phase: data, DDP, resume, logging) with two parts swapped in: the model builder and an
 extra checkpoint folder holding the backbone.
 
-    python prepare_data.py --source phantom --out runs/demo/pretrain_data --n 3000 --seed 1 --image-size 96 \
+    python prepare_data.py --source phantom --out runs/demo/pretrain_data --n 3000 --seed 1 --image-size 96 \\
         --test-frac 0 --val-frac 0 --captions        # (then again with --questions-per-image 2: appends)
-    python demo/pretrain.py --data runs/demo/pretrain_data --models runs/demo/models --out runs/demo/pretrain \
-        --epochs 2 --lr 2e-3
+    python demo/pretrain.py --data runs/demo/pretrain_data --models runs/demo/models \\
+        --out runs/demo/pretrain --epochs 2 --lr 2e-3
     -> runs/demo/pretrain/phase1/backbone/ (train VITAL with --backbone pointing there), phase1/config.json,
        trainer/ (add --resume to continue a killed run exactly)
 """
@@ -37,20 +38,24 @@ def build_pretrain(args, env, resume_dir, d_v):
 
 
 def save_backbone(raw, processor):
-    """The trained backbone as a from_pretrained folder inside every checkpoint (its adapter file is empty)."""
+    """The trained backbone as a from_pretrained folder inside every checkpoint
+    (its adapter file is empty)."""
     return {"backbone": lambda path: (raw.backbone.save_pretrained(path), processor.save_pretrained(path))}
 
 
 def get_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", required=True, help="folder with samples.jsonl (every train item is used, at K = 0)")
-    ap.add_argument("--models", default="runs/tiny", help="tiny models folder (demo/tiny.py); its backbone is trained")
+    ap.add_argument("--data", required=True,
+                    help="folder with samples.jsonl (every train item is used, at K = 0)")
+    ap.add_argument("--models", default="runs/tiny",
+                    help="tiny models folder (demo/tiny.py); its backbone is trained")
     ap.add_argument("--out", required=True, help="run folder: the checkpoint goes to <out>/phase1")
     ap.add_argument("--epochs", type=float, default=2, help="epochs over the corpus")
     ap.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     ap.add_argument("--batch-size", type=int, default=8, help="samples per micro-batch")
     ap.add_argument("--seed", type=int, default=1337, help="seed of data order and dropout")
-    ap.add_argument("--max-steps", type=int, default=0, help="stop after this step (the lr schedule spans the run)")
+    ap.add_argument("--max-steps", type=int, default=0,
+                    help="stop after this step (the lr schedule spans the run)")
     ap.add_argument("--save-every", type=int, default=500, help="checkpoint every N optimizer steps")
     ap.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     a = ap.parse_args(argv)
@@ -58,9 +63,10 @@ def get_args(argv=None):
     # with neither scaffold; `pretrain` is recorded in config.json so that evaluate.py reads the checkpoint
     # as the backbone alone.
     args = train.get_args(["--data", a.data, "--preset", "tiny", "--models", a.models, "--out", a.out,
-                           "--curriculum", "full-mix", "--phase", "1", "--epochs", str(a.epochs), "--max-k", "0",
-                           "--lambda-sem", "0", "--lambda-vis", "0", "--lr", str(a.lr), "--batch-size",
-                           str(a.batch_size), "--seed", str(a.seed), "--max-steps", str(a.max_steps),
+                           "--curriculum", "full-mix", "--phase", "1", "--epochs", str(a.epochs),
+                           "--max-k", "0", "--lambda-sem", "0", "--lambda-vis", "0", "--lr", str(a.lr),
+                           "--batch-size", str(a.batch_size), "--seed", str(a.seed),
+                           "--max-steps", str(a.max_steps),
                            "--save-every", str(a.save_every)] + (["--resume"] if a.resume else []))
     args.pretrain = True
     return args
@@ -68,7 +74,8 @@ def get_args(argv=None):
 
 def main(argv=None):
     phase_dir = train.main(get_args(argv), build=build_pretrain, extra_files=save_backbone)
-    print(f"pretrained backbone: {os.path.join(phase_dir, 'backbone')} (train VITAL with --backbone pointing there)")
+    print(f"pretrained backbone: {os.path.join(phase_dir, 'backbone')} "
+          "(train VITAL with --backbone pointing there)")
 
 
 if __name__ == "__main__":

@@ -7,15 +7,20 @@ also the recipe. A stage whose output already exists is skipped, so re-running r
   P. the tiny backbone's stand-in pretraining (a random backbone cannot see; Qwen3-VL arrives pretrained):
      python prepare_data.py --seed 1 --captions ... and --questions-per-image 2 ... -> OUT/pretrain_data
      python demo/pretrain.py ...                                   -> OUT/pretrain/phase1/backbone
-  2. python prepare_data.py --source phantom --out OUT/data ...  -> OUT/data/samples.jsonl, images/, masks/, stats.json
+  2. python prepare_data.py --source phantom --out OUT/data ...  -> OUT/data/samples.jsonl, images/, masks/,
+                                                                    stats.json
   3. python extract_roi.py ...                                   -> OUT/data/roi.safetensors
-  4. python train.py ... --phase 1, 2, 3  (VITAL on the pretrained backbone, 3-phase curriculum) -> OUT/vital/phase{1,2,3}
-  5. python train.py ... --max-k 0 --phase 1, 2, 3 (direct answer, same samples x epochs) -> OUT/k0/phase{1,2,3}
+  4. python train.py ... --phase 1, 2, 3  (VITAL on the pretrained backbone, 3-phase curriculum)
+                                                               -> OUT/vital/phase{1,2,3}
+  5. python train.py ... --max-k 0 --phase 1, 2, 3 (direct answer, same samples x epochs)
+                                                               -> OUT/k0/phase{1,2,3}
   6. python evaluate.py ... --k 4 --latency --collapse (VITAL), --k sample (VITAL, each item's own K: a
      diagnostic), --k 0 (the K = 0 model), --k 0 on the pretrained backbone alone (no LoRA: "zero-shot")
-                                                               -> OUT/eval_vital, eval_vital_ksample, eval_k0, eval_backbone
+                                                               -> OUT/eval_vital, eval_vital_ksample,
+                                                                  eval_k0, eval_backbone
   7. python explain.py IMG "question" --ckpt OUT/vital/phase3    -> OUT/explain/<id>.{png,json}
-then a summary: closed-ended accuracy of VITAL, of the K = 0 model, of the backbone alone and chance, overall and per question type
+then a summary: closed-ended accuracy of VITAL, of the K = 0 model, of the backbone alone and chance,
+overall and per question type
 (also written to OUT/summary.json, OUT/summary.md and, with the command and date, demo/results.md).
 
     python demo/run.py                       # the defaults below (tuned on this 2-core CPU machine, README)
@@ -37,10 +42,12 @@ PY = sys.executable
 
 
 def get_args(argv=None):
-    ap = argparse.ArgumentParser(description="VITAL demo: the whole pipeline on phantom data with tiny models")
+    ap = argparse.ArgumentParser(description="VITAL demo: the whole pipeline on phantom data "
+                                             "with tiny models")
     ap.add_argument("--out", default="runs/demo", help="everything goes under this folder")
     ap.add_argument("--n", type=int, default=3000, help="phantom images (one question each)")
-    ap.add_argument("--image-size", type=int, default=96, help="phantom side in px (96 = a 3x3 grid of merged tokens)")
+    ap.add_argument("--image-size", type=int, default=96,
+                    help="phantom side in px (96 = a 3x3 grid of merged tokens)")
     ap.add_argument("--data-seed", type=int, default=0, help="phantom seed")
     ap.add_argument("--hidden", type=int, default=64, help="tiny LLM hidden size")
     ap.add_argument("--layers", type=int, default=2, help="tiny LLM layers")
@@ -51,10 +58,13 @@ def get_args(argv=None):
                     help="epochs of the three curriculum phases (the K = 0 model gets the same)")
     ap.add_argument("--seed", type=int, default=0, help="training seed")
     ap.add_argument("--pretrain-n", type=int, default=3000,
-                    help="phantom images of the backbone's pretraining corpus (another seed: no image is shared)")
-    ap.add_argument("--pretrain-epochs", type=float, default=2, help="epochs of the backbone pretraining (0 = none: "
-                    "VITAL then trains on the random backbone, which does not learn to see)")
-    ap.add_argument("--pretrain-lr", type=float, default=2e-3, help="peak learning rate of the backbone pretraining")
+                    help="phantom images of the backbone's pretraining corpus "
+                         "(another seed: no image is shared)")
+    ap.add_argument("--pretrain-epochs", type=float, default=2,
+                    help="epochs of the backbone pretraining (0 = none: "
+                         "VITAL then trains on the random backbone, which does not learn to see)")
+    ap.add_argument("--pretrain-lr", type=float, default=2e-3,
+                    help="peak learning rate of the backbone pretraining")
     ap.add_argument("--eval-limit", type=int, default=0, help="only the first N test items (0 = all)")
     ap.add_argument("--skip-k0", action="store_true", help="do not train/evaluate the K = 0 model")
     return ap.parse_args(argv)
@@ -129,13 +139,16 @@ def chance_by_type(samples, limit=0):
 def make_data(args, paths, timings):
     """Stages 1-3: tiny models, phantom data with the geometry teacher, ROI features."""
     models, data = paths["models"], paths["data"]
-    timings["models"] = run([PY, "demo/tiny.py", models, "--hidden", str(args.hidden), "--layers", str(args.layers)],
+    timings["models"] = run([PY, "demo/tiny.py", models, "--hidden", str(args.hidden),
+                             "--layers", str(args.layers)],
                             skip_if=os.path.join(models, "encoder", "config.json"), what="tiny models")
     timings["data"] = run([PY, "prepare_data.py", "--source", "phantom", "--out", data, "--n", str(args.n),
-                           "--seed", str(args.data_seed), "--image-size", str(args.image_size), "--teacher", "geometry"],
+                           "--seed", str(args.data_seed), "--image-size", str(args.image_size),
+                           "--teacher", "geometry"],
                           skip_if=os.path.join(data, "stats.json"), what="phantom data set")
     timings["roi"] = run([PY, "extract_roi.py", "--samples", os.path.join(data, "samples.jsonl"),
-                          "--encoder", os.path.join(models, "encoder"), "--out", os.path.join(data, "roi.safetensors"),
+                          "--encoder", os.path.join(models, "encoder"),
+                          "--out", os.path.join(data, "roi.safetensors"),
                           "--quiet"], skip_if=os.path.join(data, "roi.safetensors"), what="ROI features")
 
 
@@ -151,7 +164,8 @@ def pretrain(args, paths, timings):
               "--seed", str(args.data_seed + 1), "--image-size", str(args.image_size), "--test-frac", "0",
               "--val-frac", "0"]
     for flags, done, what in ((["--captions"], "captions.done", "one caption per image"),
-                              (["--questions-per-image", "2"], "questions.done", "two question types per image")):
+                              (["--questions-per-image", "2"], "questions.done",
+                               "two question types per image")):
         timings["pretrain data"] = timings.get("pretrain data", 0.0) + run(
             common + flags, skip_if=os.path.join(pre_data, done), what=f"pretraining corpus: {what}")
         open(os.path.join(pre_data, done), "w").close()
@@ -160,7 +174,8 @@ def pretrain(args, paths, timings):
     if phase_finished(os.path.join(pre_run, "phase1")):
         run(cmd, skip_if=backbone, what="pretrain the tiny backbone (finished)")
     else:
-        timings["pretrain"] = run(cmd + (["--resume"] if os.path.isdir(os.path.join(pre_run, "phase1")) else []),
+        timings["pretrain"] = run(cmd + (["--resume"] if os.path.isdir(os.path.join(pre_run, "phase1"))
+                                         else []),
                                   what="pretrain the tiny backbone (whole model, K = 0)")
     return backbone
 
@@ -169,7 +184,8 @@ def evaluate_all(args, paths, timings):
     """VITAL at K = 4 (+ latency and collapse), VITAL at each item's own K (a diagnostic), the K = 0
     model, and the pretrained backbone alone (no LoRA: the tiny counterpart of the zero-shot row)."""
     lim = ["--limit", str(args.eval_limit)] if args.eval_limit else []
-    jobs = [("eval VITAL", "vital", "eval_vital", ["--k", "4", "--latency", "--collapse"], "evaluate VITAL (K = 4)"),
+    jobs = [("eval VITAL", "vital", "eval_vital", ["--k", "4", "--latency", "--collapse"],
+             "evaluate VITAL (K = 4)"),
             ("eval VITAL K=sample", "vital", "eval_vital_ksample", ["--k", "sample"],
              "evaluate VITAL with each item's own K (diagnostic)")]
     if not args.skip_k0:
@@ -179,8 +195,9 @@ def evaluate_all(args, paths, timings):
                              paths["data"], "--out", paths[out_key]] + flags + lim,
                             skip_if=os.path.join(paths[out_key], "metrics.json"), what=what)
     if args.backbone:
-        timings["eval backbone"] = run([PY, "evaluate.py", "--ckpt", os.path.join(paths["pretrain"], "phase1"),
-                                        "--data", paths["data"], "--out", paths["eval_backbone"], "--k", "0"] + lim,
+        timings["eval backbone"] = run([PY, "evaluate.py", "--ckpt",
+                                        os.path.join(paths["pretrain"], "phase1"), "--data", paths["data"],
+                                        "--out", paths["eval_backbone"], "--k", "0"] + lim,
                                        skip_if=os.path.join(paths["eval_backbone"], "metrics.json"),
                                        what="evaluate the pretrained backbone alone (no LoRA)")
 
@@ -203,7 +220,8 @@ def summary_table(args, samples, paths):
     chance = chance_by_type(samples, args.eval_limit)
     acc = {k: accuracy_by_type(os.path.join(paths[p], "predictions.jsonl"), samples) if use else {}
            for k, p, use in (("vital", "eval_vital", True), ("own", "eval_vital_ksample", True),
-                             ("k0", "eval_k0", not args.skip_k0), ("bb", "eval_backbone", bool(args.backbone)))}
+                             ("k0", "eval_k0", not args.skip_k0),
+                             ("bb", "eval_backbone", bool(args.backbone)))}
     types = ["all"] + sorted(t for t in acc["vital"] if t != "all")
     pct = lambda a, t: (100 * a[t][0] / a[t][1]) if t in a and a[t][1] else float("nan")
     rows = ["| question type | n | VITAL (K=4) | VITAL (own K) | K=0 model | backbone alone | chance |",
@@ -213,7 +231,8 @@ def summary_table(args, samples, paths):
         table[t] = dict(n=acc["vital"][t][1], vital=pct(acc["vital"], t), vital_own_k=pct(acc["own"], t),
                         k0=pct(acc["k0"], t), backbone_alone=pct(acc["bb"], t), chance=chance.get(t))
         rows.append(f"| {t} | {table[t]['n']} | {table[t]['vital']:.1f} | {table[t]['vital_own_k']:.1f} | "
-                    f"{table[t]['k0']:.1f} | {table[t]['backbone_alone']:.1f} | {chance.get(t, float('nan')):.1f} |")
+                    f"{table[t]['k0']:.1f} | {table[t]['backbone_alone']:.1f} | "
+                    f"{chance.get(t, float('nan')):.1f} |")
     return rows, table
 
 
@@ -238,7 +257,8 @@ def print_report(paths, args, pick, stem, ex, rows, wall, timings):
     for name, path in [("tiny models", paths["models"]), ("pretraining corpus", paths["pretrain_data"]),
                        ("pretrained backbone", args.backbone or "-"),
                        ("backbone-alone evaluation", paths["eval_backbone"]),
-                       ("phantom data (samples.jsonl, images/, masks/, overlays/, stats.json)", paths["data"]),
+                       ("phantom data (samples.jsonl, images/, masks/, overlays/, stats.json)",
+                        paths["data"]),
                        ("ROI features", os.path.join(paths["data"], "roi.safetensors")),
                        ("VITAL checkpoints + log.jsonl", paths["vital"]), ("K = 0 checkpoints", paths["k0"]),
                        ("VITAL evaluation (predictions, metrics, latency, collapse)", paths["eval_vital"]),
@@ -264,7 +284,8 @@ def main(argv=None):
     os.chdir(ROOT)  # the stage commands are run, and printed, from the repository root
     t_start, timings, out = time.time(), {}, args.out
     paths = {k: os.path.join(out, k) for k in ("models", "data", "pretrain_data", "pretrain", "vital", "k0",
-                                               "eval_vital", "eval_vital_ksample", "eval_k0", "eval_backbone")}
+                                               "eval_vital", "eval_vital_ksample", "eval_k0",
+                                               "eval_backbone")}
     paths["out"] = out
     make_data(args, paths, timings)
     args.backbone = pretrain(args, paths, timings)

@@ -13,8 +13,8 @@ import os
 
 import torch
 from transformers import (PreTrainedTokenizerFast, Qwen2VLImageProcessorPil, Qwen3Config, Qwen3ForCausalLM,
-                          Qwen3VLConfig, Qwen3VLForConditionalGeneration, SiglipImageProcessorPil, SiglipVisionConfig,
-                          SiglipVisionModel)
+                          Qwen3VLConfig, Qwen3VLForConditionalGeneration, SiglipImageProcessorPil,
+                          SiglipVisionConfig, SiglipVisionModel)
 
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -82,14 +82,15 @@ def make_tiny(folder, hidden=64, layers=2, dec_hidden=64, dec_layers=2, enc_hidd
     dcfg = Qwen3Config(vocab_size=len(tok), hidden_size=dec_hidden, intermediate_size=2 * dec_hidden,
                        num_hidden_layers=dec_layers, num_attention_heads=dec_hidden // head_dim,
                        num_key_value_heads=max(1, dec_hidden // head_dim // 2), head_dim=head_dim,
-                       max_position_embeddings=1024, tie_word_embeddings=True, initializer_range=dec_hidden ** -0.5,
-                       pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"])
+                       max_position_embeddings=1024, tie_word_embeddings=True,
+                       initializer_range=dec_hidden ** -0.5, pad_token_id=ids["<|endoftext|>"],
+                       eos_token_id=ids["<|im_end|>"])
     Qwen3ForCausalLM(dcfg).save_pretrained(os.path.join(folder, "decoder"))
     tok.save_pretrained(os.path.join(folder, "decoder"))
 
     # MedSigLIP analogue: 112 px, patch 14 => an 8x8 grid (the real one: 448 px, 32x32, d_v = 1152).
-    ecfg = SiglipVisionConfig(image_size=112, patch_size=14, hidden_size=enc_hidden, intermediate_size=2 * enc_hidden,
-                              num_hidden_layers=2, num_attention_heads=2)
+    ecfg = SiglipVisionConfig(image_size=112, patch_size=14, hidden_size=enc_hidden,
+                              intermediate_size=2 * enc_hidden, num_hidden_layers=2, num_attention_heads=2)
     SiglipVisionModel(ecfg).save_pretrained(os.path.join(folder, "encoder"))
     SiglipImageProcessorPil(size={"height": 112, "width": 112}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
                             do_pad=False).save_pretrained(os.path.join(folder, "encoder"))
@@ -100,23 +101,26 @@ def real_configs(layers=None, dec_layers=None):
     """The paper's model shapes (§B.1), for random-weight checks: Qwen3-VL-8B (LLM 4096 x 36, ViT 1152 x 27,
     deepstack 8/16/24, M-RoPE sections 24/20/20), Qwen3-1.7B (2048 x 28) and SigLIP-448 (MedSigLIP's shape:
     1152 x 27, patch 14). `layers`/`dec_layers` shorten the two LLMs only. The tiny tokenizer stands in for
-    Qwen's: its ids are < the real vocabulary. -> (backbone config, decoder config, encoder config, tokenizer)."""
+    Qwen's: its ids are < the real vocabulary.
+    -> (backbone config, decoder config, encoder config, tokenizer)."""
     tok = make_tokenizer()
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     cfg = Qwen3VLConfig(
-        text_config=dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=layers or 36,
-                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
-                         pad_token_id=ids["<|endoftext|>"], rope_parameters=dict(
-                             rope_type="default", rope_theta=5e6, mrope_section=[24, 20, 20], mrope_interleaved=True)),
+        text_config=dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288,
+                         num_hidden_layers=layers or 36, num_attention_heads=32, num_key_value_heads=8,
+                         head_dim=128, max_position_embeddings=262144, pad_token_id=ids["<|endoftext|>"],
+                         rope_parameters=dict(rope_type="default", rope_theta=5e6, mrope_section=[24, 20, 20],
+                                              mrope_interleaved=True)),
         vision_config=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16,
                            spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=4096,
                            num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24]),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False)
-    dcfg = Qwen3Config(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=dec_layers or 28,
-                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
-                       tie_word_embeddings=True, pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"])
+    dcfg = Qwen3Config(vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                       num_hidden_layers=dec_layers or 28, num_attention_heads=16, num_key_value_heads=8,
+                       head_dim=128, max_position_embeddings=40960, tie_word_embeddings=True,
+                       pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"])
     ecfg = SiglipVisionConfig(image_size=448, patch_size=14, hidden_size=1152, intermediate_size=4304,
                               num_hidden_layers=27, num_attention_heads=16)
     return cfg, dcfg, ecfg, tok

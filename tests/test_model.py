@@ -29,7 +29,8 @@ def _images(seed=0):
 
 QUESTIONS = ["Is the liver visible?", "Where is the tumor located in this image?"]
 ANSWERS = ["Yes.", "It is in the upper left part of the image."]
-CHAINS = [["The liver is bright."], ["A dark round region is present.", "It lies in the upper left.", "Edges are sharp."]]
+CHAINS = [["The liver is bright."],
+          ["A dark round region is present.", "It lies in the upper left.", "Edges are sharp."]]
 
 
 def _backbone(tiny, r=8, randomize=True, seed=0):
@@ -64,7 +65,8 @@ def full_forward(bb, prefix, h_in, answer_ids, answer_mask):
     img = inner.get_image_features(prefix["pixel_values"], prefix["image_grid_thw"], return_dict=True)
     vis = ids == bb.config.image_token_id
     emb = emb.masked_scatter(vis[..., None].expand_as(emb), torch.cat(img.pooler_output, 0))
-    pos, delta = inner.get_rope_index(ids, prefix["mm_token_type_ids"], image_grid_thw=prefix["image_grid_thw"],
+    pos, delta = inner.get_rope_index(ids, prefix["mm_token_type_ids"],
+                                      image_grid_thw=prefix["image_grid_thw"],
                                       attention_mask=prefix["attention_mask"])
     B, P = ids.shape
     K, T = h_in.shape[1], answer_ids.shape[1]
@@ -72,7 +74,8 @@ def full_forward(bb, prefix, h_in, answer_ids, answer_mask):
     new_pos = (start[:, None] + torch.arange(K + T))[None].expand(3, B, K + T)
     out = inner.language_model(
         inputs_embeds=torch.cat([emb, h_in, inner.get_input_embeddings()(answer_ids)], 1),
-        attention_mask=torch.cat([prefix["attention_mask"], torch.ones(B, K, dtype=torch.long), answer_mask], 1),
+        attention_mask=torch.cat([prefix["attention_mask"], torch.ones(B, K, dtype=torch.long),
+                                  answer_mask], 1),
         position_ids=torch.cat([pos, new_pos], 2),
         visual_pos_masks=torch.cat([vis, torch.zeros(B, K + T, dtype=torch.bool)], 1),
         deepstack_visual_embeds=[torch.cat(f, 0) for f in img.deepstack_features])
@@ -85,7 +88,8 @@ def full_forward(bb, prefix, h_in, answer_ids, answer_mask):
 def test_cached_loop_equals_one_full_forward(tiny, K):
     bb, proc = _backbone(tiny)
     prefix = M.build_prefix(proc, _images(), QUESTIONS)
-    assert (prefix["attention_mask"] == 0).any(), "the batch must be left-padded for this test to mean anything"
+    assert (prefix["attention_mask"] == 0).any(), (
+        "the batch must be left-padded for this test to mean anything")
     ans, amask = M.tokenize_answers(proc.tokenizer, ANSWERS)
     with torch.no_grad():
         st = M.latent_loop(bb, prefix, K)
@@ -126,7 +130,8 @@ def test_k0_greedy_answer_equals_transformers_generate(tiny):
 
 
 def test_generate_k_matches_teacher_forced_argmax(tiny):
-    """Greedy answers after K steps agree with the teacher-forced logits of the same loop fed its own tokens."""
+    """Greedy answers after K steps agree with the teacher-forced logits of the same loop
+    fed its own tokens."""
     bb, proc = _backbone(tiny)
     prefix = M.build_prefix(proc, _images(), QUESTIONS)
     toks, _ = M.generate(bb, prefix, K=2, eos_id=-1, max_new_tokens=6)  # eos never hit: 6 tokens each
@@ -141,7 +146,8 @@ def test_lora_init_equals_base_and_only_lora_trains(tiny):
     bb, _ = _backbone(tiny, randomize=False)
     cfg = base.config.text_config
     assert len(M.lora_layers(bb)) == 7 * cfg.num_hidden_layers
-    assert not any(isinstance(m, M.LoRALinear) for m in bb.model.visual.modules()), "vision tower must stay plain"
+    assert not any(isinstance(m, M.LoRALinear)
+                   for m in bb.model.visual.modules()), "vision tower must stay plain"
     trainable = [n for n, p in bb.named_parameters() if p.requires_grad]
     assert trainable and all(n.endswith((".lora_A", ".lora_B")) for n in trainable)
     prefix = M.build_prefix(proc, _images(), QUESTIONS)

@@ -47,14 +47,17 @@ def write_fixture(folder, n_train=24, d_v=48, seed=0):
             a[16:48, 16:48] = 230
         Image.fromarray(a).save(os.path.join(folder, "images", f"{i}.png"))
         sent = "the image shows a bright round region." if bright else "the image shows a dark region."
-        rows.append(dict(id=f"s{i}", image=f"images/{i}.png", question="is there a bright lesion in the image?",
-                         answer="yes." if bright else "no.", reasoning_chain=[f"step {k}: {sent}" for k in range(K)],
+        rows.append(dict(id=f"s{i}", image=f"images/{i}.png",
+                         question="is there a bright lesion in the image?",
+                         answer="yes." if bright else "no.",
+                         reasoning_chain=[f"step {k}: {sent}" for k in range(K)],
                          latent_steps=K, split="train" if i < n_train else "test"))
     with open(os.path.join(folder, "samples.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     g = torch.Generator().manual_seed(seed)
     feats = {k: F.normalize(torch.randn(len(rows), d_v, generator=g), dim=-1) for k in ("roi", "global")}
-    save_file(feats, os.path.join(folder, "roi.safetensors"), metadata={"ids": json.dumps([r["id"] for r in rows])})
+    save_file(feats, os.path.join(folder, "roi.safetensors"),
+              metadata={"ids": json.dumps([r["id"] for r in rows])})
     return rows
 
 
@@ -68,7 +71,8 @@ def env(tmp_path_factory):
 
 
 def flags(env, out, *extra):
-    return ["--data", env["data"], "--backbone", f"{env['models']}/backbone", "--decoder", f"{env['models']}/decoder",
+    return ["--data", env["data"], "--backbone", f"{env['models']}/backbone",
+            "--decoder", f"{env['models']}/decoder",
             "--lora-r", "4", "--lora-alpha", "8", "--out", str(out), "--batch-size", "2", "--epochs", "1",
             *map(str, extra)]
 
@@ -99,7 +103,8 @@ def test_sampler_buckets_by_k_and_splits_evenly_over_ranks():
     # Optimizer step s sees the same micro-batches on 2 ranks x accum 2 as on 1 rank x accum 4.
     r0, r1 = list(ranks[0]), list(ranks[1])
     for s in range(len(one) // 4):
-        assert sorted(map(tuple, batches[4 * s:4 * s + 4])) == sorted(map(tuple, r0[2 * s:2 * s + 2] + r1[2 * s:2 * s + 2]))
+        assert (sorted(map(tuple, batches[4 * s:4 * s + 4]))
+                == sorted(map(tuple, r0[2 * s:2 * s + 2] + r1[2 * s:2 * s + 2])))
     one.set_epoch(1)
     assert list(one) != batches  # a new order each epoch ...
     one.set_epoch(1, start=3)
@@ -126,7 +131,8 @@ def test_phase_filter_caps_and_train_split(env):
         args = train.get_args(flags(env, "x", "--phase", phase))
         sel = train.select_phase(records, args, "samples.jsonl")
         assert {r["K"] for r in sel} == allowed and all(r["split"] == "train" for r in sel)
-    args = train.get_args(flags(env, "x", "--phase", 3, "--init", "none", "--max-k", 2))  # depth ablation: K = min(steps, 2)
+    # depth ablation: K = min(steps, 2)
+    args = train.get_args(flags(env, "x", "--phase", 3, "--init", "none", "--max-k", 2))
     sel = train.select_phase(records, args, "samples.jsonl")
     assert {r["K"] for r in sel} == {1, 2} and any(r["latent_steps"] == 3 and r["K"] == 2 for r in sel)
     assert len(train.select_phase(records, train.get_args(flags(env, "x", "--limit", 5)), "s")) == 5
@@ -197,22 +203,25 @@ def test_warm_start_loads_previous_phase_and_refuses_mismatch(env, tmp_path):
         train.main(flags(env, tmp_path / "x", "--phase", 2, "--init", out / "phase1", "--lora-r", 8))
     other = make_tiny(str(tmp_path / "other"), seed=1)
     with pytest.raises(train.TrainError, match=r"trained with backbone \w+, this run uses \w+: refusing"):
-        train.main(flags(env, tmp_path / "x", "--phase", 2, "--init", out / "phase1", "--backbone", f"{other}/backbone"))
+        train.main(flags(env, tmp_path / "x", "--phase", 2, "--init", out / "phase1",
+                         "--backbone", f"{other}/backbone"))
     with pytest.raises(train.TrainError, match=r"run --phase 1 first"):
         train.main(flags(env, tmp_path / "fresh", "--phase", 2))
 
 
 def test_loss_falls(env, tmp_path):
-    # The tiny backbone's frozen lm_head (init std 0.02) caps |logits| near 1.3, so L_task cannot go far below
-    # ~5.5 nats from ln(1024) = 6.93 whatever LoRA learns; the fully trained decoder's L_sem can fall much more.
+    # Only LoRA trains in the backbone (its lm_head is frozen), so L_task falls less in 35 steps than
+    # the fully trained decoder's L_sem: the bounds below differ for that reason.
     out = tmp_path / "run"
-    train.main(flags(env, out, "--phase", 3, "--init", "none", "--epochs", 5, "--lr", 5e-3, "--batch-size", 4))
+    train.main(flags(env, out, "--phase", 3, "--init", "none", "--epochs", 5, "--lr", 5e-3,
+                     "--batch-size", 4))
     log = read_log(out)
     mean = lambda key, part: float(np.mean([e[key] for e in part]))
     assert len(log) == 35  # bounded: 5 epochs of 7 steps
     assert mean("L_task", log[-5:]) < mean("L_task", log[:3]) - 0.6, [round(e["L_task"], 2) for e in log]
     assert mean("L_sem", log[-5:]) < 0.6 * mean("L_sem", log[:3]), [round(e["L_sem"], 2) for e in log]
-    assert all(k in log[-1] for k in ("L_vis", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "peak_mem_mib"))
+    assert all(k in log[-1]
+               for k in ("L_vis", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "peak_mem_mib"))
 
 
 def test_nan_stops_and_keeps_last_good_checkpoint(env, tmp_path):
@@ -236,8 +245,10 @@ def test_resume_after_max_steps_is_exact(env, tmp_path):
     train.main(flags(env, b, "--phase", 3, "--init", "none", "--grad-accum", 2, "--resume"))
     assert max_diff(weights(a / "phase3"), weights(b / "phase3")) == 0  # bit-equal, dropout on
     la, lb = read_log(a), read_log(b)
-    assert [e["step"] for e in lb] == [e["step"] for e in la] and [e["loss"] for e in lb] == [e["loss"] for e in la]
-    assert not os.path.exists(b / "phase3" / "trainer" / "state.safetensors")  # finished: no Adam moments kept
+    assert ([e["step"] for e in lb] == [e["step"] for e in la]
+            and [e["loss"] for e in lb] == [e["loss"] for e in la])
+    # finished: no Adam moments kept
+    assert not os.path.exists(b / "phase3" / "trainer" / "state.safetensors")
 
 
 def test_resume_after_real_kill_is_exact(env, tmp_path):
@@ -264,14 +275,17 @@ def test_resume_after_real_kill_is_exact(env, tmp_path):
 # ---------------------------------------------------------------------------------------------- DDP
 def test_two_ranks_equal_one_rank_with_double_accumulation(env, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    common = ("--phase", 3, "--init", "none", "--lora-dropout", 0, "--vp-dropout", 0, "--lr", 1e-3, "--epochs", 3)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-                        f"{ROOT}/train.py", *flags(env, two, *common, "--grad-accum", 2)],
+    common = ("--phase", 3, "--init", "none", "--lora-dropout", 0, "--vp-dropout", 0, "--lr", 1e-3,
+              "--epochs", 3)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        "--master_port=29517", f"{ROOT}/train.py",
+                        *flags(env, two, *common, "--grad-accum", 2)],
                        env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     train.main(flags(env, one, *common, "--grad-accum", 4))
     c1, c2 = (json.load(open(d / "phase3" / "config.json")) for d in (one, two))
-    assert c1["global_batch"] == c2["global_batch"] == 8 and c2["world_size"] == 2 and c1["step"] == c2["step"] == 9
+    assert (c1["global_batch"] == c2["global_batch"] == 8 and c2["world_size"] == 2
+            and c1["step"] == c2["step"] == 9)
     w1, w2 = weights(one / "phase3"), weights(two / "phase3")
     print("DDP max abs weight diff", max_diff(w1, w2))
     assert max_diff(w1, w2) < 5e-6, max_diff(w1, w2)
@@ -284,10 +298,10 @@ def test_two_ranks_equal_one_rank_with_double_accumulation(env, tmp_path):
 def test_three_phases_on_prepare_data_and_extract_roi(env, tmp_path):
     data = tmp_path / "phantom"
     for cmd in (["prepare_data.py", "--source", "phantom", "--out", data, "--n", 24],
-                ["extract_roi.py", "--samples", data / "samples.jsonl", "--encoder", f"{env['models']}/encoder",
-                 "--out", data / "roi.safetensors"]):
-        r = subprocess.run([sys.executable, f"{ROOT}/{cmd[0]}", *map(str, cmd[1:])], env=ENV, capture_output=True,
-                           text=True, timeout=300)
+                ["extract_roi.py", "--samples", data / "samples.jsonl",
+                 "--encoder", f"{env['models']}/encoder", "--out", data / "roi.safetensors"]):
+        r = subprocess.run([sys.executable, f"{ROOT}/{cmd[0]}", *map(str, cmd[1:])], env=ENV,
+                           capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
     out, models = tmp_path / "run", tmp_path / "tiny"
     for p in (1, 2, 3):  # --preset tiny makes its models at phase 1 (absent), then reuses them
@@ -304,8 +318,10 @@ def test_two_rank_resume_is_exact_with_dropout(env, tmp_path):
     common = ("--phase", 3, "--init", "none", "--grad-accum", 2, "--epochs", 2)
     run = lambda out, *extra: subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518",
-         f"{ROOT}/train.py", *flags(env, out, *common, *extra)], env=ENV, capture_output=True, text=True, timeout=300)
-    for out, extra in ((tmp_path / "a", ()), (tmp_path / "b", ("--max-steps", 4)), (tmp_path / "b", ("--resume",))):
+         f"{ROOT}/train.py", *flags(env, out, *common, *extra)],
+        env=ENV, capture_output=True, text=True, timeout=300)
+    for out, extra in ((tmp_path / "a", ()), (tmp_path / "b", ("--max-steps", 4)),
+                       (tmp_path / "b", ("--resume",))):
         r = run(out, *extra)
         assert r.returncode == 0, r.stderr[-3000:]
     assert json.load(open(tmp_path / "b" / "phase3" / "config.json"))["world_size"] == 2
@@ -338,6 +354,7 @@ def test_pretrain_trains_whole_backbone_resumes_exactly_and_feeds_vital(env, tmp
     # VITAL trains LoRA on top of it and records it as its backbone
     v = tmp_path / "vital"
     train.main(flags(env, v, "--backbone", f"{a}/phase1/backbone", "--max-steps", 2))
-    assert json.load(open(v / "phase1" / "config.json"))["backbone_path"] == os.path.abspath(f"{a}/phase1/backbone")
+    assert (json.load(open(v / "phase1" / "config.json"))["backbone_path"]
+            == os.path.abspath(f"{a}/phase1/backbone"))
     with pytest.raises(SystemExit):  # train.py itself has no way to train the whole backbone
         train.get_args(["--pretrain", "--data", env["data"], "--backbone", "x", "--decoder", "y"])
