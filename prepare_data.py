@@ -3,24 +3,33 @@ Stage 1 of VITAL: turn segmentation data into verified training tuples
 (image, question, answer, K-step reasoning chain) plus the mask the ROI stage needs.
 
 Paper: §3.4 and Appendix A.1-A.4 (sources, question types and K, teacher-only overlay, the teacher
-prompt, the six-round quality gate). Design card: DESIGN.md §2 (samples.jsonl schema) and §4.
+prompt, the six-round quality gate).
 
 Reads one source per run (run again with another source into the same --out to append):
-  phantom      procedural images with exact masks, needs no download (the embedded default)
+  phantom      procedural images with exact masks, needs no download (the embedded default;
+               the generator is a fixture in demo/phantom.py)
   msd          Medical Segmentation Decathlon task folders (dataset.json + NIfTI volumes)
   biomedparse  BiomedParse folders (train/, train_mask/, test/, test_mask/ with *.png)
 Writes into --out:
   images/ masks/ overlays/   PNGs (the overlay is the teacher-only view: red layer + yellow contour)
-  samples.jsonl              accepted samples, one JSON object a line (schema: DESIGN.md §2)
+  samples.jsonl              accepted samples, one JSON object a line (fields below)
   rejects.jsonl              samples that failed the gate 1 + --max-retries times, with every reason
   stats.json                 counts by source, subset, modality, question type, K, split; rejects; leaks
 
+A samples.jsonl line is one training tuple without its ROI feature (extract_roi.py computes that,
+keyed by `id`): `id` (unique, stable across reruns), `source` (phantom|msd|biomedparse), `subset`,
+`modality`, `target`, `target_type` (organ|lesion|tumor|vessel|tissue|cell|retina), `image`, `mask`,
+`overlay` (PNG paths relative to the file), `question`, `question_type` (yesno|identify|location_choice|
+location|describe|reasoning; caption with --captions), `answer`, `reasoning_chain` (the K step
+sentences), `latent_steps` (= K), `split` (train|val|test), for test items the closed-ended form
+`choices` + `answer_index` (§B.4), and `meta` (everything else: the measured facts, negative, gate
+retries, where the image came from).
+
 Teachers: `geometry` (default) writes chains from the mask and the pixels (offline, leak-free by
 construction); `openai` asks any OpenAI-compatible chat-completions endpoint with the prompt of §A.2.
-Every sample goes through the same quality gate whatever the teacher.
-
-Every decided sample is appended and flushed as soon as it is done, so a killed run loses only the
-samples in flight (for MSD: the volume in flight); rerunning the same command skips decided ids.
+Every sample goes through the same quality gate whatever the teacher. Every decided sample is appended
+and flushed as soon as it is done, so a killed run loses only the samples in flight (for MSD: the volume
+in flight); rerunning the same command skips decided ids.
 
   python prepare_data.py --source phantom --out data/phantom --n 2000 --seed 0
   python prepare_data.py --source phantom --out data/captions --n 3000 --seed 1 --captions  # tiny pretraining
@@ -49,48 +58,11 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-# ----------------------------------------------------------------------------- constants (§A.2, §A.3)
+# ----------------------------------------------------------------------------- question types and K (Table 4)
 QUESTION_TYPES = ["yesno", "identify", "location_choice", "location", "describe", "reasoning"]
 STEP_RANGE = {"yesno": (1, 1), "identify": (1, 1), "location_choice": (1, 1), "location": (2, 2),
               "describe": (2, 3), "reasoning": (3, 4),  # Table 4: the reasoning depth K of each type
-              "caption": (1, 1)}  # --captions only: the tiny backbone's stand-in pretraining (not a VITAL type)
-# words that reveal the teacher saw an annotation (§A.3 round 2); matched on word boundaries
-LEAK_TERMS = ["mask", "masks", "masked", "overlay", "overlays", "overlaid", "highlight", "highlighted",
-              "highlighting", "segmentation", "segmented", "roi", "region of interest", "label", "labels",
-              "labeled", "labelled", "ground truth", "annotation", "annotations", "annotated", "contour",
-              "outline in red", "outlined in red", "red outline", "red overlay", "red layer", "red-shaded",
-              "yellow line", "yellow outline", "yellow border", "marked region", "marker", "bounding box",
-              "hidden metadata", "teacher", "tinted"]
-# pathology words that must not describe normal anatomy (§A.3 round 3, organ targets only)
-PATHOLOGY_TERMS = ["lesion", "lesions", "mass", "masses", "tumor", "tumors", "tumour", "tumours",
-                   "calcification", "calcified", "inflammation", "inflamed", "nodule", "nodules", "cyst",
-                   "cystic", "metastasis", "metastases", "malignant", "malignancy", "benign", "carcinoma",
-                   "cancer", "necrosis", "necrotic", "abscess", "hemorrhage", "edema", "infarct", "polyp"]
-# patient-space wording mixed into image-space answers (§A.3 round 4)
-MIXED_SPACE = r"patient'?s?[ -](?:left|right)|(?:anatomic(?:al)?|radiologic(?:al)?)[ -](?:left|right)" \
-              r"|(?:left|right) of the patient|(?:left|right) side of the patient"
-LEAK_RE = re.compile(r"\b(?:" + "|".join(re.escape(t) for t in LEAK_TERMS) + r")\b", re.I)
-PATHOLOGY_RE = re.compile(r"\b(?:" + "|".join(PATHOLOGY_TERMS) + r")\b", re.I)
-MIXED_RE = re.compile(MIXED_SPACE, re.I)
-SIDE_RE = re.compile(r"\b(left|right|upper|lower|top|bottom)\b", re.I)
-
-CT_WINDOWS = {"abdomen": (-150, 250), "liver": (-25, 230), "lung": (-1000, 1000)}  # HU (§A.1)
-MSD_ALIASES = {"pz": "prostate peripheral zone", "tz": "prostate transition zone",
-               "anterior": "anterior hippocampus", "posterior": "posterior hippocampus"}
-# each phantom modality has up to three targets that differ in shape, so the pixels tell them apart;
-# location, size, boundary and brightness vary freely and are what describe/reasoning ask about
-PHANTOM_TARGETS = {
-    "CT": [("kidney", "organ", "round"), ("hepatic vessel", "vessel", "elongated"),
-           ("liver tumor", "tumor", "irregular")],
-    "X-ray": [("heart", "organ", "round"), ("pulmonary vessel", "vessel", "elongated"),
-              ("lung opacity", "lesion", "irregular")],
-    "dermoscopy": [("nevus", "lesion", "round"), ("melanoma", "tumor", "irregular")],
-    "fundus": [("optic disc", "retina", "round"), ("retinal vessel", "vessel", "elongated"),
-               ("exudate", "lesion", "irregular")],
-    "ultrasound": [("cyst", "lesion", "round"), ("blood vessel", "vessel", "elongated"),
-                   ("breast tumor", "tumor", "irregular")],
-}
-FALLBACK_TARGETS = ["liver", "kidney", "spleen", "lung", "heart", "pancreas"]  # identify distractors
+              "caption": (1, 1)}  # --captions only: stand-in pretraining of the tiny backbone, no VITAL type
 
 
 def stable_hash(text):
@@ -108,10 +80,6 @@ def article(target, target_type):
     return "an" if target[0].lower() in "aeiou" else "a"
 
 
-def modality_phrase(modality):
-    return {"fundus": "fundus photograph"}.get(modality, f"{modality} image")
-
-
 # ----------------------------------------------------------------------------- pixel helpers
 def dilate(m, n=1):
     """Binary dilation with a 3x3 square, n times (numpy only: no scipy dependency)."""
@@ -124,16 +92,6 @@ def dilate(m, n=1):
 
 def erode(m, n=1):
     return ~dilate(~m, n)
-
-
-def gaussian_blur(a, sigma):
-    """Separable Gaussian blur of a 2-D float array."""
-    r = max(1, int(3 * sigma + 0.5))
-    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
-    k /= k.sum()
-    p = np.pad(a, r, mode="edge")
-    rows = sum(w * p[i:i + a.shape[0], :] for i, w in enumerate(k))  # (H, W+2r)
-    return sum(w * rows[:, i:i + a.shape[1]] for i, w in enumerate(k))  # (H, W)
 
 
 def to_uint8(a):
@@ -160,16 +118,15 @@ def read_png(path, as_mask=False):
     """Read any PNG flavour (8/16-bit, grey, RGB, RGBA, palette) as uint8 grey/RGB, or a bool mask."""
     with Image.open(path) as im:
         im.load()  # forces the decode here, so a truncated file raises here
-        if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-            a = np.asarray(im, dtype=np.float64)  # 16-bit: rescale its own range to 0..255
-            if as_mask:
-                return a > 0
-            lo, hi = a.min(), a.max()
-            return to_uint8((a - lo) / (hi - lo) if hi > lo else a * 0)
-        im = im.convert("RGB") if im.mode in ("RGBA", "LA", "P", "CMYK", "RGB") else im.convert("L")
-        a = np.asarray(im)
+        deep = im.mode in ("I;16", "I;16B", "I;16L", "I", "F")
+        if not deep:
+            im = im.convert("RGB") if im.mode in ("RGBA", "LA", "P", "CMYK", "RGB") else im.convert("L")
+        a = np.asarray(im, dtype=np.float64) if deep else np.asarray(im)
     if as_mask:  # binarised > 0 on any channel (§A.1)
         return (a > 0).any(axis=2) if a.ndim == 3 else a > 0
+    if deep:  # 16-bit: rescale its own range to 0..255
+        lo, hi = a.min(), a.max()
+        return to_uint8((a - lo) / (hi - lo) if hi > lo else a * 0)
     if a.ndim == 3 and (a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all():
         a = a[..., 0]  # grey stored as RGB
     return np.ascontiguousarray(a)
@@ -212,113 +169,35 @@ def measure(image, mask):
             "brightness": "brighter" if diff > 0.04 else "darker" if diff < -0.04 else "similar"}
 
 
-def region_phrase(f, horizontal_only=False):
-    if horizontal_only:
-        return f"{f['h']} part of the image"
-    if f["h"] == "central" and f["v"] == "middle":
-        return "central part of the image"
-    return f"{f['v']} {f['h']} part of the image"
-
-
-def bright_phrase(f):
-    return "similar in brightness to its surroundings" if f["brightness"] == "similar" \
-        else f"{f['brightness']} than its surroundings"
-
-
-def boundary_phrase(f):
-    return "a sharp, well-defined boundary" if f["boundary"] == "sharp" else "a blurred, ill-defined boundary"
-
-
-# ----------------------------------------------------------------------------- phantom generator
-def phantom_background(modality, rng, xx, yy):
-    """A modality 'look' in [0,1], kept within 0.3..0.7 so a target can be clearly brighter or darker."""
-    S = xx.shape[0]
-    # slow tissue variation: 6x6 random values smoothly upsampled (much cheaper than a wide blur)
-    smooth = np.asarray(Image.fromarray(rng.normal(0, 1, (6, 6)).astype(np.float32), "F")
-                        .resize((S, S), Image.BICUBIC), dtype=np.float64) * 0.5
-    if modality == "CT":  # body ellipse of soft tissue on a darker surround
-        body = ((xx - 0.5) / 0.47) ** 2 + ((yy - 0.5) / 0.42) ** 2 < 1
-        return 0.33 + 0.17 * gaussian_blur(body.astype(float), 1.5) + 0.02 * smooth
-    if modality == "X-ray":  # bright mediastinum in the middle, faint horizontal rib bands
-        return 0.4 + 0.15 * np.exp(-((xx - 0.5) / 0.12) ** 2) + 0.04 * np.sin(yy * 40 + rng.uniform(0, 6))
-    if modality == "ultrasound":  # echo texture fading with depth, speckle added after the target
-        return 0.58 - 0.18 * yy + 0.03 * smooth
-    tint = np.array([0.72, 0.5, 0.42]) if modality == "dermoscopy" else np.array([0.78, 0.38, 0.18])
-    shade = 1 + 0.05 * smooth
-    if modality == "fundus":  # the round retina with darker periphery
-        shade = shade - 0.35 * (((xx - 0.5) ** 2 + (yy - 0.5) ** 2) / 0.5)
-    return tint * shade[..., None]
-
-
-def phantom_shape(shape, large, cx, cy, rng, xx, yy):
-    """Exact binary mask of one target; shrunk until it fits inside the image (a cut shape would
-    no longer be the shape we claim)."""
-    if shape == "round":
-        r, q = (rng.uniform(0.13, 0.16) if large else rng.uniform(0.055, 0.07)), rng.uniform(1.0, 1.3)
-        a, b = r * np.sqrt(q), r / np.sqrt(q)
-    elif shape == "elongated":
-        a = rng.uniform(0.22, 0.26) if large else rng.uniform(0.12, 0.14)
-        b = a / (rng.uniform(3.0, 3.6) if large else rng.uniform(3.5, 4.5))
-    else:  # irregular: lobulated outline r(phi) = R (1 + A cos(k phi) + ...)
-        R, k, A = (rng.uniform(0.13, 0.15) if large else rng.uniform(0.065, 0.08)), rng.integers(3, 6), 0.4
-        wobble = rng.uniform(0, 6)
-    for attempt in range(40):  # a new angle each time, and 2% smaller, until it fits
-        scale, angle = 0.98 ** attempt, rng.uniform(0, np.pi)
-        u = ((xx - cx) * np.cos(angle) + (yy - cy) * np.sin(angle)) / scale
-        w = (-(xx - cx) * np.sin(angle) + (yy - cy) * np.cos(angle)) / scale
-        if shape == "irregular":
-            phi = np.arctan2(w, u)
-            m = np.hypot(u, w) <= R * (1 + A * np.cos(k * phi) + 0.15 * np.cos((k + 2) * phi + wobble))
-        else:
-            m = (u / a) ** 2 + (w / b) ** 2 <= 1
-        if not (m[0].any() or m[-1].any() or m[:, 0].any() or m[:, -1].any()):
-            break
-    return m
-
-
-def phantom_case(index, seed, size):
-    """One phantom image with one target whose every attribute is drawn from a seeded RNG."""
-    rng = np.random.default_rng([seed, index])
-    modality = sorted(PHANTOM_TARGETS)[rng.integers(len(PHANTOM_TARGETS))]
-    target, target_type, shape = PHANTOM_TARGETS[modality][rng.integers(len(PHANTOM_TARGETS[modality]))]
-    yy, xx = (np.mgrid[0:size, 0:size] + 0.5) / size
-    bg = phantom_background(modality, rng, xx, yy)
-    cx, cy = (rng.choice([0.2, 0.5, 0.8]) + rng.uniform(-0.03, 0.03) for _ in range(2))
-    large, sharp, brighter = rng.random(3) < 0.5
-    mask = phantom_shape(shape, large, cx, cy, rng, xx, yy)
-    r_px = np.sqrt(mask.sum() / np.pi)  # a blurred edge spreads over about a third of the radius
-    alpha = mask.astype(float) if sharp else gaussian_blur(mask.astype(float), max(2.0, 0.35 * r_px))
-    local = bg[mask].mean(axis=0)  # the target is 0.3 brighter or darker than what it sits on
-    value = np.clip(local + (0.3 if brighter else -0.3), 0.02, 0.98)
-    a = alpha if bg.ndim == 2 else alpha[..., None]
-    img = bg * (1 - a) + value * a
-    if modality == "ultrasound":  # multiplicative speckle over tissue and target alike
-        img = img * (1 + 0.15 * gaussian_blur(rng.normal(0, 1, (size, size)), 0.7))
-    img = img + rng.normal(0, 0.015, img.shape)
-    others = [(t, tt) for t, tt, _ in PHANTOM_TARGETS[modality] if t != target]
-    key = f"phantom-s{seed}-{index:06d}"
-    return {"image_key": key, "group": key, "source": "phantom", "subset": f"phantom-{slug(modality)}",
-            "modality": modality, "target": target, "target_type": target_type, "image": to_uint8(img),
-            "mask": mask, "others": others, "order": index,
-            "meta": {"drawn": {"center": [round(float(cx), 3), round(float(cy), 3)], "shape": shape, "size": "large" if large else "small",
-                               "boundary": "sharp" if sharp else "blurred",
-                               "brightness": "brighter" if brighter else "darker"}}}
+def phrases(f):
+    """The facts as the phrases that answers, chains and closed-ended choices are written with."""
+    return {"where": "central part of the image" if f["h"] == "central" and f["v"] == "middle"
+            else f"{f['v']} {f['h']} part of the image",
+            "side": f"{f['h']} part of the image",
+            "bright": "similar in brightness to its surroundings" if f["brightness"] == "similar"
+            else f"{f['brightness']} than its surroundings",
+            "margin": "a sharp, well-defined boundary" if f["boundary"] == "sharp"
+            else "a blurred, ill-defined boundary"}
 
 
 # ----------------------------------------------------------------------------- MSD reader (§A.1)
+CT_WINDOWS = {"abdomen": (-150, 250), "liver": (-25, 230), "lung": (-1000, 1000)}  # HU
+MSD_ALIASES = {"pz": "prostate peripheral zone", "tz": "prostate transition zone",
+               "anterior": "anterior hippocampus", "posterior": "posterior hippocampus"}
+
+
 def msd_target(label, task):
     """Label name from dataset.json -> (target name, target type)."""
     name = MSD_ALIASES.get(label.lower().strip(), label.lower().strip())
-    site = task.split("_", 1)[-1].lower()
     if name in ("cancer", "tumor", "tumour"):
-        name = f"{site} tumor"
+        name = f"{task.split('_', 1)[-1].lower()} tumor"  # the site is the task's name: Task03_Liver
     kind = "tumor" if re.search(r"tumo|cancer|carcinoma|edema|necro", name) else \
         "vessel" if "vessel" in name else "organ"
     return name, kind
 
 
 def read_msd_task(root):
-    """dataset.json -> list of (image path, label path); './' stripped, hidden '._' files skipped."""
+    """dataset.json -> (labels, modalities, [(image path, label path)]); './' stripped, '._' files skipped."""
     path = os.path.join(root, "dataset.json")
     if not os.path.isfile(path):
         raise SystemExit(f"error: {path} not found: --msd-root must be an MSD task folder")
@@ -329,15 +208,14 @@ def read_msd_task(root):
         labels, modalities = meta["labels"], meta["modality"]
     except (ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"error: {path}: not a valid MSD dataset.json ({type(e).__name__}: {e})")
-    entries = [e for e in entries if not os.path.basename(e[0]).startswith("._")]
-    return meta, labels, modalities, entries
+    return labels, modalities, [e for e in entries if not os.path.basename(e[0]).startswith("._")]
 
 
 def msd_normalise(vol, modality, task):
     """CT: fixed HU window by site; MRI: 0.5-99.5 percentile of the non-zero voxels of the volume."""
     if modality.upper() == "CT":
-        site = "lung" if "lung" in task.lower() else "liver" if re.search(r"liver|hepatic", task.lower()) \
-            else "abdomen"
+        t = task.lower()
+        site = "lung" if "lung" in t else "liver" if re.search(r"liver|hepatic", t) else "abdomen"
         lo, hi = CT_WINDOWS[site]
     else:
         nz = vol[vol != 0]
@@ -350,38 +228,36 @@ def msd_cases(work, args):
     import nibabel as nib  # only MSD needs it
     _, root, image_path, label_path = work
     task = os.path.basename(os.path.normpath(root))
-    _, labels, modalities, _ = read_msd_task(root)
+    labels, modalities, _ = read_msd_task(root)
     case_id = os.path.basename(image_path).split(".nii")[0]
-    for p in (image_path, label_path):
-        if not os.path.isfile(p):
-            yield {"id": f"msd-{task}-{case_id}", "reasons": [f"missing_file: {p}"]}
-            return
+    group = f"msd-{task}-{case_id}"
+    missing = [p for p in (image_path, label_path) if not os.path.isfile(p)]
+    if missing:
+        yield {"id": group, "reasons": [f"missing_file: {missing[0]}"]}
+        return
     vol = np.asanyarray(nib.load(image_path).dataobj).astype(np.float32)
     lab = np.rint(np.asanyarray(nib.load(label_path).dataobj)).astype(np.int32)
     vol = vol[..., None] if vol.ndim == 3 else vol  # (X, Y, Z, C)
     if vol.shape[:3] != lab.shape:
-        yield {"id": f"msd-{task}-{case_id}",
-               "reasons": [f"size_mismatch: image {vol.shape[:3]} vs label {lab.shape} ({label_path})"]}
+        yield {"id": group, "reasons": [f"size_mismatch: image {vol.shape[:3]} vs label {lab.shape} "
+                                        f"({label_path})"]}
         return
     names = {int(k): msd_target(v, task) for k, v in labels.items() if int(k) != 0}
-    channels = range(vol.shape[3]) if args.msd_channels == "all" else [int(c) for c in args.msd_channels.split(",")]
+    channels = range(vol.shape[3]) if args.msd_channels == "all" else map(int, args.msd_channels.split(","))
     for c in channels:
-        modality = modalities.get(str(c), "MRI")
-        norm = msd_normalise(vol[..., c], modality, task)
-        modality = "CT" if modality.upper() == "CT" else "MRI"
+        sequence = modalities.get(str(c), "MRI")
+        norm = msd_normalise(vol[..., c], sequence, task)
         for z in range(0, lab.shape[2], args.msd_stride):
             # np.rot90: NIfTI stores (x, y); rows of a displayed image are y, anterior up
-            image = to_uint8(np.rot90(norm[:, :, z]))
-            lab_z = np.rot90(lab[:, :, z])
+            image, lab_z = to_uint8(np.rot90(norm[:, :, z])), np.rot90(lab[:, :, z])
             for value, (target, ttype) in names.items():
                 mask = lab_z == value
                 if mask.sum() < 100:  # §A.1: keep slices with >= 100 target pixels
                     continue
                 absent = [names[o] for o in names if o != value and not (lab_z == o).any()]
-                key = f"msd-{task}-{case_id}-c{c}-z{z:03d}"
-                yield {"image_key": key, "group": f"msd-{task}-{case_id}", "source": "msd", "subset": task,
-                       "modality": modality, "target": target, "target_type": ttype, "image": image,
-                       "mask": mask, "others": absent, "order": None,
+                yield {"image_key": f"{group}-c{c}-z{z:03d}", "group": group, "source": "msd", "subset": task,
+                       "modality": "CT" if sequence.upper() == "CT" else "MRI", "target": target,
+                       "target_type": ttype, "image": image, "mask": mask, "others": absent, "order": None,
                        "meta": {"volume": os.path.relpath(image_path, root), "slice": z, "channel": c,
                                 "sequence": modalities.get(str(c), "")}}
 
@@ -410,38 +286,38 @@ def bmp_target_type(target):
 
 
 def bmp_work(root):
-    """One work item per image: (image path, [mask paths]); masks without an image become rejects."""
+    """One work item per image: (..., image path, [(mask path, target)]); masks without an image
+    become rejects. A folder without train/ or test/ is the BiomedParse parent: read every subset."""
     if not os.path.isdir(root):
         raise SystemExit(f"error: --bmp-root {root} is not a folder")
-    subset = os.path.basename(os.path.normpath(root))
-    work, found = [], False
-    for split in ("train", "test"):
+    subset, work = os.path.basename(os.path.normpath(root)), []
+    splits = [s for s in ("train", "test") if os.path.isdir(os.path.join(root, s))]
+    for split in splits:
         img_dir, mask_dir = os.path.join(root, split), os.path.join(root, f"{split}_mask")
-        if not os.path.isdir(img_dir):
-            continue
-        found = True
-        masks = {}
+        masks = {}  # image stem -> [(mask path, target)]
         for name in sorted(os.listdir(mask_dir)) if os.path.isdir(mask_dir) else []:
-            parsed = parse_bmp_name(name[:-4], True) if name.endswith(".png") and not name.startswith(".") else None
+            parsed = name.endswith(".png") and not name.startswith(".") and parse_bmp_name(name[:-4], True)
             if parsed:
-                masks.setdefault(parsed["image_stem"], []).append(os.path.join(mask_dir, name))
+                entry = (os.path.join(mask_dir, name), parsed["target"])
+                masks.setdefault(parsed["image_stem"], []).append(entry)
         images = {n[:-4] for n in os.listdir(img_dir) if n.endswith(".png") and not n.startswith(".")}
         for stem in sorted(images | set(masks)):
-            work.append(("bmp", root, subset, split, stem, os.path.join(img_dir, stem + ".png"),
-                         masks.get(stem, [])))
-    if not found:  # the BiomedParse parent folder: read every subset folder under it
+            image_path = os.path.join(img_dir, stem + ".png")
+            work.append(("bmp", root, subset, split, stem, image_path, masks.get(stem, [])))
+    if not splits:
         subsets = [os.path.join(root, d) for d in sorted(os.listdir(root))
-                   if os.path.isdir(os.path.join(root, d, "train")) or os.path.isdir(os.path.join(root, d, "test"))]
+                   if any(os.path.isdir(os.path.join(root, d, s)) for s in ("train", "test"))]
         if not subsets:
-            raise SystemExit(f"error: --bmp-root {root} has no train/ or test/ folder (nor subset folders with one)")
+            raise SystemExit(f"error: --bmp-root {root} has no train/ or test/ folder "
+                             "(nor subset folders with one)")
         work = [w for sub in subsets for w in bmp_work(sub)]
     return work
 
 
 def bmp_cases(work, args):
-    _, root, subset, split, stem, image_path, mask_paths = work
+    _, root, subset, split, stem, image_path, masks = work
     key = f"bmp-{slug(subset)}-{split}-{slug(stem)}"
-    if not mask_paths:
+    if not masks:
         yield {"id": key, "reasons": [f"no_mask: {image_path} has no mask in {split}_mask/"]}
         return
     try:
@@ -449,24 +325,18 @@ def bmp_cases(work, args):
     except (OSError, ValueError) as e:
         yield {"id": key, "reasons": [f"unreadable_image: {image_path}: {e}"]}
         return
-    parsed = parse_bmp_name(stem, False)
-    targets = sorted({parse_bmp_name(os.path.basename(p)[:-4], True)["target"] for p in mask_paths})
-    subset_targets = args.bmp_targets.get(subset, [])
-    for p in mask_paths:
-        target = parse_bmp_name(os.path.basename(p)[:-4], True)["target"]
-        rid = f"{key}--{slug(target)}"
+    parsed, targets = parse_bmp_name(stem, False), {t for _, t in masks}
+    absent = [(t, bmp_target_type(t)) for t in args.bmp_targets.get(subset, []) if t not in targets]
+    for p, target in masks:
         try:
             mask = read_png(p, as_mask=True)
+            problem = (f"size_mismatch: mask {mask.shape} vs image {image.shape[:2]} ({p})"
+                       if mask.shape != image.shape[:2] else "" if mask.any() else f"empty_mask: {p}")
         except (OSError, ValueError) as e:
-            yield {"id": rid, "reasons": [f"unreadable_mask: {p}: {e}"]}
+            problem = f"unreadable_mask: {p}: {e}"
+        if problem:
+            yield {"id": f"{key}--{slug(target)}", "reasons": [problem]}
             continue
-        if mask.shape != image.shape[:2]:
-            yield {"id": rid, "reasons": [f"size_mismatch: mask {mask.shape} vs image {image.shape[:2]} ({p})"]}
-            continue
-        if not mask.any():
-            yield {"id": rid, "reasons": [f"empty_mask: {p}"]}
-            continue
-        absent = [(t, bmp_target_type(t)) for t in subset_targets if t not in targets]
         yield {"image_key": key, "group": key, "source": "biomedparse", "subset": subset,
                "modality": parsed["modality"], "target": target, "target_type": bmp_target_type(target),
                "image": image, "mask": mask, "others": absent, "order": None,
@@ -477,22 +347,22 @@ def bmp_cases(work, args):
 TEMPLATES = {
     "yesno": {"*": ["Is {art} {t} visible in this {mp}?", "Does this {mp} show {art} {t}?"]},
     # identify does not name the type: the pixels, not the wording, must tell which target it is
-    "identify": {"*": ["What structure is shown in this {mp}?", "Which structure can be identified in this {mp}?"]},
+    "identify": {"*": ["What structure is shown in this {mp}?",
+                       "Which structure can be identified in this {mp}?"]},
     "location_choice": {"*": ["Is the {t} in the left, right, or center of the image?",
                               "In this {mp}, is the {t} on the left, on the right, or in the center?"]},
-    "location": {"*": ["Where is the {t} located in this {mp}?"], "vessel": ["Where does the {t} run in this {mp}?"],
-                 "lesion": ["Where is the {t} found in this {mp}?"], "tumor": ["Where is the {t} found in this {mp}?"]},
+    "location": {"*": ["Where is the {t} located in this {mp}?"],
+                 "lesion": ["Where is the {t} found in this {mp}?"],
+                 "vessel": ["Where does the {t} run in this {mp}?"]},
     "caption": {"*": ["Describe this {mp}."]},  # names no target: the pixels must tell shape and place
     "describe": {"*": ["Describe the appearance of the {t} in this {mp}."],
-                 "lesion": ["Describe the {t} seen in this {mp}.", "What does the {t} in this {mp} look like?"],
-                 "tumor": ["Describe the {t} seen in this {mp}.", "What does the {t} in this {mp} look like?"],
+                 "lesion": ["Describe the {t} seen in this {mp}.",
+                            "What does the {t} in this {mp} look like?"],
                  "vessel": ["Describe the appearance and course of the {t} in this {mp}."]},
     "reasoning": {"*": ["Analyze the visual findings of the {t} in this {mp}: position, extent, shape, "
                         "boundary and brightness."],
                   "lesion": ["Analyze the {t} in this {mp}: where is it, how large is it, what are its shape "
-                             "and margin, and how bright is it?"],
-                  "tumor": ["Analyze the {t} in this {mp}: where is it, how large is it, what are its shape "
-                            "and margin, and how bright is it?"]},
+                             "and margin, and how bright is it?"]},
 }
 
 
@@ -501,68 +371,68 @@ def samples_for(case, args):
     that consecutive phantoms cycle through all six; half of the yes/no questions are negatives."""
     key = f"{case['image_key']}--{slug(case['target'])}"
     r = case["order"] if case["order"] is not None else stable_hash(key)
-    types = ["caption"] if args.captions else (QUESTION_TYPES[r % 6:] + QUESTION_TYPES[:r % 6])[:args.questions_per_image]
-    for qtype in types:
+    rotated = QUESTION_TYPES[r % 6:] + QUESTION_TYPES[:r % 6]
+    mp = "fundus photograph" if case["modality"] == "fundus" else f"{case['modality']} image"
+    for qtype in ["caption"] if args.captions else rotated[:args.questions_per_image]:
         sid = f"{key}--{qtype}"
         rng = random.Random(stable_hash(sid))
         target, ttype, negative = case["target"], case["target_type"], False
         if qtype == "yesno" and (r // 6) % 2 == 1 and case["others"]:
             target, ttype = case["others"][stable_hash(sid) % len(case["others"])]
             negative = True  # ask about a target that is absent from this image
-        forms = TEMPLATES[qtype].get(ttype, TEMPLATES[qtype]["*"])
-        question = rng.choice(forms).format(t=target, art=article(target, ttype),
-                                            mp=modality_phrase(case["modality"]))
+        # a tumor is asked about in the words of a lesion
+        forms = TEMPLATES[qtype].get("lesion" if ttype == "tumor" else ttype, TEMPLATES[qtype]["*"])
+        question = rng.choice(forms).format(t=target, art=article(target, ttype), mp=mp)
         yield {"id": sid, "target": target, "target_type": ttype, "negative": negative,
                "question": question, "question_type": qtype, "rng": rng}
 
 
+# the answer of each type, filled in from the facts and their phrases(): the geometry teacher's answer
+# and the closed-ended choices
+ANSWERS = {
+    "yesno": "Yes, {art} {t} is visible in this image.",
+    "yesno_negative": "No, {art} {t} is not visible in this image.",
+    "identify": "The structure shown is {art} {t}.",
+    "location_choice": "The {t} is in the {side}.",
+    "location": "The {t} is in the {where}.",
+    # what a generic image caption says: no target name, no diagnosis
+    "caption": "A {size}, {shape} structure {bright} lies in the {where}, with {margin}.",
+    "describe": "The {t} is a {size}, {shape} structure in the {where}, {bright}, with {margin}.",
+    "reasoning": "The {t} lies in the {where}; it is a {size}, {shape} structure with {margin} "
+                 "that is {bright}.",
+}
+
+
 def canonical_answer(qtype, target, ttype, f, negative=False):
-    """The answer sentence built from image-space facts (geometry teacher and closed-ended choices)."""
-    art = article(target, ttype)
-    if qtype == "yesno":
-        return f"No, {art} {target} is not visible in this image." if negative \
-            else f"Yes, {art} {target} is visible in this image."
-    if qtype == "identify":
-        return f"The structure shown is {art} {target}."
-    if qtype == "location_choice":
-        return f"The {target} is in the {region_phrase(f, True)}."
-    if qtype == "location":
-        return f"The {target} is in the {region_phrase(f)}."
-    if qtype == "caption":  # what a generic image caption says: no target name, no diagnosis
-        return f"A {f['size']}, {f['shape']} structure {bright_phrase(f)} lies in the {region_phrase(f)}, " \
-               f"with {boundary_phrase(f)}."
-    if qtype == "describe":
-        return f"The {target} is a {f['size']}, {f['shape']} structure in the {region_phrase(f)}, " \
-               f"{bright_phrase(f)}, with {boundary_phrase(f)}."
-    return f"The {target} lies in the {region_phrase(f)}; it is a {f['size']}, {f['shape']} structure with " \
-           f"{boundary_phrase(f)} that is {bright_phrase(f)}."
+    """The answer sentence of ANSWERS for one target and one set of image-space facts."""
+    form = ANSWERS["yesno_negative" if qtype == "yesno" and negative else qtype]
+    return form.format(t=target, art=article(target, ttype), **f, **phrases(f))
 
 
 def geometry_chain(sample, f, K):
     """K reasoning steps written from the facts only: nothing but what the raw pixels show."""
-    t, art, where = sample["target"], article(sample["target"], sample["target_type"]), region_phrase(f)
-    look = f"{'an' if f['shape'][0] in 'aeiou' else 'a'} {f['shape']} structure {bright_phrase(f)}"
-    qtype = sample["question_type"]
+    t, qtype, w = sample["target"], sample["question_type"], phrases(f)
+    art, where = article(t, sample["target_type"]), w["where"]
+    look = f"{'an' if f['shape'][0] in 'aeiou' else 'a'} {f['shape']} structure {w['bright']}"
     if qtype == "caption":
         return [canonical_answer(qtype, t, sample["target_type"], f)]
     if qtype == "yesno" and sample["negative"]:
         return [f"The only distinct structure is {look} in the {where}, which does not have the "
                 f"appearance of {art} {t}."]
     if qtype in ("yesno", "identify"):
-        return [f"A {f['size']}, {f['shape']} structure {bright_phrase(f)} in the {where} has the appearance of {art} {t}."]
+        return [f"A {f['size']}, {f['shape']} structure {w['bright']} in the {where} has the appearance "
+                f"of {art} {t}."]
     if qtype == "location_choice":
         return [f"The {t} appears as {look}, and its center lies in the {f['h']} third of the image."]
     if qtype == "location":
         return [f"{look.capitalize()} consistent with {art} {t} is seen.",
                 f"Its center lies about {round(100 * f['cx'])}% across and {round(100 * f['cy'])}% down "
                 f"the image, which is the {where}."]
-    find = f"A structure {bright_phrase(f)} stands out in the {where}."
-    extent = f"It covers about {max(1, round(100 * f['area']))}% of the image, so it is {f['size']}."
-    form = f"Its shape is {f['shape']} and it has {boundary_phrase(f)}."
-    if qtype == "describe":
-        return [find, extent, form] if K == 3 else [find, f"It is {f['size']} and {f['shape']}, with "
-                                                          f"{boundary_phrase(f)}."]
-    chain = [find, extent, form]
+    chain = [f"A structure {w['bright']} stands out in the {where}.",
+             f"It covers about {max(1, round(100 * f['area']))}% of the image, so it is {f['size']}.",
+             f"Its shape is {f['shape']} and it has {w['margin']}."]
+    if qtype == "describe":  # K = 2 folds extent and form into one step
+        return chain if K == 3 else [chain[0], f"It is {f['size']} and {f['shape']}, with {w['margin']}."]
     return chain + [f"Together these features are consistent with {art} {t}."] if K == 4 else chain
 
 
@@ -571,26 +441,27 @@ def closed_form(sample, f, case, rng):
     choices[answer_index] is the canonical answer from the image-space facts (= `answer` with the
     geometry teacher; an LLM teacher's free-text answer may be worded differently)."""
     qtype, t, tt = sample["question_type"], sample["target"], sample["target_type"]
+    sides, shapes = ("left", "central", "right"), ("round", "elongated", "irregular")
     true = canonical_answer(qtype, t, tt, f, sample["negative"])
     if qtype == "yesno":
         choices = [canonical_answer(qtype, t, tt, f), canonical_answer(qtype, t, tt, f, True)]
         return choices, choices.index(true)
     if qtype == "identify":  # other targets of this subset first, then common organs
-        pool = case["others"] + [(x, "organ") for x in FALLBACK_TARGETS if x != t]
+        organs = ("liver", "kidney", "spleen", "lung", "heart", "pancreas")
+        pool = case["others"] + [(x, "organ") for x in organs if x != t]
         wrong = list(dict.fromkeys(canonical_answer(qtype, x, y, f) for x, y in pool))
         wrong = [w for w in wrong if w != true][:3]
     elif qtype == "location_choice":
-        wrong = [canonical_answer(qtype, t, tt, dict(f, h=h)) for h in ("left", "central", "right") if h != f["h"]]
+        wrong = [canonical_answer(qtype, t, tt, dict(f, h=h)) for h in sides if h != f["h"]]
     elif qtype == "location":
-        regions = [(v, h) for v in ("upper", "middle", "lower") for h in ("left", "central", "right")
-                   if (v, h) != (f["v"], f["h"])]
+        regions = [(v, h) for v in ("upper", "middle", "lower") for h in sides if (v, h) != (f["v"], f["h"])]
         wrong = [canonical_answer(qtype, t, tt, dict(f, v=v, h=h)) for v, h in rng.sample(regions, 3)]
     else:
         flips = [dict(f, brightness="darker" if f["brightness"] == "brighter" else "brighter"),
-                 dict(f, shape=rng.choice([s for s in ("round", "elongated", "irregular") if s != f["shape"]])),
+                 dict(f, shape=rng.choice([s for s in shapes if s != f["shape"]])),
                  dict(f, boundary="blurred" if f["boundary"] == "sharp" else "sharp"),
                  dict(f, size="large" if f["size"] == "small" else "small"),
-                 dict(f, h=rng.choice([h for h in ("left", "central", "right") if h != f["h"]]))]
+                 dict(f, h=rng.choice([h for h in sides if h != f["h"]]))]
         wrong = [canonical_answer(qtype, t, tt, g) for g in rng.sample(flips, 3)]
     choices = list(dict.fromkeys([true] + wrong))
     rng.shuffle(choices)
@@ -606,8 +477,9 @@ def assign_split(group, args):
 
 
 # ----------------------------------------------------------------------------- teachers (§A.2)
-SYSTEM_PROMPT = """You are a teacher that writes supervision data for training a medical visual reasoning \
-model. For each image and question you produce a concise final answer and a short step-by-step reasoning chain.
+SYSTEM_PROMPT = """You are a teacher that writes supervision data for training a medical visual \
+reasoning model. For each image and question you produce a concise final answer and a short \
+step-by-step reasoning chain.
 Teacher-only information: the image you see has the target drawn as a semi-transparent red layer with a \
 yellow edge, and you are told the target's identity. Use both only to locate the target correctly. Write \
 as if you were a student who sees only the original, unannotated image.
@@ -637,21 +509,22 @@ EXAMPLE = {"final_answer": "The liver is in the left part of the image.",
 
 
 def user_prompt(case, sample, strict):
-    lo, hi = STEP_RANGE[sample["question_type"]]
-    steps = f"exactly {lo}" if lo == hi else f"{lo} to {hi}"
+    qtype, (lo, hi) = sample["question_type"], STEP_RANGE[sample["question_type"]]
+    example = dict(EXAMPLE, reasoning_chain=EXAMPLE["reasoning_chain"][:hi])
     lines = [f"Target (teacher-only): {sample['target']}", f"Target type: {sample['target_type']}",
-             f"Modality: {case['modality']}", f"Question type: {sample['question_type']}",
+             f"Modality: {case['modality']}", f"Question type: {qtype}",
              f"Student-visible question: {sample['question']}"]
-    if sample["question_type"] == "yesno":
+    if qtype == "yesno":
         lines.append("Teacher-only fact: the correct answer is " +
                      ("No; the asked target is absent and the structure drawn in red is something else."
                       if sample["negative"] else "Yes."))
-    lines += [f"Guidance for {sample['question_type']}: write {steps} reasoning step(s). "
-              f"{GUIDANCE[sample['question_type']]}",
-              f"Example of the output style: {json.dumps(dict(EXAMPLE, reasoning_chain=EXAMPLE['reasoning_chain'][:hi]))}"]
+    steps = f"exactly {lo}" if lo == hi else f"{lo} to {hi}"
+    lines += [f"Guidance for {qtype}: write {steps} reasoning step(s). {GUIDANCE[qtype]}",
+              f"Example of the output style: {json.dumps(example)}"]
     if strict:  # §A.3 retry: name every violation and ask for a fresh answer
-        lines += ["STRICT RULES: your previous answer was rejected because:"] + [f"- {r}" for r in strict] + \
-                 ["Regenerate the answer from scratch, obey every rule above, and output only the JSON object."]
+        lines += ["STRICT RULES: your previous answer was rejected because:", *(f"- {r}" for r in strict),
+                  "Regenerate the answer from scratch, obey every rule above, and output only the "
+                  "JSON object."]
     return "\n".join(lines)
 
 
@@ -695,14 +568,35 @@ def openai_teacher(case, sample, facts, strict, args):
 
 
 def geometry_teacher(case, sample, facts, strict, args):
-    K = STEP_RANGE[sample["question_type"]][0] + sample["rng"].randint(0, 1) * \
-        (STEP_RANGE[sample["question_type"]][1] - STEP_RANGE[sample["question_type"]][0])
-    return json.dumps({"final_answer": canonical_answer(sample["question_type"], sample["target"],
-                                                        sample["target_type"], facts, sample["negative"]),
-                       "reasoning_chain": geometry_chain(sample, facts, K)})
+    """The offline teacher: answer and chain from the facts. K is drawn from the type's range with the
+    sample's own RNG (one draw even for a fixed K: the closed-ended choices draw from it next)."""
+    qtype, (lo, hi) = sample["question_type"], STEP_RANGE[sample["question_type"]]
+    K = lo + sample["rng"].randint(0, 1) * (hi - lo)
+    answer = canonical_answer(qtype, sample["target"], sample["target_type"], facts, sample["negative"])
+    return json.dumps({"final_answer": answer, "reasoning_chain": geometry_chain(sample, facts, K)})
 
 
 # ----------------------------------------------------------------------------- quality gate (§A.3)
+# words that reveal the teacher saw an annotation (round 2); matched on word boundaries
+LEAK_TERMS = ["mask", "masks", "masked", "overlay", "overlays", "overlaid", "highlight", "highlighted",
+              "highlighting", "segmentation", "segmented", "roi", "region of interest", "label", "labels",
+              "labeled", "labelled", "ground truth", "annotation", "annotations", "annotated", "contour",
+              "outline in red", "outlined in red", "red outline", "red overlay", "red layer", "red-shaded",
+              "yellow line", "yellow outline", "yellow border", "marked region", "marker", "bounding box",
+              "hidden metadata", "teacher", "tinted"]
+# pathology words that must not describe normal anatomy (round 3, organ targets only)
+PATHOLOGY_TERMS = ["lesion", "lesions", "mass", "masses", "tumor", "tumors", "tumour", "tumours",
+                   "calcification", "calcified", "inflammation", "inflamed", "nodule", "nodules", "cyst",
+                   "cystic", "metastasis", "metastases", "malignant", "malignancy", "benign", "carcinoma",
+                   "cancer", "necrosis", "necrotic", "abscess", "hemorrhage", "edema", "infarct", "polyp"]
+LEAK_RE = re.compile(r"\b(?:" + "|".join(re.escape(t) for t in LEAK_TERMS) + r")\b", re.I)
+PATHOLOGY_RE = re.compile(r"\b(?:" + "|".join(PATHOLOGY_TERMS) + r")\b", re.I)
+# patient-space wording mixed into image-space answers (round 4)
+MIXED_RE = re.compile(r"patient'?s?[ -](?:left|right)|(?:anatomic(?:al)?|radiologic(?:al)?)[ -](?:left|right)"
+                      r"|(?:left|right) of the patient|(?:left|right) side of the patient", re.I)
+SIDE_RE = re.compile(r"\b(left|right|upper|lower|top|bottom)\b", re.I)
+
+
 def gate(raw, sample, facts):
     """The six rounds plus the spatial check. Returns (normalised output or None, list of violations)."""
     try:
@@ -714,17 +608,20 @@ def gate(raw, sample, facts):
     answer, chain = out["final_answer"], out["reasoning_chain"]
     if not isinstance(answer, str) or not answer.strip() or not isinstance(chain, list) or \
             not chain or not all(isinstance(s, str) and s.strip() for s in chain):
-        return None, ["json: final_answer must be a non-empty string, reasoning_chain a list of non-empty strings"]
+        return None, ["json: final_answer must be a non-empty string, "
+                      "reasoning_chain a list of non-empty strings"]
     answer, chain = answer.strip(), [s.strip() for s in chain]
     text = " ".join([answer] + chain)
-    reasons = [f"leak: forbidden term '{m}'" for m in sorted({m.lower() for m in LEAK_RE.findall(text)})]
+    qtype, (lo, hi) = sample["question_type"], STEP_RANGE[sample["question_type"]]
+
+    def hits(regex):
+        return sorted({m.lower() for m in regex.findall(text)})
+    reasons = [f"leak: forbidden term '{m}'" for m in hits(LEAK_RE)]
     if sample["target_type"] == "organ":
-        reasons += [f"pathology: '{m}' used for a normal organ"
-                    for m in sorted({m.lower() for m in PATHOLOGY_RE.findall(text)})]
-    reasons += [f"mixed_space: '{m}' is patient-space wording" for m in sorted({m.lower() for m in MIXED_RE.findall(text)})]
-    lo, hi = STEP_RANGE[sample["question_type"]]
+        reasons += [f"pathology: '{m}' used for a normal organ" for m in hits(PATHOLOGY_RE)]
+    reasons += [f"mixed_space: '{m}' is patient-space wording" for m in hits(MIXED_RE)]
     if not lo <= len(chain) <= hi:
-        reasons.append(f"steps: {len(chain)} reasoning steps, {sample['question_type']} needs {lo}-{hi}")
+        reasons.append(f"steps: {len(chain)} reasoning steps, {qtype} needs {lo}-{hi}")
     # spatial consistency: a side named anywhere must agree with the target's centroid (target names such
     # as 'left atrium' are removed first, they are names, not claims)
     claims = SIDE_RE.findall(re.sub(re.escape(sample["target"]), " ", text, flags=re.I).lower())
@@ -732,25 +629,29 @@ def gate(raw, sample, facts):
              "top": facts["cy"] > 0.55, "lower": facts["cy"] < 0.45, "bottom": facts["cy"] < 0.45}
     reasons += [f"spatial: says '{c}' but the target's center is at x={facts['cx']:.2f}, y={facts['cy']:.2f}"
                 for c in sorted(set(claims)) if wrong[c]]
-    if sample["question_type"] == "yesno":
+    if qtype == "yesno":
         said = answer.lower().split()[0].strip(",.!") if answer.split() else ""
+        truth = "no" if sample["negative"] else "yes"
         if said not in ("yes", "no"):
             reasons.append("yesno: the answer must start with Yes or No")
-        elif (said == "no") != sample["negative"]:
-            reasons.append(f"yesno: answered '{said}' but the correct answer is {'no' if sample['negative'] else 'yes'}")
+        elif said != truth:
+            reasons.append(f"yesno: answered '{said}' but the correct answer is {truth}")
     if reasons:
         return None, reasons
     return {"final_answer": normalise_answer(answer, sample), "reasoning_chain": chain}, []
 
 
 def normalise_answer(answer, sample):
-    """§A.3 round 6: short identify answers become sentences, location answers name the image, final period."""
-    core = answer.rstrip(" .!?")
+    """§A.3 round 6: short identify answers become sentences, location answers name the image, and
+    every answer ends with a period."""
+    core, qtype = answer.rstrip(" .!?"), sample["question_type"]
     t, art = sample["target"], article(sample["target"], sample["target_type"])
-    if sample["question_type"] == "identify" and len(core.split()) < 4:
-        core = f"The structure shown is {core if core.lower().startswith(('the ', 'a ', 'an ')) else art + ' ' + core}"
-    if sample["question_type"] in ("location", "location_choice") and "image" not in core.lower():
-        core = f"The {t} is in the {core.lower()} part of the image" if len(core.split()) < 4 else core + " in the image"
+    if qtype == "identify" and len(core.split()) < 4:
+        named = core.lower().startswith(("the ", "a ", "an "))
+        core = f"The structure shown is {core if named else art + ' ' + core}"
+    if qtype in ("location", "location_choice") and "image" not in core.lower():
+        short = len(core.split()) < 4
+        core = f"The {t} is in the {core.lower()} part of the image" if short else core + " in the image"
     return core + "."
 
 
@@ -762,22 +663,16 @@ def init_worker(args, decided):
     STATE["args"], STATE["decided"] = args, decided
 
 
-def cases_for(work, args):
-    if work[0] == "phantom":
-        yield phantom_case(work[1], args.seed, args.image_size)
-    elif work[0] == "msd":
-        yield from msd_cases(work, args)
-    else:
-        yield from bmp_cases(work, args)
-
-
 def process(work):
     """Read one work item (a phantom index, an MSD volume, a BiomedParse image), ask its questions,
     gate every answer. Returns ('sample'|'reject'|'failed', record) outcomes; bad input -> reject."""
+    from demo.phantom import phantom_case  # here, not at the top: demo/phantom.py imports this file
     args, decided = STATE["args"], STATE["decided"]
     outcomes = []
     try:
-        for case in cases_for(work, args):
+        cases = [phantom_case(work[1], args.seed, args.image_size)] if work[0] == "phantom" else \
+            msd_cases(work, args) if work[0] == "msd" else bmp_cases(work, args)
+        for case in cases:
             if "reasons" in case:  # the input itself is bad: a reject with its reason
                 if case["id"] not in decided:
                     outcomes.append(("reject", dict(case, source=work[0].replace("bmp", "biomedparse"))))
@@ -786,7 +681,7 @@ def process(work):
             if todo:
                 outcomes += teach_case(case, todo, args)
     except Exception as e:  # e.g. a corrupt volume: reject this item, keep what is done, continue
-        wid = "-".join(str(x) for x in work[:2]) if work[0] == "phantom" else slug(str(work[-2 if work[0] == "msd" else 5]))
+        wid = f"phantom-{work[1]}" if work[0] == "phantom" else slug(str(work[-2]))  # work[-2]: the image
         outcomes.append(("reject", {"id": f"{work[0]}-{wid}--error", "source": work[0],
                                     "reasons": [f"error: {type(e).__name__}: {e}"]}))
     return outcomes
@@ -806,24 +701,24 @@ def teach_case(case, todo, args):
     for sample in todo:
         history, strict = [], []
         try:
-            for _attempt in range(1 + args.max_retries):
-                out, reasons = gate(teacher(case, sample, facts, strict, args), sample, facts)
+            for _attempt in range(1 + args.max_retries):  # a retry names the violations (§A.3)
+                out, strict = gate(teacher(case, sample, facts, strict, args), sample, facts)
                 if out:
                     break
-                history += reasons
-                strict = reasons
+                history += strict
         except TeacherUnavailable as e:
             outcomes.append(("failed", {"id": sample["id"], "reason": str(e)}))
             continue
-        head = {"id": sample["id"], "source": case["source"], "subset": case["subset"], "modality": case["modality"],
-                "target": sample["target"], "target_type": sample["target_type"]}
+        head = {"id": sample["id"], "source": case["source"], "subset": case["subset"],
+                "modality": case["modality"], "target": sample["target"],
+                "target_type": sample["target_type"]}
+        asked = {"question": sample["question"], "question_type": sample["question_type"]}
         if not out:
-            outcomes.append(("reject", dict(head, question=sample["question"], question_type=sample["question_type"],
-                                            reasons=history, attempts=1 + args.max_retries)))
+            outcomes.append(("reject", dict(head, **asked, reasons=history, attempts=1 + args.max_retries)))
             continue
-        record = dict(head, **paths, question=sample["question"], question_type=sample["question_type"],
-                      answer=out["final_answer"], reasoning_chain=out["reasoning_chain"],
-                      latent_steps=len(out["reasoning_chain"]), split=assign_split(case["group"], args))
+        chain = out["reasoning_chain"]
+        record = dict(head, **paths, **asked, answer=out["final_answer"], reasoning_chain=chain,
+                      latent_steps=len(chain), split=assign_split(case["group"], args))
         if record["split"] == "test":
             record["choices"], record["answer_index"] = closed_form(sample, facts, case, sample["rng"])
         record["meta"] = dict(case["meta"], negative=sample["negative"], facts=facts, teacher=args.teacher,
@@ -834,30 +729,28 @@ def teach_case(case, todo, args):
 
 # ----------------------------------------------------------------------------- resumable output files
 def load_decided(path):
-    """Ids already in a JSONL file. A half-written last line (a killed run) is cut off; a broken line
-    anywhere else is an error naming the file and line."""
+    """Records (and their ids) already in a JSONL file. A half-written last line (a killed run) is cut
+    off; a broken line anywhere else is an error naming the file and line."""
     if not os.path.exists(path):
         return [], set()
     with open(path, "rb") as fh:
-        data = fh.read()
-    lines = data.split(b"\n")
+        lines = fh.read().split(b"\n")
     records, good_bytes = [], 0
     for i, line in enumerate(lines):
-        if not line.strip():
-            good_bytes += len(line) + 1
-            continue
-        try:
-            rec = json.loads(line)
-            if i == len(lines) - 1:
-                raise ValueError("no final newline")  # the writer always ends a record with \n
-        except ValueError as e:
-            if any(rest.strip() for rest in lines[i + 1:]):
-                raise SystemExit(f"error: {path} line {i + 1} is not valid JSON ({e}); fix or remove it")
-            print(f"{path}: cutting a half-written last line ({len(line)} bytes) left by an interrupted run")
-            with open(path, "r+b") as fh:
-                fh.truncate(good_bytes)
-            break
-        records.append(rec)
+        if line.strip():
+            try:
+                rec = json.loads(line)
+                if i == len(lines) - 1:
+                    raise ValueError("no final newline")  # the writer always ends a record with \n
+            except ValueError as e:
+                if any(rest.strip() for rest in lines[i + 1:]):
+                    raise SystemExit(f"error: {path} line {i + 1} is not valid JSON ({e}); fix or remove it")
+                print(f"{path}: cutting a half-written last line ({len(line)} bytes) left by an "
+                      "interrupted run")
+                with open(path, "r+b") as fh:
+                    fh.truncate(good_bytes)
+                break
+            records.append(rec)
         good_bytes += len(line) + 1
     return records, {r["id"] for r in records}
 
@@ -866,59 +759,70 @@ def compute_stats(out_dir):
     """Counts over everything in the output folder (all runs appended into it)."""
     samples, _ = load_decided(os.path.join(out_dir, "samples.jsonl"))
     rejects, _ = load_decided(os.path.join(out_dir, "rejects.jsonl"))
-    def count(key, rows):
-        return dict(sorted(Counter(str(key(r)) for r in rows).items()))
+
+    def count(key):
+        return dict(sorted(Counter(str(key(s)) for s in samples).items()))
     all_reasons = [x for r in rejects for x in r["reasons"]]
     retried = [x for s in samples for x in s.get("meta", {}).get("gate_retries", [])]
     # leakage hits: forbidden terms seen in any attempt, rejected or later fixed by a retry
     leaks = [x.split("'")[1] for x in all_reasons + retried if x.startswith("leak")]
-    reasons = [x.split(":")[0] for x in all_reasons]
-    return {"samples": len(samples), "rejects": len(rejects),
-            "by_source": count(lambda r: r["source"], samples), "by_subset": count(lambda r: r["subset"], samples),
-            "by_modality": count(lambda r: r["modality"], samples),
-            "by_question_type": count(lambda r: r["question_type"], samples),
-            "by_K": count(lambda r: r["latent_steps"], samples), "by_split": count(lambda r: r["split"], samples),
-            "split_by_subset_and_type": count(lambda r: f"{r['subset']}/{r['question_type']}/{r['split']}", samples),
-            "yesno_negative": sum(1 for s in samples if s["question_type"] == "yesno" and s["meta"]["negative"]),
-            "rejects_by_reason": dict(Counter(reasons)), "leakage_hits": dict(Counter(leaks)),
+    return {"samples": len(samples), "rejects": len(rejects), "by_source": count(lambda s: s["source"]),
+            "by_subset": count(lambda s: s["subset"]), "by_modality": count(lambda s: s["modality"]),
+            "by_question_type": count(lambda s: s["question_type"]),
+            "by_K": count(lambda s: s["latent_steps"]), "by_split": count(lambda s: s["split"]),
+            "split_by_subset_and_type": count(lambda s: f"{s['subset']}/{s['question_type']}/{s['split']}"),
+            "yesno_negative": sum(s["question_type"] == "yesno" and s["meta"]["negative"] for s in samples),
+            "rejects_by_reason": dict(Counter(x.split(":")[0] for x in all_reasons)),
+            "leakage_hits": dict(Counter(leaks)),
             "samples_accepted_after_retry": sum(1 for s in samples if s.get("meta", {}).get("gate_retries"))}
 
 
 # ----------------------------------------------------------------------------- command line
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     # --- what to read and where to write
-    p.add_argument("--source", choices=["phantom", "msd", "biomedparse"], default="phantom", help="which source this run reads")
+    p.add_argument("--source", choices=["phantom", "msd", "biomedparse"], default="phantom",
+                   help="which source this run reads")
     p.add_argument("--out", required=True, help="output folder; runs with other sources append into it")
     p.add_argument("--msd-root", nargs="+", default=[], help="MSD task folders (each with dataset.json)")
-    p.add_argument("--msd-stride", type=int, default=4, help="keep every n-th axial slice (keeps the count reasonable)")
+    p.add_argument("--msd-stride", type=int, default=4,
+                   help="keep every n-th axial slice (keeps the count reasonable)")
     p.add_argument("--msd-channels", default="all", help="4-D volumes: 'all' channels or a list like '0,2'")
-    p.add_argument("--bmp-root", nargs="+", default=[], help="BiomedParse subset folders (each with train/, train_mask/, ...)")
+    p.add_argument("--bmp-root", nargs="+", default=[],
+                   help="BiomedParse subset folders (each with train/, train_mask/, ...)")
     # --- phantom generator
     p.add_argument("--n", type=int, default=2000, help="number of phantom images")
-    p.add_argument("--seed", type=int, default=0, help="phantom seed (part of the ids: other seeds append new samples)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="phantom seed (part of the ids: other seeds append new samples)")
     p.add_argument("--image-size", type=int, default=128, help="phantom image side in pixels")
     # --- questions and splits
-    p.add_argument("--questions-per-image", type=int, default=1, choices=range(1, 7), help="question types per (image, target)")
+    p.add_argument("--questions-per-image", type=int, default=1, choices=range(1, 7),
+                   help="question types per (image, target)")
     p.add_argument("--captions", action="store_true",
-                   help="instead of the six VITAL question types, one target-free caption per image: the corpus "
-                        "on which train.py --pretrain teaches a random tiny backbone to see (use another --seed "
-                        "and --out than the VITAL data)")
+                   help="instead of the six VITAL question types, one target-free caption per image: the "
+                        "corpus on which train.py --pretrain teaches a random tiny backbone to see (use "
+                        "another --seed and --out than the VITAL data)")
     p.add_argument("--val-frac", type=float, default=0.05, help="fraction of groups in the val split")
     p.add_argument("--test-frac", type=float, default=0.15, help="fraction of groups in the test split")
     # --- teacher and gate
-    p.add_argument("--teacher", choices=["geometry", "openai"], default="geometry", help="who writes answers and chains")
-    p.add_argument("--max-retries", type=int, default=4, help="gate retries before a sample is rejected (§A.3)")
+    p.add_argument("--teacher", choices=["geometry", "openai"], default="geometry",
+                   help="who writes answers and chains")
+    p.add_argument("--max-retries", type=int, default=4,
+                   help="gate retries before a sample is rejected (§A.3)")
     p.add_argument("--base-url", default="https://api.openai.com/v1", help="OpenAI-compatible endpoint")
     p.add_argument("--teacher-model", default="gpt-5.4", help="model name sent to the endpoint")
-    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable that holds the API key")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                   help="environment variable that holds the API key")
     p.add_argument("--timeout", type=float, default=120, help="seconds per HTTP request")
     p.add_argument("--http-retries", type=int, default=6, help="retries on 429/5xx/network errors")
-    p.add_argument("--backoff-base", type=float, default=2.0, help="first backoff delay in seconds (doubles each retry)")
+    p.add_argument("--backoff-base", type=float, default=2.0,
+                   help="first backoff delay in seconds (doubles each retry)")
     p.add_argument("--backoff-max", type=float, default=60.0, help="longest single backoff delay in seconds")
-    p.add_argument("--workers", type=int, default=os.cpu_count(), help="processes (geometry) or concurrent requests (openai)")
+    p.add_argument("--workers", type=int, default=os.cpu_count(),
+                   help="processes (geometry) or concurrent requests (openai)")
     args = p.parse_args(argv)
-    roots = args.msd_root if args.source == "msd" else args.bmp_root if args.source == "biomedparse" else []
+    roots = {"msd": args.msd_root, "biomedparse": args.bmp_root}.get(args.source, [])
     if args.source != "phantom" and not roots:
         p.error(f"--source {args.source} needs --{'msd' if args.source == 'msd' else 'bmp'}-root")
     for r in roots:
@@ -928,28 +832,27 @@ def parse_args(argv=None):
 
 
 def make_work(args):
+    """The list of work items: one per phantom index, MSD volume or BiomedParse image."""
     if args.source == "phantom":
         return [("phantom", i) for i in range(args.n)]
     if args.source == "msd":
-        return [("msd", root, img, lab) for root in args.msd_root for img, lab in read_msd_task(root)[3]]
+        return [("msd", root, img, lab) for root in args.msd_root for img, lab in read_msd_task(root)[2]]
     work = [w for root in args.bmp_root for w in bmp_work(root)]
-    args.bmp_targets = {}  # every target name of a subset: the pool for negative yes/no questions
+    targets = {}  # every target name of a subset: the pool for negative yes/no questions
     for w in work:
-        for m in w[6]:
-            args.bmp_targets.setdefault(w[2], set()).add(parse_bmp_name(os.path.basename(m)[:-4], True)["target"])
-    args.bmp_targets = {k: sorted(v) for k, v in args.bmp_targets.items()}
+        targets.setdefault(w[2], set()).update(t for _, t in w[6])
+    args.bmp_targets = {k: sorted(v) for k, v in targets.items()}
     return work
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = get_args(argv)
     for sub in ("images", "masks", "overlays"):
         os.makedirs(os.path.join(args.out, sub), exist_ok=True)
-    sample_path, reject_path = os.path.join(args.out, "samples.jsonl"), os.path.join(args.out, "rejects.jsonl")
+    sample_path, reject_path = (os.path.join(args.out, name) for name in ("samples.jsonl", "rejects.jsonl"))
     decided = load_decided(sample_path)[1] | load_decided(reject_path)[1]
     work = make_work(args)
-    counts = {"sample": 0, "reject": 0, "failed": 0}
-    failures = []
+    counts, failures = {"sample": 0, "reject": 0, "failed": 0}, []
     init_worker(args, decided)
     # threads for network-bound teachers; processes for the CPU-bound geometry teacher (imap keeps order)
     pool = ThreadPool(args.workers) if args.teacher == "openai" else \
@@ -962,18 +865,19 @@ def main(argv=None):
             for kind, record in outcomes:
                 counts[kind] += 1
                 if kind == "failed":
-                    failures.append(record)
+                    failures.append(record["reason"])
                     continue
                 fh = fs if kind == "sample" else fr
                 fh.write(json.dumps(record) + "\n")
                 fh.flush()  # a killed run keeps every line written so far
-            bar.set_postfix(accepted=counts["sample"], rejected=counts["reject"], failed=counts["failed"], refresh=False)
+            bar.set_postfix(accepted=counts["sample"], rejected=counts["reject"], failed=counts["failed"],
+                            refresh=False)
     if pool:
         pool.close()
         pool.join()
     stats = compute_stats(args.out)
     stats["last_run"] = {"skipped_already_decided": len(decided), **counts,
-                         "teacher_unavailable": [f["reason"] for f in failures][:20]}
+                         "teacher_unavailable": failures[:20]}
     with open(os.path.join(args.out, "stats.json.tmp"), "w") as fh:
         json.dump(stats, fh, indent=1)
     os.replace(os.path.join(args.out, "stats.json.tmp"), os.path.join(args.out, "stats.json"))

@@ -12,7 +12,8 @@ exists is skipped, and a phase killed half-way continues with --resume, so re-ru
   §C.6         mean off-diagonal inter-step cosine similarity (evaluate --collapse, K = 4), task-only vs full
 Budget: the schedule's default epochs (5/5/10, 10/10, 20, 10/5/5: 20 in total for every curriculum) times
 --epoch-scale, on at most --limit train samples per phase.
-Writes OUT/results.md (the tables, also printed) and OUT/results.json (every run's numbers).
+Writes OUT/results.md (the tables, also printed), OUT/results.json (every run's numbers) and
+demo/ablations.md (the tables with the command and date that produced them).
 
     python demo/ablate.py                             # the README's budget (reuses runs/demo's models + data)
     python demo/ablate.py --seeds 0 1 2 3 4 --epoch-scale 1 --limit 0 --eval-limit 0   # a bigger budget
@@ -29,6 +30,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# the stage commands run from the repository root
+ROOT = os.path.dirname(HERE)
 PY = sys.executable
 # train.py's CURRICULA
 SCHEDULES = {"3-phase": [5, 5, 10], "2-phase": [10, 10], "full-mix": [20], "reverse": [10, 5, 5]}
@@ -83,7 +86,7 @@ def sh(cmd, env, log_path):
     with open(log_path, "a") as log:
         log.write(f"$ {line}\n")
         log.flush()
-        subprocess.run(cmd, check=True, cwd=HERE, env=env, stdout=log, stderr=subprocess.STDOUT)
+        subprocess.run(cmd, check=True, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def phase_finished(phase_dir):
@@ -185,11 +188,12 @@ def ensure_inputs(args):
     for cmd, done in steps:
         if not os.path.exists(done):
             print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
-            subprocess.run(cmd, check=True, cwd=HERE)
+            subprocess.run(cmd, check=True, cwd=ROOT)
 
 
 def main(argv=None):
     args = get_args(argv)
+    os.chdir(ROOT)  # relative paths (--out, --data, ...) start at the repository root, as in demo/run.py
     if args.backbone and not os.path.isfile(os.path.join(args.backbone, "config.json")):
         sys.exit(f"ablate.py: error: no backbone at {args.backbone}: run demo.py first "
                  "(it pretrains the tiny backbone), or pass --backbone '' to freeze the random one")
@@ -214,8 +218,16 @@ def main(argv=None):
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"args": vars(args), "wall_s_this_run": round(time.time() - t0, 1),
                    "runs": {n: {str(s): r for s, r in v.items()} for n, v in res.items()}}, f, indent=2)
+    argv = sys.argv[1:] if argv is None else argv
+    cmd = "python demo/ablate.py " + " ".join(shlex.quote(a) for a in argv)
+    with open(os.path.join(HERE, "ablations.md"), "w") as f:  # the tables with what produced them
+        f.write(f"# Ablations in miniature\n\nWritten by `{cmd.strip()}` on "
+                f"{time.strftime('%Y-%m-%d %H:%M')} "
+                f"({os.cpu_count()} cores); {(time.time() - t0) / 60:.1f} min this run. Per-run numbers: "
+                f"{args.out}/results.json.\n\n" + md)
     print("\n" + md)
-    print(f"wrote {args.out}/results.md and results.json ({(time.time() - t0) / 60:.1f} min this run)")
+    print(f"wrote {args.out}/results.md, results.json and demo/ablations.md "
+          f"({(time.time() - t0) / 60:.1f} min this run)")
 
 
 if __name__ == "__main__":

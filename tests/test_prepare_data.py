@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 import prepare_data as P
+from demo.phantom import phantom_case
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -211,10 +212,10 @@ def thirds(x):
 
 
 def test_phantom_answers_match_the_pixels(tmp_path):
-    args = P.parse_args(["--out", str(tmp_path), "--questions-per-image", "6"])
+    args = P.get_args(["--out", str(tmp_path), "--questions-per-image", "6"])
     combos = set()
     for i in range(60):
-        case = P.phantom_case(i, 7, 128)
+        case = phantom_case(i, 7, 128)
         img, mask = case["image"].astype(float), case["mask"]
         lum = img.mean(axis=2) if img.ndim == 3 else img
         ys, xs = np.nonzero(mask)
@@ -286,7 +287,7 @@ def test_captions_name_no_target_and_match_the_pixels(tmp_path):
     assert stats["by_question_type"] == {"caption": 40} and stats["rejects"] == 0
     assert {r["split"] for r in rows} == {"train"}
     for r in rows:
-        case = P.phantom_case(int(r["image"].split("-")[-1][:-4]), 3, 128)
+        case = phantom_case(int(r["image"].split("-")[-1][:-4]), 3, 128)
         drawn, facts = case["meta"]["drawn"], r["meta"]["facts"]
         assert r["question"].startswith("Describe this ") and r["target"] not in r["question"] + r["answer"]
         assert f"{facts['h']} part of the image" in r["answer"] and r["reasoning_chain"] == [r["answer"]]
