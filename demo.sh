@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole VITAL pipeline on the embedded default (phantom data, tiny models, CPU): install, then demo.py.
+# The whole VITAL pipeline on the embedded default (phantom data, tiny models, CPU): install, then demo/run.py.
 # Re-running resumes: finished stages are skipped. Extra arguments go to demo/run.py (python3 demo/run.py -h).
 set -euo pipefail
 cd "$(dirname "$0")"

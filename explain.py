@@ -49,17 +49,28 @@ class ExplainError(Exception):
     """A problem with the inputs, reported as one message that says what to do."""
 
 
-HOW_TO_TRAIN = ("make one with: python prepare_data.py --source phantom --out data/phantom --n 200 && "
-                "python extract_roi.py --samples data/phantom/samples.jsonl --encoder runs/tiny/encoder "
-                "--out data/phantom/roi.safetensors && python train.py --data data/phantom --preset tiny "
-                "--out runs/tiny-vital --phase 1   (or pass --ckpt FOLDER)")
+HOW_TO_TRAIN = ("make one with `bash demo.sh` (the whole pipeline, ~15 min on 2 CPU cores), or on the "
+                "embedded default with `python train.py --phase 1` (then --phase 2 and 3), "
+                "or pass --ckpt FOLDER")
 
 
 # ----------------------------------------------------------------------------------------------------
 # 1. Which checkpoint, which encoder.
 # ----------------------------------------------------------------------------------------------------
+def has_scaffolds(folder):
+    """Does the checkpoint keep a scaffold explain can re-attach (decoder + pj_in, or the projector)?
+    A K = 0 model and the tiny backbone's pretraining have none."""
+    path = os.path.join(folder, "scaffold.safetensors")
+    if not os.path.isfile(path):
+        return False
+    with safe_open(path, "pt") as f:
+        keys = list(f.keys())
+    return any(k.startswith(("decoder.", "vp.")) for k in keys)
+
+
 def find_checkpoint(runs):
-    """Newest finished-or-not checkpoint folder under `runs` (by config.json mtime); .tmp/.old are skipped."""
+    """The newest checkpoint folder under `runs` (by config.json mtime) that has the scaffolds; .tmp/.old
+    folders are skipped. Says which one it took, and which newer ones it passed over."""
     found = []
     for root, dirs, files in os.walk(runs):
         dirs[:] = [d for d in dirs if not d.endswith((".tmp", ".old")) and d != "trainer"]
@@ -68,7 +79,17 @@ def find_checkpoint(runs):
     if not found:
         raise ExplainError(f"no checkpoint found under '{runs}/' (a folder with config.json + "
                            "adapter.safetensors); " + HOW_TO_TRAIN)
-    return max(found)[1]
+    found.sort(reverse=True)
+    usable = [f for _, f in found if has_scaffolds(f)]
+    if not usable:
+        raise ExplainError(f"none of the {len(found)} checkpoints under '{runs}/' keeps the scaffolds "
+                           f"explain needs (a K = 0 model or a pretraining has none; newest: {found[0][1]}); "
+                           + HOW_TO_TRAIN)
+    folders = [f for _, f in found]
+    skipped = folders[:folders.index(usable[0])]  # newer, but a K = 0 model or a pretraining
+    note = f"; passed over newer ones without scaffolds: {', '.join(skipped)}" if skipped else ""
+    print(f"using {usable[0]}: the newest checkpoint under '{runs}/' with the scaffolds{note}", flush=True)
+    return usable[0]
 
 
 def resolve_encoder(config, ckpt, override):

@@ -65,6 +65,7 @@ CURRICULA = {
     "full-mix": [(None, 20)],
     "reverse": [(None, 10), (2, 5), (1, 5)],
 }
+ROOT = os.path.dirname(os.path.abspath(__file__))  # the repository root (the embedded default's home)
 REQUIRED = {"id": str, "image": str, "question": str, "answer": str, "reasoning_chain": list,
             "latent_steps": int, "split": str}
 
@@ -76,7 +77,9 @@ class TrainError(Exception):
 def get_args(argv=None):
     ap = argparse.ArgumentParser(description="VITAL curriculum training (paper §3.5)")
     # data
-    ap.add_argument("--data", required=True, help="folder with samples.jsonl and roi.safetensors")
+    ap.add_argument("--data", help="folder with samples.jsonl and roi.safetensors (none: the embedded "
+                                   "default, the demo's phantom data and tiny models under runs/demo, "
+                                   "made if absent; $VITAL_DEMO_DIR moves it)")
     ap.add_argument("--limit", type=int, default=0,
                     help="use only the first N train samples of the phase (0 = all)")
     # models
@@ -133,6 +136,11 @@ def get_args(argv=None):
     ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                     help="autocast dtype (auto: bf16 on CUDA)")
     args = ap.parse_args(argv)
+    args.embedded = args.data is None
+    if args.embedded:
+        if args.backbone or args.decoder or args.preset:
+            ap.error("give --data with --backbone/--decoder/--preset (a real run names its folders)")
+        embedded_default(args)
     if args.preset == "tiny":
         args.backbone = args.backbone or os.path.join(args.models, "backbone")
         args.decoder = args.decoder or os.path.join(args.models, "decoder")
@@ -149,6 +157,29 @@ def get_args(argv=None):
     args.phase_max_k, default_epochs = schedule[args.phase - 1]
     args.epochs = default_epochs if args.epochs is None else args.epochs
     return args
+
+
+def embedded_default(args):
+    """No --data: train on the demo's phantom data with its tiny models (runs/demo in the repository, or
+    $VITAL_DEMO_DIR), on the demo's
+    pretrained tiny backbone when `bash demo.sh` has made one (a random tiny backbone cannot see), else
+    on the random one. Missing data is made by the demo's own commands (make_embedded_default)."""
+    base = os.path.abspath(os.environ.get("VITAL_DEMO_DIR") or os.path.join(ROOT, "runs", "demo"))
+    args.preset, args.models, args.data = "tiny", os.path.join(base, "models"), os.path.join(base, "data")
+    pretrained = os.path.join(base, "pretrain", "phase1", "backbone")
+    args.backbone = pretrained if os.path.isfile(os.path.join(pretrained, "config.json")) else None
+
+
+def make_embedded_default(args, env):
+    """Rank 0 writes the tiny models, the phantom data and the ROI features with demo/run.py's commands
+    if they are missing; the other ranks wait for it."""
+    if env.master and not os.path.isfile(os.path.join(args.data, "roi.safetensors")):
+        from demo import run as demo_run
+        env.log(f"no --data: making the embedded default (tiny models, phantom data, ROI features) in "
+                f"{os.path.dirname(args.data)}")
+        demo_run.make_data(demo_run.get_args([]), dict(models=args.models, data=args.data), {})
+    if env.world > 1:
+        dist.barrier()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -572,6 +603,11 @@ def train_phase(args, env, build=build_vital, extra_files=None):
     """One curriculum phase. `build` makes the model (demo/pretrain.py passes its own); `extra_files(raw,
     processor)` adds folders to every checkpoint (the pretrained backbone). -> the phase folder."""
     phase_dir, log = os.path.join(args.out, f"phase{args.phase}"), env.log
+    if getattr(args, "embedded", False):
+        log(f"no --data: the embedded default: data {args.data}, tiny models {args.models}, backbone "
+            f"{args.backbone}, LoRA r {args.lora_r}, lr {args.lr:g}, {args.epochs:g} epochs -> {args.out} "
+            "(a real run names --data, --backbone and --decoder)")
+        make_embedded_default(args, env)
     records, roi, glob, roi_meta = load_data(args)
     resume_dir = find_resume(args, phase_dir)
     if args.preset == "tiny" and not os.path.isfile(os.path.join(args.backbone, "config.json")):
