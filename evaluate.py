@@ -28,12 +28,20 @@ Reads:  a checkpoint folder runs/<name>/phase<p>/ (config.json + adapter.safeten
         benchmark JSONL files.
 Writes: OUT/predictions.jsonl (one line per item with its score), OUT/metrics.json, OUT/table.md
         (shaped like a Table 1 row), with --latency OUT/latency.json, with --collapse
-        OUT/collapse.json + OUT/collapse.png (inter-step cosine similarity of h_1..h_K, eq. 9).
+        OUT/collapse.json + OUT/collapse.png (inter-step cosine similarity of h_1..h_K, eq. 9), with --probe
+        OUT/probes.json + OUT/probe_predictions.jsonl ("do the latents matter?": section 8).
+
+Probes (--probe; in-domain test items with choices, same checkpoint, same items, same batches), closed-ended
+accuracy when what the loop feeds back as latent step k's input embedding is replaced (model.latent_loop's
+`feed`): normal (h_{k-1}, the method), zero (a zero vector), h0 (h_0 at every step: no recurrence), shuffled
+(the normal chain h_0..h_{K-1} of another item of the batch); and the normal loop at K = 0..4.
 
 Commands:
     python evaluate.py --ckpt runs/tiny-vital/phase3 --data data/phantom --out runs/tiny-vital/eval
     python evaluate.py --ckpt runs/vital/phase3 --data data/vital --bench data/benchmarks/vqa-rad.jsonl \\
         data/benchmarks/pmc-vqa.jsonl --out runs/vital/eval --latency --collapse
+    python evaluate.py --ckpt runs/demo/vital/phase3 --data runs/demo/data --out runs/demo/eval_probe \\
+        --k 4 --probe
 The benchmark files come from their published test files through tools/convert_benchmarks.py
 (VQA-RAD, PathVQA, SLAKE, PMC-VQA, GEMeX-RMCoT; its docstring has the commands), e.g.
     python tools/convert_benchmarks.py --format slake --src Slake1.0/test.json \\
@@ -41,6 +49,7 @@ The benchmark files come from their published test files through tools/convert_b
 """
 import argparse
 import json
+import math
 import os
 import re
 import statistics
@@ -414,7 +423,115 @@ def draw_collapse(res, path, cell=80):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 8. Command line.
+# 8. Probes: do the latents matter? Same checkpoint, same items, same batches; only the input embedding
+#    of latent step k changes (model.latent_loop's `feed`), then the same greedy answer and scoring.
+#    A batch of one has no partner for `shuffled`: a last batch of one item joins the previous batch
+#    (and --batch-size 1 runs as 2), so every row of the table has the same n.
+# ----------------------------------------------------------------------------------------------------
+PROBES = dict(
+    normal="h_{k-1}, the method (eq. 1)",
+    zero="a zero vector at every step (the K steps still add K positions to the cache)",
+    h0="h_0, the prompt's last state, at every step: K steps without recurrence",
+    shuffled="item i gets h_{k-1} of item i-1 of its batch (roll by one: a derangement for B >= 2), "
+             "taken from that item's normal loop: another item's chain, its own prompt and cache")
+
+
+def probe_feeds(ref):
+    """feed(k, st) -> (B, 1, d) for each probe; ref: the normal loop's LoopState on the same batch."""
+    return dict(normal=None,
+                zero=lambda k, st: torch.zeros_like(st.h[-1]),
+                h0=lambda k, st: st.h[0],
+                shuffled=lambda k, st: ref.h[k - 1].roll(1, dims=0))                 # row i <- row i-1
+
+
+def probe_batches(items, batch_size):
+    """Consecutive batches of >= 2 items: a last batch of one item joins the previous batch."""
+    chunks = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    if len(chunks) > 1 and len(chunks[-1]) == 1:
+        chunks[-2:] = [chunks[-2] + chunks[-1]]
+    return chunks
+
+
+@torch.no_grad()
+def probe_batch(backbone, processor, chunk, K, sweep, max_new_tokens, device):
+    """-> {(probe, K): [prediction per item]}: every probe at K, and the normal loop at each K of sweep."""
+    eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    prefix = M.build_prefix(processor, [open_image(r["image_path"]) for r in chunk],
+                            [r["question"] for r in chunk]).to(device)
+
+    def answer(k, feed=None):
+        ids, st = M.generate(backbone, prefix, k, eos, max_new_tokens, feed)
+        return [s.strip() for s in processor.tokenizer.batch_decode(ids, skip_special_tokens=True)], st
+
+    out = {}
+    out[("normal", K)], ref = answer(K)  # ref.h = [h_0, ..., h_K] of the normal loop: what shuffled feeds
+    for name, feed in probe_feeds(ref).items():
+        if feed is not None:
+            out[(name, K)] = answer(K, feed)[0]
+    for k in sweep:
+        if k != K:
+            out[("normal", k)] = answer(k)[0]
+    return out
+
+
+def mcnemar_p(lost, gained):
+    """Exact two-sided McNemar (sign) test on the items whose correctness changed; 1.0 if none did."""
+    n = lost + gained
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(lost, gained) + 1)) / 2 ** n)
+
+
+def probe_row(items, preds, base):
+    """Accuracy (%) of one (probe, K), paired with `base`, the normal loop's predictions at --k."""
+    ok = [score_item(it, p)["correct"] for it, p in zip(items, preds)]
+    ok0 = [score_item(it, p)["correct"] for it, p in zip(items, base)]
+    lost = sum(a and not b for a, b in zip(ok0, ok))
+    gained = sum(b and not a for a, b in zip(ok0, ok))
+    n = len(items)
+    return dict(accuracy=100 * sum(ok) / n, n=n, correct=sum(ok),
+                change_vs_normal=100 * (sum(ok) - sum(ok0)) / n,
+                answers_changed=100 * sum(p != q for p, q in zip(preds, base)) / n, lost=lost, gained=gained,
+                p_mcnemar=mcnemar_p(lost, gained))
+
+
+def run_probes(backbone, processor, items, args, device):
+    """The probes on the in-domain test items with choices -> (probes.json object, per-item rows)."""
+    items = [it for it in items if it["benchmark"].startswith("in-domain/") and it.get("choices")]
+    if len(items) < 2:
+        raise EvalError(f"--probe needs >= 2 in-domain test items with choices (shuffled pairs items), "
+                        f"got {len(items)}")
+    K, sweep, bs = args.k, sorted(set(range(5)) | {args.k}), max(2, args.batch_size)
+    preds = {}
+    for chunk in probe_batches(items, bs):
+        for key, p in probe_batch(backbone, processor, chunk, K, sweep, args.max_new_tokens, device).items():
+            preds.setdefault(key, []).extend(p)
+    base = preds[("normal", K)]
+    res = dict(K=K, n=len(items), chance=100 * statistics.mean(1 / len(it["choices"]) for it in items),
+               batch_size=bs, batching="consecutive items; a last batch of one joins the previous batch",
+               definitions=PROBES,
+               probes={name: dict(K=K, **probe_row(items, preds[(name, K)], base)) for name in PROBES},
+               k_sweep={str(k): dict(K=k, **probe_row(items, preds[("normal", k)], base)) for k in sweep})
+    rows = [dict(id=it["id"], answer=it["answer"], answer_index=it["answer_index"],
+                 predictions={f"{name} K={k}": p[i] for (name, k), p in preds.items()})
+            for i, it in enumerate(items)]
+    return res, rows
+
+
+def probe_table(res):
+    """The probes and the K sweep as one markdown table; changes are in points against normal at --k."""
+    lines = [f"| probe | K | accuracy | n | change vs normal (K={res['K']}) | answers changed "
+             "| lost / gained | p (McNemar) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    sweep = [("normal", r) for r in res["k_sweep"].values() if r["K"] != res["K"]]
+    rows = list(res["probes"].items()) + sweep
+    for name, r in rows:
+        lines.append(f"| {name} | {r['K']} | {r['accuracy']:.1f} | {r['n']} | {r['change_vs_normal']:+.1f} | "
+                     f"{r['answers_changed']:.1f} % | {r['lost']} / {r['gained']} | {r['p_mcnemar']:.3g} |")
+    lines.append(f"| chance (mean 1/len(choices)) | | {res['chance']:.1f} | {res['n']} | "
+                 f"{res['chance'] - res['probes']['normal']['accuracy']:+.1f} | | | |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------
+# 9. Command line.
 # ----------------------------------------------------------------------------------------------------
 def get_args(argv=None):
     ap = argparse.ArgumentParser(description="VITAL evaluation (§4, §B.4, §C.6); benchmark files: "
@@ -436,6 +553,10 @@ def get_args(argv=None):
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per sample and K (the median is kept)")
     ap.add_argument("--collapse", action="store_true", help="also the inter-step similarity matrix (§C.6)")
     ap.add_argument("--collapse-k", type=int, default=4, help="K of the collapse analysis (>= 2)")
+    ap.add_argument("--probe", action="store_true",
+                    help="also the probes 'do the latents matter?' on the in-domain test items with choices: "
+                         "accuracy at --k with the fed-back state replaced (zero, h0, another item's chain: "
+                         "shuffled) and the normal loop at K = 0..4 -> OUT/probes.json (section 8)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
     args = ap.parse_args(argv)
     if args.k != "sample":
@@ -447,6 +568,8 @@ def get_args(argv=None):
             ap.error("--k must be >= 0")
     if not args.data and not args.bench:
         ap.error("give --data (in-domain test split) and/or --bench files")
+    if args.probe and (args.k == "sample" or not args.data):
+        ap.error("--probe needs an integer --k and --data (it probes the in-domain test split)")
     if args.collapse and args.collapse_k < 2:
         ap.error("--collapse-k must be >= 2 (a similarity between steps needs two steps)")
     return args
@@ -507,6 +630,13 @@ def main(argv=None):
         draw_collapse(coll, os.path.join(args.out, "collapse.png"))
         print(f"collapse: mean off-diagonal cosine {coll['mean_offdiag']:.4f}, adjacent "
               + ", ".join(f"{a:.4f}" for a in coll["adjacent"]))
+    if args.probe:
+        result["probes"], prows = run_probes(backbone, processor, items, args, device)
+        with open(os.path.join(args.out, "probes.json"), "w") as f:
+            json.dump(result["probes"], f, indent=2, allow_nan=False)  # strict JSON: a NaN raises here
+        with open(os.path.join(args.out, "probe_predictions.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in prows)
+        print(probe_table(result["probes"]) + f"wrote {args.out}/probes.json, probe_predictions.jsonl")
     write_json(result, os.path.join(args.out, "metrics.json"))
     table = table_md(metrics, label)
     with open(os.path.join(args.out, "table.md"), "w") as f:

@@ -290,12 +290,16 @@ def prefix_forward(backbone, prefix):
     return LoopState(cache, prefix["attention_mask"], next_pos, [out.last_hidden_state[:, -1:]])
 
 
-def latent_loop(backbone, prefix, K):
+def latent_loop(backbone, prefix, K, feed=None):
     """Prefix, then K single-position steps with inputs_embeds = h_{k-1} on the same cache (eq. 1).
-    Gradients flow through the cache and the fed-back states: nothing is detached."""
+    Gradients flow through the cache and the fed-back states: nothing is detached.
+    feed: the loop's one intervention point, for probes only (evaluate.py --probe). feed(k, st) returns
+    the (B, 1, d) input embedding of latent step k = 1..K, with st.h = [h_0, ..., h_{k-1}] so far;
+    None is the method itself: h_{k-1} = st.h[-1]."""
     st = prefix_forward(backbone, prefix)
-    for _ in range(K):
-        st.h.append(_text_step(backbone, st.h[-1], st))                                     # h_k: (B, 1, d)
+    for k in range(1, K + 1):
+        x = st.h[-1] if feed is None else feed(k, st)                                      # (B, 1, d)
+        st.h.append(_text_step(backbone, x, st))                                            # h_k: (B, 1, d)
     return st
 
 
@@ -308,10 +312,10 @@ def answer_logits(backbone, st: LoopState, answer_ids, answer_mask):
 
 
 @torch.no_grad()
-def generate(backbone, prefix, K, eos_id, max_new_tokens=32):
-    """Greedy answer after K latent steps (inference: scaffolds neither loaded nor used).
-    Returns (token ids (B, <=max_new_tokens) with eos/padding after the end, the LoopState)."""
-    st = latent_loop(backbone, prefix, K)
+def generate(backbone, prefix, K, eos_id, max_new_tokens=32, feed=None):
+    """Greedy answer after K latent steps (inference: scaffolds neither loaded nor used); `feed` as in
+    latent_loop. Returns (token ids (B, <=max_new_tokens) with eos/padding after the end, the LoopState)."""
+    st = latent_loop(backbone, prefix, K, feed)
     nxt = backbone.lm_head(st.h[-1])[:, -1].argmax(-1)                                      # (B,)
     out, done = [], torch.zeros_like(nxt, dtype=torch.bool)
     for _ in range(max_new_tokens):
@@ -411,9 +415,13 @@ class VITAL(nn.Module):
         self.vp = VisualProjector(d, d_v, projector, vp_dropout) if (d_v and lambda_vis > 0) else None
         self.lambda_sem, self.lambda_vis = lambda_sem, lambda_vis
 
-    def forward(self, batch, K, per_step_target=False):
+    def forward(self, batch, K, per_step_target=False, vis_all_steps=False):
         """batch: prefix (BatchFeature), answer_ids/mask (B,T), step_ids/mask (B,K,L), roi/global (B,d_v).
-        Returns dict(loss, L_task, L_sem, L_vis, h) with h = (B, K, d) latent states h_1..h_K."""
+        Returns dict(loss, L_task, L_sem, L_vis, h) with h = (B, K, d) latent states h_1..h_K.
+        L_sem (eq. 4) averages the valid steps only: a step without a sentence (all-padding step_mask) has
+        nothing to decode. L_vis (eq. 6) averages the same valid steps by default; vis_all_steps=True counts
+        all K steps of every sample, since its target needs no sentence (train.py --depth phase: a chain
+        shorter than the batch's K still regresses v_roi at its later steps)."""
         st = latent_loop(self.backbone, batch["prefix"], K)
         logits = answer_logits(self.backbone, st, batch["answer_ids"], batch["answer_mask"]).float()
         tgt = batch["answer_ids"].masked_fill(batch["answer_mask"] == 0, -100)          # padding never counts
@@ -424,8 +432,8 @@ class VITAL(nn.Module):
         if K > 0 and self.decoder is not None:
             L_sem = decoder_loss(self.decoder, self.pj_in, h, batch["step_ids"], batch["step_mask"])
         if K > 0 and self.vp is not None:
-            valid = ((batch["step_mask"].sum(-1) > 0).float() if "step_mask" in batch
-                     else h.new_ones(h.shape[:2]))
+            valid = ((batch["step_mask"].sum(-1) > 0).float() if "step_mask" in batch and not vis_all_steps
+                     else h.new_ones(h.shape[:2]))                                        # (B, K) weights
             tgt_v = visual_targets(batch["roi"].float(), batch.get("global", batch["roi"]).float(), K,
                                    per_step_target)
             l1 = (self.vp(h).float() - tgt_v).abs().mean(-1)                              # (B, K), L1 (eq. 6)

@@ -26,6 +26,7 @@ The tiny preset's stand-in for the pretraining a real Qwen3-VL arrives with is d
 train_phase below with its own model builder).
 Ablations: --curriculum {3-phase,2-phase,full-mix,reverse}  --lambda-sem 0  --lambda-vis 0  --projector linear
            --visual-target per_step  --max-k 0 (direct-answer baseline) ... --max-k 4.
+Depth parity (issue 12): --depth phase runs every item of a phase at the phase's largest K (see select_phase).
 """
 import argparse
 import glob as globmod
@@ -41,6 +42,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from PIL import Image, ImageDraw
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -52,7 +54,8 @@ from model import (VITAL, add_lora, batch_to, load_backbone, load_checkpoint, lo
 
 # ----------------------------------------------------------------------------------------------------
 # Curriculum schedules (§3.5, §4.3 Table 3). Each phase = (highest latent_steps admitted, None = all K;
-# default epochs). A sample runs at its own K = min(latent_steps, --max-k), never padded to a longer K.
+# default epochs). --depth own: a sample runs at its own K = min(latent_steps, --max-k); --depth phase:
+# every sample runs the phase's largest K (the "highest" column, capped by --max-k), see select_phase.
 #   schedule  | phase 1          | phase 2          | phase 3
 #   3-phase   | K = 1, 5 ep      | K <= 2, 5 ep     | all K, 10 ep     (paper default, §4.1/§B.3)
 #   2-phase   | K <= 2, 10 ep    | all K, 10 ep     |                  (chosen: same 20 epochs in total)
@@ -103,6 +106,10 @@ def get_args(argv=None):
     ap.add_argument("--epochs", type=float, help="epochs of this phase (default from the schedule: 5/5/10)")
     ap.add_argument("--max-k", type=int,
                     help="cap on latent steps: K = min(latent_steps, max_k); 0 = direct answer")
+    ap.add_argument("--depth", default="own", choices=["own", "phase"],
+                    help="latent steps per item. own: K = min(latent_steps, --max-k). phase: every item runs "
+                         "the phase's largest K = min(its cap, or its longest chain for 'all K'; --max-k); "
+                         "steps past an item's chain get L_vis (eq. 6) but no L_sem (eq. 4: valid steps)")
     ap.add_argument("--init",
                     help="warm-start checkpoint (default runs/<name>/phase<p-1> for p > 1; 'none' = scratch)")
     # losses (eq. 7)
@@ -233,8 +240,13 @@ def select_phase(records, args, path):
                          f"samples in {path} (train samples by latent_steps: "
                          f"{dict(sorted(counts.items())) or 'none'})")
     chosen = chosen[:args.limit] if args.limit > 0 else chosen
+    # --depth phase: inference runs one K for every item, so training runs the phase's largest K for every
+    # item too; a shorter chain leaves its later steps without a sentence (tokenize_steps pads them, L_sem
+    # skips them: eq. 4 averages the valid steps; L_vis still counts them, see train_loop).
+    top = hi if hi is not None else max(r["latent_steps"] for r in chosen)
     for r in chosen:
-        r["K"] = r["latent_steps"] if args.max_k is None else min(r["latent_steps"], args.max_k)
+        k = top if args.depth == "phase" else r["latent_steps"]
+        r["K"] = k if args.max_k is None else min(k, args.max_k)
     missing = [r["image_path"] for r in chosen if not os.path.isfile(r["image_path"])]
     if missing:
         raise TrainError(f"{len(missing)} images named in {path} do not exist, e.g. {missing[:3]}")
@@ -275,7 +287,7 @@ def read_roi(path, records, need_global):
 
 
 class KBucketSampler:
-    """Micro-batches of samples with the same K (each runs its own K, see CURRICULA), identical on every rank.
+    """Micro-batches of samples with the same K (select_phase's K, see CURRICULA), identical on every rank.
     Per epoch: shuffle each K bucket with seed + epoch, cut into batches, shuffle the batch order, pad the
     list to a multiple of world x accum by repeating its head (every rank gets as many batches: no DDP hang),
     then rank r takes batches r, r + world, ... so the micro-batches of one optimizer step are the same
@@ -632,8 +644,8 @@ def train_phase(args, env, build=build_vital, extra_files=None):
     global_batch = args.batch_size * args.grad_accum * env.world
     n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
     ks = {k: sum(r["K"] == k for r in records) for k in sorted({r["K"] for r in records})}
-    log(f"phase {args.phase} ({args.curriculum}): {len(records)} train samples, samples per K {ks}, "
-        f"{n_train / 1e6:.2f}M trainable parameters, "
+    log(f"phase {args.phase} ({args.curriculum}, --depth {args.depth}): {len(records)} train samples, "
+        f"samples per K {ks}, {n_train / 1e6:.2f}M trainable parameters, "
         f"{'bf16 autocast' if env.bf16 else 'fp32'} on {env.device}")
     log(f"global batch = {args.batch_size} per device x {args.grad_accum} accum x {env.world} ranks = "
         f"{global_batch}; {steps_per_epoch} steps/epoch x {args.epochs} epochs = {total} steps")
@@ -687,7 +699,8 @@ def train_phase(args, env, build=build_vital, extra_files=None):
 def train_loop(args, env, model, opt, sampler, batches, step, total, steps_per_epoch, save, log_path,
                resumed):
     """Optimizer steps from `step` to the phase's end (or --max-steps): grad accumulation, one all-reduce
-    per step, grad clipping, the lr schedule, a log line per step, a checkpoint every --save-every."""
+    per step, grad clipping, the lr schedule, a log line per step, a checkpoint every --save-every, and
+    <out>/loss.png redrawn from log.jsonl at the end."""
     stop = min(total, args.max_steps) if args.max_steps > 0 else total
     params = [p for p in model.parameters() if p.requires_grad]
     device, last_saved = env.device, (step if resumed else None)
@@ -712,7 +725,10 @@ def train_loop(args, env, model, opt, sampler, batches, step, total, steps_per_e
                 last = env.world == 1 or micro == args.grad_accum - 1
                 with nullcontext() if last else model.no_sync():
                     with env.ctx:
-                        out = model(batch, K, args.visual_target == "per_step")
+                        # --depth phase: L_vis on every step, also past the item's chain (eq. 6's target
+                        # is shared by all steps and needs no sentence)
+                        out = model(batch, K, args.visual_target == "per_step",
+                                    vis_all_steps=args.depth == "phase")
                     (out["loss"] / args.grad_accum).backward()
                 terms = torch.stack([out[k].detach().double() for k in ("L_task", "L_sem", "L_vis", "loss")])
                 stats[:4] += terms / args.grad_accum
@@ -746,6 +762,8 @@ def train_loop(args, env, model, opt, sampler, batches, step, total, steps_per_e
                 save(step)
                 last_saved = step
     bar.close()
+    if env.master:
+        plot_losses(log_path, os.path.join(args.out, "loss.png"))
     return step
 
 
@@ -763,6 +781,55 @@ def write_log_line(log_path, phase, step, epoch, stats, opt, gnorm, dt, device, 
     bar.set_postfix(L_task=f"{entry['L_task']:.3f}", L_sem=f"{entry['L_sem']:.3f}",
                     L_vis=f"{entry['L_vis']:.3f}", lr=f"{entry['lr']:.2e}")
 
+
+LOSS_COLORS = {"L_task": (31, 119, 180), "L_sem": (44, 160, 44), "L_vis": (214, 39, 40), "loss": (0, 0, 0)}
+
+
+def plot_losses(log_path, png_path, W=800, H=400, smooth=20):
+    """<out>/loss.png from log.jsonl, PIL only (no plotting library to install): L_task, L_sem, L_vis and
+    the total of eq. (7) against the optimizer step over all phases in the log (file order); raw values
+    faint, a centred mean over ~`smooth` steps (within each phase) bold, grey lines at phase starts.
+    The y axis is log10 because L_vis (an L1 per feature of unit vectors) sits far below L_task; a term
+    that is 0 (its scaffold off, or K = 0) has no place on it and is not drawn."""
+    with open(log_path) as f:
+        log = [json.loads(l) for l in f if l.endswith("\n")]  # a torn last line is skipped
+    vals = [e[k] for e in log for k in LOSS_COLORS if e[k] > 0]
+    if not vals:
+        return
+    n, (L, R, T, B) = len(log), (60, 12, 22, 26)  # margins hold the tick labels and the legend
+    lo, hi = math.floor(math.log10(min(vals))), math.ceil(math.log10(max(vals)))
+    hi = max(hi, lo + 1)
+    x = lambda s: L + (W - L - R) * s / n                                  # optimizer step s in 0..n
+    y = lambda v: T + (H - T - B) * (hi - math.log10(v)) / (hi - lo)
+    im = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(im)
+    for p in range(lo, hi + 1):                                            # a tick and grid line per decade
+        d.line([(L, y(10 ** p)), (W - R, y(10 ** p))], fill=(235, 235, 235))
+        d.text((4, y(10 ** p) - 6), f"{10 ** p:g}", fill="black")
+    mag = 10 ** math.floor(math.log10(max(1, n / 5)))
+    every = next(m * mag for m in (1, 2, 5, 10) if n / (m * mag) <= 6)   # at most 6 round step ticks
+    for s in range(0, n + 1, every):
+        d.line([(x(s), H - B), (x(s), H - B + 4)], fill="black")
+        d.text((x(s) - 8, H - B + 6), str(s), fill="black")
+    start = []                                                             # first line of each line's phase
+    for i, e in enumerate(log):
+        if i == 0 or e["phase"] != log[i - 1]["phase"]:
+            start.append(i)
+            d.line([(x(i), T), (x(i), H - B)], fill=(150, 150, 150))
+            d.text((x(i) + 3, T + 2), f"phase {e['phase']}", fill=(110, 110, 110))
+        else:
+            start.append(start[-1])
+    for j, (k, c) in enumerate(LOSS_COLORS.items()):
+        v = [e[k] for e in log]
+        win = [[v[j] for j in range(max(0, i - smooth // 2), min(n, i + smooth // 2 + 1))
+                if start[j] == start[i]] for i in range(n)]               # centred, within the phase
+        d.line([(x(i + 1), y(v[i])) for i in range(n) if v[i] > 0],
+               fill=tuple(ch + (255 - ch) * 3 // 4 for ch in c))          # a quarter of the colour: faint
+        d.line([(x(i + 1), y(sum(w) / len(w))) for i, w in enumerate(win) if min(w) > 0], fill=c, width=2)
+        d.text((L + 8 + 70 * j, 5), "total" if k == "loss" else k, fill=c)
+    d.rectangle([L, T, W - R, H - B], outline="black")
+    d.text((W - R - 170, 5), "x: optimizer step, y: log10", fill="black")
+    im.save(png_path)
 
 if __name__ == "__main__":
     try:

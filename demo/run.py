@@ -261,6 +261,7 @@ def print_report(paths, args, pick, stem, ex, rows, wall, timings):
                         paths["data"]),
                        ("ROI features", os.path.join(paths["data"], "roi.safetensors")),
                        ("VITAL checkpoints + log.jsonl", paths["vital"]), ("K = 0 checkpoints", paths["k0"]),
+                       *[(f"loss curves ({k})", os.path.join(paths[k], "loss.png")) for k in ("vital", "k0")],
                        ("VITAL evaluation (predictions, metrics, latency, collapse)", paths["eval_vital"]),
                        ("VITAL evaluation, each item's own K", paths["eval_vital_ksample"]),
                        ("K = 0 evaluation", paths["eval_k0"]), ("explanation (panel + JSON)", stem + ".png"),

@@ -2,6 +2,7 @@
 the published formats, and an end-to-end run on a tiny checkpoint whose numbers are recomputed from its predictions file."""
 import csv
 import json
+import math
 import os
 import sys
 
@@ -329,3 +330,113 @@ def test_input_errors(tiny, tmp_path):
         (tmp_path / "d").mkdir()
         (tmp_path / "d" / "samples.jsonl").write_text("")
         E.read_test_split(str(tmp_path / "d"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Probes (--probe): the loop's one intervention point (model.latent_loop's feed) and evaluate.py's probes
+# ----------------------------------------------------------------------------------------------------
+def _probe_prefix(tiny, same):
+    """A batch of two: the same test item twice, or a test item and the bench image (another size, another
+    question: a genuinely left-padded batch). -> (deployed backbone, prefix)."""
+    bb, proc, _, _ = E.load_inference_model(tiny["ckpt"])
+    it = E.read_test_split(tiny["data"])[0]
+    other = (it["image_path"], it["question"]) if same else \
+        (os.path.join(tiny["root"], "bench", "img.png"), "Which organ is enlarged here?")
+    images = [E.open_image(it["image_path"]), E.open_image(other[0])]
+    return bb, M.build_prefix(proc, images, [it["question"], other[1]])
+
+
+def _explicit_loop(bb, prefix, inputs):
+    """The loop written out: step k is fed inputs(k, st) through _text_step, nothing else."""
+    st = M.prefix_forward(bb, prefix)
+    for k in range(1, len(inputs) + 1):
+        st.h.append(M._text_step(bb, inputs[k - 1](st), st))
+    return st
+
+
+@torch.no_grad()
+def test_feed_none_is_the_loop_unchanged(tiny):
+    bb, prefix = _probe_prefix(tiny, same=False)
+    assert (prefix["attention_mask"] == 0).any()  # left-padded
+    st = M.latent_loop(bb, prefix, 3)
+    explicit = _explicit_loop(bb, prefix, [lambda s: s.h[-1]] * 3)   # h_k = LM(h_{k-1}), eq. 1
+    fed = M.latent_loop(bb, prefix, 3, feed=lambda k, s: s.h[-1])
+    assert len(st.h) == 4
+    for a, b, c in zip(st.h, explicit.h, fed.h):
+        assert torch.equal(a, b) and torch.equal(a, c)                # bit-identical, not just close
+
+
+@torch.no_grad()
+def test_zero_and_h0_probes_feed_what_they_say(tiny):
+    bb, prefix = _probe_prefix(tiny, same=False)
+    normal = M.latent_loop(bb, prefix, 2)
+    feeds, calls = E.probe_feeds(normal), []
+
+    def zero(k, st):
+        calls.append((k, len(st.h)))  # step k sees h_0..h_{k-1}
+        return feeds["zero"](k, st)
+
+    z = M.latent_loop(bb, prefix, 2, feed=zero)
+    assert calls == [(1, 1), (2, 2)]
+    explicit = _explicit_loop(bb, prefix, [lambda s: torch.zeros_like(s.h[0])] * 2)
+    assert torch.equal(z.h[1], explicit.h[1]) and torch.equal(z.h[2], explicit.h[2])
+    assert (z.h[1] - normal.h[1]).abs().max() > 1e-4                 # a zero input is not h_0
+    h0 = M.latent_loop(bb, prefix, 2, feed=feeds["h0"])
+    explicit = _explicit_loop(bb, prefix, [lambda s: s.h[0]] * 2)
+    assert torch.equal(h0.h[1], normal.h[1])                          # step 1 is fed h_0 either way
+    assert torch.equal(h0.h[2], explicit.h[2]) and (h0.h[2] - normal.h[2]).abs().max() > 1e-4
+
+
+@torch.no_grad()
+def test_shuffled_feeds_the_other_items_chain(tiny):
+    for same in (True, False):
+        bb, prefix = _probe_prefix(tiny, same)
+        normal = M.latent_loop(bb, prefix, 3)
+        sh = M.latent_loop(bb, prefix, 3, feed=E.probe_feeds(normal)["shuffled"])
+        explicit = _explicit_loop(bb, prefix, [lambda s, k=k: normal.h[k].flip(0) for k in range(3)])
+        for a, b in zip(sh.h, explicit.h):
+            assert torch.equal(a, b)                                 # B = 2: the roll swaps the two items
+        diff = (torch.cat(sh.h, 1) - torch.cat(normal.h, 1)).abs().max()
+        if same:   # identical items have interchangeable states: shuffling changes nothing
+            assert diff <= 1e-6
+        else:
+            assert diff > 1e-4
+
+
+def test_probe_batches_and_mcnemar():
+    assert [len(c) for c in E.probe_batches(list(range(5)), 2)] == [2, 3]   # no batch of one
+    assert [len(c) for c in E.probe_batches(list(range(6)), 4)] == [4, 2]
+    assert E.mcnemar_p(0, 0) == 1.0 and E.mcnemar_p(3, 3) == 1.0
+    assert E.mcnemar_p(0, 5) == pytest.approx(2 / 32) and E.mcnemar_p(1, 5) == pytest.approx(2 * 7 / 64)
+
+
+def test_probe_writes_every_probe_and_k_in_strict_json(tiny, capsys):
+    out = os.path.join(tiny["root"], "ev_probe")
+    E.main(["--ckpt", tiny["ckpt"], "--data", tiny["data"], "--out", out, "--max-new-tokens", "6",
+            "--batch-size", "3", "--probe"])                            # 4 items: batches 3 + 1 -> one of 4
+
+    def no_nan(name):
+        raise ValueError(f"non-strict JSON constant {name}")
+
+    res = json.loads(open(os.path.join(out, "probes.json")).read(), parse_constant=no_nan)
+    assert set(res["probes"]) == {"normal", "zero", "h0", "shuffled"} and res["K"] == 4
+    assert sorted(res["k_sweep"]) == ["0", "1", "2", "3", "4"]
+    assert res["k_sweep"]["4"] == res["probes"]["normal"]
+    assert res["n"] == 4 and res["chance"] == 50.0
+    rows = [json.loads(l) for l in open(os.path.join(out, "probe_predictions.jsonl"))]
+    items = {it["id"]: it for it in E.read_test_split(tiny["data"])}
+    for r in list(res["probes"].values()) + list(res["k_sweep"].values()):
+        assert r["n"] == 4 and all(math.isfinite(r[k]) for k in ("accuracy", "change_vs_normal", "p_mcnemar"))
+    for name, r in list(res["probes"].items()) + [("normal", r) for r in res["k_sweep"].values()]:
+        key = f"{name} K={r['K']}"
+        ok = [E.score_item(items[row["id"]], row["predictions"][key])["correct"] for row in rows]
+        assert r["accuracy"] == pytest.approx(100 * np.mean(ok))      # recomputed from the stored answers
+    main = {r["id"]: r["prediction"] for r in map(json.loads, open(os.path.join(out, "predictions.jsonl")))}
+    assert all(row["predictions"]["normal K=4"] == main[row["id"]] for row in rows)  # normal = the evaluation
+    table = capsys.readouterr().out
+    assert "| shuffled | 4 |" in table and "| normal | 0 |" in table and "| chance" in table
+    with pytest.raises(E.EvalError, match=">= 2 in-domain"):  # one item has no partner to swap with
+        args = E.get_args(["--ckpt", "x", "--data", "d", "--out", "o", "--probe"])
+        E.run_probes(None, None, list(items.values())[:1], args, torch.device("cpu"))
+    with pytest.raises(SystemExit):
+        E.get_args(["--ckpt", "x", "--data", "d", "--out", "o", "--k", "sample", "--probe"])

@@ -266,6 +266,26 @@ def test_l_sem_is_the_mean_over_valid_steps(tiny):
     assert len(per) == 4 and abs(got.item() - torch.stack(per).mean().item()) <= TOL
 
 
+def test_l_vis_counts_padded_steps_only_when_asked(tiny):
+    """train.py --depth phase: sample 0's chain has 1 sentence, the batch runs K = 2, so its step 2 has no
+    sentence. L_sem (eq. 4) averages the 3 valid steps either way; L_vis (eq. 6, one shared v_roi) averages
+    those 3 by default and all 4 with vis_all_steps=True. Manual L1 of VP(h_k) against v_roi."""
+    vital, proc, dtok = _vital(tiny)
+    vital.eval()  # no dropout in VP: the manual projection below sees the same function
+    batch = _batch(proc, dtok, K=2)
+    assert batch["step_mask"].sum(-1).gt(0).tolist() == [[True, False], [True, True]]
+    with torch.no_grad():
+        own, every = vital(batch, K=2), vital(batch, K=2, vis_all_steps=True)
+        l1 = (vital.vp(every["h"]) - batch["roi"][:, None]).abs().mean(-1)                 # (B, K)
+        sem = M.decoder_loss(vital.decoder, vital.pj_in, every["h"], batch["step_ids"], batch["step_mask"])
+    assert abs(every["L_vis"].item() - l1.mean().item()) <= TOL
+    assert abs(own["L_vis"].item() - (l1.sum() - l1[0, 1]).item() / 3) <= TOL
+    assert abs(own["L_vis"].item() - every["L_vis"].item()) > 1e-4  # the padded step really counts
+    for out in (own, every):  # L_sem and L_task do not depend on the switch
+        assert abs(out["L_sem"].item() - sem.item()) <= TOL and out["L_task"].item() == own["L_task"].item()
+        assert abs(out["loss"] - (out["L_task"] + out["L_sem"] + 0.1 * out["L_vis"])).item() <= TOL
+
+
 def test_zero_lambda_removes_the_scaffold(tiny):
     vital, proc, dtok = _vital(tiny, lambda_sem=0.0, lambda_vis=0.1)
     assert vital.decoder is None and vital.pj_in is None and vital.vp is not None

@@ -236,6 +236,50 @@ def test_nan_stops_and_keeps_last_good_checkpoint(env, tmp_path):
         train.main(flags(env, out, "--resume", "--warmup", 0))
 
 
+def test_depth_phase_runs_every_item_at_the_phase_k(env, tmp_path, monkeypatch):
+    """Phase 2 of 3-phase admits chains of 1 and 2 steps. --depth phase: every micro-batch runs K = 2, a
+    1-step item's second step has no sentence (all padding) and L_vis is told to count it anyway;
+    --depth own: each batch runs its items' own K. The flag is recorded and a resume must match it."""
+    import model as M
+    seen, forward = [], M.VITAL.forward
+
+    def spy(self, batch, K, per_step_target=False, vis_all_steps=False):
+        seen.append((K, vis_all_steps, (batch["step_mask"].sum(-1) > 0).tolist()))  # (B, K) steps with text
+        return forward(self, batch, K, per_step_target, vis_all_steps)
+    monkeypatch.setattr(M.VITAL, "forward", spy)
+    out = tmp_path / "phase"
+    train.main(flags(env, out, "--phase", 2, "--init", "none", "--depth", "phase"))
+    assert len(seen) == 9 and all(K == 2 and vis_all for K, vis_all, _ in seen)  # 18 items, batches of 2
+    per_item = [tuple(v) for _, _, valid in seen for v in valid]
+    assert per_item.count((True, False)) == 12 and per_item.count((True, True)) == 6
+    assert json.load(open(out / "phase2" / "config.json"))["args"]["depth"] == "phase"
+    with pytest.raises(train.TrainError, match=r"other flags: --depth phase \(now own\)"):
+        train.main(flags(env, out, "--phase", 2, "--init", "none", "--resume"))
+    seen.clear()
+    train.main(flags(env, tmp_path / "own", "--phase", 2, "--init", "none"))  # the default
+    assert {K for K, _, _ in seen} == {1, 2} and not any(vis_all for _, vis_all, _ in seen)
+    assert all(v == [True] * K for K, _, valid in seen for v in valid)  # no padded step: own K = chain
+
+
+def test_loss_png(tmp_path):
+    """The curve image from a synthetic log: two phases, a term that is 0 (not drawable on a log axis),
+    a torn last line; the runs themselves are checked in test_three_phases_on_prepare_data_and_extract_roi."""
+    rows = [dict(step=s, phase=p, L_task=2 / s, L_sem=3 / s, L_vis=0.0, loss=5 / s)
+            for p in (1, 2) for s in range(1, 31)]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 31, "ph')
+    train.plot_losses(tmp_path / "log.jsonl", tmp_path / "loss.png", W=400, H=200)
+    _check_loss_png(tmp_path / "loss.png", (400, 200), ("L_task", "L_sem", "loss"))
+
+
+def _check_loss_png(path, size, keys):
+    im = Image.open(path).convert("RGB")
+    assert im.size == size
+    # the plot area (inside the margins of plot_losses): not all background, each term's bold colour present
+    plot = np.asarray(im)[30:size[1] - 30, 70:size[0] - 20].reshape(-1, 3)
+    colours = {tuple(c) for c in np.unique(plot, axis=0)}
+    assert len(colours) > 1 and all(train.LOSS_COLORS[k] in colours for k in keys), colours
+
+
 # ---------------------------------------------------------------------------------------------- resume
 def test_resume_after_max_steps_is_exact(env, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
@@ -311,6 +355,7 @@ def test_three_phases_on_prepare_data_and_extract_roi(env, tmp_path):
         cfg = json.load(open(out / f"phase{p}" / "config.json"))
         assert cfg["step"] == 2 and cfg["init"] == (str(out / f"phase{p - 1}") if p > 1 else None)
     assert [e["phase"] for e in read_log(out)] == [1, 1, 2, 2, 3, 3]
+    _check_loss_png(out / "loss.png", (800, 400), ("L_task", "L_sem", "L_vis", "loss"))  # all 3 phases
 
 
 def test_two_rank_resume_is_exact_with_dropout(env, tmp_path):
