@@ -29,12 +29,17 @@ Reads:  a checkpoint folder runs/<name>/phase<p>/ (config.json + adapter.safeten
 Writes: OUT/predictions.jsonl (one line per item with its score), OUT/metrics.json, OUT/table.md
         (shaped like a Table 1 row), with --latency OUT/latency.json, with --collapse
         OUT/collapse.json + OUT/collapse.png (inter-step cosine similarity of h_1..h_K, eq. 9), with --probe
-        OUT/probes.json + OUT/probe_predictions.jsonl ("do the latents matter?": section 8).
+        OUT/probes.json + OUT/probe_predictions.jsonl ("do the latents matter?": section 8), with --pointing
+        OUT/pointing.json (section 8b).
 
 Probes (--probe; in-domain test items with choices, same checkpoint, same items, same batches), closed-ended
 accuracy when what the loop feeds back as latent step k's input embedding is replaced (model.latent_loop's
 `feed`): normal (h_{k-1}, the method), zero (a zero vector), h0 (h_0 at every step: no recurrence), shuffled
 (the normal chain h_0..h_{K-1} of another item of the batch); and the normal loop at K = 0..4.
+
+Pointing game (--pointing; the checkpoint's visual projector re-attached as explain.py does): for each latent
+step, the share of test items whose heatmap cos(VP(h_k), patch feature) peaks on a patch that the target's
+mask touches, dilated by one patch; beside it the chance level, the share of the image's patches that count.
 
 Commands:
     python evaluate.py --ckpt runs/tiny-vital/phase3 --data data/phantom --out runs/tiny-vital/eval
@@ -531,6 +536,75 @@ def probe_table(res):
 
 
 # ----------------------------------------------------------------------------------------------------
+# 8b. The pointing game (--pointing): does the visual window point at the target?
+# ----------------------------------------------------------------------------------------------------
+def target_patches(mask_path, g):
+    """-> ((g*g,) bool: patches the target's mask touches, dilated by one patch; (g*g,) bool: patches that
+    are image, not padding), on the encoder's square grid (the image and the mask are padded alike)."""
+    import extract_roi as ER
+    try:
+        with Image.open(mask_path) as im:
+            m = np.asarray(im.convert("L")) > 0
+    except (OSError, ValueError) as e:
+        raise EvalError(f"mask '{mask_path}': {e}") from e
+    touched = (ER.grid_fraction(ER.square_pad(m), g) > 0).view(1, 1, g, g).float()
+    target = F.max_pool2d(touched, 3, stride=1, padding=1).flatten() > 0       # dilated by one patch
+    valid = ER.grid_fraction(ER.square_pad(np.ones_like(m)), g) >= 0.5
+    return target, valid
+
+
+@torch.no_grad()
+def pointing_game(ckpt, items, K, args, device, dtype):
+    """Per latent step k: the share of test items whose heatmap cos(VP(h_k), patch) peaks inside the target
+    (dilated by one patch), beside its chance level (the share of the image's patches that count as a hit).
+    The model is explain.py's: the same checkpoint with its visual projector, and the encoder of the ROI
+    targets. -> pointing.json object."""
+    import explain as X
+    import extract_roi as ER
+    items = [it for it in items if it["benchmark"].startswith("in-domain/") and it.get("mask")]
+    if not items:
+        raise EvalError("--pointing needs in-domain test items with a mask (samples.jsonl 'mask')")
+    try:
+        vital, processor, _, config = X.load_explainer(ckpt, device, dtype)
+        path, kind, size, src = X.resolve_encoder(config, ckpt, args.encoder)
+    except X.ExplainError as e:
+        raise EvalError(f"--pointing: {e}") from e
+    if vital.vp is None:
+        raise EvalError(f"--pointing: {ckpt} has no visual projector (trained with --lambda-vis 0)")
+    enc = ER.build_encoder(kind, path, device, size)
+    hits, chance = torch.zeros(K), []
+    for i in range(0, len(items), args.batch_size):
+        chunk = items[i:i + args.batch_size]
+        images = [open_image(it["image_path"]) for it in chunk]
+        prefix = M.build_prefix(processor, images, [it["question"] for it in chunk]).to(device)
+        h = torch.cat(M.latent_loop(vital.backbone, prefix, K).h[1:], dim=1)               # (B, K, d)
+        v = M.project_latent(vital.vp, h).cpu()                                             # (B, K, d_v)
+        for b, it in enumerate(chunk):
+            f, _, _ = X.patch_features(enc, images[b])
+            heat = X.heatmaps(f.cpu(), v[b], enc.grid).flatten(1)                           # (K, g*g)
+            target, valid = target_patches(os.path.join(args.data, it["mask"]), enc.grid)
+            hits += target[heat.masked_fill(~valid, -2).argmax(1)].float()
+            chance.append(target[valid].float().mean().item())
+    n = len(items)
+    steps = [dict(k=k + 1, hit_rate=100 * hits[k].item() / n) for k in range(K)]
+    best = max(steps, key=lambda r: r["hit_rate"])
+    return dict(K=K, n=n, encoder=os.path.abspath(path), encoder_from=src, grid=enc.grid,
+                chance=100 * statistics.mean(chance), steps=steps, best_step=best["k"],
+                best_hit_rate=best["hit_rate"],
+                definition="hit: the heatmap's maximum patch is one the target's mask touches, or a neighbour "
+                           "of one (dilated by one patch); chance: the share of the image's patches that "
+                           "count as a hit, averaged over items")
+
+
+def pointing_table(res):
+    lines = ["| pointing game | " + " | ".join(f"step {r['k']}" for r in res["steps"]) + " | chance | n |",
+             "|---|" + "---:|" * (len(res["steps"]) + 2)]
+    lines.append("| hit rate (%) | " + " | ".join(f"{r['hit_rate']:.1f}" for r in res["steps"]) +
+                 f" | {res['chance']:.1f} | {res['n']} |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------
 # 9. Command line.
 # ----------------------------------------------------------------------------------------------------
 def get_args(argv=None):
@@ -557,6 +631,10 @@ def get_args(argv=None):
                     help="also the probes 'do the latents matter?' on the in-domain test items with choices: "
                          "accuracy at --k with the fed-back state replaced (zero, h0, another item's chain: "
                          "shuffled) and the normal loop at K = 0..4 -> OUT/probes.json (section 8)")
+    ap.add_argument("--pointing", action="store_true",
+                    help="also the pointing game of the visual window on the in-domain test items (needs the "
+                         "checkpoint's visual projector and the encoder of the ROI targets) -> OUT/pointing.json")
+    ap.add_argument("--encoder", help="--pointing: the encoder folder (default: the one the checkpoint names)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
     args = ap.parse_args(argv)
     if args.k != "sample":
@@ -568,6 +646,8 @@ def get_args(argv=None):
             ap.error("--k must be >= 0")
     if not args.data and not args.bench:
         ap.error("give --data (in-domain test split) and/or --bench files")
+    if args.pointing and (args.k in ("sample", 0) or not args.data):
+        ap.error("--pointing needs --k >= 1 and --data (it scores the in-domain test split's masks)")
     if args.probe and (args.k == "sample" or not args.data):
         ap.error("--probe needs an integer --k and --data (it probes the in-domain test split)")
     if args.collapse and args.collapse_k < 2:
@@ -595,6 +675,69 @@ def select_items(args):
     return items
 
 
+def check_inputs(args):
+    """Everything a run reads, checked BEFORE the model is loaded (minutes at real scale): the checkpoint's
+    config, the backbone folder, the output folder, every item's fields and image. -> the items. Each problem
+    is one EvalError or CheckpointError line naming the file (and line or item)."""
+    numbers = [("--batch-size", args.batch_size, 1), ("--max-new-tokens", args.max_new_tokens, 1),
+               ("--limit", args.limit, 0), ("--latency-n", args.latency_n, 1), ("--warmup", args.warmup, 0),
+               ("--repeats", args.repeats, 1)]
+    for flag, value, least in numbers:
+        if value < least:
+            raise EvalError(f"{flag} must be >= {least}, got {value}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise EvalError(f"--out {args.out} is a file, not a folder")
+    config = M.read_ckpt_config(args.ckpt)  # no config.json or adapter: CheckpointError
+    backbone = args.backbone or (os.path.join(args.ckpt, "backbone") if config.get("args", {}).get("pretrain")
+                                 else M.ckpt_field(config, args.ckpt, "backbone_path", "args.backbone"))
+    if not os.path.isfile(os.path.join(str(backbone), "config.json")):
+        src = "--backbone" if args.backbone else f"{args.ckpt}/config.json"
+        raise EvalError(f"backbone folder '{backbone}' (from {src}) does not exist or holds no config.json: "
+                        "pass --backbone FOLDER")
+    files = [(f"--bench {b}", b) for b in args.bench]
+    if args.data:
+        files.append(("--data", os.path.join(args.data, "samples.jsonl")))
+    for flag, path in files:
+        if not os.path.isfile(path):
+            raise EvalError(f"{flag}: {path}: no such file" + (" (tools/convert_benchmarks.py writes them)"
+                                                              if flag != "--data" else " (prepare_data.py writes it)"))
+        try:
+            with open(path) as f:
+                lines = f.read().splitlines()
+        except UnicodeDecodeError as e:
+            raise EvalError(f"{flag}: {path} is not a UTF-8 text JSONL file ({e})") from None
+        if not any(line.strip() for line in lines):
+            raise EvalError(f"{flag}: {path} holds no item")
+        for n, line in enumerate(lines, 1):
+            try:
+                if line.strip() and not isinstance(json.loads(line), dict):
+                    raise EvalError(f"{path} line {n}: not a JSON object")
+            except json.JSONDecodeError:
+                pass  # read_jsonl names the line and column
+    items, images = select_items(args), {}
+    for it in items:
+        where = f"{it['benchmark']} item {it['id']!r}"
+        if not isinstance(it["question"], str) or not it["question"].strip():
+            raise EvalError(f"{where}: 'question' must be a non-empty string")
+        if not isinstance(it["answer"], str):
+            raise EvalError(f"{where}: 'answer' must be a string, got {type(it['answer']).__name__}")
+        if it.get("choices") is not None and (not all(isinstance(c, str) for c in it["choices"])
+                                              or isinstance(it["answer_index"], bool)):
+            raise EvalError(f"{where}: 'choices' must be strings and 'answer_index' an integer")
+        if not isinstance(it["image"], str):
+            raise EvalError(f"{where}: 'image' must be a path")
+        images.setdefault(it["image_path"], where)
+    for path, where in images.items():  # the header only: cheap, and a non-image is caught here
+        if not os.path.isfile(path):
+            raise EvalError(f"{where}: image '{path}': no such file")
+        try:
+            with Image.open(path) as im:
+                im.size
+        except Exception as e:  # not an image, unknown format, decompression bomb
+            raise EvalError(f"{where}: image '{path}' cannot be read as an image ({type(e).__name__}: {e})")
+    return items
+
+
 def write_json(obj, path):
     with open(path, "w") as f:
         json.dump(obj, f, indent=2)
@@ -603,7 +746,7 @@ def write_json(obj, path):
 def main(argv=None):
     args = get_args(argv)
     device, dtype = device_and_dtype(args.device)
-    items = select_items(args)
+    items = check_inputs(args)  # every input file, before the model is loaded
     backbone, processor, config, overhead = load_inference_model(args.ckpt, args.backbone, device, dtype)
     print(f"deployed model: {overhead['deployed']['params']:,} parameters = plain backbone "
           f"{overhead['plain_backbone']['params']:,} (+{overhead['extra_params']}), weights "
@@ -637,6 +780,11 @@ def main(argv=None):
         with open(os.path.join(args.out, "probe_predictions.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in prows)
         print(probe_table(result["probes"]) + f"wrote {args.out}/probes.json, probe_predictions.jsonl")
+    if args.pointing:
+        result["pointing"] = pointing_game(args.ckpt, items, args.k, args, device, dtype)
+        with open(os.path.join(args.out, "pointing.json"), "w") as f:
+            json.dump(result["pointing"], f, indent=2, allow_nan=False)
+        print(pointing_table(result["pointing"]) + f"wrote {args.out}/pointing.json")
     write_json(result, os.path.join(args.out, "metrics.json"))
     table = table_md(metrics, label)
     with open(os.path.join(args.out, "table.md"), "w") as f:

@@ -21,6 +21,9 @@ Reads:  the newest checkpoint under runs/ (or --ckpt): config.json, adapter.safe
 Writes: OUT.png   a panel like Figure 3/12: the image, one heatmap per step with its sentence, the answer
         OUT.json  the same content as numbers: answer, per step sentence, heatmap grid (raw cosine), peak
         OUT_bank/ thumbnails of the nearest ROIs (with --bank)
+        OUT is --out, by default next to the checkpoint: <ckpt>/explain/<image name without extension>.
+        Text on stdout and in the panel is printable only (an untrained decoder can emit control bytes,
+        which are stripped); OUT.json keeps the raw strings (JSON escapes them) and is strict JSON.
 
 Commands:
     python explain.py img.png "Where is the lesion located?"
@@ -43,6 +46,7 @@ from safetensors import safe_open
 import model as M
 from evaluate import EvalError, colormap, device_and_dtype, open_image, read_jsonl
 from extract_roi import build_encoder, pad_image
+from prepare_data import write_strict_json
 
 
 class ExplainError(Exception):
@@ -266,8 +270,9 @@ def overlay(image, heat_img, box, s, tile, alpha=0.5):
 
 
 def printable(text):
-    """An untrained or tiny model can emit control bytes; the default font would draw them as boxes."""
-    return "".join(c if c.isprintable() else "?" for c in text)
+    """An untrained or tiny model can emit control bytes (a terminal would act on them, the font would draw
+    boxes): whitespace controls become a space, every other non-printable character is dropped."""
+    return "".join(c if c.isprintable() else " " if c.isspace() else "" for c in text)
 
 
 def draw_panel(path, image, question, answer, steps, box, s, tile, bank):
@@ -277,7 +282,7 @@ def draw_panel(path, image, question, answer, steps, box, s, tile, bank):
     dr = ImageDraw.Draw(im)
     font, small = ImageFont.load_default(size=14), ImageFont.load_default(size=11)
     width_chars = max(20, (W - 2 * MARGIN) // 8)
-    dr.text((MARGIN, 6), textwrap.shorten(f"Q: {question}", width_chars), fill="black", font=font)
+    dr.text((MARGIN, 6), textwrap.shorten(printable(f"Q: {question}"), width_chars), fill="black", font=font)
     dr.text((MARGIN, 28), textwrap.shorten(printable(f"A: {answer or '(empty)'}"), width_chars),
             fill=(0, 90, 0), font=font)
     x = MARGIN
@@ -321,7 +326,7 @@ def get_args(argv=None):
                     help="roi.safetensors whose ROI features are searched for each step's nearest ones")
     ap.add_argument("--bank-top", type=int, default=3, help="nearest ROIs shown per step")
     ap.add_argument("--out",
-                    help="output stem: writes OUT.png and OUT.json (default explain_out/<image name>)")
+                    help="output stem: writes OUT.png and OUT.json (default <ckpt>/explain/<image name>)")
     ap.add_argument("--tile", type=int, default=224, help="side of one panel tile in pixels")
     ap.add_argument("--max-new-tokens", type=int, default=64, help="longest answer")
     ap.add_argument("--max-step-tokens", type=int, default=40, help="longest decoded step sentence")
@@ -329,6 +334,13 @@ def get_args(argv=None):
     args = ap.parse_args(argv)
     if args.k < 1:
         ap.error("--k must be >= 1: there is no latent step to explain at K = 0")
+    if not args.question.strip():
+        ap.error("the question is empty")
+    for flag, value, least in (("--tile", args.tile, 32), ("--bank-top", args.bank_top, 1),
+                               ("--max-new-tokens", args.max_new_tokens, 1),
+                               ("--max-step-tokens", args.max_step_tokens, 1)):
+        if value < least:
+            ap.error(f"{flag} must be >= {least}")
     return args
 
 
@@ -336,7 +348,10 @@ def visual_window(vital, h, image, config, ckpt, args, device, out):
     """VP(h_k) against every patch of the full image -> (heat (K, g, g), box, s, bank or None, encoder
     info). The encoder must be the one the ROI targets came from: its width is VP's output width d_v."""
     path, kind, size, src = resolve_encoder(config, ckpt, args.encoder)
-    enc = build_encoder(kind, path, device, size)
+    try:
+        enc = build_encoder(kind, path, device, size)
+    except (OSError, ValueError) as e:  # a folder of another model type, missing weights
+        raise ExplainError(f"encoder folder '{path}' (from {src}): {e}") from None
     v = M.project_latent(vital.vp, h)                                                       # (K, d_v)
     if v.shape[1] != enc.dim:
         raise ExplainError(f"the visual projector gives {v.shape[1]}-d features but encoder '{path}' (from "
@@ -370,12 +385,13 @@ def step_record(k, sentence, heat, box, s, bank):
 
 
 def print_steps(ckpt, question, answer, steps):
-    print(f"checkpoint: {ckpt}\nQ: {question}\nA: {answer}")
+    """The answer and every step on stdout, printable text only."""
+    print(f"checkpoint: {printable(ckpt)}\nQ: {printable(question)}\nA: {printable(answer)}")
     for st in steps:
         where = ""
         if "peak" in st:
             where = f"  [looks at x={st['peak']['x']:.0f}, y={st['peak']['y']:.0f}, cos {st['cos_max']:.3f}]"
-        sentence = st["sentence"] if st["sentence"] is not None else "(no text decoder)"
+        sentence = printable(st["sentence"]) if st["sentence"] is not None else "(no text decoder)"
         print(f"step {st['k']}: {sentence}{where}")
 
 
@@ -392,13 +408,19 @@ def explain(args):
     sentences = [None] * args.k  # text window: only with the decoder + pj_in
     if vital.decoder is not None:
         sentences = M.decode_latent(vital.decoder, vital.pj_in, dec_tok, h, args.max_step_tokens)
-    out = args.out or os.path.join("explain_out", os.path.splitext(os.path.basename(args.image))[0])
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    out = args.out or os.path.join(ckpt, "explain", os.path.splitext(os.path.basename(args.image))[0])
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    except OSError as e:
+        raise ExplainError(f"cannot write {out}.png/.json ({e}): pass --out STEM in a writable folder") from None
     result = dict(image=os.path.abspath(args.image), question=args.question, answer=answer, K=args.k,
                   ckpt=os.path.abspath(ckpt), steps=[])
     heat, box, s, bank, enc_info = None, None, None, None, None
     if vital.vp is not None:  # visual window: only with the visual projector
         heat, box, s, bank, enc_info = visual_window(vital, h, image, config, ckpt, args, device, out)
+    if heat is not None and not torch.isfinite(heat).all():  # strict JSON has no NaN
+        raise ExplainError(f"the checkpoint '{ckpt}' gives non-finite latent states (NaN or inf): it is broken "
+                           "or was trained with a diverging loss")
     steps = [step_record(k, sentences[k], heat, box, s, bank) for k in range(args.k)]
     print_steps(ckpt, args.question, answer, steps)
     if heat is not None:
@@ -408,8 +430,7 @@ def explain(args):
     else:
         print(f"no visual projector in this checkpoint: no heatmaps; wrote {out}.json")
     result["steps"] = [{k: v for k, v in st.items() if k != "heat_img"} for st in steps]
-    with open(out + ".json", "w") as f:
-        json.dump(result, f, indent=1)
+    write_strict_json(result, out + ".json")
     return result
 
 

@@ -31,6 +31,9 @@ Reads:  samples.jsonl (the schema in prepare_data.py's docstring; image/mask pat
 Writes: roi.safetensors: roi (N,d_v) f32, global (N,d_v), top5_index (N,5) i64, top5_score (N,5),
         pathway (N,) i64, box (N,4) i64, mask_ratio (N,); metadata ids (JSON list, row order) + settings.
         roi_report.json: failed samples (id, line, reason; they get no row) and fallbacks used.
+        A bad sample line or file is a failure in the report, never a crash; a user mistake (no such
+        --samples or --encoder folder, every sample failing, an out-of-range number) is one error line
+        and exit status 1. JSON is written strict (prepare_data.strict_json: no NaN anywhere).
         roi_shards/ while running: finished rows, so that a rerun continues (deleted at the end).
         With --grid-search: roi_gridsearch.{json,md,png} (coverage, intensity, SNR of §A.5.3).
 
@@ -48,6 +51,7 @@ import math
 import os
 import random
 import shutil
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -59,10 +63,16 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 import model as M
+from prepare_data import strict_json, write_strict_json
 
 MASK_THRESHOLD = 0.3  # §A.5.2: a patch belongs to the ROI if >= 30% of it is mask (area interpolation)
 VALID_THRESHOLD = 0.5  # chosen: a crop patch is "valid" if at least half of it is real image, not padding
 FULL, CROP = 0, 1  # values of the `pathway` tensor
+
+
+class ROIError(ValueError):
+    """A user mistake (a missing file or folder, every sample failing, shards of other settings): one
+    line on stderr, exit status 1, no traceback."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -81,27 +91,34 @@ def read_units(path):
     """-> (samples in file order as (line, id, Unit key), units by key, failures [{id, line, reason}])."""
     root = os.path.dirname(os.path.abspath(path))
     rows, units, failed, seen = [], {}, [], set()
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                s = json.loads(line)
-            except json.JSONDecodeError as e:
-                failed.append(dict(id=None, line=line_no, reason=f"{path}:{line_no}: invalid JSON ({e})"))
-                continue
-            sid = s.get("id")
-            missing = [k for k in ("id", "image", "mask") if not s.get(k)]
-            if missing or sid in seen:
-                why = f"missing field(s) {missing}" if missing else f"duplicate id {sid!r}"
-                failed.append(dict(id=sid, line=line_no, reason=f"{path}:{line_no}: {why}"))
-                continue
-            seen.add(sid)
-            key = f"{s['image']}|{s['mask']}"
-            if key not in units:
-                units[key] = Unit(key, os.path.join(root, s["image"]), os.path.join(root, s["mask"]))
-            units[key].ids.append(sid)
-            rows.append((line_no, sid, key))
+    try:
+        with open(path) as f:
+            lines = f.readlines()
+    except UnicodeDecodeError as e:
+        raise ROIError(f"--samples {path} is not a text JSONL file ({e})") from None
+    for line_no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            s = json.loads(line)
+        except json.JSONDecodeError as e:
+            failed.append(dict(id=None, line=line_no, reason=f"{path}:{line_no}: invalid JSON ({e})"))
+            continue
+        if not isinstance(s, dict):
+            failed.append(dict(id=None, line=line_no, reason=f"{path}:{line_no}: not a JSON object"))
+            continue
+        sid = s.get("id")
+        missing = [k for k in ("id", "image", "mask") if not s.get(k) or not isinstance(s[k], str)]
+        if missing or sid in seen:
+            why = f"missing or non-text field(s) {missing}" if missing else f"duplicate id {sid!r}"
+            failed.append(dict(id=sid, line=line_no, reason=f"{path}:{line_no}: {why}"))
+            continue
+        seen.add(sid)
+        key = f"{s['image']}|{s['mask']}"
+        if key not in units:
+            units[key] = Unit(key, os.path.join(root, s["image"]), os.path.join(root, s["mask"]))
+        units[key].ids.append(sid)
+        rows.append((line_no, sid, key))
     return rows, units, failed
 
 
@@ -395,8 +412,8 @@ def load_shards(shard_dir, settings):
         with safe_open(path, "pt") as f:
             t, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
         if json.loads(meta["settings"]) != settings:
-            raise ValueError(f"{path} was written with other settings ({meta['settings']}); delete "
-                             f"{shard_dir} to start over")
+            raise ROIError(f"{path} was written with other settings ({meta['settings']}); delete "
+                           f"{shard_dir} to start over")
         for i, (key, image) in enumerate(zip(json.loads(meta["keys"]), json.loads(meta["images"]))):
             rows[key] = {k: t[k][i] for k in ROW_TENSORS}
             globals_of[image] = t["global"][i]
@@ -425,8 +442,8 @@ def extract(samples_path, out, enc, args):
         if keys:
             images = [units[k].image for k in keys]
             atomic_save(stack_rows(new, keys), os.path.join(shard_dir, f"shard_{n_shard:05d}.safetensors"),
-                        dict(keys=json.dumps(keys), images=json.dumps(images), settings=json.dumps(settings),
-                             notes=json.dumps({k: v for k, v in new_notes.items() if k in new})))
+                        dict(keys=strict_json(keys), images=strict_json(images), settings=strict_json(settings),
+                             notes=strict_json({k: v for k, v in new_notes.items() if k in new})))
             n_shard += 1
         rows.update(new)
         notes.update(new_notes)
@@ -440,18 +457,21 @@ def extract(samples_path, out, enc, args):
             keys.append(key)
         else:
             failed.append(dict(id=sid, line=line_no, reason=failures.get(key, "not extracted")))
-    if not keys:
-        raise RuntimeError(f"no sample of {samples_path} could be extracted; see the failures: {failed[:3]}")
+    if not keys:  # the report still says why, sample by sample
+        write_strict_json(dict(samples=samples_path, out=None, n_samples=n_samples, n_rows=0, failed=failed,
+                               settings=settings), stem + "_report.json")
+        first = failed[0]["reason"] if failed else f"{samples_path} holds no sample"
+        raise ROIError(f"no sample of {samples_path} could be extracted ({len(failed)} failed; first: {first}); "
+                       f"every reason is in {stem}_report.json")
     meta = {k: str(v) for k, v in settings.items()}
-    meta.update(ids=json.dumps(ids), samples=os.path.abspath(samples_path), n_failed=str(len(failed)),
+    meta.update(ids=strict_json(ids), samples=os.path.abspath(samples_path), n_failed=str(len(failed)),
                 pathway="0 = full image, 1 = crop; top5_index is into the grid of the encoded view")
     atomic_save(stack_rows(rows, keys), out, meta)
     report = dict(samples=samples_path, out=out, n_samples=n_samples,
                   n_rows=len(ids), n_unique_pairs=len({k for k in keys}), failed=failed,
                   fallbacks=[dict(id=sid, note=notes[k]) for sid, k in zip(ids, keys) if k in notes],
                   n_crop=int(sum(int(rows[k]["pathway"]) for k in keys)), settings=settings)
-    with open(stem + "_report.json", "w") as f:
-        json.dump(report, f, indent=1)
+    write_strict_json(report, stem + "_report.json")
     if not args.keep_shards:
         shutil.rmtree(shard_dir)
     return report
@@ -461,7 +481,8 @@ def extract(samples_path, out, enc, args):
 # 6. Grid search over tau x delta (§A.5.3): coverage, intensity, SNR on a random subset.
 #    Per sample, in the grid of the view its pathway encodes: ROI patches = mask >= 0.3 (with the same
 #    fallback as pooling); coverage = ROI patches / g^2; intensity = mean L2 norm of ROI patch features;
-#    SNR = mean ROI norm / mean norm of the background (real, non-ROI) patches (undefined: skipped).
+#    SNR = mean ROI norm / mean norm of the background (real, non-ROI) patches (undefined: skipped; a
+#    setting where it is undefined for every sample has snr None, never NaN: the report is strict JSON).
 # ----------------------------------------------------------------------------------------------------
 def view_metrics(f, mfrac, content):
     roi = binarise(mfrac, MASK_THRESHOLD)[0]
@@ -494,6 +515,9 @@ def grid_search(units, enc, args):
             for (t, name, _, grids), f in zip(batch, enc.encode(torch.stack([b[2] for b in batch]))):
                 todo[t][1][name] = view_metrics(f, *grids)
         per += todo
+    if not per:
+        raise ROIError("grid search: none of the sampled (image, mask) pairs could be read (extract_roi.py "
+                       "without --grid-search reports why, pair by pair)")
     table = []
     for tau in args.taus:
         for d in args.deltas:
@@ -501,7 +525,7 @@ def grid_search(units, enc, args):
             snrs = [m[2] for m in ms if m[2] is not None]
             table.append(dict(tau=tau, delta=d, coverage=100 * float(np.mean([m[0] for m in ms])),
                               intensity=float(np.mean([m[1] for m in ms])),
-                              snr=float(np.mean(snrs)) if snrs else float("nan"), n=len(ms),
+                              snr=float(np.mean(snrs)) if snrs else None, n=len(ms),
                               n_crop=sum(r < tau for r, _ in per), n_snr=len(snrs)))
     return table
 
@@ -509,7 +533,7 @@ def grid_search(units, enc, args):
 def choose(table, min_coverage):
     """Our reproducible stand-in for the paper's judgement (§A.5.3, 'best trade-off'): the highest SNR
     among settings whose mean coverage is at least min_coverage %, ties broken by intensity."""
-    ok = [r for r in table if r["coverage"] >= min_coverage and not math.isnan(r["snr"])]
+    ok = [r for r in table if r["coverage"] >= min_coverage and r["snr"] is not None]
     if not ok:
         return max(table, key=lambda r: r["coverage"])
     return max(ok, key=lambda r: (r["snr"], r["intensity"]))
@@ -532,7 +556,7 @@ def draw_heatmaps(table, taus, deltas, path, chosen):
     dr = ImageDraw.Draw(im)
     lookup = {(r["tau"], r["delta"]): r for r in table}
     for p, (name, fmt) in enumerate((("coverage", "{:.1f}%"), ("intensity", "{:.3g}"), ("snr", "{:.3f}"))):
-        vals = [r[name] for r in table if not math.isnan(r[name])] or [0.0]
+        vals = [r[name] for r in table if r[name] is not None] or [0.0]
         lo, hi = min(vals), max(vals)
         x0 = p * (pw + gap)
         dr.text((x0 + left, 8), f"{name}  (rows tau, cols delta)", fill="black", font=font)
@@ -542,12 +566,12 @@ def draw_heatmaps(table, taus, deltas, path, chosen):
             dr.text((x0 + 20, top + i * cell + cell // 2 - 6), f"{tau:g}", fill="black", font=font)
             for j, d in enumerate(deltas):
                 v = lookup[tau, d][name]
-                t = 0.5 if math.isnan(v) or hi == lo else (v - lo) / (hi - lo)
+                t = 0.5 if v is None or hi == lo else (v - lo) / (hi - lo)
                 box = (x0 + left + j * cell, top + i * cell,
                        x0 + left + (j + 1) * cell - 1, top + (i + 1) * cell - 1)
                 dr.rectangle(box, fill=colour(t), outline="red" if (tau, d) == chosen else None,
                              width=3 if (tau, d) == chosen else 1)
-                dr.text((box[0] + 6, box[1] + cell // 2 - 6), fmt.format(v), font=font,
+                dr.text((box[0] + 6, box[1] + cell // 2 - 6), "n/a" if v is None else fmt.format(v), font=font,
                         fill="black" if t > 0.6 else "white")
     im.save(path)
 
@@ -559,11 +583,11 @@ def run_grid_search(samples_path, out, enc, args):
     table = grid_search(units, enc, args)
     best = choose(table, args.min_coverage)
     stem = os.path.splitext(out)[0] + "_gridsearch"
-    with open(stem + ".json", "w") as f:
-        json.dump(dict(table=table, chosen=best, subset=len(units), seed=args.seed,
-                       min_coverage=args.min_coverage, encoder=enc.name, grid=enc.grid), f, indent=1)
+    write_strict_json(dict(table=table, chosen=best, subset=len(units), seed=args.seed,
+                           min_coverage=args.min_coverage, encoder=enc.name, grid=enc.grid), stem + ".json")
     md = ["| tau | delta | coverage % | intensity | SNR | crop samples |", "|---|---|---|---|---|---|"]
-    md += [f"| {r['tau']:g} | {r['delta']:g} | {r['coverage']:.1f} | {r['intensity']:.4g} | {r['snr']:.4f} | "
+    md += [f"| {r['tau']:g} | {r['delta']:g} | {r['coverage']:.1f} | {r['intensity']:.4g} | "
+           f"{'n/a' if r['snr'] is None else format(r['snr'], '.4f')} | "
            f"{r['n_crop']}/{r['n']} |" for r in table]
     md.append(f"\nChosen (highest SNR with coverage >= {args.min_coverage}%): tau = {best['tau']:g}, "
               f"delta = {best['delta']:g}")
@@ -613,12 +637,38 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
+def check_args(args):
+    """The inputs a run needs, checked before the encoder is loaded: each problem is one ROIError."""
+    if not os.path.isfile(args.samples):
+        raise ROIError(f"--samples {args.samples}: no such file (prepare_data.py writes samples.jsonl)")
+    if not os.path.isfile(os.path.join(args.encoder, "config.json")):
+        what = "does not exist" if not os.path.exists(args.encoder) else "holds no config.json"
+        raise ROIError(f"--encoder {args.encoder} {what}: pass a model folder (a SigLIP vision tower such as "
+                       "MedSigLIP-448, or the backbone with --encoder-kind self)")
+    if os.path.isdir(args.out):
+        raise ROIError(f"--out {args.out} is a folder: give a file name such as {args.out}/roi.safetensors")
+    ranges = [("--tau", 0 <= args.tau <= 1), ("--delta", 0 <= args.delta <= 10), ("--min-crop", args.min_crop >= 1),
+              ("--batch-size", args.batch_size >= 1), ("--shard-size", args.shard_size >= 1),
+              ("--subset", args.subset >= 1), ("--self-size", args.self_size >= 32),
+              ("--taus", all(0 <= t <= 1 for t in args.taus)), ("--deltas", all(0 <= d <= 10 for d in args.deltas)),
+              ("--min-coverage", 0 <= args.min_coverage <= 100)]
+    bad = [flag for flag, ok in ranges if not ok]  # NaN fails every comparison, so it lands here too
+    if bad:
+        raise ROIError(f"{', '.join(bad)} out of range (tau in [0, 1], delta in [0, 10], sizes >= 1, "
+                       "--min-coverage a percentage)")
+
+
 def main(argv=None):
     args = get_args(argv)
-    if not os.path.isfile(args.samples):
-        raise SystemExit(f"--samples: no file at {args.samples}")
-    enc = build_encoder(args.encoder_kind, args.encoder, args.device, args.self_size)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    check_args(args)
+    try:
+        enc = build_encoder(args.encoder_kind, args.encoder, args.device, args.self_size)
+    except (OSError, ValueError) as e:  # a folder of another model type, missing weights, bad --self-size
+        raise ROIError(f"--encoder {args.encoder}: {e}") from None
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    except OSError as e:
+        raise ROIError(f"--out {args.out}: cannot create its folder ({e})") from None
     if args.grid_search:
         return run_grid_search(args.samples, args.out, enc, args)
     rep = extract(args.samples, args.out, enc, args)
@@ -629,4 +679,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ROIError as e:
+        sys.exit(f"extract_roi.py: error: {e}")

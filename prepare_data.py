@@ -31,6 +31,18 @@ Every sample goes through the same quality gate whatever the teacher. Every deci
 and flushed as soon as it is done, so a killed run loses only the samples in flight (for MSD: the volume
 in flight); rerunning the same command skips decided ids.
 
+Bad input never stops a run and is never dropped silently: every input file ends either in an accepted
+sample or in rejects.jsonl with a reason that names the file and says what is wrong (unreadable image,
+mask without an image, image without a mask, name that follows no convention, size mismatch, empty mask,
+degenerate target, ...). A target is degenerate, and rejected, when its mask has fewer than
+MIN_TARGET_PIXELS = 25 pixels (too few for a shape, a boundary or a brightness; a one-pixel mask has no
+second moments) or covers more than MAX_TARGET_SHARE = 90% of the image (nothing left to stand out from),
+or when no ring of surroundings is left around it. MSD keeps only slices with >= 100 target pixels (§A.1).
+The OpenAI teacher needs its key variable set before any work starts; a key the endpoint refuses (HTTP
+401/403), a wrong URL (404) or an endpoint still unreachable after --http-retries retries stops the run
+with one line naming the URL and a non-zero exit; what was accepted stays and the rerun continues. Every
+JSON and JSONL file is strict JSON (no NaN or Infinity: strict_json refuses them).
+
   python prepare_data.py --source phantom --out data/phantom --n 2000 --seed 0
   python prepare_data.py --source phantom --out data/captions --n 3000 --seed 1 --captions  # tiny pretraining
   python prepare_data.py --source msd --msd-root /data/Task03_Liver /data/Task06_Lung --out data/vital
@@ -105,6 +117,26 @@ def save_png(array, path):
     os.replace(tmp, path)
 
 
+def strict_json(obj, **kw):
+    """json.dumps that refuses NaN and Infinity: Python would write them as bare NaN, which strict JSON
+    readers reject. Every JSON and JSONL artifact of the pipeline is written through this."""
+    return json.dumps(obj, allow_nan=False, **kw)
+
+
+def strict_loads(text):
+    """json.loads that refuses NaN and Infinity, as strict readers do (the reading half of strict_json)."""
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def write_strict_json(obj, path):
+    """A strict JSON file, written atomically (a temporary name, then rename)."""
+    with open(path + ".tmp", "w") as fh:
+        fh.write(strict_json(obj, indent=1) + "\n")
+    os.replace(path + ".tmp", path)
+
+
 def overlay_view(image, mask):
     """Teacher-only view (§A.2): mask as red layer with alpha 0.4, boundary as a yellow contour."""
     rgb = np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image
@@ -133,9 +165,39 @@ def read_png(path, as_mask=False):
 
 
 # ----------------------------------------------------------------------------- image-space facts
+MIN_TARGET_PIXELS = 25  # fewer pixels have no measurable shape, boundary or brightness (chosen)
+MAX_TARGET_SHARE = 0.9  # a target covering more of the image has nothing to stand out from (chosen)
+
+
+def target_problem(mask, where):
+    """Why this mask cannot be described (a reject reason naming `where`), or '' if it can."""
+    n, share = int(mask.sum()), float(mask.mean())
+    if n == 0:
+        return f"empty_mask: {where} has no target pixel"
+    if n < MIN_TARGET_PIXELS:
+        return (f"too_small: {where} has {n} target pixel{'s' * (n > 1)} ({100 * share:.3g}% of the image); "
+                f"the minimum is {MIN_TARGET_PIXELS}")
+    if share > MAX_TARGET_SHARE:
+        return (f"too_large: {where} covers {100 * share:.1f}% of the image; the maximum is "
+                f"{100 * MAX_TARGET_SHARE:.0f}%")
+    if not (dilate(mask, 6) & ~dilate(mask, 2)).any():  # the ring measure() compares brightness with
+        return f"no_surroundings: {where} leaves no background within 6 pixels of the target"
+    return ""
+
+
+def share_words(area):
+    """The share of the image in words that agree with the measured area (round() would say 'about 0%',
+    and max(1, ...) would say 'about 1%' of a one-pixel target)."""
+    return "less than 1%" if area < 0.005 else f"about {max(1, round(100 * area))}%"
+
+
 def measure(image, mask):
     """What the raw pixels show about the target: position, extent, shape, boundary, brightness.
-    Every word the geometry teacher writes and the gate's spatial check comes from here."""
+    Every word the geometry teacher writes and the gate's spatial check comes from here. A degenerate
+    mask (target_problem) raises ValueError: its facts would be NaN or meaningless."""
+    problem = target_problem(mask, "the mask")
+    if problem:
+        raise ValueError(problem)
     H, W = mask.shape
     lum = (image.mean(axis=2) if image.ndim == 3 else image).astype(np.float32) / 255
     ys, xs = np.nonzero(mask)
@@ -161,12 +223,16 @@ def measure(image, mask):
     ring = dilate(mask, 6) & ~dilate(mask, 2)
     diff = float(lum[mask].mean() - lum[ring].mean()) if ring.any() else 0.0
     area = float(mask.mean())
-    return {"cx": round(float(cx), 4), "cy": round(float(cy), 4), "h": h, "v": v,
+    facts = {"cx": round(float(cx), 4), "cy": round(float(cy), 4), "h": h, "v": v,
             "area": round(area, 5), "size": "small" if area < 0.025 else "large",
             "elongation": round(elongation, 3), "ellipse_iou": round(iou, 3), "shape": shape,
             "edge": round(float(edge), 3), "boundary": "sharp" if edge > 0.7 else "blurred",
             "contrast": round(diff, 4),
             "brightness": "brighter" if diff > 0.04 else "darker" if diff < -0.04 else "similar"}
+    bad = [k for k, x in facts.items() if isinstance(x, float) and not np.isfinite(x)]
+    if bad:  # a guard, not an expected path: target_problem should have refused this mask
+        raise ValueError(f"degenerate_mask: non-finite {', '.join(bad)}")
+    return facts
 
 
 def phrases(f):
@@ -177,7 +243,8 @@ def phrases(f):
             "bright": "similar in brightness to its surroundings" if f["brightness"] == "similar"
             else f"{f['brightness']} than its surroundings",
             "margin": "a sharp, well-defined boundary" if f["boundary"] == "sharp"
-            else "a blurred, ill-defined boundary"}
+            else "a blurred, ill-defined boundary",
+            "total": sum(rule_points(f)), "grade": GRADES[sum(rule_points(f))].capitalize()}
 
 
 # ----------------------------------------------------------------------------- MSD reader (§A.1)
@@ -200,14 +267,19 @@ def read_msd_task(root):
     """dataset.json -> (labels, modalities, [(image path, label path)]); './' stripped, '._' files skipped."""
     path = os.path.join(root, "dataset.json")
     if not os.path.isfile(path):
-        raise SystemExit(f"error: {path} not found: --msd-root must be an MSD task folder")
+        raise SystemExit(f"prepare_data.py: error: {path} not found: --msd-root must be an MSD task folder")
     try:
-        meta = json.load(open(path))
+        with open(path) as fh:
+            meta = json.load(fh)
         entries = [(os.path.join(root, e["image"].replace("./", "", 1)),
                     os.path.join(root, e["label"].replace("./", "", 1))) for e in meta["training"]]
         labels, modalities = meta["labels"], meta["modality"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f"error: {path}: not a valid MSD dataset.json ({type(e).__name__}: {e})")
+        if not isinstance(labels, dict) or not isinstance(modalities, dict):
+            raise TypeError("'labels' and 'modality' must be objects")
+        [int(k) for k in list(labels) + list(modalities)]  # label values and channels are integers
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise SystemExit(f"prepare_data.py: error: {path}: not a valid MSD dataset.json "
+                         f"({type(e).__name__}: {e})")
     return labels, modalities, [e for e in entries if not os.path.basename(e[0]).startswith("._")]
 
 
@@ -233,17 +305,30 @@ def msd_cases(work, args):
     group = f"msd-{task}-{case_id}"
     missing = [p for p in (image_path, label_path) if not os.path.isfile(p)]
     if missing:
-        yield {"id": group, "reasons": [f"missing_file: {missing[0]}"]}
+        yield {"id": group, "reasons": [f"missing_file: {missing[0]} (listed in {root}/dataset.json)"]}
         return
-    vol = np.asanyarray(nib.load(image_path).dataobj).astype(np.float32)
-    lab = np.rint(np.asanyarray(nib.load(label_path).dataobj)).astype(np.int32)
+    arrays = []
+    for path in (image_path, label_path):
+        try:
+            arrays.append(np.asanyarray(nib.load(path).dataobj).astype(np.float32))
+        except Exception as e:  # truncated gzip, not a NIfTI, bad header, ...
+            yield {"id": group, "reasons": [f"unreadable_volume: {path}: {type(e).__name__}: {e}"]}
+            return
+    vol, lab = arrays
     vol = vol[..., None] if vol.ndim == 3 else vol  # (X, Y, Z, C)
-    if vol.shape[:3] != lab.shape:
-        yield {"id": group, "reasons": [f"size_mismatch: image {vol.shape[:3]} vs label {lab.shape} "
-                                        f"({label_path})"]}
+    problem = (f"bad_shape: {image_path} is {vol.ndim}-D, an MSD image is 3-D or 4-D" if vol.ndim != 4 else
+               f"size_mismatch: image {image_path} is {vol.shape[:3]} but label {label_path} is {lab.shape}"
+               if vol.shape[:3] != lab.shape else
+               f"non_finite: {image_path} or its label holds NaN or infinite voxels"
+               if not (np.isfinite(vol).all() and np.isfinite(lab).all()) else "")
+    if problem:
+        yield {"id": group, "reasons": [problem]}
         return
+    lab = np.rint(lab).astype(np.int32)
     names = {int(k): msd_target(v, task) for k, v in labels.items() if int(k) != 0}
     channels = range(vol.shape[3]) if args.msd_channels == "all" else map(int, args.msd_channels.split(","))
+    channels = [c for c in channels if c < vol.shape[3]]  # get_args checked the list; a volume may have fewer
+    n_yielded = 0
     for c in channels:
         sequence = modalities.get(str(c), "MRI")
         norm = msd_normalise(vol[..., c], sequence, task)
@@ -254,12 +339,21 @@ def msd_cases(work, args):
                 mask = lab_z == value
                 if mask.sum() < 100:  # §A.1: keep slices with >= 100 target pixels
                     continue
+                n_yielded += 1
+                problem = target_problem(mask, f"label {label_path} slice {z} ({target})")
+                if problem:  # e.g. a label that fills the whole slice
+                    yield {"id": f"{group}-c{c}-z{z:03d}--{slug(target)}", "reasons": [problem]}
+                    continue
                 absent = [names[o] for o in names if o != value and not (lab_z == o).any()]
                 yield {"image_key": f"{group}-c{c}-z{z:03d}", "group": group, "source": "msd", "subset": task,
                        "modality": "CT" if sequence.upper() == "CT" else "MRI", "target": target,
                        "target_type": ttype, "image": image, "mask": mask, "others": absent, "order": None,
                        "meta": {"volume": os.path.relpath(image_path, root), "slice": z, "channel": c,
                                 "sequence": modalities.get(str(c), "")}}
+    if not n_yielded:  # the volume must not vanish without a word
+        yield {"id": group, "reasons": [f"no_target: {label_path} (label of {image_path}) has no slice (every "
+                                        f"{args.msd_stride}th, channels {args.msd_channels}) with >= 100 pixels "
+                                        f"of a label of {root}/dataset.json"]}
 
 
 # ----------------------------------------------------------------------------- BiomedParse reader (§A.1)
@@ -285,22 +379,45 @@ def bmp_target_type(target):
     return "organ"
 
 
+def bmp_name_problem(folder, name, is_mask):
+    """Why a file in train/ or train_mask/ cannot be read as BiomedParse input, or ''."""
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        return f"bad_name: {path} is not a file (images and masks lie directly in the split folder)"
+    if not name.endswith(".png"):
+        return f"bad_name: {path} is not a .png file"
+    if not parse_bmp_name(name[:-4], is_mask):
+        form = "IMG_MODALITY_SITE_TARGET.png" if is_mask else "IMG_MODALITY_SITE.png"
+        return f"bad_name: {path} does not follow the convention {form}"
+    return ""
+
+
 def bmp_work(root):
-    """One work item per image: (..., image path, [(mask path, target)]); masks without an image
-    become rejects. A folder without train/ or test/ is the BiomedParse parent: read every subset."""
+    """One work item per image: (..., image path, [(mask path, target)]). A mask without an image, and a
+    file whose name follows no convention (its item holds the reason instead of masks), become rejects;
+    hidden files (.DS_Store, ._*) are skipped. A folder without train/ or test/ is the BiomedParse
+    parent: read every subset."""
     if not os.path.isdir(root):
-        raise SystemExit(f"error: --bmp-root {root} is not a folder")
+        raise SystemExit(f"prepare_data.py: error: --bmp-root {root} is not a folder")
     subset, work = os.path.basename(os.path.normpath(root)), []
     splits = [s for s in ("train", "test") if os.path.isdir(os.path.join(root, s))]
     for split in splits:
         img_dir, mask_dir = os.path.join(root, split), os.path.join(root, f"{split}_mask")
-        masks = {}  # image stem -> [(mask path, target)]
-        for name in sorted(os.listdir(mask_dir)) if os.path.isdir(mask_dir) else []:
-            parsed = name.endswith(".png") and not name.startswith(".") and parse_bmp_name(name[:-4], True)
-            if parsed:
-                entry = (os.path.join(mask_dir, name), parsed["target"])
-                masks.setdefault(parsed["image_stem"], []).append(entry)
-        images = {n[:-4] for n in os.listdir(img_dir) if n.endswith(".png") and not n.startswith(".")}
+        masks, images = {}, set()  # image stem -> [(mask path, target)]; image stems
+        for folder, is_mask in ((mask_dir, True), (img_dir, False)):
+            for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+                if name.startswith("."):
+                    continue
+                problem = bmp_name_problem(folder, name, is_mask)
+                if problem:
+                    work.append(("bmp", root, subset, os.path.basename(folder), name,
+                                 os.path.join(folder, name), problem))
+                elif is_mask:
+                    parsed = parse_bmp_name(name[:-4], True)
+                    masks.setdefault(parsed["image_stem"], []).append((os.path.join(mask_dir, name),
+                                                                      parsed["target"]))
+                else:
+                    images.add(name[:-4])
         for stem in sorted(images | set(masks)):
             image_path = os.path.join(img_dir, stem + ".png")
             work.append(("bmp", root, subset, split, stem, image_path, masks.get(stem, [])))
@@ -308,39 +425,54 @@ def bmp_work(root):
         subsets = [os.path.join(root, d) for d in sorted(os.listdir(root))
                    if any(os.path.isdir(os.path.join(root, d, s)) for s in ("train", "test"))]
         if not subsets:
-            raise SystemExit(f"error: --bmp-root {root} has no train/ or test/ folder "
+            raise SystemExit(f"prepare_data.py: error: --bmp-root {root} has no train/ or test/ folder "
                              "(nor subset folders with one)")
         work = [w for sub in subsets for w in bmp_work(sub)]
     return work
 
 
+PNG_ERRORS = (OSError, ValueError, Image.DecompressionBombError)  # missing, truncated, not a PNG, huge
+
+
 def bmp_cases(work, args):
+    """The (image, target) cases of one BiomedParse image, or rejects that name the bad file."""
     _, root, subset, split, stem, image_path, masks = work
     key = f"bmp-{slug(subset)}-{split}-{slug(stem)}"
+    if isinstance(masks, str):  # a file whose name follows no convention: bmp_work's reason
+        yield {"id": f"{key}--bad-name", "reasons": [masks]}
+        return
     if not masks:
         yield {"id": key, "reasons": [f"no_mask: {image_path} has no mask in {split}_mask/"]}
         return
+    if not os.path.isfile(image_path):
+        for p, target in masks:
+            yield {"id": f"{key}--{slug(target)}", "reasons": [f"no_image: mask {p} has no image {image_path}"]}
+        return
     try:
         image = read_png(image_path)
-    except (OSError, ValueError) as e:
-        yield {"id": key, "reasons": [f"unreadable_image: {image_path}: {e}"]}
+    except PNG_ERRORS as e:  # one reject per mask: each of them ends somewhere
+        for p, target in masks:
+            yield {"id": f"{key}--{slug(target)}", "reasons": [f"unreadable_image: {image_path} (image of mask "
+                                                               f"{p}): {type(e).__name__}: {e}"]}
         return
     parsed, targets = parse_bmp_name(stem, False), {t for _, t in masks}
     absent = [(t, bmp_target_type(t)) for t in args.bmp_targets.get(subset, []) if t not in targets]
     for p, target in masks:
         try:
             mask = read_png(p, as_mask=True)
-            problem = (f"size_mismatch: mask {mask.shape} vs image {image.shape[:2]} ({p})"
-                       if mask.shape != image.shape[:2] else "" if mask.any() else f"empty_mask: {p}")
-        except (OSError, ValueError) as e:
-            problem = f"unreadable_mask: {p}: {e}"
+            problem = (f"size_mismatch: mask {p} is {mask.shape[1]}x{mask.shape[0]} but its image "
+                       f"{image_path} is {image.shape[1]}x{image.shape[0]}" if mask.shape != image.shape[:2]
+                       else target_problem(mask, f"mask {p} (of image {image_path})"))
+        except PNG_ERRORS as e:
+            problem = f"unreadable_mask: {p} (of image {image_path}): {type(e).__name__}: {e}"
         if problem:
             yield {"id": f"{key}--{slug(target)}", "reasons": [problem]}
             continue
         yield {"image_key": key, "group": key, "source": "biomedparse", "subset": subset,
                "modality": parsed["modality"], "target": target, "target_type": bmp_target_type(target),
                "image": image, "mask": mask, "others": absent, "order": None,
-               "meta": {"site": parsed["site"], "bmp_split": split, "file": os.path.relpath(p, root)}}
+               "meta": {"site": parsed["site"], "bmp_split": split, "file": os.path.relpath(p, root),
+                        "image_file": os.path.relpath(image_path, root)}}
 
 
 # ----------------------------------------------------------------------------- questions (§A.1, Table 4)
@@ -359,11 +491,31 @@ TEMPLATES = {
                  "lesion": ["Describe the {t} seen in this {mp}.",
                             "What does the {t} in this {mp} look like?"],
                  "vessel": ["Describe the appearance and course of the {t} in this {mp}."]},
-    "reasoning": {"*": ["Analyze the visual findings of the {t} in this {mp}: position, extent, shape, "
-                        "boundary and brightness."],
-                  "lesion": ["Analyze the {t} in this {mp}: where is it, how large is it, what are its shape "
-                             "and margin, and how bright is it?"]},
+    # the grading rule (RULE below) is stated in the question: the model is told how, it must see what
+    "reasoning": {"*": ["Grade the {t} in this {mp} by the points rule: one point each for an irregular shape, "
+                        "a blurred boundary, a large size and being darker than its surroundings. What is the "
+                        "grade?"],
+                  "lesion": ["Score the {t} in this {mp} with the points rule (one point each for an irregular "
+                             "shape, a blurred boundary, a large size, and being darker than its surroundings). "
+                             "Which grade is it?"]},
 }
+
+# The reasoning question applies a visible points rule in the spirit of the clinical ones (ABCD for
+# dermoscopy, TI-RADS points for ultrasound): one point for each of four findings, the total decides the
+# grade. No single finding answers it, and the answer leads with the grade, so the findings belong in the
+# chain: one finding per step, the sum in the last.
+RULE = [("shape", "irregular"), ("boundary", "blurred"), ("size", "large"), ("brightness", "darker")]
+GRADES = ["low", "low", "intermediate", "high", "high"]  # by total points 0..4
+
+
+def rule_points(f):
+    """The points of each RULE finding (0 or 1) for one set of image-space facts."""
+    return [int(f[key] == value) for key, value in RULE]
+
+
+def points_text(n):
+    return f"{n} point" if n == 1 else f"{n} points"
+
 
 
 def samples_for(case, args):
@@ -371,7 +523,8 @@ def samples_for(case, args):
     that consecutive phantoms cycle through all six; half of the yes/no questions are negatives."""
     key = f"{case['image_key']}--{slug(case['target'])}"
     r = case["order"] if case["order"] is not None else stable_hash(key)
-    rotated = QUESTION_TYPES[r % 6:] + QUESTION_TYPES[:r % 6]
+    types = args.types or QUESTION_TYPES
+    rotated = types[r % len(types):] + types[:r % len(types)]
     mp = "fundus photograph" if case["modality"] == "fundus" else f"{case['modality']} image"
     for qtype in ["caption"] if args.captions else rotated[:args.questions_per_image]:
         sid = f"{key}--{qtype}"
@@ -398,8 +551,7 @@ ANSWERS = {
     # what a generic image caption says: no target name, no diagnosis
     "caption": "A {size}, {shape} structure {bright} lies in the {where}, with {margin}.",
     "describe": "The {t} is a {size}, {shape} structure in the {where}, {bright}, with {margin}.",
-    "reasoning": "The {t} lies in the {where}; it is a {size}, {shape} structure with {margin} "
-                 "that is {bright}.",
+    "reasoning": "{grade} grade: {total} of 4 points.",
 }
 
 
@@ -428,12 +580,21 @@ def geometry_chain(sample, f, K):
         return [f"{look.capitalize()} consistent with {art} {t} is seen.",
                 f"Its center lies about {round(100 * f['cx'])}% across and {round(100 * f['cy'])}% down "
                 f"the image, which is the {where}."]
+    if qtype == "reasoning":  # one RULE finding per step; the last step adds up (K = 3 folds size and brightness)
+        p = rule_points(f)
+        last = f"{points_text(sum(p))} of 4 in total, so the grade is {GRADES[sum(p)]}."
+        chain = [f"Its shape is {f['shape']}: {points_text(p[0])}.",
+                 f"Its boundary is {f['boundary']}: {points_text(p[1])}.",
+                 f"It covers {share_words(f['area'])} of the image, so it is {f['size']}: "
+                 f"{points_text(p[2])}.",
+                 f"It is {w['bright']}: {points_text(p[3])}; {last}"]
+        return chain if K == 4 else chain[:2] + [
+            f"It is {f['size']} and {w['bright']}: {points_text(p[2] + p[3])}; {last}"]
     chain = [f"A structure {w['bright']} stands out in the {where}.",
-             f"It covers about {max(1, round(100 * f['area']))}% of the image, so it is {f['size']}.",
+             f"It covers {share_words(f['area'])} of the image, so it is {f['size']}.",
              f"Its shape is {f['shape']} and it has {w['margin']}."]
-    if qtype == "describe":  # K = 2 folds extent and form into one step
-        return chain if K == 3 else [chain[0], f"It is {f['size']} and {f['shape']}, with {w['margin']}."]
-    return chain + [f"Together these features are consistent with {art} {t}."] if K == 4 else chain
+    # describe; K = 2 folds extent and form into one step
+    return chain if K == 3 else [chain[0], f"It is {f['size']} and {f['shape']}, with {w['margin']}."]
 
 
 def closed_form(sample, f, case, rng):
@@ -453,6 +614,8 @@ def closed_form(sample, f, case, rng):
         wrong = [w for w in wrong if w != true][:3]
     elif qtype == "location_choice":
         wrong = [canonical_answer(qtype, t, tt, dict(f, h=h)) for h in sides if h != f["h"]]
+    elif qtype == "reasoning":  # every total the rule can give
+        wrong = [f"{GRADES[n].capitalize()} grade: {n} of 4 points." for n in range(5)]
     elif qtype == "location":
         regions = [(v, h) for v in ("upper", "middle", "lower") for h in sides if (v, h) != (f["v"], f["h"])]
         wrong = [canonical_answer(qtype, t, tt, dict(f, v=v, h=h)) for v, h in rng.sample(regions, 3)]
@@ -529,12 +692,22 @@ def user_prompt(case, sample, strict):
 
 
 class TeacherUnavailable(Exception):
-    """The endpoint could not be reached: not a decision about the sample, so it is retried on rerun."""
+    """The run cannot go on (the key is refused, the URL is wrong, the endpoint is down after the retries):
+    not a decision about the sample, so the run stops and the rerun asks again."""
+
+
+class RequestRefused(Exception):
+    """The endpoint refused this one request (HTTP 400, 413, 422, ...): a reason to retry, then reject."""
+
+
+def endpoint(args):
+    return args.base_url.rstrip("/") + "/chat/completions"
 
 
 def openai_teacher(case, sample, facts, strict, args):
     """One chat-completions call with the overlay as a base64 data URL; retries 429/5xx/network errors
-    with exponential backoff, at most --http-retries times."""
+    with exponential backoff, at most --http-retries times. 401/403/404 and an endpoint still down after
+    the retries raise TeacherUnavailable; another 4xx raises RequestRefused."""
     buf = io.BytesIO()
     Image.fromarray(overlay_view(case["image"], case["mask"])).save(buf, format="PNG")
     url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
@@ -548,23 +721,31 @@ def openai_teacher(case, sample, facts, strict, args):
     for attempt in range(args.http_retries + 1):
         if attempt:
             time.sleep(min(args.backoff_max, args.backoff_base * 2 ** (attempt - 1)))
-        request = urllib.request.Request(args.base_url.rstrip("/") + "/chat/completions", body, headers)
+        request = urllib.request.Request(endpoint(args), body, headers)
         try:
             with urllib.request.urlopen(request, timeout=args.timeout) as response:
                 reply = response.read().decode("utf-8", "replace")
         except urllib.error.HTTPError as e:
             error = f"HTTP {e.code}"
-            if e.code != 429 and e.code < 500:
-                break  # 400/401/404: asking again will not help
+            if e.code in (401, 403):  # asking again, or with the next sample, will not help
+                raise TeacherUnavailable(f"the teacher at {endpoint(args)} refused the key in "
+                                         f"${args.api_key_env} ({error}): check the key") from None
+            if e.code == 404:
+                raise TeacherUnavailable(f"the teacher at {endpoint(args)} answered {error}: check --base-url "
+                                         f"and --teacher-model {args.teacher_model}") from None
+            if e.code != 429 and e.code < 500:  # this request only (too large, refused content, ...)
+                detail = " ".join(e.read(300).decode("utf-8", "replace").split())
+                raise RequestRefused(f"http: the endpoint answered {error} ({detail})") from None
             continue
-        except (urllib.error.URLError, OSError) as e:  # refused, reset, timeout
-            error = type(e).__name__
+        except (urllib.error.URLError, OSError) as e:  # refused, reset, timeout, unknown host
+            error = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
             continue
         try:
             return json.loads(reply)["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError):
             return reply  # not chat-completions JSON: the gate rejects it as malformed
-    raise TeacherUnavailable(error)
+    raise TeacherUnavailable(f"the teacher at {endpoint(args)} is unreachable after {args.http_retries} "
+                             f"retries (last: {error})")
 
 
 def geometry_teacher(case, sample, facts, strict, args):
@@ -660,15 +841,18 @@ STATE = {}  # per-process: the parsed arguments and the ids already decided (set
 
 
 def init_worker(args, decided):
-    STATE["args"], STATE["decided"] = args, decided
+    STATE["args"], STATE["decided"], STATE["stop"] = args, decided, ""  # stop: why the teacher cannot go on
 
 
 def process(work):
     """Read one work item (a phantom index, an MSD volume, a BiomedParse image), ask its questions,
-    gate every answer. Returns ('sample'|'reject'|'failed', record) outcomes; bad input -> reject."""
+    gate every answer. Returns ('sample'|'reject'|'stop', record) outcomes; bad input -> reject. Once the
+    teacher stopped (STATE['stop']), items not yet started return nothing: they stay for the rerun."""
     from demo.phantom import phantom_case  # here, not at the top: demo/phantom.py imports this file
     args, decided = STATE["args"], STATE["decided"]
     outcomes = []
+    if STATE["stop"]:
+        return outcomes
     try:
         cases = [phantom_case(work[1], args.seed, args.image_size)] if work[0] == "phantom" else \
             msd_cases(work, args) if work[0] == "msd" else bmp_cases(work, args)
@@ -680,10 +864,12 @@ def process(work):
             todo = [s for s in samples_for(case, args) if s["id"] not in decided]
             if todo:
                 outcomes += teach_case(case, todo, args)
+            if STATE["stop"]:
+                break
     except Exception as e:  # e.g. a corrupt volume: reject this item, keep what is done, continue
         wid = f"phantom-{work[1]}" if work[0] == "phantom" else slug(str(work[-2]))  # work[-2]: the image
         outcomes.append(("reject", {"id": f"{work[0]}-{wid}--error", "source": work[0],
-                                    "reasons": [f"error: {type(e).__name__}: {e}"]}))
+                                    "reasons": [f"error: {work[-2]}: {type(e).__name__}: {e}"]}))
     return outcomes
 
 
@@ -699,16 +885,24 @@ def teach_case(case, todo, args):
     teacher = openai_teacher if args.teacher == "openai" else geometry_teacher
     outcomes = []
     for sample in todo:
-        history, strict = [], []
+        if STATE.get("stop"):  # another thread's request stopped the run
+            break
+        history, strict, out = [], [], None
         try:
             for _attempt in range(1 + args.max_retries):  # a retry names the violations (§A.3)
-                out, strict = gate(teacher(case, sample, facts, strict, args), sample, facts)
+                try:
+                    raw = teacher(case, sample, facts, strict, args)
+                except RequestRefused as e:  # not the answer's fault: the same prompt again
+                    history.append(str(e))
+                    continue
+                out, strict = gate(raw, sample, facts)
                 if out:
                     break
                 history += strict
-        except TeacherUnavailable as e:
-            outcomes.append(("failed", {"id": sample["id"], "reason": str(e)}))
-            continue
+        except TeacherUnavailable as e:  # the whole run stops; this sample and the rest stay undecided
+            STATE["stop"] = STATE["stop"] or str(e)
+            outcomes.append(("stop", {"id": sample["id"], "reason": str(e)}))
+            break
         head = {"id": sample["id"], "source": case["source"], "subset": case["subset"],
                 "modality": case["modality"], "target": sample["target"],
                 "target_type": sample["target_type"]}
@@ -739,12 +933,15 @@ def load_decided(path):
     for i, line in enumerate(lines):
         if line.strip():
             try:
-                rec = json.loads(line)
+                rec = strict_loads(line)
+                if not isinstance(rec, dict) or "id" not in rec:
+                    raise ValueError("not a JSON object with an 'id'")
                 if i == len(lines) - 1:
                     raise ValueError("no final newline")  # the writer always ends a record with \n
             except ValueError as e:
-                if any(rest.strip() for rest in lines[i + 1:]):
-                    raise SystemExit(f"error: {path} line {i + 1} is not valid JSON ({e}); fix or remove it")
+                if i < len(lines) - 1:  # a complete line (it has its newline): not a killed write
+                    raise SystemExit(f"prepare_data.py: error: {path} line {i + 1} is not valid strict JSON "
+                                     f"({e}); fix or remove it")
                 print(f"{path}: cutting a half-written last line ({len(line)} bytes) left by an "
                       "interrupted run")
                 with open(path, "r+b") as fh:
@@ -799,6 +996,8 @@ def get_args(argv=None):
     # --- questions and splits
     p.add_argument("--questions-per-image", type=int, default=1, choices=range(1, 7),
                    help="question types per (image, target)")
+    p.add_argument("--types", nargs="+", choices=QUESTION_TYPES, default=None,
+                   help="ask only these question types (rotated like the six; default: all six)")
     p.add_argument("--captions", action="store_true",
                    help="instead of the six VITAL question types, one target-free caption per image: the "
                         "corpus on which train.py --pretrain teaches a random tiny backbone to see (use "
@@ -828,7 +1027,28 @@ def get_args(argv=None):
     for r in roots:
         if not os.path.isdir(r):
             p.error(f"{r} is not a folder")
+    check_numbers(p, args)
     return args
+
+
+def check_numbers(p, args):
+    """Out-of-range numbers and malformed values are one-line argparse errors, not a crash mid-run
+    (comparisons with NaN are False, so NaN fails every check too)."""
+    wants = [("--n", args.n >= 1, ">= 1"), ("--msd-stride", args.msd_stride >= 1, ">= 1"),
+             ("--image-size", args.image_size >= 32, ">= 32"), ("--workers", args.workers >= 1, ">= 1"),
+             ("--max-retries", args.max_retries >= 0, ">= 0"), ("--http-retries", args.http_retries >= 0, ">= 0"),
+             ("--timeout", args.timeout > 0, "> 0"), ("--backoff-base", 0 <= args.backoff_base <= 3600, "0..3600"),
+             ("--backoff-max", 0 <= args.backoff_max <= 3600, "0..3600"),
+             ("--val-frac", 0 <= args.val_frac <= 1, "in [0, 1]"), ("--test-frac", 0 <= args.test_frac <= 1,
+                                                                   "in [0, 1]"),
+             ("--val-frac + --test-frac", args.val_frac + args.test_frac <= 1, "<= 1"),
+             ("--msd-channels", re.fullmatch(r"all|\d+(,\d+)*", args.msd_channels), "'all' or a list like 0,2"),
+             ("--base-url", re.match(r"https?://[^/\s]", args.base_url), "an http:// or https:// URL")]
+    for flag, ok, need in wants:
+        if not ok:
+            p.error(f"{flag} must be {need}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out {args.out} is a file, not a folder")
 
 
 def make_work(args):
@@ -840,19 +1060,25 @@ def make_work(args):
     work = [w for root in args.bmp_root for w in bmp_work(root)]
     targets = {}  # every target name of a subset: the pool for negative yes/no questions
     for w in work:
-        targets.setdefault(w[2], set()).update(t for _, t in w[6])
+        targets.setdefault(w[2], set()).update(t for _, t in ([] if isinstance(w[6], str) else w[6]))
     args.bmp_targets = {k: sorted(v) for k, v in targets.items()}
     return work
 
 
 def main(argv=None):
     args = get_args(argv)
-    for sub in ("images", "masks", "overlays"):
-        os.makedirs(os.path.join(args.out, sub), exist_ok=True)
+    if args.teacher == "openai" and not os.environ.get(args.api_key_env, "").strip():
+        raise SystemExit(f"prepare_data.py: error: --teacher openai reads its key from ${args.api_key_env}, "
+                         "which is not set (a server without keys takes any value, e.g. EMPTY)")
+    try:
+        for sub in ("images", "masks", "overlays"):
+            os.makedirs(os.path.join(args.out, sub), exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"prepare_data.py: error: cannot write into --out {args.out} ({e})")
     sample_path, reject_path = (os.path.join(args.out, name) for name in ("samples.jsonl", "rejects.jsonl"))
     decided = load_decided(sample_path)[1] | load_decided(reject_path)[1]
     work = make_work(args)
-    counts, failures = {"sample": 0, "reject": 0, "failed": 0}, []
+    counts, stopped = {"sample": 0, "reject": 0}, ""
     init_worker(args, decided)
     # threads for network-bound teachers; processes for the CPU-bound geometry teacher (imap keeps order)
     pool = ThreadPool(args.workers) if args.teacher == "openai" else \
@@ -861,28 +1087,31 @@ def main(argv=None):
         pool.imap(process, work, chunksize=16) if pool else map(process, work)
     with open(sample_path, "a") as fs, open(reject_path, "a") as fr:
         bar = tqdm(results, total=len(work), desc=f"{args.source}/{args.teacher}", unit="item")
-        for outcomes in bar:
+        for outcomes in bar:  # after a stop the remaining items return nothing: the loop drains fast
             for kind, record in outcomes:
-                counts[kind] += 1
-                if kind == "failed":
-                    failures.append(record["reason"])
+                if kind == "stop":
+                    stopped = stopped or record["reason"]
                     continue
+                counts[kind] += 1
                 fh = fs if kind == "sample" else fr
-                fh.write(json.dumps(record) + "\n")
+                fh.write(strict_json(record) + "\n")
                 fh.flush()  # a killed run keeps every line written so far
-            bar.set_postfix(accepted=counts["sample"], rejected=counts["reject"], failed=counts["failed"],
-                            refresh=False)
+            bar.set_postfix(accepted=counts["sample"], rejected=counts["reject"], refresh=False)
     if pool:
         pool.close()
         pool.join()
     stats = compute_stats(args.out)
-    stats["last_run"] = {"skipped_already_decided": len(decided), **counts,
-                         "teacher_unavailable": failures[:20]}
-    with open(os.path.join(args.out, "stats.json.tmp"), "w") as fh:
-        json.dump(stats, fh, indent=1)
-    os.replace(os.path.join(args.out, "stats.json.tmp"), os.path.join(args.out, "stats.json"))
-    print(f"this run: {counts['sample']} accepted, {counts['reject']} rejected, {counts['failed']} teacher "
-          f"failures (retried on rerun), {len(decided)} already decided")
+    stats["last_run"] = {"skipped_already_decided": len(decided), **counts, "stopped": stopped or None}
+    write_strict_json(stats, os.path.join(args.out, "stats.json"))
+    kept = f"{counts['sample']} accepted and {counts['reject']} rejected in this run are kept in {args.out}"
+    if stopped:  # one line, non-zero exit; the rerun skips every decided id
+        raise SystemExit(f"prepare_data.py: error: {stopped}; stopped: {kept}; rerun the same command to "
+                         "continue")
+    if counts["reject"] and not stats["samples"]:
+        top = Counter(x for r in load_decided(reject_path)[0] for x in r["reasons"][:1]).most_common(1)[0][0]
+        raise SystemExit(f"prepare_data.py: error: no sample accepted, {counts['reject']} rejected (first "
+                         f"reason: {top}); every reason is in {reject_path}")
+    print(f"this run: {counts['sample']} accepted, {counts['reject']} rejected, {len(decided)} already decided")
     for key in ("samples", "rejects", "by_source", "by_subset", "by_modality", "by_question_type", "by_K",
                 "by_split", "yesno_negative", "rejects_by_reason", "leakage_hits"):
         print(f"  {key}: {stats[key]}")

@@ -15,8 +15,15 @@ Budget: the schedule's default epochs (5/5/10, 10/10, 20, 10/5/5: 20 in total fo
 Writes OUT/results.md (the tables, also printed), OUT/results.json (every run's numbers) and
 demo/ablations.md (the tables with the command and date that produced them).
 
+--suite evidence (issue 12) runs the demo's own configuration (epochs 4/2/3, every train sample, the demo's
+models, data, pretrained backbone and encoder) for each seed: VITAL (evaluated with the probes, the pointing
+game and §C.6), VITAL with --depth phase, the K = 0 model, task-only, and VITAL with L_vis from the random
+encoder (a copy of the data with its ROI features); plus the backbone alone once. -> runs/evidence/,
+demo/evidence.md. Seed 0 of VITAL and K = 0 repeats the demo's own runs (bit-identical on one machine).
+
     python demo/ablate.py                             # the README's budget (reuses runs/demo's models + data)
     python demo/ablate.py --seeds 0 1 2 3 4 --epoch-scale 1 --limit 0 --eval-limit 0   # a bigger budget
+    python demo/ablate.py --suite evidence --seeds 0 1 2       # after bash demo.sh: ~45 min on 2 cores
 """
 import argparse
 import json
@@ -42,7 +49,8 @@ _print_lock = threading.Lock()
 
 def get_args(argv=None):
     ap = argparse.ArgumentParser(description="VITAL ablations in miniature (paper §4.3, §C.6)")
-    ap.add_argument("--out", default="runs/ablate", help="run folders, results.md, results.json")
+    ap.add_argument("--out", help="run folders, results.md, results.json (default runs/ablate, with "
+                                  "--suite evidence runs/evidence)")
     ap.add_argument("--models", default="runs/demo/models",
                     help="tiny models (made with demo.py's command if absent)")
     ap.add_argument("--backbone", default="runs/demo/pretrain/phase1/backbone",
@@ -64,7 +72,25 @@ def get_args(argv=None):
     ap.add_argument("--jobs", type=int, default=2,
                     help="runs at once (each with OMP_NUM_THREADS = cores / jobs)")
     ap.add_argument("--only", nargs="*", help="config names to run (default all)")
+    ap.add_argument("--suite", default="paper", choices=["paper", "evidence"],
+                    help="paper: Tables 2-3, curricula, §C.6 at --epoch-scale/--limit; evidence: the demo's own "
+                         "configuration over --seeds (VITAL, depth=phase, K = 0, task-only, random encoder) "
+                         "with probes and the pointing game")
+    ap.add_argument("--data-random", default="runs/demo/data_random",
+                    help="evidence: --data's samples with ROI features from the random encoder (made if absent)")
     return ap.parse_args(argv)
+
+
+# --suite evidence (issue 12): the demo's own configuration (its epochs, every train sample, its lr) over
+# several seeds: is VITAL better than its K = 0 model, do the latents matter, does the heatmap point at the
+# target? name -> (extra train args, eval flags, data folder key)
+DEMO_EPOCHS = [4, 2, 3]
+EVIDENCE = {"VITAL": (["--depth", "phase"], ["--k", "4", "--probe", "--pointing", "--collapse"], "data"),
+            "VITAL depth=own": (["--depth", "own"], ["--k", "4", "--probe", "--pointing", "--collapse"], "data"),
+            "K=0": (["--max-k", "0"], ["--k", "0"], "data"),
+            # the two comparison rows keep --depth own: they are read against "VITAL depth=own"
+            "task-only": (LOSSES["task-only"] + ["--depth", "own"], ["--k", "4", "--collapse"], "data"),
+            "VITAL random encoder": (["--depth", "own"], ["--k", "4", "--pointing"], "data_random")}
 
 
 def configs():
@@ -123,12 +149,57 @@ def one_run(args, name, seed, spec, env):
     return name, seed, read_result(ev)
 
 
-def read_result(ev):
+def evidence_run(args, name, seed, env):
+    """One config of the evidence suite at one seed: the demo's three phases, then evaluate.py."""
+    extra, eval_flags, data_key = EVIDENCE[name]
+    data = args.data if data_key == "data" else args.data_random
+    run_dir = os.path.join(args.out, name.replace(" ", "_").replace("=", ""), f"s{seed}")
+    ev = os.path.join(run_dir, "eval")
+    if not os.path.isfile(os.path.join(ev, "metrics.json")):
+        os.makedirs(run_dir, exist_ok=True)
+        log, t0 = os.path.join(run_dir, "commands.log"), time.time()
+        for p, ep in enumerate(DEMO_EPOCHS, 1):
+            phase_dir = os.path.join(run_dir, f"phase{p}")
+            if phase_finished(phase_dir):
+                continue
+            sh([PY, "train.py", "--data", data, "--preset", "tiny", "--models", args.models, "--out", run_dir,
+                "--phase", str(p), "--epochs", f"{ep:g}", "--lora-r", str(args.lora_r),
+                "--lora-alpha", str(args.lora_alpha), "--lr", f"{args.lr:g}", "--seed", str(seed),
+                "--backbone", args.backbone] + extra + (["--resume"] if os.path.isdir(phase_dir) else []),
+               env, log)
+        sh([PY, "evaluate.py", "--ckpt", os.path.join(run_dir, "phase3"), "--data", data, "--out", ev]
+           + eval_flags, env, log)
+        with _print_lock:
+            print(f"[done] {name} seed {seed} in {time.time() - t0:.0f}s", flush=True)
+    return name, seed, read_result(ev, data)
+
+
+def by_type(ev, data):
+    """Closed-ended accuracy (%) per question type from predictions.jsonl, typed through samples.jsonl."""
+    qtype = {json.loads(l)["id"]: json.loads(l)["question_type"]
+             for l in open(os.path.join(data, "samples.jsonl")) if l.strip()}
+    hits = {}
+    for l in open(os.path.join(ev, "predictions.jsonl")):
+        r = json.loads(l)
+        for t in (qtype[r["id"]], "all"):
+            hits.setdefault(t, []).append(bool(r["correct"]))
+    return {t: 100 * sum(v) / len(v) for t, v in hits.items()}
+
+
+def read_result(ev, data=None):
     m = json.load(open(os.path.join(ev, "metrics.json")))
     r = {"acc": next(iter(m["benchmarks"].values()))["closed_acc"]}
     cp = os.path.join(ev, "collapse.json")
     if os.path.isfile(cp):
         r["collapse"] = json.load(open(cp))["mean_offdiag"]
+    if data:
+        r["by_type"] = by_type(ev, data)
+    if "probes" in m:
+        r.update({f"probe {k}": v["accuracy"] for k, v in m["probes"]["probes"].items()})
+    if "pointing" in m:
+        r["pointing best"] = m["pointing"]["best_hit_rate"]
+        r["pointing chance"] = m["pointing"]["chance"]
+        r.update({f"pointing step {s['k']}": s["hit_rate"] for s in m["pointing"]["steps"]})
     return r
 
 
@@ -176,6 +247,84 @@ def tables(args, res):
     return "\n".join(out) + "\n"
 
 
+def evidence_tables(args, res, backbone_alone):
+    """The evidence suite's tables: accuracy per config and question type, VITAL - K=0, probes, pointing game,
+    collapse; mean ± sample std over seeds."""
+    get = lambda name, key: [res[name][s][key] for s in sorted(res.get(name, {})) if key in res[name][s]]
+    typ = lambda name, t: [res[name][s]["by_type"][t] for s in sorted(res.get(name, {}))]
+    types = ["all", "reasoning"] + sorted({t for v in res.get("VITAL", {}).values() for t in v["by_type"]}
+                                          - {"all", "reasoning"})
+    seeds = ", ".join(map(str, args.seeds))
+    out = [f"The demo's configuration (epochs {'/'.join(map(str, DEMO_EPOCHS))}, every train sample, LoRA "
+           f"r={args.lora_r} alpha={args.lora_alpha}, lr {args.lr:g}) on {args.data}, training seeds {seeds}; "
+           "closed-ended accuracy (%) on the phantom test split, mean ± sample std over seeds. VITAL = train.py's "
+           "default (--depth phase); task-only and the random-encoder row train with --depth own and are read "
+           "against 'VITAL depth=own'.", "",
+           "| config | " + " | ".join(types) + " | all, per seed |", "|---|" + "---:|" * len(types) + "---|"]
+    for name in EVIDENCE:
+        if name in res:
+            out.append(f"| {name} | " + " | ".join(fmt(typ(name, t)) for t in types) + " | " +
+                       " / ".join(f"{v:.1f}" for v in typ(name, "all")) + " |")
+    if backbone_alone:
+        out.append("| backbone alone (no LoRA, K = 0; one evaluation) | " +
+                   " | ".join(f"{backbone_alone.get(t, float('nan')):.1f}" for t in types) + " | |")
+    out.append(f"| chance | {chance(args.data, 0):.1f} | | " + "| " * (len(types) - 2) + "|")
+    if "VITAL" in res and "K=0" in res:
+        out += ["", "**VITAL (K = 4) minus the K = 0 model** (points; pooled std = sqrt((s1² + s2²) / 2))", "",
+                "| question type | difference of means | pooled std | per seed |", "|---|---:|---:|---|"]
+        for t in types:
+            a, b = typ("VITAL", t), typ("K=0", t)
+            sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0
+            out.append(f"| {t} | {statistics.mean(a) - statistics.mean(b):+.1f} | "
+                       f"{((sd(a) ** 2 + sd(b) ** 2) / 2) ** 0.5:.1f} | "
+                       + " / ".join(f"{x - y:+.1f}" for x, y in zip(a, b)) + " |")
+    for name in [n for n in EVIDENCE if get(n, "probe normal")]:
+        out += ["", f"**Do the latents matter?** ({name}, K = 4; evaluate.py --probe)", "",
+                "| fed back at each latent step | accuracy | change vs normal | per seed |", "|---|---:|---:|---|"]
+        base = get(name, "probe normal")
+        out += [f"| {k} | {fmt(get(name, 'probe ' + k))} | "
+                f"{statistics.mean(get(name, 'probe ' + k)) - statistics.mean(base):+.1f} | " +
+                " / ".join(f"{v:.1f}" for v in get(name, "probe " + k)) + " |"
+                for k in ("normal", "zero", "h0", "shuffled")]
+    point = [n for n in EVIDENCE if get(n, "pointing best")]
+    if point:
+        out += ["", "**Pointing game** (share of test items whose heatmap peaks inside the target, dilated by "
+                "one patch; evaluate.py --pointing)", "",
+                "| config | step 1 | step 2 | step 3 | step 4 | best step | chance |", "|---|" + "---:|" * 6]
+        out += [f"| {n} | " + " | ".join(fmt(get(n, f"pointing step {k}")) for k in range(1, 5)) +
+                f" | {fmt(get(n, 'pointing best'))} | {fmt(get(n, 'pointing chance'))} |" for n in point]
+    coll = [n for n in EVIDENCE if get(n, "collapse")]
+    if coll:
+        out += ["", "**§C.6 inter-step cosine of h_1..h_4** (lower = less collapse)", "",
+                "| config | cosine | per seed |", "|---|---:|---|"]
+        out += [f"| {n} | {fmt(get(n, 'collapse'), 3)} | " +
+                " / ".join(f"{v:.3f}" for v in get(n, "collapse")) + " |" for n in coll]
+    return "\n".join(out) + "\n"
+
+
+def ensure_evidence_inputs(args):
+    """The random-encoder copy of --data (same samples, ROI features from the random tiny SigLIP) and the
+    backbone-alone evaluation -> its accuracy per question type."""
+    if not os.path.isfile(os.path.join(args.data_random, "roi.safetensors")):
+        os.makedirs(args.data_random, exist_ok=True)
+        for name in ("samples.jsonl", "images", "masks"):
+            link = os.path.join(args.data_random, name)
+            if not os.path.lexists(link):
+                os.symlink(os.path.relpath(os.path.join(args.data, name), args.data_random), link)
+        cmd = [PY, "extract_roi.py", "--samples", os.path.join(args.data_random, "samples.jsonl"), "--encoder",
+               os.path.join(args.models, "encoder"), "--out", os.path.join(args.data_random, "roi.safetensors"),
+               "--quiet"]
+        print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+        subprocess.run(cmd, check=True, cwd=ROOT)
+    ev = os.path.join(args.out, "backbone_alone")
+    if not os.path.isfile(os.path.join(ev, "metrics.json")):
+        cmd = [PY, "evaluate.py", "--ckpt", os.path.dirname(os.path.normpath(args.backbone)), "--data", args.data,
+               "--out", ev, "--k", "0"]
+        print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+        subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    return by_type(ev, args.data)
+
+
 def ensure_inputs(args):
     """Models, data and ROI features with demo.py's commands, if they are not there yet."""
     steps = [([PY, "demo/tiny.py", args.models], os.path.join(args.models, "encoder", "config.json")),
@@ -193,6 +342,7 @@ def ensure_inputs(args):
 
 def main(argv=None):
     args = get_args(argv)
+    args.out = args.out or ("runs/evidence" if args.suite == "evidence" else "runs/ablate")
     os.chdir(ROOT)  # relative paths (--out, --data, ...) start at the repository root, as in demo/run.py
     if args.backbone and not os.path.isfile(os.path.join(args.backbone, "config.json")):
         sys.exit(f"ablate.py: error: no backbone at {args.backbone}: run demo.py first "
@@ -200,19 +350,22 @@ def main(argv=None):
     ensure_inputs(args)
     os.makedirs(args.out, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // args.jobs)))
-    cfgs = {n: c for n, c in configs().items() if not args.only or n in args.only}
+    evidence = args.suite == "evidence"
+    backbone_alone = ensure_evidence_inputs(args) if evidence else None
+    cfgs = {n: c for n, c in (EVIDENCE if evidence else configs()).items() if not args.only or n in args.only}
     jobs = [(n, s) for s in args.seeds for n in cfgs]  # seed-major: a partial run still covers every config
     res = {}
     t0 = time.time()
     with ThreadPoolExecutor(args.jobs) as pool:
-        futs = [pool.submit(one_run, args, n, s, cfgs[n], env) for n, s in jobs]
+        futs = [pool.submit(evidence_run, args, n, s, env) if evidence else
+                pool.submit(one_run, args, n, s, cfgs[n], env) for n, s in jobs]
         for f in futs:
             try:
                 name, seed, r = f.result()
                 res.setdefault(name, {})[seed] = r
             except subprocess.CalledProcessError as e:
                 print(f"[failed] {e.cmd[:3]}... exit {e.returncode} (see the run's commands.log)", flush=True)
-    md = tables(args, res)
+    md = evidence_tables(args, res, backbone_alone) if evidence else tables(args, res)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(md)
     with open(os.path.join(args.out, "results.json"), "w") as f:
@@ -220,13 +373,13 @@ def main(argv=None):
                    "runs": {n: {str(s): r for s, r in v.items()} for n, v in res.items()}}, f, indent=2)
     argv = sys.argv[1:] if argv is None else argv
     cmd = "python demo/ablate.py " + " ".join(shlex.quote(a) for a in argv)
-    with open(os.path.join(HERE, "ablations.md"), "w") as f:  # the tables with what produced them
-        f.write(f"# Ablations in miniature\n\nWritten by `{cmd.strip()}` on "
+    with open(os.path.join(HERE, "evidence.md" if evidence else "ablations.md"), "w") as f:
+        f.write(f"# {'Evidence' if evidence else 'Ablations'} in miniature\n\nWritten by `{cmd.strip()}` on "
                 f"{time.strftime('%Y-%m-%d %H:%M')} "
                 f"({os.cpu_count()} cores); {(time.time() - t0) / 60:.1f} min this run. Per-run numbers: "
                 f"{args.out}/results.json.\n\n" + md)
     print("\n" + md)
-    print(f"wrote {args.out}/results.md, results.json and demo/ablations.md "
+    print(f"wrote {args.out}/results.md, results.json and demo/{'evidence' if evidence else 'ablations'}.md "
           f"({(time.time() - t0) / 60:.1f} min this run)")
 
 

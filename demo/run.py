@@ -2,29 +2,30 @@
 VITAL end to end on the embedded default (phantom data, tiny models, CPU): what `bash demo.sh` runs.
 
 Every stage is a subprocess with its documented command line, printed before it runs, so the demo is
-also the recipe. A stage whose output already exists is skipped, so re-running resumes:
-  1. python demo/tiny.py OUT/models                       -> OUT/models/{backbone,decoder,encoder}
-  P. the tiny backbone's stand-in pretraining (a random backbone cannot see; Qwen3-VL arrives pretrained):
-     python prepare_data.py --seed 1 --captions ... and --questions-per-image 2 ... -> OUT/pretrain_data
-     python demo/pretrain.py ...                                   -> OUT/pretrain/phase1/backbone
-  2. python prepare_data.py --source phantom --out OUT/data ...  -> OUT/data/samples.jsonl, images/, masks/,
-                                                                    stats.json
-  3. python extract_roi.py ...                                   -> OUT/data/roi.safetensors
-  4. python train.py ... --phase 1, 2, 3  (VITAL on the pretrained backbone, 3-phase curriculum)
-                                                               -> OUT/vital/phase{1,2,3}
-  5. python train.py ... --max-k 0 --phase 1, 2, 3 (direct answer, same samples x epochs)
-                                                               -> OUT/k0/phase{1,2,3}
-  6. python evaluate.py ... --k 4 --latency --collapse (VITAL), --k sample (VITAL, each item's own K: a
-     diagnostic), --k 0 (the K = 0 model), --k 0 on the pretrained backbone alone (no LoRA: "zero-shot")
-                                                               -> OUT/eval_vital, eval_vital_ksample,
-                                                                  eval_k0, eval_backbone
-  7. python explain.py IMG "question" --ckpt OUT/vital/phase3    -> OUT/explain/<id>.{png,json}
+also the recipe. A stage whose output already exists is skipped, so re-running resumes. Stages joined by
+"||" run side by side with one thread each (their output goes to a .log file next to their folder):
+  1. python demo/tiny.py OUT/models                              -> OUT/models/{backbone,decoder,encoder}
+  2. python prepare_data.py --source phantom --out OUT/data ...   -> OUT/data/samples.jsonl, images/, masks/
+  P. the stand-in pretrainings (Qwen3-VL and MedSigLIP arrive pretrained; the random tiny ones cannot see):
+     python prepare_data.py --seed 1 --captions ... and --questions-per-image 2 --types (not the grading
+     rule) ...                                                       -> OUT/pretrain_data
+     python demo/pretrain.py ...                     -> OUT/pretrain/phase1/backbone  (the whole backbone, K = 0)
+     || python demo/pretrain_encoder.py ...          -> OUT/encoder_pretrained  (SigLIP's sigmoid loss on the
+        captions), then  3. python extract_roi.py ... -> OUT/data/roi.safetensors
+  4. python train.py ... --phase 1, 2, 3   (VITAL on the frozen pretrained backbone)   -> OUT/vital/phase{1,2,3}
+     || python train.py ... --max-k 0 --phase 1, 2, 3 (direct answer, same samples x epochs) -> OUT/k0/...
+  5. python evaluate.py ... --k 4 --collapse --probe --pointing (VITAL)               -> OUT/eval_vital
+     || python evaluate.py ... --k 0 (the K = 0 model; the pretrained backbone alone, no LoRA)
+                                                                    -> OUT/eval_k0, OUT/eval_backbone
+  6. python explain.py IMG "question" --ckpt OUT/vital/phase3        -> OUT/explain/<id>.{png,json}
 then a summary: closed-ended accuracy of VITAL, of the K = 0 model, of the backbone alone and chance,
-overall and per question type
-(also written to OUT/summary.json, OUT/summary.md and, with the command and date, demo/results.md).
+overall and per question type, the probes ("do the latents matter?") and the pointing game (also written
+to OUT/summary.json, OUT/summary.md and, with the command and date, demo/results.md). The spread of these
+numbers over training seeds comes from `python demo/ablate.py --suite evidence` (demo/evidence.md).
 
-    python demo/run.py                       # the defaults below (tuned on this 2-core CPU machine, README)
+    python demo/run.py                       # the defaults below (README)
     python demo/run.py --out runs/demo2 --n 1500 --epochs 2 2 4   # smaller / other budgets
+    python demo/run.py --out runs/demo_random --encoder random     # L_vis from the random encoder
 """
 import argparse
 import json
@@ -35,10 +36,12 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 PY = sys.executable
+sys.path.insert(0, ROOT)  # for evaluate's table formatting in the summary
 
 
 def get_args(argv=None):
@@ -65,23 +68,42 @@ def get_args(argv=None):
                          "VITAL then trains on the random backbone, which does not learn to see)")
     ap.add_argument("--pretrain-lr", type=float, default=2e-3,
                     help="peak learning rate of the backbone pretraining")
+    ap.add_argument("--encoder", default="pretrained", choices=["pretrained", "random"],
+                    help="the ROI encoder behind L_vis: the tiny SigLIP after its stand-in pretraining "
+                         "(demo/pretrain_encoder.py), or the random one (the comparison row)")
+    ap.add_argument("--encoder-epochs", type=int, default=20, help="epochs of the encoder pretraining")
     ap.add_argument("--eval-limit", type=int, default=0, help="only the first N test items (0 = all)")
     ap.add_argument("--skip-k0", action="store_true", help="do not train/evaluate the K = 0 model")
     return ap.parse_args(argv)
 
 
-def run(cmd, skip_if=None, what=""):
-    """Print the exact command, then run it (or say why it is skipped)."""
+def run(cmd, skip_if=None, what="", log=None):
+    """Print the exact command, then run it (or say why it is skipped). With `log` (a stage that runs beside
+    another one) its output goes to that file and it gets one thread (OMP_NUM_THREADS=1)."""
     line = " ".join(shlex.quote(c) for c in cmd)
     if skip_if and os.path.exists(skip_if):
         print(f"[skip] {what}: {skip_if} exists\n    $ {line}", flush=True)
         return 0.0
-    print(f"\n[run] {what}\n    $ {line}", flush=True)
+    print(f"\n[run] {what}" + (f" (output: {log})" if log else "") + f"\n    $ {line}", flush=True)
     t0 = time.time()
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    if log:
+        os.makedirs(os.path.dirname(log), exist_ok=True)
+        with open(log, "a") as f:
+            subprocess.run(cmd, check=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=f,
+                           stderr=subprocess.STDOUT)
+    else:
+        subprocess.run(cmd, check=True, cwd=ROOT)
     dt = time.time() - t0
     print(f"[done] {what} in {dt:.0f}s", flush=True)
     return dt
+
+
+def side_by_side(*lanes):
+    """Run the lanes (callables) at the same time, one thread each: the tiny models are too small to use two
+    cores in one process, so two one-thread processes take about the time of one (measured on 2 cores)."""
+    with ThreadPoolExecutor(len(lanes)) as pool:
+        for f in [pool.submit(lane) for lane in lanes]:
+            f.result()  # a failed stage raises here, after the other lane has finished
 
 
 def phase_finished(phase_dir):
@@ -93,6 +115,8 @@ def phase_finished(phase_dir):
 
 
 def train_phases(args, models, data, run_dir, extra, label, timings):
+    """The three curriculum phases of one model, in order (a lane of side_by_side)."""
+    log = os.path.join(run_dir, "train.log")
     extra = extra + (["--backbone", args.backbone] if args.backbone else [])
     for p in (1, 2, 3):
         phase_dir = os.path.join(run_dir, f"phase{p}")
@@ -100,11 +124,11 @@ def train_phases(args, models, data, run_dir, extra, label, timings):
                "--phase", str(p), "--epochs", f"{args.epochs[p - 1]:g}", "--lora-r", str(args.lora_r),
                "--lora-alpha", str(args.lora_alpha), "--lr", f"{args.lr:g}", "--seed", str(args.seed)] + extra
         if phase_finished(phase_dir):
-            run(cmd, skip_if=phase_dir, what=f"{label} phase {p} (finished)")
+            run(cmd, skip_if=phase_dir, what=f"{label} phase {p} (finished)", log=log)
             continue
         if os.path.isdir(phase_dir):  # killed mid-phase: continue from its last checkpoint
             cmd.append("--resume")
-        timings[f"{label} phase {p}"] = run(cmd, what=f"{label} phase {p}")
+        timings[f"{label} phase {p}"] = run(cmd, what=f"{label} phase {p}", log=log)
 
 
 def read_jsonl(path):
@@ -137,7 +161,7 @@ def chance_by_type(samples, limit=0):
 
 
 def make_data(args, paths, timings):
-    """Stages 1-3: tiny models, phantom data with the geometry teacher, ROI features."""
+    """Stages 1-2: tiny models, phantom data with the geometry teacher."""
     models, data = paths["models"], paths["data"]
     timings["models"] = run([PY, "demo/tiny.py", models, "--hidden", str(args.hidden),
                              "--layers", str(args.layers)],
@@ -146,29 +170,64 @@ def make_data(args, paths, timings):
                            "--seed", str(args.data_seed), "--image-size", str(args.image_size),
                            "--teacher", "geometry"],
                           skip_if=os.path.join(data, "stats.json"), what="phantom data set")
-    timings["roi"] = run([PY, "extract_roi.py", "--samples", os.path.join(data, "samples.jsonl"),
-                          "--encoder", os.path.join(models, "encoder"),
-                          "--out", os.path.join(data, "roi.safetensors"),
-                          "--quiet"], skip_if=os.path.join(data, "roi.safetensors"), what="ROI features")
+
+
+def make_embedded_default(models, data):
+    """What train.py with no --data needs when the demo has not run yet: the tiny models, the phantom data
+    and ROI features from the random tiny encoder (the demo itself pretrains the encoder first)."""
+    args = get_args(["--encoder", "random"])
+    paths = dict(models=models, data=data, roi=os.path.join(data, "roi.safetensors"),
+                 encoder=os.path.join(models, "encoder"))
+    make_data(args, paths, {})
+    roi_features(args, paths, {})
+
+
+def roi_features(args, paths, timings):
+    """Stage 3: the ROI features (L_vis targets) from the pretrained tiny encoder (or the random one with
+    --encoder random: the comparison row of the pointing game)."""
+    timings["roi"] = run([PY, "extract_roi.py", "--samples", os.path.join(paths["data"], "samples.jsonl"),
+                          "--encoder", paths["encoder"], "--out", paths["roi"], "--quiet"],
+                         skip_if=paths["roi"], what=f"ROI features ({args.encoder} encoder)",
+                         log=paths.get("roi_log"))
+
+
+def pretrain_encoder(args, paths, timings):
+    """The tiny SigLIP's stand-in for MedSigLIP's pretraining: SiglipModel's sigmoid image-text loss on the
+    captions of the pretraining corpus -> the encoder folder extract_roi.py and explain.py use."""
+    if args.encoder == "random":
+        return
+    timings["pretrain encoder"] = run(
+        [PY, "demo/pretrain_encoder.py", "--data", paths["pretrain_data"], "--models", paths["models"],
+         "--out", paths["encoder_pretrained"], "--epochs", str(args.encoder_epochs), "--seed", str(args.seed)],
+        skip_if=os.path.join(paths["encoder_pretrained"], "pretrain.json"),
+        what="pretrain the tiny ROI encoder (SigLIP sigmoid loss on the captions)",
+        log=paths["encoder_pretrained"] + ".log")
+
+
+def pretrain_corpus(args, paths, timings):
+    """The corpus of both stand-in pretrainings: a target-free caption and two of the five perception
+    question types (not the grading rule) per image, on phantom images of another seed."""
+    common = [PY, "prepare_data.py", "--source", "phantom", "--out", paths["pretrain_data"], "--n",
+              str(args.pretrain_n), "--seed", str(args.data_seed + 1), "--image-size", str(args.image_size),
+              "--test-frac", "0", "--val-frac", "0"]
+    perception = ["yesno", "identify", "location_choice", "location", "describe"]
+    for flags, done, what in ((["--captions"], "captions.done", "one caption per image"),
+                              (["--questions-per-image", "2", "--types"] + perception, "questions.done",
+                               "two question types per image (not the grading rule)")):
+        timings["pretrain data"] = timings.get("pretrain data", 0.0) + run(
+            common + flags, skip_if=os.path.join(paths["pretrain_data"], done),
+            what=f"pretraining corpus: {what}")
+        open(os.path.join(paths["pretrain_data"], done), "w").close()
 
 
 def pretrain(args, paths, timings):
-    """The stand-in pretraining: a target-free caption and two of the six question types per image, on
-    images of another seed, answered directly (K = 0) by the whole backbone; VITAL then freezes it as the
-    paper freezes Qwen3-VL. -> the pretrained backbone folder, or None with --pretrain-epochs 0."""
+    """The backbone's stand-in pretraining: the corpus answered directly (K = 0) by the whole backbone;
+    VITAL then freezes it as the paper freezes Qwen3-VL. -> the backbone folder, or None with
+    --pretrain-epochs 0."""
     pre_data, pre_run = paths["pretrain_data"], paths["pretrain"]
     if args.pretrain_epochs <= 0:
         return None
     backbone = os.path.join(pre_run, "phase1", "backbone")
-    common = [PY, "prepare_data.py", "--source", "phantom", "--out", pre_data, "--n", str(args.pretrain_n),
-              "--seed", str(args.data_seed + 1), "--image-size", str(args.image_size), "--test-frac", "0",
-              "--val-frac", "0"]
-    for flags, done, what in ((["--captions"], "captions.done", "one caption per image"),
-                              (["--questions-per-image", "2"], "questions.done",
-                               "two question types per image")):
-        timings["pretrain data"] = timings.get("pretrain data", 0.0) + run(
-            common + flags, skip_if=os.path.join(pre_data, done), what=f"pretraining corpus: {what}")
-        open(os.path.join(pre_data, done), "w").close()
     cmd = [PY, "demo/pretrain.py", "--data", pre_data, "--models", paths["models"], "--out", pre_run,
            "--epochs", f"{args.pretrain_epochs:g}", "--lr", f"{args.pretrain_lr:g}", "--seed", str(args.seed)]
     if phase_finished(os.path.join(pre_run, "phase1")):
@@ -176,30 +235,35 @@ def pretrain(args, paths, timings):
     else:
         timings["pretrain"] = run(cmd + (["--resume"] if os.path.isdir(os.path.join(pre_run, "phase1"))
                                          else []),
-                                  what="pretrain the tiny backbone (whole model, K = 0)")
+                                  what="pretrain the tiny backbone (whole model, K = 0)", log=pre_run + ".log")
     return backbone
 
 
 def evaluate_all(args, paths, timings):
-    """VITAL at K = 4 (+ latency and collapse), VITAL at each item's own K (a diagnostic), the K = 0
-    model, and the pretrained backbone alone (no LoRA: the tiny counterpart of the zero-shot row)."""
+    """Two lanes: VITAL at K = 4 with the probes, the pointing game and the collapse analysis; then the K = 0
+    model and the pretrained backbone alone (no LoRA: the tiny counterpart of the zero-shot row)."""
     lim = ["--limit", str(args.eval_limit)] if args.eval_limit else []
-    jobs = [("eval VITAL", "vital", "eval_vital", ["--k", "4", "--latency", "--collapse"],
-             "evaluate VITAL (K = 4)"),
-            ("eval VITAL K=sample", "vital", "eval_vital_ksample", ["--k", "sample"],
-             "evaluate VITAL with each item's own K (diagnostic)")]
-    if not args.skip_k0:
-        jobs.append(("eval K=0", "k0", "eval_k0", ["--k", "0"], "evaluate the K = 0 model"))
-    for name, run_key, out_key, flags, what in jobs:
-        timings[name] = run([PY, "evaluate.py", "--ckpt", os.path.join(paths[run_key], "phase3"), "--data",
-                             paths["data"], "--out", paths[out_key]] + flags + lim,
-                            skip_if=os.path.join(paths[out_key], "metrics.json"), what=what)
-    if args.backbone:
-        timings["eval backbone"] = run([PY, "evaluate.py", "--ckpt",
-                                        os.path.join(paths["pretrain"], "phase1"), "--data", paths["data"],
-                                        "--out", paths["eval_backbone"], "--k", "0"] + lim,
-                                       skip_if=os.path.join(paths["eval_backbone"], "metrics.json"),
-                                       what="evaluate the pretrained backbone alone (no LoRA)")
+
+    def evaluate(name, ckpt, out_key, flags, what, log):
+        timings[name] = run([PY, "evaluate.py", "--ckpt", ckpt, "--data", paths["data"], "--out", paths[out_key]]
+                            + flags + lim, skip_if=os.path.join(paths[out_key], "metrics.json"), what=what,
+                            log=log)
+
+    def vital_lane():
+        evaluate("eval VITAL", os.path.join(paths["vital"], "phase3"), "eval_vital",
+                 ["--k", "4", "--collapse", "--probe", "--pointing"],
+                 "evaluate VITAL (K = 4) with the probes and the pointing game",
+                 os.path.join(paths["eval_vital"] + ".log"))
+
+    def baselines_lane():
+        log = os.path.join(paths["out"], "eval_baselines.log")
+        if not args.skip_k0:
+            evaluate("eval K=0", os.path.join(paths["k0"], "phase3"), "eval_k0", ["--k", "0"],
+                     "evaluate the K = 0 model", log)
+        if args.backbone:
+            evaluate("eval backbone", os.path.join(paths["pretrain"], "phase1"), "eval_backbone", ["--k", "0"],
+                     "evaluate the pretrained backbone alone (no LoRA)", log)
+    side_by_side(vital_lane, baselines_lane)
 
 
 def explain_one(samples, paths, timings):
@@ -219,21 +283,35 @@ def summary_table(args, samples, paths):
     """-> (markdown rows, {type: accuracies}) of closed-ended accuracy per question type."""
     chance = chance_by_type(samples, args.eval_limit)
     acc = {k: accuracy_by_type(os.path.join(paths[p], "predictions.jsonl"), samples) if use else {}
-           for k, p, use in (("vital", "eval_vital", True), ("own", "eval_vital_ksample", True),
-                             ("k0", "eval_k0", not args.skip_k0),
+           for k, p, use in (("vital", "eval_vital", True), ("k0", "eval_k0", not args.skip_k0),
                              ("bb", "eval_backbone", bool(args.backbone)))}
     types = ["all"] + sorted(t for t in acc["vital"] if t != "all")
     pct = lambda a, t: (100 * a[t][0] / a[t][1]) if t in a and a[t][1] else float("nan")
-    rows = ["| question type | n | VITAL (K=4) | VITAL (own K) | K=0 model | backbone alone | chance |",
-            "|---|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| question type | n | VITAL (K=4) | K=0 model | backbone alone | chance |",
+            "|---|---:|---:|---:|---:|---:|"]
     table = {}
     for t in types:
-        table[t] = dict(n=acc["vital"][t][1], vital=pct(acc["vital"], t), vital_own_k=pct(acc["own"], t),
-                        k0=pct(acc["k0"], t), backbone_alone=pct(acc["bb"], t), chance=chance.get(t))
-        rows.append(f"| {t} | {table[t]['n']} | {table[t]['vital']:.1f} | {table[t]['vital_own_k']:.1f} | "
-                    f"{table[t]['k0']:.1f} | {table[t]['backbone_alone']:.1f} | "
-                    f"{chance.get(t, float('nan')):.1f} |")
+        table[t] = dict(n=acc["vital"][t][1], vital=pct(acc["vital"], t), k0=pct(acc["k0"], t),
+                        backbone_alone=pct(acc["bb"], t), chance=chance.get(t))
+        rows.append(f"| {t} | {table[t]['n']} | {table[t]['vital']:.1f} | {table[t]['k0']:.1f} | "
+                    f"{table[t]['backbone_alone']:.1f} | {chance.get(t, float('nan')):.1f} |")
     return rows, table
+
+
+def probe_rows(paths):
+    """The probe table and the pointing game of the VITAL evaluation (evaluate.py --probe --pointing), as
+    markdown lines under the accuracy table."""
+    import evaluate  # the repository root is on sys.path when this file runs as a script
+    out = []
+    for name, title, fmt in (("probes.json", "Do the latents matter? (VITAL, K = 4, same items)",
+                              evaluate.probe_table),
+                             ("pointing.json", "Pointing game of the visual window (VITAL, K = 4)",
+                              evaluate.pointing_table)):
+        path = os.path.join(paths["eval_vital"], name)
+        if os.path.isfile(path):
+            with open(path) as f:
+                out += ["", f"**{title}**", "", fmt(json.load(f)).rstrip("\n")]
+    return out
 
 
 def write_results(args, argv, rows, wall, timings):
@@ -262,8 +340,9 @@ def print_report(paths, args, pick, stem, ex, rows, wall, timings):
                        ("ROI features", os.path.join(paths["data"], "roi.safetensors")),
                        ("VITAL checkpoints + log.jsonl", paths["vital"]), ("K = 0 checkpoints", paths["k0"]),
                        *[(f"loss curves ({k})", os.path.join(paths[k], "loss.png")) for k in ("vital", "k0")],
-                       ("VITAL evaluation (predictions, metrics, latency, collapse)", paths["eval_vital"]),
-                       ("VITAL evaluation, each item's own K", paths["eval_vital_ksample"]),
+                       ("VITAL evaluation (predictions, metrics, collapse, probes, pointing game)",
+                        paths["eval_vital"]),
+                       ("ROI encoder (pretrained stand-in for MedSigLIP, or the random one)", paths["encoder"]),
                        ("K = 0 evaluation", paths["eval_k0"]), ("explanation (panel + JSON)", stem + ".png"),
                        ("summary", os.path.join(paths["out"], "summary.md")),
                        ("results (command, date, table)", os.path.join("demo", "results.md"))]:
@@ -285,18 +364,28 @@ def main(argv=None):
     os.chdir(ROOT)  # the stage commands are run, and printed, from the repository root
     t_start, timings, out = time.time(), {}, args.out
     paths = {k: os.path.join(out, k) for k in ("models", "data", "pretrain_data", "pretrain", "vital", "k0",
-                                               "eval_vital", "eval_vital_ksample", "eval_k0",
+                                               "eval_vital", "eval_k0",
                                                "eval_backbone")}
-    paths["out"] = out
+    paths["out"], paths["encoder_pretrained"] = out, os.path.join(out, "encoder_pretrained")
+    paths["roi"] = os.path.join(paths["data"], "roi.safetensors")
+    paths["roi_log"] = os.path.join(out, "roi.log")
+    paths["encoder"] = paths["encoder_pretrained"] if args.encoder == "pretrained" else \
+        os.path.join(paths["models"], "encoder")
     make_data(args, paths, timings)
-    args.backbone = pretrain(args, paths, timings)
-    train_phases(args, paths["models"], paths["data"], paths["vital"], [], "VITAL", timings)
+    pretrain_corpus(args, paths, timings)
+    side_by_side(lambda: pretrain(args, paths, timings),                       # the backbone, and beside it
+                 lambda: (pretrain_encoder(args, paths, timings), roi_features(args, paths, timings)))
+    args.backbone = os.path.join(paths["pretrain"], "phase1", "backbone") if args.pretrain_epochs > 0 else None
+    lanes = [lambda: train_phases(args, paths["models"], paths["data"], paths["vital"], [], "VITAL", timings)]
     if not args.skip_k0:
-        train_phases(args, paths["models"], paths["data"], paths["k0"], ["--max-k", "0"], "K=0", timings)
+        lanes.append(lambda: train_phases(args, paths["models"], paths["data"], paths["k0"], ["--max-k", "0"],
+                                          "K=0", timings))
+    side_by_side(*lanes)
     evaluate_all(args, paths, timings)
     samples = read_jsonl(os.path.join(paths["data"], "samples.jsonl"))
     pick, stem, ex = explain_one(samples, paths, timings)
     rows, table = summary_table(args, samples, paths)
+    rows += probe_rows(paths)
     wall = time.time() - t_start
     summary = {"wall_s_this_run": round(wall, 1), "stage_s": {k: round(v, 1) for k, v in timings.items()},
                "accuracy": table, "args": vars(args)}

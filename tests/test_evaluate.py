@@ -440,3 +440,71 @@ def test_probe_writes_every_probe_and_k_in_strict_json(tiny, capsys):
         E.run_probes(None, None, list(items.values())[:1], args, torch.device("cpu"))
     with pytest.raises(SystemExit):
         E.get_args(["--ckpt", "x", "--data", "d", "--out", "o", "--k", "sample", "--probe"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# The pointing game (--pointing)
+# ----------------------------------------------------------------------------------------------------
+def _mask(path, w, h, box):
+    a = np.zeros((h, w), np.uint8)
+    x0, y0, x1, y1 = box
+    a[y0:y1, x0:x1] = 255
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(a).save(path)
+    return path
+
+
+def test_target_patches_by_hand(tmp_path):
+    # 112 x 112 on an 8 x 8 grid (14 px patches): a block inside patch (row 2, col 3) -> that patch and its
+    # 8 neighbours (dilation by one patch)
+    target, valid = E.target_patches(_mask(str(tmp_path / "m.png"), 112, 112, (45, 30, 50, 40)), 8)
+    assert sorted(torch.nonzero(target).flatten().tolist()) == [r * 8 + c for r in (1, 2, 3) for c in (2, 3, 4)]
+    assert valid.all()
+    # a wide image is padded to a square: only the middle rows are image; a corner block touches patch (2, 0)
+    target, valid = E.target_patches(_mask(str(tmp_path / "w.png"), 112, 56, (0, 0, 3, 3)), 8)
+    assert sorted(torch.nonzero(valid).flatten().tolist()) == list(range(16, 48))
+    assert sorted(torch.nonzero(target).flatten().tolist()) == [r * 8 + c for r in (1, 2, 3) for c in (0, 1)]
+
+
+def test_pointing_game_counts_hits_and_chance(tiny, monkeypatch):
+    """Masks on the test images; a visual projector that points at the target's patch must score 100%, one
+    that points at a far corner 0%; chance is the hit area's share, recomputed here."""
+    import shutil
+    import explain as X
+    data = os.path.join(tiny["root"], "data_masks")
+    shutil.copytree(tiny["data"], data)
+    rows = [json.loads(l) for l in open(os.path.join(data, "samples.jsonl"))]
+    for r in rows:  # the planted bright block of write_image: rows h/4..h/2, columns w/2..3w/4 of 64 x 48
+        r["mask"] = "masks/" + os.path.basename(r["image"])
+        _mask(os.path.join(data, r["mask"]), 64, 48, (32, 12, 48, 24))
+    with open(os.path.join(data, "samples.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    g = 8
+    target, valid = E.target_patches(os.path.join(data, rows[1]["mask"]), g)
+    chance = 100 * target[valid].float().mean().item()
+    inside = int(torch.nonzero(target & valid)[0])
+    far = int(torch.nonzero(valid & ~target)[-1])
+    real_heat = X.heatmaps
+
+    def pointing_at(index):
+        def heat(f, v, grid):  # the real heatmap, then the chosen patch made the maximum
+            h = real_heat(f, v, grid).clone().flatten(1)
+            h[:, index] = 2.0
+            return h.view(-1, grid, grid)
+        return heat
+    for index, expected in ((inside, 100.0), (far, 0.0)):
+        monkeypatch.setattr(X, "heatmaps", pointing_at(index))
+        out = os.path.join(tiny["root"], f"ev_point_{index}")
+        E.main(["--ckpt", tiny["ckpt"], "--data", data, "--out", out, "--max-new-tokens", "2", "--pointing"])
+        res = json.loads(open(os.path.join(out, "pointing.json")).read(),
+                         parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
+        assert res["n"] == 4 and [s["k"] for s in res["steps"]] == [1, 2, 3, 4]
+        assert all(s["hit_rate"] == expected for s in res["steps"]) and res["best_hit_rate"] == expected
+        assert res["chance"] == pytest.approx(chance) and 0 < chance < 100
+    monkeypatch.setattr(X, "heatmaps", real_heat)
+    with pytest.raises(E.EvalError, match="with a mask"):  # the tiny data has no masks
+        E.pointing_game(tiny["ckpt"], E.read_test_split(tiny["data"]), 4,
+                        E.get_args(["--ckpt", "x", "--data", tiny["data"], "--out", "o", "--pointing"]),
+                        torch.device("cpu"), torch.float32)
+    with pytest.raises(SystemExit):
+        E.get_args(["--ckpt", "x", "--data", "d", "--out", "o", "--k", "0", "--pointing"])

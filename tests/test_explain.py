@@ -39,6 +39,7 @@ def test_prints_k_sentences_and_writes_panel(tiny, tmp_path, capsys):
                         "--tile", "96", *FAST], capsys)
     steps = [l for l in printed.splitlines() if l.startswith("step ")]
     assert [l.split(":")[0] for l in steps] == [f"step {k}" for k in range(1, K + 1)]
+    assert all(line.isprintable() for line in printed.splitlines())  # no control bytes reach the terminal
     assert printed.splitlines()[2].startswith("A: ")
     saved = json.load(open(out + ".json"))
     assert len(saved["steps"]) == K and all(isinstance(s["sentence"], str) for s in saved["steps"])
@@ -61,8 +62,11 @@ def test_newest_checkpoint_is_found_with_no_argument(tiny, tmp_path, capsys, mon
     os.utime(old / "config.json", (1, 1))  # the copy is older: it must not be chosen
     monkeypatch.chdir(tmp_path)
     res, printed = run([tiny["image"], "Is the liver visible?"], capsys)
-    assert res["ckpt"] == str(tmp_path / "runs" / "tiny" / "phase1") and res["K"] == 4
-    assert os.path.isfile(tmp_path / "explain_out" / "1.png") and os.path.isfile(tmp_path / "explain_out" / "1.json")
+    ckpt = tmp_path / "runs" / "tiny" / "phase1"
+    assert res["ckpt"] == str(ckpt) and res["K"] == 4
+    # without --out the panel and the JSON go next to the checkpoint, not into the current folder
+    assert os.path.isfile(ckpt / "explain" / "1.png") and os.path.isfile(ckpt / "explain" / "1.json")
+    assert sorted(os.listdir(tmp_path)) == ["runs"]
     assert len([l for l in printed.splitlines() if l.startswith("step ")]) == 4
 
 
@@ -109,6 +113,25 @@ def test_planted_heatmap_peaks_on_the_planted_patch(tiny, tmp_path, capsys):
     assert r > b + 60, (r, g, b)
 
 
+def test_printable_strips_control_characters():
+    assert X.printable("a\x00b\x1b[31mc\td\ne\u200b\x7f") == "ab[31mc d e"
+    assert X.printable("Läsion 50% ✓") == "Läsion 50% ✓"
+
+
+def test_control_characters_never_reach_stdout(tiny, tmp_path, capsys, monkeypatch):
+    """An untrained decoder's step sentence with control bytes: stdout gets printable text, the JSON the raw
+    string (escaped, strict)."""
+    raw = "looks \x1b[2J at\x00 the\nlesion\x07"
+    monkeypatch.setattr(M, "decode_latent", lambda dec, pj, tok, h, n: [raw] * h.shape[0])
+    out = str(tmp_path / "ctl")
+    _, printed = run([tiny["image"], "Where\x08 is it?", "--ckpt", tiny["ckpt"], "--k", "2", "--out", out,
+                      "--tile", "64", *FAST], capsys)
+    assert all(line.isprintable() for line in printed.splitlines())
+    assert "step 1: looks [2J at the lesion" in printed
+    saved = json.loads(open(out + ".json").read(), parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
+    assert saved["steps"][0]["sentence"] == raw
+
+
 def test_errors_are_clear(tiny, tmp_path, capsys):
     q = "Where?"
     with pytest.raises(X.ExplainError, match="no such file"):
@@ -127,3 +150,11 @@ def test_errors_are_clear(tiny, tmp_path, capsys):
     with pytest.raises(X.ExplainError, match="encoder folder .*nowhere.* does not exist"):
         X.main([tiny["image"], q, "--ckpt", tiny["ckpt"], "--encoder", str(tmp_path / "nowhere"),
                 "--out", str(tmp_path / "o")])
+    with pytest.raises(X.ExplainError, match="encoder folder .*backbone.*'qwen3_vl' model"):
+        X.main([tiny["image"], q, "--ckpt", tiny["ckpt"], "--encoder", os.path.join(tiny["models"], "backbone"),
+                "--out", str(tmp_path / "o"), *FAST])
+    with pytest.raises(X.ExplainError, match="no checkpoint at"):
+        X.main([tiny["image"], q, "--ckpt", str(tmp_path / "no-such-ckpt")])
+    with pytest.raises(SystemExit):  # argparse: one usage line and one error line
+        X.main([tiny["image"], "  ", "--ckpt", tiny["ckpt"]])
+    assert "the question is empty" in capsys.readouterr().err

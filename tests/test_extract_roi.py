@@ -378,7 +378,28 @@ def test_grid_search_writes_report(tmp_path, siglip):
         assert im.size[0] > 300 and len(np.unique(np.asarray(im.convert("RGB")).reshape(-1, 3), axis=0)) > 10  # three coloured heatmaps
 
 
-def test_missing_encoder_folder_is_a_clear_error(tmp_path):
+def test_user_mistakes_are_one_line_errors(tmp_path, tiny):
+    """Every user mistake is an ROIError (one line on stderr, exit 1), raised before the encoder loads."""
+    import subprocess
+    import sys
     path, _ = phantom(tmp_path, n=1)
-    with pytest.raises(FileNotFoundError, match="no model folder"):
-        er.main(["--samples", path, "--encoder", str(tmp_path / "nope"), "--out", str(tmp_path / "r.safetensors")])
+    out = str(tmp_path / "r.safetensors")
+    with pytest.raises(er.ROIError, match="--encoder .*nope does not exist"):
+        er.main(["--samples", path, "--encoder", str(tmp_path / "nope"), "--out", out])
+    with pytest.raises(er.ROIError, match="holds no config.json"):
+        er.main(["--samples", path, "--encoder", str(tmp_path), "--out", out])
+    with pytest.raises(er.ROIError, match="'qwen3_vl' model"):  # the backbone given as a SigLIP encoder
+        er.main(["--samples", path, "--encoder", os.path.join(tiny, "backbone"), "--out", out])
+    with pytest.raises(er.ROIError, match="--samples .*: no such file"):
+        er.main(["--samples", str(tmp_path / "none.jsonl"), "--encoder", os.path.join(tiny, "encoder"), "--out", out])
+    with pytest.raises(er.ROIError, match="--tau out of range"):
+        er.main(["--samples", path, "--encoder", os.path.join(tiny, "encoder"), "--out", out, "--tau", "nan"])
+    # every sample failing: one line, and the report still lists why
+    bad = write_jsonl(str(tmp_path), [sample("a", "missing.png", "m.png"), sample("b", "gone.png", "m.png")])
+    with pytest.raises(er.ROIError, match=r"no sample of .* could be extracted \(2 failed; first: cannot read image"):
+        er.main(["--samples", bad, "--encoder", os.path.join(tiny, "encoder"), "--out", out, "--quiet"])
+    assert len(json.load(open(tmp_path / "r_report.json"))["failed"]) == 2
+    # as a command: exit status 1, one line on stderr, no traceback
+    p = subprocess.run([sys.executable, os.path.join(os.path.dirname(er.__file__), "extract_roi.py"), "--samples", path,
+                        "--encoder", str(tmp_path / "nope"), "--out", out], capture_output=True, text=True)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and p.stderr.startswith("extract_roi.py: error: --encoder")

@@ -119,9 +119,11 @@ def test_msd_size_mismatch_and_corrupt_volume_are_rejects(tmp_path):
     json.dump({"modality": {"0": "CT"}, "labels": {"0": "background", "1": "spleen"},
                "training": [{"image": f"./imagesTr/{n}.nii.gz", "label": f"./labelsTr/{n}.nii.gz"} for n in "ab"]},
               open(root / "dataset.json", "w"))
-    stats = run(tmp_path / "o", "--source", "msd", "--msd-root", str(root))
+    with pytest.raises(SystemExit, match="no sample accepted, 2 rejected"):  # nothing usable: non-zero exit
+        run(tmp_path / "o", "--source", "msd", "--msd-root", str(root))
     reasons = " ".join(x for r in read_jsonl(tmp_path / "o" / "rejects.jsonl") for x in r["reasons"])
-    assert "size_mismatch" in reasons and "error:" in reasons and stats["rejects"] == 2
+    assert "size_mismatch" in reasons and "unreadable_volume" in reasons and "b.nii.gz" in reasons
+    assert json.load(open(tmp_path / "o" / "stats.json"))["rejects"] == 2
 
 
 # ----------------------------------------------------------------------------- BiomedParse
@@ -185,7 +187,7 @@ def test_biomedparse_reading_and_bad_inputs(tmp_path):
     assert deep_png.dtype == np.uint8 and deep_png.min() == 0 and deep_png.max() == 255
     reasons = {r["id"]: " ".join(r["reasons"]) for r in rejects}
     expect = {"trunc-2": "unreadable_image", "small-3": "size_mismatch", "empty-4": "empty_mask",
-              "orphan-7": "unreadable_image", "lonely-8": "no_mask"}
+              "orphan-7": "no_image", "lonely-8": "no_mask"}
     for key, why in expect.items():
         assert any(key in rid and why in r for rid, r in reasons.items()), (key, reasons)
 
@@ -251,6 +253,33 @@ def test_phantom_answers_match_the_pixels(tmp_path):
             assert P.gate(json.dumps(out), s, facts)[1] == []
     # describe answers need several facts at once: many different attribute combinations occur
     assert len(combos) >= 8
+
+
+def test_grading_rule_needs_every_finding(tmp_path):
+    """The reasoning question: one point each for irregular, blurred, large, darker, counted by hand here from
+    the measured facts; the answer leads with the grade, each step states one finding, the last the sum."""
+    args = P.get_args(["--out", str(tmp_path), "--types", "reasoning"])
+    grade = {0: "Low", 1: "Low", 2: "Intermediate", 3: "High", 4: "High"}
+    totals = set()
+    for i in range(40):
+        case = phantom_case(i, 11, 96)
+        facts = P.measure(case["image"], case["mask"])
+        (s,) = list(P.samples_for(case, args))
+        assert s["question_type"] == "reasoning" and "one point each" in s["question"]
+        out = json.loads(P.geometry_teacher(case, s, facts, [], args))
+        f = facts  # what the pixels show (the drawn size of a thin vessel can measure small)
+        n = (f["shape"] == "irregular") + (f["boundary"] == "blurred") + (f["size"] == "large") + \
+            (f["brightness"] == "darker")
+        totals.add(n)
+        assert out["final_answer"] == f"{grade[n]} grade: {n} of 4 points."
+        chain = out["reasoning_chain"]
+        assert len(chain) in (3, 4) and f"{n} point" in chain[-1] and grade[n].lower() in chain[-1]
+        assert chain[0].startswith("Its shape is " + f["shape"]) and f["boundary"] in chain[1]
+        assert P.gate(json.dumps(out), s, facts)[1] == []
+        choices, k = P.closed_form(s, facts, case, s["rng"])
+        assert sorted(choices) == sorted(f"{grade[m]} grade: {m} of 4 points." for m in range(5))
+        assert choices[k] == out["final_answer"]
+    assert len(totals) >= 4  # the rule's totals vary: no constant answer scores
 
 
 def test_phantom_run_schema_splits_and_choices(tmp_path):
@@ -402,12 +431,15 @@ def test_openai_teacher_against_loopback_server(tmp_path, monkeypatch):
             "--api-key-env", "VITAL_TEST_KEY", "--backoff-base", "0.05", "--backoff-max", "0.1",
             "--http-retries", "3", "--timeout", "5", "--workers", "3"]  # concurrent requests
     t0 = time.time()
-    stats = run(tmp_path, *argv)
+    # location's endpoint never recovers: after the bounded retries the run stops, one line naming the URL
+    with pytest.raises(SystemExit, match=f"teacher at {url}/chat/completions is unreachable after 3 retries "
+                                         r"\(last: HTTP 500\); stopped: 2 accepted and 1 rejected"):
+        run(tmp_path, *argv)
     assert time.time() - t0 < 10  # backoff is bounded
     samples, rejects = read_jsonl(tmp_path / "samples.jsonl"), read_jsonl(tmp_path / "rejects.jsonl")
     by_type = {s["question_type"]: s for s in samples}
     assert set(by_type) == {"yesno", "identify"} and [r["question_type"] for r in rejects] == ["location_choice"]
-    assert stats["last_run"]["failed"] == 1
+    assert "unreachable" in json.load(open(tmp_path / "stats.json"))["last_run"]["stopped"]
     assert by_type["yesno"]["answer"].startswith("Yes") and by_type["yesno"]["meta"]["gate_retries"] == []
     # identify: leaked once, fixed after a strict retry, short answer normalised into a sentence
     ident = by_type["identify"]
@@ -444,6 +476,109 @@ def test_openai_teacher_against_loopback_server(tmp_path, monkeypatch):
     assert [r["qtype"] for r in FakeTeacher.requests[n_before:]] == ["location"]
     assert stats["samples"] == 3 and stats["rejects"] == 1
     server.shutdown()
+
+
+class KeyedTeacher(BaseHTTPRequestHandler):
+    """A teacher that checks the key: `refuse` (401 or 403) for any other key; otherwise a gate-proof
+    answer with the type's smallest step count, or HTTP 400 for the question type in `bad_request`."""
+    key, refuse, bad_request, requests = "good-key", 401, None, []
+
+    def log_message(self, *a):
+        pass
+
+    def reply(self, code, payload):
+        data = json.dumps(payload).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self):
+        text = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["messages"][1]["content"][0]["text"]
+        qtype = text.split("Question type: ")[1].split("\n")[0]
+        KeyedTeacher.requests.append(qtype)
+        if self.headers["Authorization"] != f"Bearer {KeyedTeacher.key}":
+            return self.reply(KeyedTeacher.refuse, {"error": {"message": "Incorrect API key provided"}})
+        if qtype == KeyedTeacher.bad_request:
+            return self.reply(400, {"error": {"message": "image too large for this model"}})
+        final = ("No, it is not visible." if "correct answer is No" in text else "Yes, it is visible.") \
+            if qtype == "yesno" else "It is seen in the image."
+        content = answer(final, ["A distinct structure is seen."] * P.STEP_RANGE[qtype][0])
+        self.reply(200, {"choices": [{"message": {"role": "assistant", "content": content}}]})
+
+
+@pytest.fixture
+def keyed_teacher():
+    KeyedTeacher.key, KeyedTeacher.refuse, KeyedTeacher.bad_request, KeyedTeacher.requests = \
+        "good-key", 401, None, []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), KeyedTeacher)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+
+
+def openai_argv(url, n):
+    return ["--n", str(n), "--teacher", "openai", "--base-url", url, "--api-key-env", "VITAL_TEST_KEY",
+            "--backoff-base", "0.01", "--backoff-max", "0.02", "--http-retries", "2", "--timeout", "5"]
+
+
+@pytest.mark.parametrize("code", [401, 403])
+def test_refused_key_stops_at_once_and_the_rerun_continues(tmp_path, monkeypatch, keyed_teacher, code):
+    KeyedTeacher.refuse = code
+    monkeypatch.setenv("VITAL_TEST_KEY", "good-key")
+    run(tmp_path, *openai_argv(keyed_teacher, 2))
+    assert len(read_jsonl(tmp_path / "samples.jsonl")) == 2
+    monkeypatch.setenv("VITAL_TEST_KEY", "sk-wrong-key")
+    KeyedTeacher.requests = []
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, *openai_argv(keyed_teacher, 6))
+    msg = str(e.value)
+    assert msg.count("\n") == 0 and "sk-wrong-key" not in msg
+    assert f"teacher at {keyed_teacher}/chat/completions refused the key in $VITAL_TEST_KEY (HTTP {code})" in msg
+    assert "stopped: 0 accepted and 0 rejected" in msg and "rerun the same command" in msg
+    assert len(KeyedTeacher.requests) == 1  # at once: no retry, no other sample asked
+    assert len(read_jsonl(tmp_path / "samples.jsonl")) == 2 and not read_jsonl(tmp_path / "rejects.jsonl")
+    assert "refused the key" in json.load(open(tmp_path / "stats.json"))["last_run"]["stopped"]
+    monkeypatch.setenv("VITAL_TEST_KEY", "good-key")
+    KeyedTeacher.requests = []
+    stats = run(tmp_path, *openai_argv(keyed_teacher, 6))
+    assert len(KeyedTeacher.requests) == 4 and stats["samples"] == 6  # only the 4 undecided were asked
+
+
+def test_missing_key_is_checked_before_any_work(tmp_path, monkeypatch, keyed_teacher):
+    monkeypatch.delenv("VITAL_TEST_KEY", raising=False)
+    with pytest.raises(SystemExit, match=r"reads its key from \$VITAL_TEST_KEY, which is not set"):
+        run(tmp_path / "o", *openai_argv(keyed_teacher, 3))
+    assert KeyedTeacher.requests == [] and not (tmp_path / "o").exists()
+
+
+def test_unreachable_endpoint_ends_non_zero_naming_the_url(tmp_path, monkeypatch, keyed_teacher):
+    import socket
+    with socket.socket() as s:  # a port nobody listens on: connection refused
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    monkeypatch.setenv("VITAL_TEST_KEY", "good-key")
+    run(tmp_path, *openai_argv(keyed_teacher, 2))
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, *openai_argv(dead, 5))
+    msg = str(e.value)
+    assert msg.count("\n") == 0 and msg.startswith("prepare_data.py: error: ")
+    assert f"teacher at {dead}/chat/completions is unreachable after 2 retries" in msg and "refused" in msg
+    assert len(read_jsonl(tmp_path / "samples.jsonl")) == 2  # nothing lost
+    stats = run(tmp_path, *openai_argv(keyed_teacher, 5))  # the endpoint is back: the rerun continues
+    assert stats["samples"] == 5 and stats["last_run"]["skipped_already_decided"] == 2
+
+
+def test_a_request_the_endpoint_refuses_is_retried_then_rejected(tmp_path, monkeypatch, keyed_teacher):
+    KeyedTeacher.bad_request = "location"
+    monkeypatch.setenv("VITAL_TEST_KEY", "good-key")
+    stats = run(tmp_path, *openai_argv(keyed_teacher, 4), "--max-retries", "1")
+    rejects = read_jsonl(tmp_path / "rejects.jsonl")
+    assert stats["samples"] == 3 and [r["question_type"] for r in rejects] == ["location"]
+    assert rejects[0]["reasons"] == ["http: the endpoint answered HTTP 400 "
+                                     '({"error": {"message": "image too large for this model"}})'] * 2
+    assert KeyedTeacher.requests.count("location") == 2  # 1 + --max-retries, no HTTP retries on a 400
 
 
 # ----------------------------------------------------------------------------- crash safety

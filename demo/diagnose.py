@@ -1,0 +1,164 @@
+"""
+Why does the miniature VITAL not beat its K = 0 model? Two measurements on the demo's artifacts.
+
+1. What the frozen backbone can see: ridge probes (fit on the train split, scored on the test split) of
+   each finding the phantom's questions ask about, from (a) the image tokens the backbone feeds its LLM
+   (concatenated) and (b) h_0, the last prompt state after the LLM (the state the latent loop starts
+   from), beside the majority-class rate. A finding that no linear probe reads from the image tokens is
+   a finding no LoRA on the LLM can learn to use.
+2. What VITAL's latent states hold (with --ckpt): the same probes from h_0..h_4 of its own loop on the
+   reasoning (grading rule) items; and what its steps say: on the reasoning test items, every step is
+   decoded through the scaffold decoder (explain.py's text window) and each finding the steps state is
+   compared with the measured one; also how often the total the steps state is the gold total.
+
+    python demo/diagnose.py                                   # runs/demo's backbone, data and VITAL
+    python demo/diagnose.py --backbone B --data D --ckpt C    # other artifacts
+Prints two tables and writes OUT/diagnose.json (default: next to --data).
+"""
+import argparse
+import json
+import os
+import re
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+import evaluate as E  # noqa: E402
+import model as M  # noqa: E402
+
+FINDINGS = {"shape": ["round", "elongated", "irregular"], "boundary": ["sharp", "blurred"],
+            "size": ["small", "large"], "brightness": ["brighter", "darker", "similar"],
+            "h": ["left", "central", "right"], "v": ["upper", "middle", "lower"]}
+
+
+@torch.no_grad()
+def features(backbone, processor, data, rows, batch=16):
+    """-> (image tokens (N, n_img * d) at the LLM's input, h_0 (N, d)) for a fixed caption prompt."""
+    img_tok, fv, fh = backbone.config.image_token_id, [], []
+    for i in range(0, len(rows), batch):
+        chunk = rows[i:i + batch]
+        prefix = M.build_prefix(processor, [M.load_image(os.path.join(data, r["image"])) for r in chunk],
+                                ["Describe this image."] * len(chunk))
+        out = backbone.model(**prefix, output_hidden_states=True)
+        for b in range(len(chunk)):
+            fv.append(out.hidden_states[0][b, prefix["input_ids"][b] == img_tok].flatten())
+            fh.append(out.last_hidden_state[b, -1])  # left padding: the last position is the prompt's last
+    return torch.stack(fv), torch.stack(fh)
+
+
+def ridge_accuracy(X, y, train):
+    """Best test accuracy (%) of a one-vs-rest ridge classifier over three penalties, standardised inputs."""
+    mu, sd = X[train].mean(0), X[train].std(0) + 1e-6
+    X = torch.cat([(X - mu) / sd, torch.ones(len(X), 1)], 1)
+    Y = torch.nn.functional.one_hot(y, int(y.max()) + 1).float()
+    best = 0.0
+    for lam in (1.0, 10.0, 100.0):
+        W = torch.linalg.solve(X[train].T @ X[train] + lam * torch.eye(X.shape[1]), X[train].T @ Y[train])
+        best = max(best, ((X[~train] @ W).argmax(1) == y[~train]).float().mean().item())
+    return 100 * best
+
+
+def perception(args):
+    backbone, processor = M.load_backbone(args.backbone)
+    backbone.eval()
+    rows = [r for _, r in E.read_jsonl(os.path.join(args.data, "samples.jsonl"))
+            if r.get("question_type") != "caption"][:args.n]
+    fv, fh = features(backbone, processor, args.data, rows)
+    train = torch.tensor([r["split"] != "test" for r in rows])
+    out = {}
+    for name, opts in FINDINGS.items():
+        y = torch.tensor([opts.index(r["meta"]["facts"][name]) for r in rows])
+        out[name] = dict(image_tokens=ridge_accuracy(fv, y, train), h0=ridge_accuracy(fh, y, train),
+                         majority=100 * max((y[~train] == c).float().mean().item() for c in range(len(opts))))
+    return dict(n_train=int(train.sum()), n_test=int((~train).sum()), findings=out)
+
+
+@torch.no_grad()
+def latent_probes(vital, processor, args, n=500):
+    """Ridge probes of each rule finding from h_0..h_4 of VITAL's own loop on the reasoning items (their own
+    question): does the latent chain still hold what the steps should state? -> {finding: [acc h_0..h_4]}."""
+    rows = [r for _, r in E.read_jsonl(os.path.join(args.data, "samples.jsonl"))
+            if r.get("question_type") == "reasoning"][:n]
+    hs = []
+    for i in range(0, len(rows), 16):
+        chunk = rows[i:i + 16]
+        prefix = M.build_prefix(processor, [M.load_image(os.path.join(args.data, r["image"])) for r in chunk],
+                                [r["question"] for r in chunk])
+        hs.append(torch.cat(M.latent_loop(vital.backbone, prefix, 4).h, dim=1))            # (B, 5, d)
+    hs, train = torch.cat(hs), torch.tensor([r["split"] != "test" for r in rows])
+    out = {}
+    for name in ("shape", "boundary", "size", "brightness"):
+        y = torch.tensor([FINDINGS[name].index(r["meta"]["facts"][name]) for r in rows])
+        out[name] = dict(h=[ridge_accuracy(hs[:, k], y, train) for k in range(hs.shape[1])],
+                         majority=100 * max((y[~train] == c).float().mean().item()
+                                            for c in range(len(FINDINGS[name]))))
+    return dict(n_train=int(train.sum()), n_test=int((~train).sum()), findings=out)
+
+
+@torch.no_grad()
+def chain_findings(args):
+    import explain as X
+    vital, processor, dec_tok, _ = X.load_explainer(args.ckpt, torch.device("cpu"), torch.float32)
+    if dec_tok is None:
+        raise SystemExit(f"diagnose.py: error: {args.ckpt} has no decoder scaffold (trained with --lambda-sem 0)")
+    latent = latent_probes(vital, processor, args)
+    items = [it for it in E.read_test_split(args.data) if it.get("question_type") == "reasoning"]
+    said = {k: [0, 0] for k in ("shape", "boundary", "size", "brightness")}
+    total_ok, examples = 0, []
+    for i in range(0, len(items), 8):
+        chunk = items[i:i + 8]
+        prefix = M.build_prefix(processor, [E.open_image(it["image_path"]) for it in chunk],
+                                [it["question"] for it in chunk])
+        h = torch.cat(M.latent_loop(vital.backbone, prefix, 4).h[1:], dim=1)              # (B, 4, d)
+        steps = M.decode_latent(vital.decoder, vital.pj_in, dec_tok, h.reshape(-1, h.shape[-1]), 30)
+        for b, it in enumerate(chunk):
+            text, facts = " ".join(steps[4 * b:4 * b + 4]).lower(), it["meta"]["facts"]
+            for k in said:
+                first = [o for o in FINDINGS[k] if re.search(rf"\b{o}\b", text)][:1]
+                said[k][0] += first == [facts[k]]
+                said[k][1] += 1
+            stated = re.findall(r"(\d) points? of 4", text)
+            total_ok += bool(stated) and stated[-1] == re.search(r"(\d) of 4", it["answer"]).group(1)
+            if len(examples) < 3:
+                examples.append(dict(id=it["id"], answer=it["answer"], steps=steps[4 * b:4 * b + 4]))
+    n = len(items)
+    return dict(latent_probes=latent, n=n, finding_right={k: 100 * a / m for k, (a, m) in said.items()},
+                total_right=100 * total_ok / max(n, 1),
+                distinct_step_sentences=[len(set(steps[k::4])) for k in range(4)], examples=examples)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backbone", default="runs/demo/pretrain/phase1/backbone", help="the frozen backbone")
+    ap.add_argument("--data", default="runs/demo/data", help="phantom data (samples.jsonl with facts)")
+    ap.add_argument("--ckpt", default="runs/demo/vital/phase3", help="a VITAL checkpoint with scaffolds ('' = skip)")
+    ap.add_argument("--n", type=int, default=1600, help="samples probed (train + test split)")
+    ap.add_argument("--out", help="JSON output (default DATA/diagnose.json)")
+    args = ap.parse_args(argv)
+    res = dict(perception=perception(args))
+    p = res["perception"]
+    print(f"What the frozen backbone can see (ridge probe accuracy %, {p['n_train']} train / {p['n_test']} test):")
+    print("| finding | image tokens | h_0 | majority |\n|---|---:|---:|---:|")
+    for k, v in p["findings"].items():
+        print(f"| {k} | {v['image_tokens']:.0f} | {v['h0']:.0f} | {v['majority']:.0f} |")
+    if args.ckpt:
+        c = res["chain"] = chain_findings(args)
+        lp = c["latent_probes"]
+        print(f"\nWhat VITAL's latent states hold on reasoning items (ridge probe %, {lp['n_train']} train / "
+              f"{lp['n_test']} test):\n| finding | h_0 | h_1 | h_2 | h_3 | h_4 | majority |\n|---|" + "---:|" * 6)
+        for k, v in lp["findings"].items():
+            print(f"| {k} | " + " | ".join(f"{a:.0f}" for a in v["h"]) + f" | {v['majority']:.0f} |")
+        print(f"\nWhat VITAL's decoded latent steps state on the {c['n']} reasoning test items (% right):")
+        print("| " + " | ".join(c["finding_right"]) + " | stated total | distinct sentences per step |")
+        print("|" + "---:|" * (len(c["finding_right"]) + 2))
+        print("| " + " | ".join(f"{v:.0f}" for v in c["finding_right"].values()) +
+              f" | {c['total_right']:.0f} | {' / '.join(map(str, c['distinct_step_sentences']))} |")
+    out = args.out or os.path.join(args.data, "diagnose.json")
+    with open(out, "w") as f:
+        json.dump(res, f, indent=2, allow_nan=False)
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
