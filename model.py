@@ -20,6 +20,7 @@ Commands:
 (The tiny models of the same classes, for the tests and the demo, are written by demo/tiny.py.)
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -30,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch.utils.checkpoint import checkpoint
 import numpy as np
 from PIL import Image
 from transformers import (AutoTokenizer, DynamicCache, Qwen2VLImageProcessorPil, Qwen3ForCausalLM,
@@ -147,15 +149,44 @@ def _check_folder(path, model_types, what):
         raise ValueError(f"{what}: '{path}' holds a '{mt}' model, expected one of {model_types}")
 
 
-def load_backbone(path, dtype=torch.float32, device="cpu"):
+# The image pixel cap every stage applies (train.py --max-pixels): 448 x 448 = 200,704 pixels = 196 visual
+# tokens (one per 32 x 32 pixels). Why 448: it is the resolution of the ROI targets (MedSigLIP-448), so the
+# backbone sees the detail the targets were made from; MSD's 512 x 512 slices lose little; BiomedParse's
+# 1024 x 1024 images would otherwise cost ~1,000 tokens and ~4x the activation memory each; and with it the
+# default batch fits an 80 GB card (train.py --plan). Qwen3-VL's own processor allows up to ~16.7 M pixels.
+MAX_PIXELS = 448 * 448
+
+
+def load_backbone(path, dtype=torch.float32, device="cpu", max_pixels=MAX_PIXELS):
     """Qwen3-VL backbone + its image-only processor (prefixes are LEFT-padded: h_0 is the last column)."""
     _check_folder(path, ("qwen3_vl",), "backbone")
     model = Qwen3VLForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device).eval()
+    return model, load_processor(path, max_pixels)
+
+
+def load_processor(path, max_pixels=MAX_PIXELS):
+    """The backbone folder's image-only processor. max_pixels caps its resize (never raises the folder's
+    own cap; None or 0: the folder's)."""
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
-    processor = ImageOnlyQwen3VLProcessor(Qwen2VLImageProcessorPil.from_pretrained(path), tokenizer,
-                                          chat_template=tokenizer.chat_template)
-    return model, processor
+    image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
+    if max_pixels:
+        image_processor.size["longest_edge"] = min(image_processor.size["longest_edge"], max_pixels)
+    return ImageOnlyQwen3VLProcessor(image_processor, tokenizer, chat_template=chat_template(path, tokenizer))
+
+
+def chat_template(path, tokenizer):
+    """The chat template: the tokenizer's own, else the folder's chat_template.json (where processor
+    checkpoints such as Qwen3-VL-8B-Instruct keep it) or chat_template.jinja, else None (build_prefix's
+    apply_chat_template then raises)."""
+    if tokenizer.chat_template:
+        return tokenizer.chat_template
+    for name in ("chat_template.json", "chat_template.jinja"):
+        file = os.path.join(str(path), name)
+        if os.path.isfile(file):
+            with open(file) as f:
+                return json.load(f)["chat_template"] if name.endswith(".json") else f.read()
+    return None
 
 
 def load_decoder(path, dtype=torch.float32, device="cpu"):
@@ -327,6 +358,75 @@ def generate(backbone, prefix, K, eos_id, max_new_tokens=32, feed=None):
         hid = _text_step(backbone, backbone.get_input_embeddings()(nxt[:, None]), st)
         nxt = backbone.lm_head(hid)[:, -1].argmax(-1)
     return torch.stack(out, dim=1), st
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4b. Activation checkpointing that keeps the cache right (train.py --grad-ckpt; tests/test_ckpt.py).
+#     Without it every decoder layer keeps its inner tensors for backward (RMSNorm inputs in fp32, LoRA
+#     dropout masks and inputs, q and the attention output, 3 x d_ff MLP tensors) for every prefix token:
+#     ~2.6 GiB per 448-px sample at real size, K = 4. With it a layer keeps only its input and the K/V it
+#     adds (~0.17 GiB per sample, bench/memory.py) and recomputes the rest in backward.
+#     transformers' own checkpointing hands every layer cache=None: the loop would attend to nothing.
+#     The trap: DynamicCache.update APPENDS, so a layer replayed in backward on the live cache would append
+#     its K/V a second time and attend to the later steps. So the cache is handled OUTSIDE the replay:
+#
+#        this layer's past K/V chunks ──┐                                ┌──► its new K/V chunk (kept)
+#        hidden_in ─────────────────────┴──► [ layer(hidden, _Slot(past)) ] ─┴──► hidden_out
+#                                             checkpointed: replayed in backward from the same inputs
+#
+#     The replay reads the same chunks (tensors, not the live cache) and writes into its own _Slot only.
+#     Keeping chunks rather than the concatenated cache also drops the full K/V copy that every step
+#     would otherwise keep for backward. Dropout masks replay identically (the RNG state is restored).
+# ----------------------------------------------------------------------------------------------------
+class _Slot:
+    """The cache one checkpointed layer call sees: that layer's past K/V chunks (read-only) + its own."""
+
+    def __init__(self, past_k, past_v):
+        self.past_k, self.past_v, self.new = past_k, past_v, None
+
+    def update(self, k, v, *args, **kwargs):  # what the attention calls: cache.update(k, v, layer_idx)
+        self.new = (k, v)                                                               # (B, H_kv, T, hd)
+        return torch.cat(self.past_k + [k], dim=-2), torch.cat(self.past_v + [v], dim=-2)
+
+
+def _checkpointed_layer(layer, forward, hidden_states, *args, cache=None, **kwargs):
+    """A decoder layer's forward under torch.utils.checkpoint with the cache outside the replayed region.
+    The live DynamicCache keeps its usual content (the next call's mask reads its length); the K/V
+    chunks the backward needs are listed on it as `cache.ckpt_chunks[layer_idx]`."""
+    if not torch.is_grad_enabled():  # inference: no backward, nothing to replay
+        return forward(hidden_states, *args, cache=cache, **kwargs)
+    if cache is None:                # a call without a cache (nothing appended): a plain checkpoint
+        return checkpoint(lambda h: forward(h, *args, **kwargs), hidden_states, use_reentrant=False)
+    idx = layer.self_attn.layer_idx
+    live = cache.layers[idx]
+    ks, vs = cache.__dict__.setdefault("ckpt_chunks", {}).get(idx, ([], []))
+    if sum(k.shape[-2] for k in ks) != live.get_seq_length():  # filled without checkpointing: start there
+        ks, vs = ([live.keys], [live.values]) if live.get_seq_length() else ([], [])
+    n = len(ks)
+
+    def run(h, *past):  # everything it reads is an argument: the replay sees exactly the same inputs
+        slot = _Slot(list(past[:n]), list(past[n:]))
+        return forward(h, *args, cache=slot, **kwargs), *slot.new
+
+    out, k, v = checkpoint(run, hidden_states, *ks, *vs, use_reentrant=False)
+    cache.ckpt_chunks[idx] = (ks + [k], vs + [v])
+    with torch.no_grad():  # the live cache, as an uncheckpointed call would have left it (no graph)
+        if not live.is_initialized:
+            live.lazy_initialization(k, v)
+        live.keys, live.values = torch.cat(ks + [k], dim=-2), torch.cat(vs + [v], dim=-2)
+    return out
+
+
+def set_checkpointing(vital, on=True):
+    """Checkpoint (on) or not (off) every text decoder layer of the backbone and of the auxiliary decoder.
+    The vision tower needs none: it is frozen and its input needs no gradient, so it saves nothing."""
+    layers = list(vital.backbone.model.language_model.layers)
+    layers += list(vital.decoder.model.layers) if getattr(vital, "decoder", None) is not None else []
+    for layer in layers:
+        if on:  # an instance attribute shadows the class's forward; the module tree and weights are unchanged
+            layer.forward = functools.partial(_checkpointed_layer, layer, type(layer).forward.__get__(layer))
+        else:
+            layer.__dict__.pop("forward", None)
 
 
 # ----------------------------------------------------------------------------------------------------

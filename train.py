@@ -21,12 +21,16 @@ Several nodes (run on every node, same rendezvous endpoint; global batch = batch
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 --rdzv-id=vital \\
         train.py --data data/vital --backbone ... --decoder ... --out runs/vital --phase 1
 Continue a killed run exactly where its last checkpoint left it:   add --resume to the same command.
+Memory per GPU at real size for a command's flags (README "Real scale"; nothing is loaded):
+    python train.py --plan --phase 3            # the defaults: batch 8, images <= 448 x 448 px (--max-pixels)
+    python train.py --plan --phase 3 --grad-ckpt --batch-size 32   # activation checkpointing: same gradients
 Phase p > 1 from scratch or from another run: --init none | --init runs/other/phase1.
 The tiny preset's stand-in for the pretraining a real Qwen3-VL arrives with is demo/pretrain.py (it reuses
 train_phase below with its own model builder).
 Ablations: --curriculum {3-phase,2-phase,full-mix,reverse}  --lambda-sem 0  --lambda-vis 0  --projector linear
            --visual-target per_step  --max-k 0 (direct-answer baseline) ... --max-k 4.
-Depth parity (issue 12): --depth phase runs every item of a phase at the phase's largest K (see select_phase).
+Depth parity (issue 12): --depth phase (default) runs every item of a phase at the phase's largest K (see
+select_phase); --depth own runs each item at its own chain length.
 """
 import argparse
 import glob as globmod
@@ -49,8 +53,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from demo.tiny import make_tiny
-from model import (VITAL, add_lora, batch_to, load_backbone, load_checkpoint, load_decoder, load_image,
-                   make_batch, save_checkpoint)
+from model import (MAX_PIXELS, VITAL, add_lora, batch_to, load_backbone, load_checkpoint, load_decoder,
+                   load_image, make_batch, save_checkpoint, set_checkpointing)
 
 # ----------------------------------------------------------------------------------------------------
 # Curriculum schedules (§3.5, §4.3 Table 3). Each phase = (highest latent_steps admitted, None = all K;
@@ -106,10 +110,11 @@ def get_args(argv=None):
     ap.add_argument("--epochs", type=float, help="epochs of this phase (default from the schedule: 5/5/10)")
     ap.add_argument("--max-k", type=int,
                     help="cap on latent steps: K = min(latent_steps, max_k); 0 = direct answer")
-    ap.add_argument("--depth", default="own", choices=["own", "phase"],
-                    help="latent steps per item. own: K = min(latent_steps, --max-k). phase: every item runs "
-                         "the phase's largest K = min(its cap, or its longest chain for 'all K'; --max-k); "
-                         "steps past an item's chain get L_vis (eq. 6) but no L_sem (eq. 4: valid steps)")
+    ap.add_argument("--depth", default="phase", choices=["own", "phase"],
+                    help="latent steps per item. phase (default): every item runs the phase's largest K = "
+                         "min(its cap, or its longest chain for 'all K'; --max-k), as inference runs one K for "
+                         "all; steps past an item's chain get L_vis (eq. 6) but no L_sem (eq. 4: valid steps). "
+                         "own: K = min(latent_steps, --max-k) (demo/evidence.md compares the two)")
     ap.add_argument("--init",
                     help="warm-start checkpoint (default runs/<name>/phase<p-1> for p > 1; 'none' = scratch)")
     # losses (eq. 7)
@@ -142,8 +147,23 @@ def get_args(argv=None):
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
     ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                     help="autocast dtype (auto: bf16 on CUDA)")
+    # memory (README "Real scale"; --plan prints what a command needs per GPU)
+    ap.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                    help="cap on an image's pixels after the processor's resize (default 448 x 448 = 196 "
+                         "visual tokens, the ROI encoder's resolution: model.MAX_PIXELS says why; 0 = the "
+                         "backbone folder's own cap, ~16.7M for Qwen3-VL)")
+    ap.add_argument("--grad-ckpt", action="store_true",
+                    help="activation checkpointing of every text decoder layer, cache-safe "
+                         "(model.set_checkpointing): the same gradients, several times fewer saved "
+                         "activations, each layer's forward runs twice")
+    ap.add_argument("--plan", action="store_true",
+                    help="print this command's per-GPU memory budget at the paper's model sizes (built on "
+                         "the meta device, nothing loaded; --backbone/--decoder configs if given) and exit")
+    ap.add_argument("--plan-world", type=int, default=6, help="--plan: GPUs (DDP ranks; the paper: 6)")
+    ap.add_argument("--plan-gib", type=float, default=79.6,
+                    help="--plan: memory of one GPU in GiB (79.6 = an 80 GB H100)")
     args = ap.parse_args(argv)
-    args.embedded = args.data is None
+    args.embedded = args.data is None and not args.plan  # --plan reads no data and builds nothing
     if args.embedded:
         if args.backbone or args.decoder or args.preset:
             ap.error("give --data with --backbone/--decoder/--preset (a real run names its folders)")
@@ -151,9 +171,9 @@ def get_args(argv=None):
     if args.preset == "tiny":
         args.backbone = args.backbone or os.path.join(args.models, "backbone")
         args.decoder = args.decoder or os.path.join(args.models, "decoder")
-    if not args.backbone:
+    if not args.backbone and not args.plan:
         ap.error("give --backbone (and --decoder) or --preset tiny")
-    if args.lambda_sem > 0 and args.max_k != 0 and not args.decoder:
+    if args.lambda_sem > 0 and args.max_k != 0 and not args.decoder and not args.plan:
         ap.error("--lambda-sem > 0 needs the auxiliary --decoder (or --lambda-sem 0 to train without it)")
     tiny = args.preset == "tiny"
     args.lora_r = args.lora_r or (8 if tiny else 64)  # hidden 64 in the tiny models: r=64 would be full rank
@@ -184,7 +204,7 @@ def make_embedded_default(args, env):
         from demo import run as demo_run
         env.log(f"no --data: making the embedded default (tiny models, phantom data, ROI features) in "
                 f"{os.path.dirname(args.data)}")
-        demo_run.make_data(demo_run.get_args([]), dict(models=args.models, data=args.data), {})
+        demo_run.make_embedded_default(args.models, args.data)
     if env.world > 1:
         dist.barrier()
 
@@ -286,18 +306,50 @@ def read_roi(path, records, need_global):
     return roi, glob, meta
 
 
+LENGTH_RATIO = 1.25  # (chosen) the visual-token counts of one length group differ by less than this factor
+
+
+def length_group(tokens):
+    """Group of a prefix with `tokens` visual tokens: geometric bins, so that the longest prefix of a batch
+    is < 1.25x its shortest's image part and no large image pads a batch of small ones (activation memory
+    grows linearly with the padded prefix length)."""
+    return int(math.log(max(tokens, 1)) / math.log(LENGTH_RATIO))
+
+
+def image_tokens(records, processor):
+    """Visual tokens of each record's image after the processor's resize (pixel cap included): the part of
+    the prefix length that varies from sample to sample (the question adds a few dozen tokens). Reads only
+    the image headers."""
+    ip = processor.image_processor
+    out = []
+    for r in records:
+        try:
+            with Image.open(r["image_path"]) as im:
+                w, h = im.size
+        except Exception as e:  # not an image, unknown format, decompression bomb
+            raise TrainError(f"samples.jsonl line {r.get('line')}: image '{r['image_path']}' cannot be read "
+                             f"({type(e).__name__}: {e})") from None
+        out.append(ip.get_number_of_image_patches(h, w, {}) // ip.merge_size ** 2)
+    return out
+
+
 class KBucketSampler:
-    """Micro-batches of samples with the same K (select_phase's K, see CURRICULA), identical on every rank.
-    Per epoch: shuffle each K bucket with seed + epoch, cut into batches, shuffle the batch order, pad the
+    """Micro-batches of samples with the same K (select_phase's K, see CURRICULA) and the same length group
+    (image tokens, see length_group; `lengths` None: K only), identical on every rank.
+    Per epoch: shuffle each bucket with seed + epoch, cut into batches, shuffle the batch order, pad the
     list to a multiple of world x accum by repeating its head (every rank gets as many batches: no DDP hang),
     then rank r takes batches r, r + world, ... so the micro-batches of one optimizer step are the same
-    whatever the split between ranks and accumulation (that is what makes 2 ranks == 1 rank x 2 accum)."""
+    whatever the split between ranks and accumulation (that is what makes 2 ranks == 1 rank x 2 accum).
+    With one length group per K (images of one size, as in the demo) the batches are exactly K-only ones."""
 
-    def __init__(self, ks, batch_size, world=1, rank=0, accum=1, seed=0):
+    def __init__(self, ks, batch_size, world=1, rank=0, accum=1, seed=0, lengths=None):
         self.ks, self.B, self.world, self.rank, self.accum, self.seed = (list(ks), batch_size, world, rank,
                                                                          accum, seed)
+        groups = [0] * len(self.ks) if lengths is None else [length_group(n) for n in lengths]
+        self.keys = list(zip(self.ks, groups))  # a bucket = one (K, length group)
         self.epoch, self.start = 0, 0
-        n = sum(math.ceil(self.ks.count(k) / batch_size) for k in set(self.ks))
+        self.n_groups = len(set(self.keys))
+        n = sum(math.ceil(self.keys.count(key) / batch_size) for key in set(self.keys))
         self.n_global = math.ceil(n / (world * accum)) * world * accum  # padded number of micro-batches
 
     def set_epoch(self, epoch, start=0):
@@ -307,8 +359,8 @@ class KBucketSampler:
     def global_batches(self):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         batches = []
-        for k in sorted(set(self.ks)):
-            idx = torch.tensor([i for i, kk in enumerate(self.ks) if kk == k])
+        for key in sorted(set(self.keys)):
+            idx = torch.tensor([i for i, kk in enumerate(self.keys) if kk == key])
             idx = idx[torch.randperm(len(idx), generator=g)].tolist()
             batches += [idx[j:j + self.B] for j in range(0, len(idx), self.B)]
         batches = [batches[j] for j in torch.randperm(len(batches), generator=g).tolist()]
@@ -506,6 +558,9 @@ def setup(args):
 def main(argv=None, build=None, extra_files=None):
     """train.py's entry; demo/pretrain.py calls it with its own model builder and extra checkpoint files."""
     args = get_args(argv) if not isinstance(argv, argparse.Namespace) else argv
+    if getattr(args, "plan", False):
+        from bench.memory import print_plan  # the memory model lives with its check against measurements
+        return print_plan(args, CURRICULA[args.curriculum])
     env, ddp = setup(args)
     try:
         return train_phase(args, env, build or build_vital, extra_files)
@@ -542,7 +597,8 @@ def build_vital(args, env, resume_dir, d_v):
     """The frozen backbone (bf16 under autocast) + LoRA, the fp32 decoder (fully trained, §4.1) and heads.
     -> (vital, processor, dec_tokenizer, arch: the identity a warm start must match)."""
     wdtype = torch.bfloat16 if env.bf16 else torch.float32
-    backbone, processor = load_backbone(args.backbone, dtype=wdtype, device=env.device)
+    backbone, processor = load_backbone(args.backbone, dtype=wdtype, device=env.device,
+                                        max_pixels=args.max_pixels)
     add_lora(backbone, args.lora_r, args.lora_alpha, args.lora_dropout)
     with_decoder = args.lambda_sem > 0 and args.max_k != 0
     decoder, dec_tokenizer = (load_decoder(args.decoder, torch.float32, env.device) if with_decoder
@@ -571,8 +627,10 @@ def warm_start(args, vital, arch, resume_dir, log):
     check_compatible(src, src_cfg, arch)
     if resume_dir:  # an exact continuation needs the same training flags (stop/save points may change)
         free = {"resume", "max_steps", "save_every", "device", "preset", "models", "backbone", "decoder",
-                "data", "out"}
-        diff = sorted(k for k, v in vars(args).items() if k not in free and src_cfg["args"].get(k) != v)
+                "data", "out", "grad_ckpt", "plan", "plan_world", "plan_gib"}  # these change no result
+        # a flag the checkpoint's train.py did not have yet is not compared (it ran that flag's old behaviour)
+        diff = sorted(k for k, v in vars(args).items()
+                      if k not in free and k in src_cfg["args"] and src_cfg["args"][k] != v)
         if diff:
             raise TrainError(f"--resume: {resume_dir} was trained with other flags: " + ", ".join(
                 f"--{k.replace('_', '-')} {src_cfg['args'].get(k)} (now {getattr(args, k)})" for k in diff))
@@ -596,7 +654,10 @@ def wrap_ddp(vital, env):
     frozen = ([n for n, p in vital.named_parameters() if not p.requires_grad]
               + [n for n, _ in vital.named_buffers()])
     DDP._set_params_and_buffers_to_ignore_for_model(vital, frozen)
-    return DDP(vital, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    # gradient_as_bucket_view: the gradients ARE views into DDP's all-reduce buckets, not a second copy of
+    # every trainable gradient (7.2 GiB at real size: 1.93B fp32)
+    return DDP(vital, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+               gradient_as_bucket_view=True)
 
 
 def reset_log(log_path, phase, step):
@@ -631,6 +692,8 @@ def train_phase(args, env, build=build_vital, extra_files=None):
     raw, processor, dec_tokenizer, arch = build(args, env, resume_dir,
                                                 roi.shape[1] if roi is not None else None)
     src_cfg, init = warm_start(args, raw, arch, resume_dir, log)
+    if args.grad_ckpt:  # the same gradients (tests/test_ckpt.py), a fraction of the saved activations
+        set_checkpointing(raw, True)
     raw.train()
     model = wrap_ddp(raw, env)  # raw is what we save: keys without "module."
     groups, names = param_groups(raw, args)
@@ -638,7 +701,7 @@ def train_phase(args, env, build=build_vital, extra_files=None):
 
     # ---- data order and the length of the phase
     sampler = KBucketSampler([r["K"] for r in records], args.batch_size, env.world, env.rank, args.grad_accum,
-                             args.seed)
+                             args.seed, lengths=image_tokens(records, processor))
     steps_per_epoch = len(sampler) // args.grad_accum
     total = max(1, round(args.epochs * steps_per_epoch))
     global_batch = args.batch_size * args.grad_accum * env.world
@@ -646,7 +709,8 @@ def train_phase(args, env, build=build_vital, extra_files=None):
     ks = {k: sum(r["K"] == k for r in records) for k in sorted({r["K"] for r in records})}
     log(f"phase {args.phase} ({args.curriculum}, --depth {args.depth}): {len(records)} train samples, "
         f"samples per K {ks}, {n_train / 1e6:.2f}M trainable parameters, "
-        f"{'bf16 autocast' if env.bf16 else 'fp32'} on {env.device}")
+        f"{'bf16 autocast' if env.bf16 else 'fp32'} on {env.device}"
+        f"{', activation checkpointing' if args.grad_ckpt else ''}; {sampler.n_groups} (K, length) groups")
     log(f"global batch = {args.batch_size} per device x {args.grad_accum} accum x {env.world} ranks = "
         f"{global_batch}; {steps_per_epoch} steps/epoch x {args.epochs} epochs = {total} steps")
 

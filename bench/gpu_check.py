@@ -9,7 +9,7 @@ backbone in bf16 and the trainable decoder and heads in fp32 as train.py loads t
   2. inference latency at batch 1 for K = 0..4 with the LoRA unmerged, merged, and folded (folded = the
      plain backbone's modules, what evaluate.py deploys), and one latent step vs one decode step;
   3. one explanation (explain.py's functions: answer, decoded step sentences, heatmaps, the PNG panel).
-Activation checkpointing is not implemented yet (issue 13 item 2): its row says so.
+A training config ending in "c" (e.g. 16x448x4c) runs with activation checkpointing (train.py --grad-ckpt).
 
     python bench/gpu_check.py                              # on a GPU (about 3 min on an H100/H200)
     python bench/gpu_check.py --layers 1 --device cpu --px 224 --train 1x224   # real widths, CPU dry run
@@ -130,9 +130,11 @@ def train_rows(vital, processor, dec_tok, args, device, d_v):
         return out
 
     for spec in args.train:
-        B, px, K = (int(x) for x in (spec + "x4").split("x")[:3])  # BxPX or BxPXxK (default K = 4)
-        row = dict(batch=B, px=px, K=K)
-        if (px, K) in too_big:
+        ckpt = spec.endswith("c")  # BxPX[xK][c]: c = activation checkpointing
+        B, px, K = (int(x) for x in (spec.rstrip("c") + "x4").split("x")[:3])  # K default 4
+        row = dict(batch=B, px=px, K=K, ckpt=ckpt)
+        M.set_checkpointing(vital, ckpt)
+        if (px, K, ckpt) in too_big:
             rows.append(dict(row, status="skipped (a smaller batch at this size ran out of memory)"))
             continue
         try:
@@ -152,11 +154,12 @@ def train_rows(vital, processor, dec_tok, args, device, d_v):
         except torch.OutOfMemoryError:
             opt.zero_grad(set_to_none=True)
             row.update(status="out of memory", peak_gib=peak_gib(device))
-            too_big.add((px, K))
+            too_big.add((px, K, ckpt))
         rows.append(row)
         batch = out = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    M.set_checkpointing(vital, False)
     opt.state.clear()  # free the optimizer states before inference
     vital.zero_grad(set_to_none=True)
     if device.type == "cuda":
@@ -241,8 +244,9 @@ def get_args(argv=None):
                     help="frozen weights + autocast (default bf16 on CUDA)")
     ap.add_argument("--lora-r", type=int, help="LoRA rank (default 64; 8 with --tiny)")
     ap.add_argument("--train", nargs="*",
-                    help="training configs BxPX[xK] (K default 4; default: 4x448x0 1x448 "
-                         "2x448 4x448 8x448 1x1024 2x1024 4x1024; --tiny: 2x96x0 2x96)")
+                    help="training configs BxPX[xK][c] (K default 4, c: activation checkpointing; default: "
+                         "4x448x0 1x448 2x448 4x448 8x448 1x1024 2x1024 4x1024 8x448x4c 32x448x4c 4x1024x4c "
+                         "16x1024x4c; --tiny: 2x96x0 2x96 2x96x4c)")
     ap.add_argument("--train-reps", type=int, default=3,
                     help="timed training steps per config (after 1 warm-up)")
     ap.add_argument("--px", type=int, help="image side for latency and explanation (default 448; --tiny 96)")
@@ -253,8 +257,9 @@ def get_args(argv=None):
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     args.lora_r = args.lora_r or (8 if args.tiny else 64)
     args.train = args.train if args.train is not None else (
-        ["2x96x0", "2x96"] if args.tiny
-        else ["4x448x0", "1x448", "2x448", "4x448", "8x448", "1x1024", "2x1024", "4x1024"])
+        ["2x96x0", "2x96", "2x96x4c"] if args.tiny
+        else ["4x448x0", "1x448", "2x448", "4x448", "8x448", "1x1024", "2x1024", "4x1024", "8x448x4c",
+              "32x448x4c", "4x1024x4c", "16x1024x4c"])
     args.px = args.px or (96 if args.tiny else 448)
     return args
 
@@ -315,14 +320,14 @@ def report(res, args):
           f"{res['total_s']:.0f} s in all ({res['build_s']:.0f} s building)")
     print(f"\n1. training step (train.py's recipe: autocast, 3 losses, backward, clip, AdamW), "
           f"median of {args.train_reps}")
-    print(f"{'batch':>5} {'px':>5} {'K':>2} {'tokens':>6} {'ms/step':>8} {'samples/s':>9} {'peak GiB':>8}"
-          "  status")
+    print(f"{'batch':>5} {'px':>5} {'K':>2} {'ckpt':>4} {'tokens':>6} {'ms/step':>8} {'samples/s':>9} "
+          f"{'peak GiB':>8}  status")
     for r in res["train"]:
-        print(f"{r['batch']:>5} {r['px']:>5} {r['K']:>2} {r.get('prefix_tokens', ''):>6} "
+        print(f"{r['batch']:>5} {r['px']:>5} {r['K']:>2} {'yes' if r.get('ckpt') else 'no':>4} "
+              f"{r.get('prefix_tokens', ''):>6} "
               f"{r.get('ms_per_step', float('nan')):>8.0f} {r.get('samples_per_s', float('nan')):>9.2f} "
               f"{r.get('peak_gib', float('nan')):>8.1f}  {r['status']}")
-    print("   activation checkpointing: not implemented yet (issue 13 item 2), "
-          "so no 'with checkpointing' rows")
+    print("   ckpt = activation checkpointing (train.py --grad-ckpt); train.py --plan models these peaks")
     print(f"\n2. inference latency, batch 1, {res['prefix_tokens']}-token prompt ({args.px} px), "
           f"{args.answer_tokens} answer tokens, median of {args.reps}")
     forms = list(dict.fromkeys(r["form"] for r in res["latency"]))
