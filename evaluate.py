@@ -28,7 +28,8 @@ Reads:  a checkpoint folder runs/<name>/phase<p>/ (config.json + adapter.safeten
         benchmark JSONL files.
 Writes: OUT/predictions.jsonl (one line per item with its score), OUT/metrics.json, OUT/table.md
         (shaped like a Table 1 row), with --latency OUT/latency.json, with --collapse
-        OUT/collapse.json + OUT/collapse.png (inter-step cosine similarity of h_1..h_K, eq. 9), with --probe
+        OUT/collapse.json + OUT/collapse.png (inter-step cosine similarity of h_1..h_K, eq. 9, over the
+        in-domain test split only), with --probe
         OUT/probes.json + OUT/probe_predictions.jsonl ("do the latents matter?": section 8), with --pointing
         OUT/pointing.json (section 8b).
 
@@ -382,6 +383,13 @@ def latency(backbone, processor, items, args, device):
 # ----------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def collapse_matrix(backbone, processor, items, K, batch_size, device):
+    """S over the in-domain test set only (§C.6: "test samples" are the paper's own test split): items whose
+    benchmark starts with "in-domain/"; external benchmark files are left out. collapse.json names them
+    (n_samples, item_ids, benchmarks)."""
+    items = [it for it in items if it["benchmark"].startswith("in-domain/")]
+    if not items:
+        raise EvalError("--collapse is computed on the in-domain test set (§C.6): pass --data with a "
+                        "samples.jsonl that has test items")
     S, n = torch.zeros(K, K, dtype=torch.float64), 0
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
@@ -394,7 +402,8 @@ def collapse_matrix(backbone, processor, items, K, batch_size, device):
     S = (S / n).tolist()
     off = [S[i][j] for i in range(K) for j in range(K) if i != j]
     return dict(K=K, n_samples=n, matrix=S, mean_offdiag=sum(off) / len(off) if off else None,
-                adjacent=[S[i][i + 1] for i in range(K - 1)])
+                adjacent=[S[i][i + 1] for i in range(K - 1)], set="in-domain test split",
+                benchmarks=sorted({it["benchmark"] for it in items}), item_ids=[it["id"] for it in items])
 
 
 def colormap(t):
@@ -625,7 +634,8 @@ def get_args(argv=None):
     ap.add_argument("--latency-n", type=int, default=16, help="samples timed by --latency")
     ap.add_argument("--warmup", type=int, default=2, help="untimed runs per sample and K before timing")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per sample and K (the median is kept)")
-    ap.add_argument("--collapse", action="store_true", help="also the inter-step similarity matrix (§C.6)")
+    ap.add_argument("--collapse", action="store_true", help="also the inter-step similarity matrix (§C.6), on the "
+                    "in-domain test split only (--data)")
     ap.add_argument("--collapse-k", type=int, default=4, help="K of the collapse analysis (>= 2)")
     ap.add_argument("--probe", action="store_true",
                     help="also the probes 'do the latents matter?' on the in-domain test items with choices: "
@@ -715,6 +725,9 @@ def check_inputs(args):
             except json.JSONDecodeError:
                 pass  # read_jsonl names the line and column
     items, images = select_items(args), {}
+    if args.collapse and not any(it["benchmark"].startswith("in-domain/") for it in items):
+        raise EvalError("--collapse is computed on the in-domain test set (§C.6): pass --data with a "
+                        "samples.jsonl that has test items")
     for it in items:
         where = f"{it['benchmark']} item {it['id']!r}"
         if not isinstance(it["question"], str) or not it["question"].strip():

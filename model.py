@@ -37,6 +37,7 @@ from PIL import Image
 from transformers import (AutoTokenizer, DynamicCache, Qwen2VLImageProcessorPil, Qwen3ForCausalLM,
                           Qwen3VLForConditionalGeneration, Qwen3VLProcessor, SiglipImageProcessorPil,
                           SiglipVisionModel)
+from transformers.utils import is_accelerate_available
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -157,10 +158,24 @@ def _check_folder(path, model_types, what):
 MAX_PIXELS = 448 * 448
 
 
+def _from_pretrained(cls, path, dtype, device):
+    """cls.from_pretrained with the weights read straight onto `device`. With 6 ranks, loading on the host
+    and then calling .to(device) would hold 6 full host copies at once (6 x 17 GB for Qwen3-VL-8B); with
+    device_map={"": device} transformers materialises each tensor on the rank's own device. On CPU the host
+    is the target, so the plain call is kept (same weights, bit for bit, and no accelerate needed)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return cls.from_pretrained(path, dtype=dtype)
+    if not is_accelerate_available():  # transformers needs accelerate for device_map
+        print(f"[model] accelerate is not installed: loading {path} on the host, then moving it to {device}")
+        return cls.from_pretrained(path, dtype=dtype).to(device)
+    return cls.from_pretrained(path, dtype=dtype, device_map={"": device})
+
+
 def load_backbone(path, dtype=torch.float32, device="cpu", max_pixels=MAX_PIXELS):
     """Qwen3-VL backbone + its image-only processor (prefixes are LEFT-padded: h_0 is the last column)."""
     _check_folder(path, ("qwen3_vl",), "backbone")
-    model = Qwen3VLForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device).eval()
+    model = _from_pretrained(Qwen3VLForConditionalGeneration, path, dtype, device).eval()
     return model, load_processor(path, max_pixels)
 
 
@@ -194,13 +209,13 @@ def load_decoder(path, dtype=torch.float32, device="cpu"):
     _check_folder(path, ("qwen3",), "decoder")
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "right"
-    return Qwen3ForCausalLM.from_pretrained(path, dtype=dtype).to(device), tokenizer
+    return _from_pretrained(Qwen3ForCausalLM, path, dtype, device), tokenizer
 
 
 def load_encoder(path, dtype=torch.float32, device="cpu"):
     """Frozen SigLIP vision tower (MedSigLIP-448) + image processor; used for ROI targets and explain."""
     _check_folder(path, ("siglip_vision_model", "siglip"), "encoder")
-    model = SiglipVisionModel.from_pretrained(path, dtype=dtype).to(device).eval().requires_grad_(False)
+    model = _from_pretrained(SiglipVisionModel, path, dtype, device).eval().requires_grad_(False)
     return model, SiglipImageProcessorPil.from_pretrained(path)
 
 

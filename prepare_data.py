@@ -368,6 +368,15 @@ def parse_bmp_name(stem, is_mask):
             "modality": modality, "site": site, "target": target}
 
 
+def bmp_group(image_id):
+    """The patient/volume an image belongs to, so that its slices share one split. Rule: an image id of
+    three or more '_'-parts whose last part is a number (<dataset>_<patient or volume>_<slice>, as in
+    "amos_0042_117") is a slice: its group is the id without that number ("amos_0042"). Any other id
+    ("ISIC_0000123", "img7") names a single image: its own group."""
+    parts = image_id.split("_")
+    return "_".join(parts[:-1]) if len(parts) >= 3 and parts[-1].isdigit() else image_id
+
+
 def bmp_target_type(target):
     t = target.lower()
     for kind, pattern in [("tumor", r"tumo|cancer|carcinoma|glioma"), ("vessel", r"vessel|arter|vein|aorta"),
@@ -468,7 +477,9 @@ def bmp_cases(work, args):
         if problem:
             yield {"id": f"{key}--{slug(target)}", "reasons": [problem]}
             continue
-        yield {"image_key": key, "group": key, "source": "biomedparse", "subset": subset,
+        image_id = "_".join(stem.split("_")[:-2])  # the stem less its _MODALITY_SITE
+        yield {"image_key": key, "group": f"bmp-{slug(subset)}-{slug(bmp_group(image_id))}",
+               "folder_split": split, "source": "biomedparse", "subset": subset,
                "modality": parsed["modality"], "target": target, "target_type": bmp_target_type(target),
                "image": image, "mask": mask, "others": absent, "order": None,
                "meta": {"site": parsed["site"], "bmp_split": split, "file": os.path.relpath(p, root),
@@ -631,11 +642,16 @@ def closed_form(sample, f, case, rng):
     return choices, choices.index(true)
 
 
-def assign_split(group, args):
-    """Deterministic from the hash of the sample's group (a volume, an image), so related samples never
-    straddle splits; the hash ignores subset and type, so every (subset, type) stratum gets the same
-    expected fractions."""
+def assign_split(group, args, folder=None):
+    """Deterministic from the hash of the sample's group (a volume, a patient, an image), so related
+    samples never straddle splits; the hash ignores subset and type, so every (subset, type) stratum gets
+    the same expected fractions. A source's own split wins (folder: BiomedParse's test/ or train/): its
+    test images are always "test", its train images are never (val with --val-frac, else train)."""
     u = stable_hash(f"split:{group}") / 16 ** 12
+    if folder == "test":
+        return "test"
+    if folder == "train":
+        return "val" if u < args.val_frac else "train"
     return "test" if u < args.test_frac else "val" if u < args.test_frac + args.val_frac else "train"
 
 
@@ -775,11 +791,38 @@ PATHOLOGY_RE = re.compile(r"\b(?:" + "|".join(PATHOLOGY_TERMS) + r")\b", re.I)
 # patient-space wording mixed into image-space answers (round 4)
 MIXED_RE = re.compile(r"patient'?s?[ -](?:left|right)|(?:anatomic(?:al)?|radiologic(?:al)?)[ -](?:left|right)"
                       r"|(?:left|right) of the patient|(?:left|right) side of the patient", re.I)
-SIDE_RE = re.compile(r"\b(left|right|upper|lower|top|bottom)\b", re.I)
+# a side word is a claim about position when it ends its phrase, or leads (via one more side word) to a
+# place noun, "of the image" or a connective; "left kidney" (a name) and "left of the kidney" (a relation
+# to a neighbour) are not claims
+SIDE_CLAIM_RE = re.compile(
+    r"\b(left|right|upper|lower|top|bottom)\b(?=(?:\s+(?:left|right|upper|lower|top|bottom|central|middle)\b)?"
+    r"\s*(?:$|[,)]|(?:part|parts|side|half|third|portion|region|area|corner|quadrant|edge|border|aspect|field"
+    r"|zone|and|or|but|near|next|beside|adjacent|close|above|below|with|while|where|which|in|on|at)\b"
+    r"|of\s+(?:the\s+|this\s+)?(?:image|picture|frame|scan|slice|view)\b))", re.I)
+# clauses: sentences, and parts joined by a conjunction that starts a new subject
+CLAUSE_RE = re.compile(r"[.;:!?]|,?\s+(?:and|but|while|whereas)\s+(?=(?:the|a|an|it|its|this)\b)", re.I)
+
+
+def side_claims(answer, chain, target):
+    """The side words the gate judges: only what is said about the target. A clause counts when it is part
+    of the final answer, names the target, has "it"/"its" as its subject, or speaks of an unnamed
+    "structure" (how a step finds the target before naming it). Sentences about neighbouring structures
+    ("the liver lies to the left of the kidney" for a spleen target) are not judged. In a judged clause
+    the target's own name is removed first ('left atrium' is a name), then SIDE_CLAIM_RE keeps the claims."""
+    about = re.compile(r"\b" + re.escape(target) + r"\b", re.I)
+    claims = []
+    for i, part in enumerate([answer] + chain):
+        for clause in CLAUSE_RE.split(part):
+            clause = clause.strip()
+            if i == 0 or about.search(clause) or re.match(r"(?:it|its)\b", clause, re.I) or \
+                    re.search(r"\bstructure\b", clause, re.I):
+                claims += [m.lower() for m in SIDE_CLAIM_RE.findall(about.sub(" ", clause).strip())]
+    return claims
 
 
 def gate(raw, sample, facts):
-    """The six rounds plus the spatial check. Returns (normalised output or None, list of violations)."""
+    """The six rounds plus the spatial check (side_claims: only what is said about the target is judged).
+    Returns (normalised output or None, list of violations)."""
     try:
         out = json.loads(raw)
     except (ValueError, TypeError):
@@ -803,9 +846,8 @@ def gate(raw, sample, facts):
     reasons += [f"mixed_space: '{m}' is patient-space wording" for m in hits(MIXED_RE)]
     if not lo <= len(chain) <= hi:
         reasons.append(f"steps: {len(chain)} reasoning steps, {qtype} needs {lo}-{hi}")
-    # spatial consistency: a side named anywhere must agree with the target's centroid (target names such
-    # as 'left atrium' are removed first, they are names, not claims)
-    claims = SIDE_RE.findall(re.sub(re.escape(sample["target"]), " ", text, flags=re.I).lower())
+    # spatial consistency: a side said about the target must agree with its centroid (side_claims: the rule)
+    claims = side_claims(answer, chain, sample["target"])
     wrong = {"left": facts["cx"] > 0.55, "right": facts["cx"] < 0.45, "upper": facts["cy"] > 0.55,
              "top": facts["cy"] > 0.55, "lower": facts["cy"] < 0.45, "bottom": facts["cy"] < 0.45}
     reasons += [f"spatial: says '{c}' but the target's center is at x={facts['cx']:.2f}, y={facts['cy']:.2f}"
@@ -912,7 +954,7 @@ def teach_case(case, todo, args):
             continue
         chain = out["reasoning_chain"]
         record = dict(head, **paths, **asked, answer=out["final_answer"], reasoning_chain=chain,
-                      latent_steps=len(chain), split=assign_split(case["group"], args))
+                      latent_steps=len(chain), split=assign_split(case["group"], args, case.get("folder_split")))
         if record["split"] == "test":
             record["choices"], record["answer_index"] = closed_form(sample, facts, case, sample["rng"])
         record["meta"] = dict(case["meta"], negative=sample["negative"], facts=facts, teacher=args.teacher,

@@ -300,10 +300,26 @@ def test_latency_and_collapse_numbers(tiny):
         assert v["answer_ms"] == pytest.approx(v["ms_per_sample"] - v["loop_ms"])
     col = json.load(open(os.path.join(tiny["out"], "collapse.json")))
     S = np.array(col["matrix"])
-    assert S.shape == (3, 3) and col["n_samples"] == 7
+    # §C.6 on the in-domain test split only: the 4 test items of samples.jsonl, not the 3 vqa-rad items
+    assert S.shape == (3, 3) and col["n_samples"] == 4 and col["item_ids"] == [f"s-test-{i}" for i in range(1, 5)]
+    assert col["benchmarks"] == ["in-domain/biomedparse", "in-domain/msd"]
     assert np.allclose(np.diag(S), 1.0, atol=1e-6) and np.allclose(S, S.T, atol=1e-9)
     assert col["adjacent"] == pytest.approx([S[0, 1], S[1, 2]])
     assert Image.open(os.path.join(tiny["out"], "collapse.png")).size == (50 + 3 * 80 + 10, 40 + 3 * 80 + 10)
+
+
+def test_collapse_ignores_benchmark_files(tiny):
+    """Adding external benchmark items changes nothing (§C.6 is the in-domain test set); with none: an error."""
+    backbone, processor = M.load_backbone(os.path.join(tiny["models"], "backbone"))
+    ours, bench = E.read_test_split(tiny["data"]), E.read_benchmark(tiny["bench"])
+    cpu = torch.device("cpu")
+    assert E.collapse_matrix(backbone, processor, bench + ours, 2, 3, cpu) == \
+        E.collapse_matrix(backbone, processor, ours, 2, 3, cpu)
+    with pytest.raises(E.EvalError, match="in-domain test set"):
+        E.collapse_matrix(backbone, processor, bench, 2, 3, cpu)
+    with pytest.raises(E.EvalError, match="in-domain test set"):  # before any model is loaded
+        E.main(["--ckpt", tiny["ckpt"], "--bench", tiny["bench"], "--out", os.path.join(tiny["root"], "ev4"),
+                "--collapse"])
 
 
 def test_k_sample_groups_by_latent_steps(tiny):
