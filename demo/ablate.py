@@ -39,6 +39,8 @@ from concurrent.futures import ThreadPoolExecutor
 HERE = os.path.dirname(os.path.abspath(__file__))
 # the stage commands run from the repository root
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+from demo.run import accuracy_by_type  # noqa: E402  (the demo's per-type count)
 PY = sys.executable
 # train.py's CURRICULA
 SCHEDULES = {"3-phase": [5, 5, 10], "2-phase": [10, 10], "full-mix": [20], "reverse": [10, 5, 5]}
@@ -175,15 +177,10 @@ def evidence_run(args, name, seed, env):
 
 
 def by_type(ev, data):
-    """Closed-ended accuracy (%) per question type from predictions.jsonl, typed through samples.jsonl."""
-    qtype = {json.loads(l)["id"]: json.loads(l)["question_type"]
-             for l in open(os.path.join(data, "samples.jsonl")) if l.strip()}
-    hits = {}
-    for l in open(os.path.join(ev, "predictions.jsonl")):
-        r = json.loads(l)
-        for t in (qtype[r["id"]], "all"):
-            hits.setdefault(t, []).append(bool(r["correct"]))
-    return {t: 100 * sum(v) / len(v) for t, v in hits.items()}
+    """Closed-ended accuracy (%) per question type (and 'all'): demo/run.py's count, as percentages."""
+    samples = [json.loads(l) for l in open(os.path.join(data, "samples.jsonl")) if l.strip()]
+    return {t: 100 * c / n for t, (c, n) in accuracy_by_type(os.path.join(ev, "predictions.jsonl"),
+                                                              samples).items()}
 
 
 def read_result(ev, data=None):

@@ -29,6 +29,7 @@ from transformers import (AutoTokenizer, SiglipConfig, SiglipImageProcessorPil, 
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import model as M  # noqa: E402
+from extract_roi import pad_image  # noqa: E402
 
 
 def read_captions(data):
@@ -54,13 +55,7 @@ def pixels(paths, proc):
     out = torch.empty(len(paths), 3, R, R, dtype=torch.uint8)
     for i, p in enumerate(paths):
         im = M.load_image(p)
-        side = max(im.size)
-        if im.size[0] != im.size[1]:  # pad to a square with zeros (centred), as extract_roi.py does
-            from PIL import Image
-            sq = Image.new("RGB", (side, side))
-            sq.paste(im, ((side - im.size[0]) // 2, (side - im.size[1]) // 2))
-            im = sq
-        im = im.resize((R, R), resample=proc.resample)
+        im = pad_image(im, (0, 0) + im.size).resize((R, R), resample=proc.resample)  # as extract_roi.py
         out[i] = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
     return out
 

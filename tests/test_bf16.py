@@ -11,13 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import save_file
 
 import evaluate as E
 import explain as X
 import model as M
 import train
 from demo.tiny import make_tiny
+from test_train import write_samples
 
 CHAIN = ["the image shows a bright round region.", "it lies in the upper left part of the image.",
          "its edges are sharp.", "it is brighter than the surrounding tissue."]
@@ -25,12 +25,7 @@ CHOICES = ["the region lies in the upper left part of the image.",
            "the region lies in the lower right part of the image."]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_data(folder, d_v, px, n_train=4, n_test=2, seed=0):
@@ -49,12 +44,7 @@ def write_data(folder, d_v, px, n_train=4, n_test=2, seed=0):
         if i >= n_train:
             row.update(choices=CHOICES, answer_index=0)
         rows.append(row)
-    with open(os.path.join(folder, "samples.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    g = torch.Generator().manual_seed(seed)
-    feats = {k: F.normalize(torch.randn(len(rows), d_v, generator=g), dim=-1) for k in ("roi", "global")}
-    save_file(feats, os.path.join(folder, "roi.safetensors"),
-              metadata={"ids": json.dumps([r["id"] for r in rows])})
+    write_samples(folder, rows, d_v, seed)
     return folder
 
 

@@ -26,12 +26,7 @@ def tiny(tmp_path_factory):
     return str(make_tiny(str(tmp_path_factory.mktemp("tiny"))))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _step(vital, batch, ckpt, seed=0):

@@ -21,12 +21,7 @@ from test_evaluate import make_ckpt
 KINDS = ("grey8", "grey16", "rgb", "rgba")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

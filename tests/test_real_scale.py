@@ -18,9 +18,9 @@ import train
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 from real import write_real_models  # noqa: E402
-from test_bf16 import check_pipeline, one_thread, pipeline  # noqa: E402,F401
+from test_bf16 import check_pipeline, pipeline  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 def test_real_dimensions_train_evaluate_explain_in_bf16(tmp_path, monkeypatch):

@@ -26,13 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two cores shared with other jobs: one intra-op thread per process avoids OpenMP thrashing.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_fixture(folder, n_train=24, d_v=48, seed=0):
@@ -52,6 +46,11 @@ def write_fixture(folder, n_train=24, d_v=48, seed=0):
                          answer="yes." if bright else "no.",
                          reasoning_chain=[f"step {k}: {sent}" for k in range(K)],
                          latent_steps=K, split="train" if i < n_train else "test"))
+    return write_samples(folder, rows, d_v, seed)
+
+
+def write_samples(folder, rows, d_v=48, seed=0):
+    """rows -> folder/samples.jsonl, and random unit ROI + global features keyed by id -> roi.safetensors."""
     with open(os.path.join(folder, "samples.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     g = torch.Generator().manual_seed(seed)
