@@ -7,6 +7,12 @@ projector) stay on disk (§3.5 "zero extra latency, memory, parameters"; the rep
 question runs the same latent loop as training (model.latent_loop) with ONE fixed K (default 4, Table 3)
 and a greedy answer; `--k sample` (each test item's own latent_steps, batched by K) is a diagnostic.
 
+Protocol (§B.4: every QA pair is asked as a closed-ended question): with `--protocol options` (default) an
+item that has choices is asked with them in the prompt, model.ask: the question, "(A) text" one option a
+line, then "Answer with one of the options." (the text train.py --options-rate shows); `--protocol free`
+asks the bare question. The same prompt serves the main evaluation, --latency, --collapse, --probe and
+--pointing.
+
 Metrics (§B.4), all on normalised text: lowercase, number words -> digits, punctuation -> space,
 articles (a, an, the) dropped, whitespace collapsed.
   closed-ended accuracy   an item with `choices`: the prediction is mapped to ONE choice by, in order,
@@ -14,6 +20,9 @@ articles (a, an, the) dropped, whitespace collapsed.
                           (2) exact normalised match with a choice text,
                           (3) the choice with the highest token-F1, if that maximum is > 0 and unique;
                           otherwise it is unmatched and counts as a miss. Correct = mapped to answer_index.
+                          Each prediction row records the rule as `matched_by` (letter|exact|f1|none); the
+                          fallback share = % of the items with choices matched by f1 or none (per benchmark
+                          in metrics.json with the counts per rule, and in table.md).
                           Closed items without choices: yes/no answers use choices ["yes", "no"] (same
                           rule); other answers need an exact normalised match.
   open-ended token-F1     bags of whitespace tokens of the normalised strings (harmonic mean of P, R).
@@ -26,8 +35,8 @@ Benchmark JSONL schema (one object a line; what tools/convert_benchmarks.py writ
 Reads:  a checkpoint folder runs/<name>/phase<p>/ (config.json + adapter.safetensors: the checkpoint
         layout in model.py section 7), DATA/samples.jsonl (test split: choices + answer_index),
         benchmark JSONL files.
-Writes: OUT/predictions.jsonl (one line per item with its score), OUT/metrics.json, OUT/table.md
-        (shaped like a Table 1 row), with --latency OUT/latency.json, with --collapse
+Writes: OUT/predictions.jsonl (one line per item with its score and matched_by), OUT/metrics.json (with the
+        protocol), OUT/table.md (shaped like a Table 1 row), with --latency OUT/latency.json, with --collapse
         OUT/collapse.json + OUT/collapse.png (inter-step cosine similarity of h_1..h_K, eq. 9, over the
         in-domain test split only), with --probe
         OUT/probes.json + OUT/probe_predictions.jsonl ("do the latents matter?": section 8), with --pointing
@@ -109,33 +118,43 @@ def token_f1(pred, gold):
 LETTER = re.compile(r"^\s*(?:option|answer|choice)?\s*[:\s]*\(?([a-z])\)?\s*(?:[:.)\]]|$)", re.IGNORECASE)
 
 
-def match_choice(pred, choices):
-    """Map a free-form prediction to one choice index, or None (a miss). Rule order in the docstring."""
+MATCHED_BY = ("letter", "exact", "f1", "none")  # which rule mapped a prediction; f1 and none are the fallback
+
+
+def match_rule(pred, choices):
+    """Map a free-form prediction to one choice -> (index or None, the rule: one of MATCHED_BY)."""
     m = LETTER.match(pred)
     if m and ord(m.group(1).lower()) - ord("a") < len(choices):
-        return ord(m.group(1).lower()) - ord("a")
+        return ord(m.group(1).lower()) - ord("a"), "letter"
     p = normalize(pred)
     exact = [i for i, c in enumerate(choices) if normalize(c) == p]
     if len(exact) == 1:
-        return exact[0]
+        return exact[0], "exact"
     f1 = [token_f1(pred, c) for c in choices]
     best = max(f1)
     if best > 0 and f1.count(best) == 1:
-        return f1.index(best)
-    return None  # no overlap, or a tie between choices: unmatched
+        return f1.index(best), "f1"
+    return None, "none"  # no overlap, or a tie between choices: unmatched
+
+
+def match_choice(pred, choices):
+    """Map a free-form prediction to one choice index, or None (a miss). Rule order in the docstring."""
+    return match_rule(pred, choices)[0]
 
 
 def score_item(item, pred):
-    """-> dict with `matched` + `correct` (closed) or `f1` (open). The single scoring rule of this file."""
+    """-> dict with `matched`, `matched_by` + `correct` (closed) or `f1` (open). The single scoring rule of
+    this file."""
     if item["answer_type"] == "open":
         return dict(f1=token_f1(pred, item["answer"]))
     choices, gold = item.get("choices"), item.get("answer_index")
     if not choices and normalize(item["answer"]) in ("yes", "no"):
         choices, gold = ["yes", "no"], ["yes", "no"].index(normalize(item["answer"]))
     if not choices:
-        return dict(matched=None, correct=normalize(pred) == normalize(item["answer"]))
-    idx = match_choice(pred, choices)
-    return dict(matched=idx, correct=idx is not None and idx == gold)
+        same = normalize(pred) == normalize(item["answer"])
+        return dict(matched=None, matched_by="exact" if same else "none", correct=same)
+    idx, by = match_rule(pred, choices)
+    return dict(matched=idx, matched_by=by, correct=idx is not None and idx == gold)
 
 
 def aggregate(rows):
@@ -154,6 +173,10 @@ def aggregate(rows):
             m["unmatched"] = sum(r.get("matched") is None and not r["correct"] for r in closed)
         if mc:
             m["mc_acc"], m["n_mc"] = 100 * sum(r["correct"] for r in mc) / len(mc), len(mc)
+            # how each prediction was mapped to an option; the fallback: not the option's letter or its
+            # exact text, so the token-F1 rule had to pick one (or none matched)
+            m["matched_by"] = {by: sum(r["matched_by"] == by for r in mc) for by in MATCHED_BY}
+            m["fallback_share"] = 100 * (m["matched_by"]["f1"] + m["matched_by"]["none"]) / len(mc)
         if opn:
             m["open_f1"], m["n_open"] = 100 * sum(r["f1"] for r in opn) / len(opn), len(opn)
         out[name] = m
@@ -187,15 +210,23 @@ def check_item(path, n, it, need):
         raise EvalError(f"{path} line {n}: field 'answer_type' must be 'closed' or 'open', "
                         f"got {it.get('answer_type')!r}")
     if it.get("choices") is not None:
-        ok = isinstance(it["choices"], list) and len(it["choices"]) >= 2 \
+        ok = isinstance(it["choices"], list) and 2 <= len(it["choices"]) <= len(M.LETTERS) \
             and isinstance(it.get("answer_index"), int) and 0 <= it["answer_index"] < len(it["choices"])
         if not ok:
-            raise EvalError(f"{path} line {n}: 'choices' needs a list of >= 2 strings and an "
-                            "'answer_index' into it")
+            raise EvalError(f"{path} line {n}: 'choices' needs a list of 2 to {len(M.LETTERS)} strings "
+                            "(options A-Z) and an 'answer_index' into it")
 
 
-def read_test_split(data):
-    """In-domain test items (§B.4: every question closed-ended through its choices); benchmark = source."""
+def set_prompt(it, protocol):
+    """it["prompt"]: what the model is asked (--protocol). `options`: an item that has choices with them
+    (model.ask, the text train.py shows); `free`: the bare question (the mapping to a choice does the rest)."""
+    it["prompt"] = M.ask(it["question"], it.get("choices") if protocol == "options" else None)
+    return it
+
+
+def read_test_split(data, protocol="options"):
+    """In-domain test items (§B.4: every question closed-ended through its choices); benchmark = source;
+    each with its `prompt` (set_prompt)."""
     path = os.path.join(data, "samples.jsonl")
     items = []
     for n, r in read_jsonl(path):
@@ -205,14 +236,14 @@ def read_test_split(data):
         check_item(path, n, r, ("id", "image", "question", "answer", "choices", "answer_index",
                                 "latent_steps"))
         r["image_path"] = os.path.join(os.path.dirname(os.path.abspath(path)), r["image"])
-        items.append(r)
+        items.append(set_prompt(r, protocol))
     if not items:
         raise EvalError(f"{path}: no item with split 'test' (prepare_data.py --test-frac)")
     return items
 
 
-def read_benchmark(path):
-    """A benchmark JSONL (schema in the docstring); benchmark name = file stem."""
+def read_benchmark(path, protocol="options"):
+    """A benchmark JSONL (schema in the docstring); benchmark name = file stem; each item with its `prompt`."""
     name = os.path.splitext(os.path.basename(path))[0]
     items = []
     for n, r in read_jsonl(path):
@@ -220,7 +251,7 @@ def read_benchmark(path):
         r = dict(r, id=str(r.get("id", f"{name}-{n}")), benchmark=name)
         r["image_path"] = r["image"] if os.path.isabs(r["image"]) else \
             os.path.join(os.path.dirname(os.path.abspath(path)), r["image"])
-        items.append(r)
+        items.append(set_prompt(r, protocol))
     return items
 
 
@@ -275,7 +306,7 @@ def predict(backbone, processor, items, K, batch_size, max_new_tokens, device):
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
         prefix = M.build_prefix(processor, [open_image(r["image_path"]) for r in chunk],
-                                [r["question"] for r in chunk]).to(device)
+                                [r["prompt"] for r in chunk]).to(device)
         ids, _ = M.generate(backbone, prefix, K, eos, max_new_tokens)
         out += [s.strip() for s in processor.tokenizer.batch_decode(ids, skip_special_tokens=True)]
     return out
@@ -313,14 +344,18 @@ NAMES = {"in-domain/msd": "MSD", "in-domain/biomedparse": "BiomedParse", "in-dom
 
 
 def table_md(metrics, label):
-    lines = [f"| Group | Benchmark | Metric | {label} | n |", "|---|---|---|---|---|"]
+    """The Table 1 rows; `fallback`: the share of the items with choices whose prediction was neither an
+    option's letter nor its exact text (mapped by token-F1, or matching none)."""
+    lines = [f"| Group | Benchmark | Metric | {label} | n | fallback (F1 / none) |", "|---|---|---|---|---|---|"]
     for name, m in metrics.items():
         group = "In-Domain Testsets" if name.startswith("in-domain/") else GROUPS.get(name, "External")
         shown = NAMES.get(name, name)
         if "closed_acc" in m:
-            lines.append(f"| {group} | {shown} | Acc | {m['closed_acc']:.2f} | {m['n_closed']} |")
+            fb = (f"{m['fallback_share']:.1f}% ({m['matched_by']['f1']} / {m['matched_by']['none']} of "
+                  f"{m['n_mc']})" if "fallback_share" in m else "")
+            lines.append(f"| {group} | {shown} | Acc | {m['closed_acc']:.2f} | {m['n_closed']} | {fb} |")
         if "open_f1" in m:
-            lines.append(f"| {group} | {shown} | Token-F1 | {m['open_f1']:.2f} | {m['n_open']} |")
+            lines.append(f"| {group} | {shown} | Token-F1 | {m['open_f1']:.2f} | {m['n_open']} | |")
     return "\n".join(lines) + "\n"
 
 
@@ -344,7 +379,7 @@ def latency(backbone, processor, items, args, device):
     """Each sample alone (B = 1). Warm-up of every K first, then the K values are timed round-robin
     within each repeat, so that a slow start or clock drift does not favour the K timed last."""
     eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    prefixes = [M.build_prefix(processor, [open_image(r["image_path"])], [r["question"]]).to(device)
+    prefixes = [M.build_prefix(processor, [open_image(r["image_path"])], [r["prompt"]]).to(device)
                 for r in items]
     Ks = range(0, 5)
     total = {K: [[] for _ in prefixes] for K in Ks}
@@ -394,7 +429,7 @@ def collapse_matrix(backbone, processor, items, K, batch_size, device):
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
         prefix = M.build_prefix(processor, [open_image(r["image_path"]) for r in chunk],
-                                [r["question"] for r in chunk]).to(device)
+                                [r["prompt"] for r in chunk]).to(device)
         st = M.latent_loop(backbone, prefix, K)
         h = F.normalize(torch.cat(st.h[1:], dim=1).double(), dim=-1)                        # (B, K, d)
         S += (h @ h.transpose(1, 2)).sum(0).cpu()                                            # (K, K)
@@ -471,7 +506,7 @@ def probe_batch(backbone, processor, chunk, K, sweep, max_new_tokens, device):
     """-> {(probe, K): [prediction per item]}: every probe at K, and the normal loop at each K of sweep."""
     eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     prefix = M.build_prefix(processor, [open_image(r["image_path"]) for r in chunk],
-                            [r["question"] for r in chunk]).to(device)
+                            [r["prompt"] for r in chunk]).to(device)
 
     def answer(k, feed=None):
         ids, st = M.generate(backbone, prefix, k, eos, max_new_tokens, feed)
@@ -585,7 +620,7 @@ def pointing_game(ckpt, items, K, args, device, dtype):
     for i in range(0, len(items), args.batch_size):
         chunk = items[i:i + args.batch_size]
         images = [open_image(it["image_path"]) for it in chunk]
-        prefix = M.build_prefix(processor, images, [it["question"] for it in chunk]).to(device)
+        prefix = M.build_prefix(processor, images, [it["prompt"] for it in chunk]).to(device)
         h = torch.cat(M.latent_loop(vital.backbone, prefix, K).h[1:], dim=1)               # (B, K, d)
         v = M.project_latent(vital.vp, h).cpu()                                             # (B, K, d_v)
         for b, it in enumerate(chunk):
@@ -626,6 +661,10 @@ def get_args(argv=None):
     ap.add_argument("--out", required=True, help="output folder for predictions, metrics, table, PNGs")
     ap.add_argument("--k", default="4", help="latent steps for every question (default 4, Table 3); "
                                               "'sample' = each test item's own latent_steps (diagnostic)")
+    ap.add_argument("--protocol", default="options", choices=["options", "free"],
+                    help="options (§B.4): an item with choices is asked with them in the prompt (model.ask); "
+                         "free: the bare question. Either way the answer is mapped to a choice by letter, exact "
+                         "text, then token-F1 (the fallback, whose share the report gives)")
     ap.add_argument("--backbone", help="override the backbone folder named in the checkpoint's config.json")
     ap.add_argument("--batch-size", type=int, default=8, help="questions per generate call")
     ap.add_argument("--max-new-tokens", type=int, default=64, help="longest greedy answer")
@@ -676,9 +715,9 @@ def select_items(args):
     """The in-domain test split and the benchmark files, each cut to its first --limit items."""
     items = []
     if args.data:
-        items += read_test_split(args.data)
+        items += read_test_split(args.data, args.protocol)
     for b in args.bench:
-        items += read_benchmark(b)
+        items += read_benchmark(b, args.protocol)
     if args.limit > 0:
         items = [it for name in dict.fromkeys(r["benchmark"] for r in items)
                  for it in [r for r in items if r["benchmark"] == name][:args.limit]]
@@ -772,7 +811,7 @@ def main(argv=None):
     metrics = aggregate(rows)
     label = f"VITAL (K={args.k})"
     result = dict(ckpt=os.path.abspath(args.ckpt), phase=config.get("phase"), step=config.get("step"),
-                  K=args.k, device=str(device), benchmarks=metrics, overhead=overhead)
+                  K=args.k, protocol=args.protocol, device=str(device), benchmarks=metrics, overhead=overhead)
     if args.latency:
         result["latency"] = latency(backbone, processor, items[:args.latency_n], args, device)
         write_json(result["latency"], os.path.join(args.out, "latency.json"))

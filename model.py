@@ -220,8 +220,9 @@ def load_encoder(path, dtype=torch.float32, device="cpu"):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 3. The prompt contract (owned here; every stage imports it). Student view = raw image + question.
-#    Prefix: chat-formatted user turn, generation prompt open, LEFT-padded, so that h_0 is column -1.
+# 3. The prompt contract (owned here; every stage imports it). Student view = raw image + question, with its
+#    options when the item is asked closed-ended (`ask`). Prefix: chat-formatted user turn, generation prompt
+#    open, LEFT-padded, so that h_0 is column -1.
 #    Answer: right-padded, ends with <|im_end|>. Step sentences r_k: decoder tokens, each ending in EOS.
 # ----------------------------------------------------------------------------------------------------
 def load_image(path):
@@ -235,6 +236,22 @@ def load_image(path):
             lo, hi = float(a.min()), float(a.max())
             im = Image.fromarray(((a - lo) / max(hi - lo, 1e-8) * 255).round().astype(np.uint8))
         return im.convert("RGB")
+
+
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def ask(question, choices=None):
+    """The text of the user turn. Without choices: the question unchanged (explain.py's free question). With
+    choices (§B.4: every QA pair is asked closed-ended): the question, the options one a line as "(A) text",
+    then one instruction line. train.py, evaluate.py and the demo all ask through here, so an item is asked
+    with the identical text in training and evaluation."""
+    if not choices:
+        return question
+    if len(choices) > len(LETTERS):
+        raise ValueError(f"{len(choices)} choices: the options are lettered A-Z, at most {len(LETTERS)}")
+    options = "\n".join(f"({LETTERS[i]}) {c}" for i, c in enumerate(choices))
+    return f"{question}\n{options}\nAnswer with one of the options."
 
 
 def build_prefix(processor, images, questions):

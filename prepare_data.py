@@ -21,9 +21,9 @@ keyed by `id`): `id` (unique, stable across reruns), `source` (phantom|msd|biome
 `modality`, `target`, `target_type` (organ|lesion|tumor|vessel|tissue|cell|retina), `image`, `mask`,
 `overlay` (PNG paths relative to the file), `question`, `question_type` (yesno|identify|location_choice|
 location|describe|reasoning; caption with --captions), `answer`, `reasoning_chain` (the K step
-sentences), `latent_steps` (= K), `split` (train|val|test), for test items the closed-ended form
-`choices` + `answer_index` (§B.4), and `meta` (everything else: the measured facts, negative, gate
-retries, where the image came from).
+sentences), `latent_steps` (= K), `split` (train|val|test), the closed-ended form `choices` +
+`answer_index` (§B.4; every item but captions, in every split), and `meta` (everything else: the measured
+facts, negative, gate retries, where the image came from).
 
 Teachers: `geometry` (default) writes chains from the mask and the pixels (offline, leak-free by
 construction); `openai` asks any OpenAI-compatible chat-completions endpoint with the prompt of §A.2.
@@ -609,7 +609,8 @@ def geometry_chain(sample, f, K):
 
 
 def closed_form(sample, f, case, rng):
-    """Choices for test items (§B.4): the canonical answer and answers with one attribute changed.
+    """Choices (§B.4): the canonical answer and answers with one attribute changed; every split has them
+    (training asks with options too, train.py --options-rate). Captions have none.
     choices[answer_index] is the canonical answer from the image-space facts (= `answer` with the
     geometry teacher; an LLM teacher's free-text answer may be worded differently)."""
     qtype, t, tt = sample["question_type"], sample["target"], sample["target_type"]
@@ -955,7 +956,8 @@ def teach_case(case, todo, args):
         chain = out["reasoning_chain"]
         record = dict(head, **paths, **asked, answer=out["final_answer"], reasoning_chain=chain,
                       latent_steps=len(chain), split=assign_split(case["group"], args, case.get("folder_split")))
-        if record["split"] == "test":
+        if sample["question_type"] != "caption":  # every split (train.py --options-rate, evaluate.py); the
+            # sample's own RNG, drawn last: test items keep the choices they had when only they got them
             record["choices"], record["answer_index"] = closed_form(sample, facts, case, sample["rng"])
         record["meta"] = dict(case["meta"], negative=sample["negative"], facts=facts, teacher=args.teacher,
                               gate_retries=history, present_target=case["target"])

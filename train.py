@@ -31,6 +31,8 @@ Ablations: --curriculum {3-phase,2-phase,full-mix,reverse}  --lambda-sem 0  --la
            --visual-target per_step  --max-k 0 (direct-answer baseline) ... --max-k 4.
 Depth parity (issue 12): --depth phase (default) runs every item of a phase at the phase's largest K (see
 select_phase); --depth own runs each item at its own chain length.
+Closed-ended prompts (§B.4): --options-rate P (default 0.5) asks an item that has choices with its options
+(model.ask, as evaluate.py asks it) in a share P of its epochs, its target then the chosen option's text.
 """
 import argparse
 import glob as globmod
@@ -53,7 +55,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from demo.tiny import make_tiny
-from model import (MAX_PIXELS, VITAL, add_lora, batch_to, load_backbone, load_checkpoint, load_decoder,
+from model import (MAX_PIXELS, VITAL, add_lora, ask, batch_to, load_backbone, load_checkpoint, load_decoder,
                    load_image, make_batch, save_checkpoint, set_checkpointing)
 
 # ----------------------------------------------------------------------------------------------------
@@ -89,6 +91,10 @@ def get_args(argv=None):
                                    "made if absent; $VITAL_DEMO_DIR moves it)")
     ap.add_argument("--limit", type=int, default=0,
                     help="use only the first N train samples of the phase (0 = all)")
+    ap.add_argument("--options-rate", type=float, default=0.5,
+                    help="share of the items with choices asked with their options in the prompt (model.ask; "
+                         "the answer target is then the chosen option's text), drawn per item and epoch by a "
+                         "hash of (seed, id, epoch); evaluate.py asks with options (§B.4). 0 = never")
     # models
     ap.add_argument("--preset", choices=["tiny"],
                     help="tiny: tiny models of the real classes in --models (made if absent)")
@@ -183,6 +189,8 @@ def get_args(argv=None):
         ap.error(f"--curriculum {args.curriculum} has phases 1..{len(schedule)}, not {args.phase}")
     args.phase_max_k, default_epochs = schedule[args.phase - 1]
     args.epochs = default_epochs if args.epochs is None else args.epochs
+    if not 0 <= args.options_rate <= 1:
+        ap.error(f"--options-rate must be in [0, 1], got {args.options_rate}")
     return args
 
 
@@ -234,6 +242,12 @@ def read_samples(path):
                 if not isinstance(r[field], typ) or (typ is int and isinstance(r[field], bool)):
                     raise TrainError(f"{path} line {n}: field '{field}' should be {typ.__name__}, "
                                      f"got {type(r[field]).__name__}")
+            if r.get("choices") is not None and not (
+                    isinstance(r["choices"], list) and len(r["choices"]) >= 2
+                    and all(isinstance(c, str) for c in r["choices"])
+                    and type(r.get("answer_index")) is int and 0 <= r["answer_index"] < len(r["choices"])):
+                raise TrainError(f"{path} line {n}: 'choices' needs a list of >= 2 strings and an "
+                                 "'answer_index' into it")
             if r["latent_steps"] != len(r["reasoning_chain"]):
                 raise TrainError(f"{path} line {n}: latent_steps = {r['latent_steps']} "
                                  f"but reasoning_chain has {len(r['reasoning_chain'])} steps")
@@ -306,6 +320,34 @@ def read_roi(path, records, need_global):
     return roi, glob, meta
 
 
+# ----------------------------------------------------------------------------------------------------
+# Closed-ended prompts (§B.4): evaluate.py asks every item that has choices with its options in the prompt
+# (model.ask), so training shows them too, on a share --options-rate of the items each epoch.
+# ----------------------------------------------------------------------------------------------------
+def options_shown(record, epoch, seed, rate):
+    """Is this item asked with its options in this epoch? A hash of (seed, id, epoch), not an RNG stream:
+    the same on every rank, on a rerun and after a resume, whatever the batch order."""
+    if not record.get("choices") or rate <= 0:
+        return False
+    u = int(hashlib.sha256(f"options:{seed}:{record['id']}:{epoch}".encode()).hexdigest()[:13], 16) / 16 ** 13
+    return u < rate  # u in [0, 1): rate 1 shows them always
+
+
+def asked(record, shown):
+    """-> (prompt text, answer target). With the options shown the target is the chosen option's text,
+    choices[answer_index]: what evaluate.py scores as an exact match (the geometry teacher's `answer` is that
+    text; an LLM teacher's answer may be worded differently)."""
+    if shown:
+        return ask(record["question"], record["choices"]), record["choices"][record["answer_index"]]
+    return ask(record["question"]), record["answer"]
+
+
+def option_tokens(records, tokenizer):
+    """Tokens the options add to each record's prompt when they are shown (0 without choices)."""
+    return [len(tokenizer(ask(r["question"], r["choices"]))["input_ids"])
+            - len(tokenizer(r["question"])["input_ids"]) if r.get("choices") else 0 for r in records]
+
+
 LENGTH_RATIO = 1.25  # (chosen) the visual-token counts of one length group differ by less than this factor
 
 
@@ -335,22 +377,30 @@ def image_tokens(records, processor):
 
 class KBucketSampler:
     """Micro-batches of samples with the same K (select_phase's K, see CURRICULA) and the same length group
-    (image tokens, see length_group; `lengths` None: K only), identical on every rank.
+    (see length_group; `lengths` None: K only), identical on every rank.
     Per epoch: shuffle each bucket with seed + epoch, cut into batches, shuffle the batch order, pad the
     list to a multiple of world x accum by repeating its head (every rank gets as many batches: no DDP hang),
     then rank r takes batches r, r + world, ... so the micro-batches of one optimizer step are the same
     whatever the split between ranks and accumulation (that is what makes 2 ranks == 1 rank x 2 accum).
-    With one length group per K (images of one size, as in the demo) the batches are exactly K-only ones."""
+    With one length group per K (images of one size, as in the demo) the batches are exactly K-only ones.
+    `lengths` may be a function epoch -> lengths, when the prompt shown changes with the epoch
+    (--options-rate); every one of the phase's `epochs` is then padded to the count of its longest one, so
+    that an epoch is always the same number of steps."""
 
-    def __init__(self, ks, batch_size, world=1, rank=0, accum=1, seed=0, lengths=None):
+    def __init__(self, ks, batch_size, world=1, rank=0, accum=1, seed=0, lengths=None, epochs=1):
         self.ks, self.B, self.world, self.rank, self.accum, self.seed = (list(ks), batch_size, world, rank,
                                                                          accum, seed)
-        groups = [0] * len(self.ks) if lengths is None else [length_group(n) for n in lengths]
-        self.keys = list(zip(self.ks, groups))  # a bucket = one (K, length group)
+        self.lengths = lengths if callable(lengths) else (lambda epoch: lengths)
         self.epoch, self.start = 0, 0
-        self.n_groups = len(set(self.keys))
-        n = sum(math.ceil(self.keys.count(key) / batch_size) for key in set(self.keys))
+        self.n_groups = len(set(self.keys(0)))
+        n = max(sum(math.ceil(keys.count(key) / batch_size) for key in set(keys))
+                for keys in map(self.keys, range(max(1, epochs))))
         self.n_global = math.ceil(n / (world * accum)) * world * accum  # padded number of micro-batches
+
+    def keys(self, epoch):
+        """Each sample's bucket in this epoch: (K, length group)."""
+        lengths = self.lengths(epoch)
+        return list(zip(self.ks, [0] * len(self.ks) if lengths is None else map(length_group, lengths)))
 
     def set_epoch(self, epoch, start=0):
         """Select the epoch's order; `start` skips this rank's first micro-batches (resume mid-epoch)."""
@@ -358,11 +408,14 @@ class KBucketSampler:
 
     def global_batches(self):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        batches = []
-        for key in sorted(set(self.keys)):
-            idx = torch.tensor([i for i, kk in enumerate(self.keys) if kk == key])
+        keys, batches = self.keys(self.epoch), []
+        for key in sorted(set(keys)):
+            idx = torch.tensor([i for i, kk in enumerate(keys) if kk == key])
             idx = idx[torch.randperm(len(idx), generator=g)].tolist()
             batches += [idx[j:j + self.B] for j in range(0, len(idx), self.B)]
+        if len(batches) > self.n_global:  # an epoch past the `epochs` counted in __init__
+            raise ValueError(f"epoch {self.epoch}: {len(batches)} micro-batches, more than the "
+                             f"{self.n_global} of every epoch (KBucketSampler epochs=)")
         batches = [batches[j] for j in torch.randperm(len(batches), generator=g).tolist()]
         return [batches[j % len(batches)] for j in range(self.n_global)]
 
@@ -373,12 +426,14 @@ class KBucketSampler:
         return iter(self.global_batches()[self.rank::self.world][self.start:])
 
 
-def collate(records, idx, processor, dec_tokenizer, roi, glob):
-    """One K-bucket micro-batch -> (batch for VITAL.forward, K, backbone tokens processed)."""
+def collate(records, idx, processor, dec_tokenizer, roi, glob, shown=None):
+    """One K-bucket micro-batch -> (batch for VITAL.forward, K, backbone tokens processed). shown[j]: sample
+    idx[j] is asked with its options (options_shown; None: none is)."""
     recs = [records[i] for i in idx]
     K = recs[0]["K"]
+    prompts, answers = zip(*[asked(r, s) for r, s in zip(recs, shown or [False] * len(recs))])
     batch = make_batch(processor, dec_tokenizer, [load_image(r["image_path"]) for r in recs],
-                       [r["question"] for r in recs], [r["answer"] for r in recs],
+                       list(prompts), list(answers),
                        [r["reasoning_chain"][:K] for r in recs], K,
                        roi[idx] if roi is not None else None, glob[idx] if glob is not None else None)
     tokens = int(batch["prefix"]["attention_mask"].sum() + batch["answer_mask"].sum()) + K * len(idx)
@@ -700,8 +755,13 @@ def train_phase(args, env, build=build_vital, extra_files=None):
     opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, fused=env.device.type == "cuda")
 
     # ---- data order and the length of the phase
+    # a bucket's length: the image tokens, plus the options' tokens in an epoch that shows them (the bare
+    # question, a few dozen tokens, is left out as before)
+    shown = (lambda i, epoch: options_shown(records[i], epoch, args.seed, args.options_rate))
+    vis, opt_len = image_tokens(records, processor), option_tokens(records, processor.tokenizer)
+    lengths = (lambda epoch: [vis[i] + opt_len[i] * shown(i, epoch) for i in range(len(records))])
     sampler = KBucketSampler([r["K"] for r in records], args.batch_size, env.world, env.rank, args.grad_accum,
-                             args.seed, lengths=image_tokens(records, processor))
+                             args.seed, lengths=lengths, epochs=math.ceil(args.epochs))
     steps_per_epoch = len(sampler) // args.grad_accum
     total = max(1, round(args.epochs * steps_per_epoch))
     global_batch = args.batch_size * args.grad_accum * env.world
@@ -753,7 +813,9 @@ def train_phase(args, env, build=build_vital, extra_files=None):
             save_checkpoint(phase_dir, raw, dict(config, step=step, finished=step >= total),
                             extra_files=extra)
 
-    batches = (lambda idx: collate(records, idx, processor, dec_tokenizer, roi, glob))
+    # the sampler's epoch decides which items see their options (and so which bucket they are in)
+    batches = (lambda idx: collate(records, idx, processor, dec_tokenizer, roi, glob,
+                                   [shown(i, sampler.epoch) for i in idx]))
     step = train_loop(args, env, model, opt, sampler, batches, step, total, steps_per_epoch, save, log_path,
                       resumed=resume_dir is not None)
     log(f"phase {args.phase}: step {step}/{total}, checkpoint in {phase_dir}")

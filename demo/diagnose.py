@@ -77,14 +77,14 @@ def perception(args):
 @torch.no_grad()
 def latent_probes(vital, processor, args, n=500):
     """Ridge probes of each rule finding from h_0..h_4 of VITAL's own loop on the reasoning items (their own
-    question): does the latent chain still hold what the steps should state? -> {finding: [acc h_0..h_4]}."""
+    question, with its options as evaluate.py asks it): does the latent chain still hold what the steps should state? -> {finding: [acc h_0..h_4]}."""
     rows = [r for _, r in E.read_jsonl(os.path.join(args.data, "samples.jsonl"))
             if r.get("question_type") == "reasoning"][:n]
     hs = []
     for i in range(0, len(rows), 16):
         chunk = rows[i:i + 16]
         prefix = M.build_prefix(processor, [M.load_image(os.path.join(args.data, r["image"])) for r in chunk],
-                                [r["question"] for r in chunk])
+                                [M.ask(r["question"], r.get("choices")) for r in chunk])  # as evaluate.py asks
         hs.append(torch.cat(M.latent_loop(vital.backbone, prefix, 4).h, dim=1))            # (B, 5, d)
     hs, train = torch.cat(hs), torch.tensor([r["split"] != "test" for r in rows])
     out = {}
@@ -109,7 +109,7 @@ def chain_findings(args):
     for i in range(0, len(items), 8):
         chunk = items[i:i + 8]
         prefix = M.build_prefix(processor, [E.open_image(it["image_path"]) for it in chunk],
-                                [it["question"] for it in chunk])
+                                [it["prompt"] for it in chunk])
         h = torch.cat(M.latent_loop(vital.backbone, prefix, 4).h[1:], dim=1)              # (B, 4, d)
         steps = M.decode_latent(vital.decoder, vital.pj_in, dec_tok, h.reshape(-1, h.shape[-1]), 30)
         for b, it in enumerate(chunk):

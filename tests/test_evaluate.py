@@ -122,14 +122,61 @@ def test_score_item_closed_open():
 
 
 def test_aggregate_by_hand():
-    rows = [dict(benchmark="b", answer_type="closed", choices=["x", "y"], matched=0, correct=True),
-            dict(benchmark="b", answer_type="closed", choices=["x", "y"], matched=None, correct=False),
-            dict(benchmark="b", answer_type="closed", choices=None, matched=None, correct=True),
+    rows = [dict(benchmark="b", answer_type="closed", choices=["x", "y"], matched=0, matched_by="letter",
+                 correct=True),
+            dict(benchmark="b", answer_type="closed", choices=["x", "y"], matched=None, matched_by="none",
+                 correct=False),
+            dict(benchmark="b", answer_type="closed", choices=None, matched=None, matched_by="exact", correct=True),
             dict(benchmark="b", answer_type="open", f1=0.5), dict(benchmark="b", answer_type="open", f1=0.0)]
     m = E.aggregate(rows)["b"]
     assert m["closed_acc"] == pytest.approx(200 / 3) and m["n_closed"] == 3 and m["unmatched"] == 1
     assert m["mc_acc"] == 50.0 and m["n_mc"] == 2
     assert m["open_f1"] == 25.0 and m["n_open"] == 2
+    assert m["fallback_share"] == 50.0  # of the 2 items with choices: 1 matched nothing
+
+
+def test_matched_by_and_fallback_share_on_planted_predictions():
+    """One prediction per rule on an item with four options (gold B): the letter, B's exact text, a token-F1
+    pick, nothing; then a yes/no item without choices (not in the share). Fallback = (f1 + none) / 4 = 50%."""
+    item = dict(answer="It is in the upper right part.", answer_type="closed", answer_index=1,
+                choices=["It is in the upper left part.", "It is in the upper right part.", "Computed tomography",
+                         "MRI"])
+    planted = {"(B)": ("letter", 1, True), "it is in upper right part": ("exact", 1, True),
+               "upper right": ("f1", 1, True), "kidney": ("none", None, False)}
+    rows = []
+    for pred, (by, idx, ok) in planted.items():
+        sc = E.score_item(item, pred)
+        assert (sc["matched_by"], sc["matched"], sc["correct"]) == (by, idx, ok), pred
+        rows.append(dict(item, benchmark="b", prediction=pred, **sc))
+    yn = dict(answer="yes", answer_type="closed")
+    rows.append(dict(yn, benchmark="b", **E.score_item(yn, "Yes, it is.")))  # f1 on ["yes", "no"], no options
+    m = E.aggregate(rows)["b"]
+    assert m["matched_by"] == dict(letter=1, exact=1, f1=1, none=1) and m["n_mc"] == 4
+    assert m["fallback_share"] == 50.0 and m["closed_acc"] == 80.0
+    assert "| Acc | 80.00 | 5 | 50.0% (1 / 1 of 4) |" in E.table_md({"b": m}, "VITAL")
+
+
+def test_one_prompt_for_train_and_evaluate(tmp_path):
+    """An item with choices is asked with every option and its letter; train.py's loader (options shown) and
+    evaluate.py (--protocol options) build the identical prompt; --protocol free asks the bare question."""
+    import train
+    data = write_data(str(tmp_path / "d"))
+    prompt = M.ask("Where?", ["left", "right", "both"])
+    assert prompt == "Where?\n(A) left\n(B) right\n(C) both\nAnswer with one of the options."
+    assert M.ask("Where?") == M.ask("Where?", []) == "Where?"
+    items = E.read_test_split(data)
+    records = {r["id"]: r for r in train.read_samples(os.path.join(data, "samples.jsonl"))}
+    for it in items:
+        assert it["prompt"].startswith(it["question"] + "\n")
+        for letter, c in zip("AB", it["choices"]):
+            assert f"({letter}) {c}\n" in it["prompt"]
+        assert train.asked(records[it["id"]], True) == (it["prompt"], it["choices"][it["answer_index"]])
+    assert [it["prompt"] for it in E.read_test_split(data, "free")] == [it["question"] for it in items]
+    bench = tmp_path / "b.jsonl"
+    bench.write_text(json.dumps(dict(image="x.png", question="Modality?", answer="MRI", answer_type="closed",
+                                     choices=["CT", "MRI"], answer_index=1)) + "\n")
+    assert E.read_benchmark(str(bench))[0]["prompt"] == M.ask("Modality?", ["CT", "MRI"])
+    assert E.read_benchmark(str(bench), "free")[0]["prompt"] == "Modality?"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -266,6 +313,26 @@ def test_evaluate_writes_outputs_that_agree_with_predictions(tiny):
             assert m["n_mc"] == 1
     table = open(os.path.join(out, "table.md")).read()
     assert "| In-Domain Testsets | MSD | Acc |" in table and "| Medical VQA | VQA-RAD | Token-F1 |" in table
+    # the protocol, and how each prediction was mapped: the fallback share recomputed from the rows
+    assert json.load(open(os.path.join(out, "metrics.json")))["protocol"] == "options" and "fallback" in table
+    for name, m in metrics.items():
+        mc = [r for r in rows if r["benchmark"] == name and r.get("choices")]
+        assert m["matched_by"] == {by: sum(r["matched_by"] == by for r in mc) for by in E.MATCHED_BY}
+        assert m["fallback_share"] == pytest.approx(100 * np.mean([r["matched_by"] in ("f1", "none") for r in mc]))
+
+
+def test_protocol_free_asks_the_bare_question(tiny):
+    """--protocol free is the evaluation before the options were shown: the bare question goes in."""
+    out = os.path.join(tiny["root"], "ev_free")
+    res = E.main(["--ckpt", tiny["ckpt"], "--data", tiny["data"], "--out", out, "--max-new-tokens", "3",
+                  "--protocol", "free"])
+    assert res["protocol"] == "free"
+    bb, proc, _, _ = E.load_inference_model(tiny["ckpt"])
+    eos, items = proc.tokenizer.convert_tokens_to_ids("<|im_end|>"), E.read_test_split(tiny["data"])
+    prefix = M.build_prefix(proc, [E.open_image(it["image_path"]) for it in items], [it["question"] for it in items])
+    ids, _ = M.generate(bb, prefix, 4, eos, 3)
+    want = [t.strip() for t in proc.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+    assert [json.loads(l)["prediction"] for l in open(os.path.join(out, "predictions.jsonl"))] == want
 
 
 def test_deployed_model_has_zero_overhead(tiny):

@@ -99,7 +99,7 @@ def test_evaluate_and_explain_see_load_images_pixels(tiny, tmp_path, spy):
     assert spy == [os.path.abspath(paths[k]) for k in KINDS]
     # the stages end to end: the same answer for the four files, and explain.py's same heatmaps
     backbone, processor, _, _ = E.load_inference_model(tiny["ckpt"])
-    items = [dict(image_path=paths[k], question="Where is the lesion?") for k in KINDS]
+    items = [E.set_prompt(dict(image_path=paths[k], question="Where is the lesion?"), "options") for k in KINDS]
     spy.clear()
     preds = E.predict(backbone, processor, items, 2, 4, 4, "cpu")
     assert spy == [os.path.abspath(paths[k]) for k in KINDS] and len(set(preds)) == 1

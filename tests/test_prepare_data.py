@@ -290,14 +290,16 @@ def test_phantom_run_schema_splits_and_choices(tmp_path):
     assert len(rows) == 720 and stats["samples"] == 720 and stats["rejects"] == 0
     assert stats["by_question_type"] == {q: 120 for q in sorted(P.QUESTION_TYPES)}
     assert stats["yesno_negative"] == 60  # balanced yes/no
-    for r in rows:
-        assert set(r) == keys | ({"choices", "answer_index"} if r["split"] == "test" else set())
+    for r in rows:  # the closed form in every split (train.py --options-rate asks with it too)
+        assert set(r) == keys | {"choices", "answer_index"}
         lo, hi = P.STEP_RANGE[r["question_type"]]
         assert r["latent_steps"] == len(r["reasoning_chain"]) and lo <= r["latent_steps"] <= hi
         assert r["answer"].endswith(".") and os.path.exists(tmp_path / r["overlay"])
-        if r["split"] == "test":
-            assert len(r["choices"]) >= 2 and len(set(r["choices"])) == len(r["choices"])
-            assert r["choices"][r["answer_index"]] == r["answer"]
+        assert len(r["choices"]) >= 2 and len(set(r["choices"])) == len(r["choices"])
+        assert r["choices"][r["answer_index"]] == r["answer"]  # the geometry teacher's answer is an option
+    # a rerun into a new folder writes the same bytes (choices drawn from each sample's own seeded RNG)
+    run(tmp_path / "again", "--n", "120", "--questions-per-image", "6")
+    assert (tmp_path / "again" / "samples.jsonl").read_bytes() == (tmp_path / "samples.jsonl").read_bytes()
     # one phantom image never straddles splits; the split is a pure function of the id
     by_image = {}
     for r in rows:
@@ -315,6 +317,7 @@ def test_captions_name_no_target_and_match_the_pixels(tmp_path):
     rows = read_jsonl(tmp_path / "samples.jsonl")
     assert stats["by_question_type"] == {"caption": 40} and stats["rejects"] == 0
     assert {r["split"] for r in rows} == {"train"}
+    assert not any("choices" in r for r in rows)  # a caption has no closed form
     for r in rows:
         case = phantom_case(int(r["image"].split("-")[-1][:-4]), 3, 128)
         drawn, facts = case["meta"]["drawn"], r["meta"]["facts"]
@@ -326,6 +329,7 @@ def test_captions_name_no_target_and_match_the_pixels(tmp_path):
     run(tmp_path, "--n", "40", "--seed", "3", "--questions-per-image", "2", "--test-frac", "0", "--val-frac", "0")
     rows = read_jsonl(tmp_path / "samples.jsonl")
     assert len(rows) == 120 and len({r["image"] for r in rows}) == 40
+    assert all(("choices" in r) == (r["question_type"] != "caption") for r in rows)  # train items: choices
 
 
 # ----------------------------------------------------------------------------- quality gate

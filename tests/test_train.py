@@ -118,6 +118,76 @@ def _epoch(ks, epoch):
     return list(s)
 
 
+# ---------------------------------------------------------------------------------------------- options (§B.4)
+def write_choice_fixture(folder, n_train=12):
+    """write_fixture with one question per item and choices on the even items, worded unlike `answer` (as an
+    LLM teacher's answer may be): options shown must switch the target to choices[answer_index]."""
+    rows = write_fixture(folder, n_train)
+    for i, r in enumerate(rows):
+        r["question"] = f"is there a bright lesion in image {i}?"
+        if i % 2 == 0:  # bright items; the right option first or second
+            ch = ["A bright lesion is seen.", "No lesion is seen."]
+            r.update(choices=ch if i % 4 == 0 else ch[::-1], answer_index=0 if i % 4 == 0 else 1)
+    return write_samples(folder, rows)
+
+
+def test_options_rate_shows_options_per_item_and_epoch(env, tmp_path, monkeypatch):
+    """--options-rate P: an item with choices is asked through model.ask with its options and answers the
+    chosen option's text, in a share P of its epochs decided by a hash of (seed, id, epoch): two runs, and a
+    killed-and-resumed one, see the same batches; 0 shows none (the bare questions), 1 shows them on every
+    item with choices; a micro-batch holds one length group of the prompts actually shown."""
+    import model as M
+    data = tmp_path / "d"
+    rows = write_choice_fixture(str(data))
+    asked = {r["question"]: (r, False) for r in rows}
+    asked.update({M.ask(r["question"], r["choices"]): (r, True) for r in rows if "choices" in r})
+    seen, real = [], train.make_batch
+
+    def spy(processor, dec_tok, images, questions, answers, *a, **k):
+        seen.append([asked[q] + (a,) for q, a in zip(questions, answers)])   # (record, shown, target)
+        return real(processor, dec_tok, images, questions, answers, *a, **k)
+    monkeypatch.setattr(train, "make_batch", spy)
+
+    def run(out, rate, *extra):
+        seen.clear()
+        train.main(flags(env, out, "--data", data, "--phase", 3, "--init", "none", "--options-rate", rate,
+                         *extra))
+        for batch in seen:  # the target follows the prompt
+            for r, shown, target in batch:
+                assert target == (r["choices"][r["answer_index"]] if shown else r["answer"])
+        return [[(r["id"], shown) for r, shown, _ in b] for b in seen]
+
+    n_train = sum(r["split"] == "train" for r in rows)
+    none = run(tmp_path / "r0", 0)
+    assert not any(shown for b in none for _, shown in b) and len({i for b in none for i, _ in b}) == n_train
+    every = run(tmp_path / "r1", 1)
+    assert all(shown == ("choices" in rows[int(i[1:])]) for b in every for i, shown in b)
+    assert any(shown for b in every for _, shown in b)
+    half = run(tmp_path / "a", 0.5, "--epochs", 2)
+    assert run(tmp_path / "a2", 0.5, "--epochs", 2) == half                       # a rerun: the same batches
+    resumed = run(tmp_path / "b", 0.5, "--epochs", 2, "--max-steps", 5)
+    resumed += run(tmp_path / "b", 0.5, "--epochs", 2, "--resume")
+    assert resumed == half and max_diff(weights(tmp_path / "a" / "phase3"), weights(tmp_path / "b" / "phase3")) == 0
+    per_epoch = len(half) // 2
+    shown = [{i for b in half[e * per_epoch:(e + 1) * per_epoch] for i, s in b if s} for e in range(2)]
+    for e in range(2):  # exactly the hash's choice, and a new choice each epoch
+        assert shown[e] == {r["id"] for r in rows if r["split"] == "train"
+                            and train.options_shown(r, e, 1337, 0.5)}
+    with_choices = {r["id"] for r in rows if r["split"] == "train" and "choices" in r}
+    assert shown[0] and shown[0] < with_choices and shown[0] != shown[1]   # some, not all, and not the same
+    # buckets by the prompt shown: its options' tokens count (here they move an item to another length group)
+    _, processor = M.load_backbone(f"{env['models']}/backbone")
+    records = train.read_samples(str(data / "samples.jsonl"))
+    vis, extra = train.image_tokens(records, processor), train.option_tokens(records, processor.tokenizer)
+    for b in half:
+        assert len({train.length_group(vis[int(i[1:])] + extra[int(i[1:])] * s) for i, s in b}) == 1
+    assert train.length_group(vis[0]) != train.length_group(vis[0] + extra[0])   # 4 image tokens, +36 options
+    assert all(len({s for _, s in b}) == 1 for b in half)  # so an epoch's shown and bare prompts never mix
+    assert json.load(open(tmp_path / "a" / "phase3" / "config.json"))["args"]["options_rate"] == 0.5
+    from demo import pretrain  # the stand-in backbone pretraining runs train.py's phase: it learns the format
+    assert pretrain.get_args(["--data", str(data), "--out", "o"]).options_rate == 0.5
+
+
 def test_lr_schedule_warmup_then_cosine():
     total = 100
     f = [train.lr_factor(s, total, 0.05) for s in range(total)]
@@ -166,6 +236,13 @@ def test_clear_errors(env, tmp_path):
     (data / "samples.jsonl").write_text("\n".join(lines) + "\n")
     with pytest.raises(train.TrainError, match=r"line 3: missing field 'answer'"):
         train.main(flags(env, tmp_path / "r", "--data", data))
+    # choices whose answer_index points nowhere; an --options-rate that is no share
+    lines[2] = json.dumps(dict(rows[2], choices=["yes.", "no."], answer_index=2))
+    (data / "samples.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(train.TrainError, match=r"line 3: 'choices' needs a list of >= 2 strings and an"):
+        train.main(flags(env, tmp_path / "r", "--data", data))
+    with pytest.raises(SystemExit):
+        train.get_args(flags(env, tmp_path / "r", "--options-rate", 1.5))
     write_fixture(str(data), n_train=8)
     # missing ROI features: every missing id listed
     feats = load_file(data / "roi.safetensors")
