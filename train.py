@@ -94,7 +94,7 @@ def get_args(argv=None):
     ap.add_argument("--options-rate", type=float, default=0.5,
                     help="share of the items with choices asked with their options in the prompt (model.ask; "
                          "the answer target is then the chosen option's text), drawn per item and epoch by a "
-                         "hash of (seed, id, epoch); evaluate.py asks with options (§B.4). 0 = never")
+                         "hash of (seed, phase, id, epoch); evaluate.py asks with options (§B.4). 0 = never")
     # models
     ap.add_argument("--preset", choices=["tiny"],
                     help="tiny: tiny models of the real classes in --models (made if absent)")
@@ -324,12 +324,13 @@ def read_roi(path, records, need_global):
 # Closed-ended prompts (§B.4): evaluate.py asks every item that has choices with its options in the prompt
 # (model.ask), so training shows them too, on a share --options-rate of the items each epoch.
 # ----------------------------------------------------------------------------------------------------
-def options_shown(record, epoch, seed, rate):
-    """Is this item asked with its options in this epoch? A hash of (seed, id, epoch), not an RNG stream:
-    the same on every rank, on a rerun and after a resume, whatever the batch order."""
+def options_shown(record, phase, epoch, seed, rate):
+    """Is this item asked with its options in this epoch of this phase? A hash of (seed, phase, id, epoch),
+    not an RNG stream: the same on every rank, on a rerun and after a resume, whatever the batch order."""
     if not record.get("choices") or rate <= 0:
         return False
-    u = int(hashlib.sha256(f"options:{seed}:{record['id']}:{epoch}".encode()).hexdigest()[:13], 16) / 16 ** 13
+    key = f"options:{seed}:{phase}:{record['id']}:{epoch}"
+    u = int(hashlib.sha256(key.encode()).hexdigest()[:13], 16) / 16 ** 13
     return u < rate  # u in [0, 1): rate 1 shows them always
 
 
@@ -757,7 +758,7 @@ def train_phase(args, env, build=build_vital, extra_files=None):
     # ---- data order and the length of the phase
     # a bucket's length: the image tokens, plus the options' tokens in an epoch that shows them (the bare
     # question, a few dozen tokens, is left out as before)
-    shown = (lambda i, epoch: options_shown(records[i], epoch, args.seed, args.options_rate))
+    shown = (lambda i, epoch: options_shown(records[i], args.phase, epoch, args.seed, args.options_rate))
     vis, opt_len = image_tokens(records, processor), option_tokens(records, processor.tokenizer)
     lengths = (lambda epoch: [vis[i] + opt_len[i] * shown(i, epoch) for i in range(len(records))])
     sampler = KBucketSampler([r["K"] for r in records], args.batch_size, env.world, env.rank, args.grad_accum,

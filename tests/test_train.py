@@ -133,7 +133,7 @@ def write_choice_fixture(folder, n_train=12):
 
 def test_options_rate_shows_options_per_item_and_epoch(env, tmp_path, monkeypatch):
     """--options-rate P: an item with choices is asked through model.ask with its options and answers the
-    chosen option's text, in a share P of its epochs decided by a hash of (seed, id, epoch): two runs, and a
+    chosen option's text, in a share P of its epochs decided by a hash of (seed, phase, id, epoch): two runs, and a
     killed-and-resumed one, see the same batches; 0 shows none (the bare questions), 1 shows them on every
     item with choices; a micro-batch holds one length group of the prompts actually shown."""
     import model as M
@@ -172,7 +172,7 @@ def test_options_rate_shows_options_per_item_and_epoch(env, tmp_path, monkeypatc
     shown = [{i for b in half[e * per_epoch:(e + 1) * per_epoch] for i, s in b if s} for e in range(2)]
     for e in range(2):  # exactly the hash's choice, and a new choice each epoch
         assert shown[e] == {r["id"] for r in rows if r["split"] == "train"
-                            and train.options_shown(r, e, 1337, 0.5)}
+                            and train.options_shown(r, 3, e, 1337, 0.5)}
     with_choices = {r["id"] for r in rows if r["split"] == "train" and "choices" in r}
     assert shown[0] and shown[0] < with_choices and shown[0] != shown[1]   # some, not all, and not the same
     # buckets by the prompt shown: its options' tokens count (here they move an item to another length group)
