@@ -504,10 +504,10 @@ TEMPLATES = {
                  "vessel": ["Describe the appearance and course of the {t} in this {mp}."]},
     # the grading rule (RULE below) is stated in the question: the model is told how, it must see what
     "reasoning": {"*": ["Grade the {t} in this {mp} by the points rule: one point each for an irregular shape, "
-                        "a blurred boundary, a large size and being darker than its surroundings. What is the "
+                        "lying in the upper part, a large size and being darker than its surroundings. What is the "
                         "grade?"],
                   "lesion": ["Score the {t} in this {mp} with the points rule (one point each for an irregular "
-                             "shape, a blurred boundary, a large size, and being darker than its surroundings). "
+                             "shape, lying in the upper part, a large size, and being darker than its surroundings). "
                              "Which grade is it?"]},
 }
 
@@ -515,7 +515,7 @@ TEMPLATES = {
 # dermoscopy, TI-RADS points for ultrasound): one point for each of four findings, the total decides the
 # grade. No single finding answers it, and the answer leads with the grade, so the findings belong in the
 # chain: one finding per step, the sum in the last.
-RULE = [("shape", "irregular"), ("boundary", "blurred"), ("size", "large"), ("brightness", "darker")]
+RULE = [("shape", "irregular"), ("v", "upper"), ("size", "large"), ("brightness", "darker")]
 GRADES = ["low", "low", "intermediate", "high", "high"]  # by total points 0..4
 
 
@@ -595,7 +595,7 @@ def geometry_chain(sample, f, K):
         p = rule_points(f)
         last = f"{points_text(sum(p))} of 4 in total, so the grade is {GRADES[sum(p)]}."
         chain = [f"Its shape is {f['shape']}: {points_text(p[0])}.",
-                 f"Its boundary is {f['boundary']}: {points_text(p[1])}.",
+                 f"It lies in the {f['v']} part of the image: {points_text(p[1])}.",
                  f"It covers {share_words(f['area'])} of the image, so it is {f['size']}: "
                  f"{points_text(p[2])}.",
                  f"It is {w['bright']}: {points_text(p[3])}; {last}"]

@@ -26,10 +26,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import evaluate as E  # noqa: E402
 import model as M  # noqa: E402
+import prepare_data as P  # noqa: E402
 
 FINDINGS = {"shape": ["round", "elongated", "irregular"], "boundary": ["sharp", "blurred"],
             "size": ["small", "large"], "brightness": ["brighter", "darker", "similar"],
             "h": ["left", "central", "right"], "v": ["upper", "middle", "lower"]}
+RULE_KEYS = [key for key, _ in P.RULE]  # the findings the grading rule adds up
 
 
 @torch.no_grad()
@@ -88,7 +90,7 @@ def latent_probes(vital, processor, args, n=500):
         hs.append(torch.cat(M.latent_loop(vital.backbone, prefix, 4).h, dim=1))            # (B, 5, d)
     hs, train = torch.cat(hs), torch.tensor([r["split"] != "test" for r in rows])
     out = {}
-    for name in ("shape", "boundary", "size", "brightness"):
+    for name in RULE_KEYS:
         y = torch.tensor([FINDINGS[name].index(r["meta"]["facts"][name]) for r in rows])
         out[name] = dict(h=[ridge_accuracy(hs[:, k], y, train) for k in range(hs.shape[1])],
                          majority=100 * max((y[~train] == c).float().mean().item()
@@ -104,7 +106,7 @@ def chain_findings(args):
         raise SystemExit(f"diagnose.py: error: {args.ckpt} has no decoder scaffold (trained with --lambda-sem 0)")
     latent = latent_probes(vital, processor, args)
     items = [it for it in E.read_test_split(args.data) if it.get("question_type") == "reasoning"]
-    said = {k: [0, 0] for k in ("shape", "boundary", "size", "brightness")}
+    said = {k: [0, 0] for k in RULE_KEYS}
     total_ok, examples = 0, []
     for i in range(0, len(items), 8):
         chunk = items[i:i + 8]

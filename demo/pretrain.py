@@ -12,7 +12,7 @@ extra checkpoint folder holding the backbone.
     python prepare_data.py --source phantom --out runs/demo/pretrain_data --n 3000 --seed 1 --image-size 96 \\
         --test-frac 0 --val-frac 0 --captions        # (then again with --questions-per-image 2: appends)
     python demo/pretrain.py --data runs/demo/pretrain_data --models runs/demo/models \\
-        --out runs/demo/pretrain --epochs 2 --lr 2e-3
+        --out runs/demo/pretrain --epochs 6 --lr 2e-3
     -> runs/demo/pretrain/phase1/backbone/ (train VITAL with --backbone pointing there), phase1/config.json,
        trainer/ (add --resume to continue a killed run exactly)
 """

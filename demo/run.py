@@ -63,7 +63,7 @@ def get_args(argv=None):
     ap.add_argument("--pretrain-n", type=int, default=3000,
                     help="phantom images of the backbone's pretraining corpus "
                          "(another seed: no image is shared)")
-    ap.add_argument("--pretrain-epochs", type=float, default=2,
+    ap.add_argument("--pretrain-epochs", type=float, default=6,
                     help="epochs of the backbone pretraining (0 = none: "
                          "VITAL then trains on the random backbone, which does not learn to see)")
     ap.add_argument("--pretrain-lr", type=float, default=2e-3,

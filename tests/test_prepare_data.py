@@ -256,7 +256,7 @@ def test_phantom_answers_match_the_pixels(tmp_path):
 
 
 def test_grading_rule_needs_every_finding(tmp_path):
-    """The reasoning question: one point each for irregular, blurred, large, darker, counted by hand here from
+    """The reasoning question: one point each for irregular, upper part, large, darker, counted by hand here from
     the measured facts; the answer leads with the grade, each step states one finding, the last the sum."""
     args = P.get_args(["--out", str(tmp_path), "--types", "reasoning"])
     grade = {0: "Low", 1: "Low", 2: "Intermediate", 3: "High", 4: "High"}
@@ -268,13 +268,13 @@ def test_grading_rule_needs_every_finding(tmp_path):
         assert s["question_type"] == "reasoning" and "one point each" in s["question"]
         out = json.loads(P.geometry_teacher(case, s, facts, [], args))
         f = facts  # what the pixels show (the drawn size of a thin vessel can measure small)
-        n = (f["shape"] == "irregular") + (f["boundary"] == "blurred") + (f["size"] == "large") + \
+        n = (f["shape"] == "irregular") + (f["v"] == "upper") + (f["size"] == "large") + \
             (f["brightness"] == "darker")
         totals.add(n)
         assert out["final_answer"] == f"{grade[n]} grade: {n} of 4 points."
         chain = out["reasoning_chain"]
         assert len(chain) in (3, 4) and f"{n} point" in chain[-1] and grade[n].lower() in chain[-1]
-        assert chain[0].startswith("Its shape is " + f["shape"]) and f["boundary"] in chain[1]
+        assert chain[0].startswith("Its shape is " + f["shape"]) and f"in the {f['v']} part" in chain[1]
         assert P.gate(json.dumps(out), s, facts)[1] == []
         choices, k = P.closed_form(s, facts, case, s["rng"])
         assert sorted(choices) == sorted(f"{grade[m]} grade: {m} of 4 points." for m in range(5))
