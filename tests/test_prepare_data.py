@@ -242,8 +242,10 @@ def test_phantom_answers_match_the_pixels(tmp_path):
                 assert f"in the {h} part of the image" in ans
             if s["question_type"] in ("describe", "reasoning"):
                 assert ("brighter" if brighter else "darker") in text
-                for key in ("shape", "size", "boundary"):
+                for key in ("shape", "size") + (("boundary",) if s["question_type"] == "describe" else ()):
                     assert drawn[key] in text, (key, drawn, text)
+                if s["question_type"] == "reasoning":  # the rule's position finding: the vertical third
+                    assert f"lies in the {v} part of the image" in text
                 if s["question_type"] == "describe":
                     combos.add((v, h, drawn["shape"], drawn["size"], drawn["boundary"], drawn["brightness"]))
             if s["question_type"] == "yesno":
