@@ -514,7 +514,9 @@ TEMPLATES = {
 # The reasoning question applies a visible points rule in the spirit of the clinical ones (ABCD for
 # dermoscopy, TI-RADS points for ultrasound): one point for each of four findings, the total decides the
 # grade. No single finding answers it, and the answer leads with the grade, so the findings belong in the
-# chain: one finding per step, the sum in the last.
+# chain: one finding per step, the sum in the last. Position counts instead of the boundary (as the upper
+# lobe does in the Brock lung-nodule score): no probe reads the boundary from the tiny backbone's image
+# tokens (docs/tuning-log.md), so a rule counting it would cap every model near half right.
 RULE = [("shape", "irregular"), ("v", "upper"), ("size", "large"), ("brightness", "darker")]
 GRADES = ["low", "low", "intermediate", "high", "high"]  # by total points 0..4
 
