@@ -792,7 +792,7 @@ def check_inputs(args):
 
 def write_json(obj, path):
     with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
+        json.dump(obj, f, indent=2, allow_nan=False)  # strict JSON: a NaN raises here, not in a reader
 
 
 def main(argv=None):
@@ -807,7 +807,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     rows = run_items(backbone, processor, items, args.k, args, device)
     with open(os.path.join(args.out, "predictions.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
+        f.writelines(json.dumps(r, allow_nan=False) + "\n" for r in rows)
     metrics = aggregate(rows)
     label = f"VITAL (K={args.k})"
     result = dict(ckpt=os.path.abspath(args.ckpt), phase=config.get("phase"), step=config.get("step"),
@@ -830,7 +830,7 @@ def main(argv=None):
         with open(os.path.join(args.out, "probes.json"), "w") as f:
             json.dump(result["probes"], f, indent=2, allow_nan=False)  # strict JSON: a NaN raises here
         with open(os.path.join(args.out, "probe_predictions.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in prows)
+            f.writelines(json.dumps(r, allow_nan=False) + "\n" for r in prows)
         print(probe_table(result["probes"]) + f"wrote {args.out}/probes.json, probe_predictions.jsonl")
     if args.pointing:
         result["pointing"] = pointing_game(args.ckpt, items, args.k, args, device, dtype)

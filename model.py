@@ -641,7 +641,7 @@ def save_checkpoint(folder, vital: VITAL, config: dict, extra_files=None):
         save_file({k: v.contiguous().cpu() for k, v in scaffold.items()},
                   os.path.join(tmp, "scaffold.safetensors"))
     with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+        json.dump(config, f, indent=2, allow_nan=False)
     for name, writer in (extra_files or {}).items():
         writer(os.path.join(tmp, name))
     if os.path.exists(folder):
@@ -701,7 +701,7 @@ def export_peft(folder, vital: VITAL, base_model_path=""):
                target_modules=(r".*language_model\.layers\.\d+\.(self_attn|mlp)\.("
                                + "|".join(LORA_TARGETS) + ")"))
     with open(os.path.join(folder, "adapter_config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
+        json.dump(cfg, f, indent=2, allow_nan=False)
 
 
 def count_params(module):

@@ -531,7 +531,7 @@ def trainer_writer(opt, names, rng, scalars, finished):
         os.makedirs(path)
         if finished:
             with open(os.path.join(path, "state.json"), "w") as f:
-                json.dump(dict(scalars, finished=True), f, indent=2)
+                json.dump(dict(scalars, finished=True), f, indent=2, allow_nan=False)
             return
         tensors, groups = dict(rng), []
         sd = opt.state_dict()
@@ -542,7 +542,7 @@ def trainer_writer(opt, names, rng, scalars, finished):
             groups.append({k: v for k, v in g.items() if k != "params"} | {"names": gnames})
         save_file(tensors, os.path.join(path, "state.safetensors"))
         with open(os.path.join(path, "state.json"), "w") as f:
-            json.dump(dict(scalars, finished=False, param_groups=groups), f, indent=2)
+            json.dump(dict(scalars, finished=False, param_groups=groups), f, indent=2, allow_nan=False)
     return write
 
 
@@ -903,7 +903,7 @@ def write_log_line(log_path, phase, step, epoch, stats, opt, gnorm, dt, device, 
                  grad_norm=gnorm.item(), samples_per_s=stats[4].item() / dt,
                  tokens_per_s=stats[5].item() / dt, peak_mem_mib=round(peak, 1))
     with open(log_path, "a") as f:
-        f.write(json.dumps(entry) + "\n")
+        f.write(json.dumps(entry, allow_nan=False) + "\n")
     bar.update(1)
     bar.set_postfix(L_task=f"{entry['L_task']:.3f}", L_sem=f"{entry['L_sem']:.3f}",
                     L_vis=f"{entry['L_vis']:.3f}", lr=f"{entry['lr']:.2e}")

@@ -367,7 +367,7 @@ def main(argv=None):
         f.write(md)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"args": vars(args), "wall_s_this_run": round(time.time() - t0, 1),
-                   "runs": {n: {str(s): r for s, r in v.items()} for n, v in res.items()}}, f, indent=2)
+                   "runs": {n: {str(s): r for s, r in v.items()} for n, v in res.items()}}, f, indent=2, allow_nan=False)
     argv = sys.argv[1:] if argv is None else argv
     cmd = "python demo/ablate.py " + " ".join(shlex.quote(a) for a in argv)
     with open(os.path.join(HERE, "evidence.md" if evidence else "ablations.md"), "w") as f:

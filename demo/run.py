@@ -390,7 +390,7 @@ def main(argv=None):
     summary = {"wall_s_this_run": round(wall, 1), "stage_s": {k: round(v, 1) for k, v in timings.items()},
                "accuracy": table, "args": vars(args)}
     with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+        json.dump(summary, f, indent=2, allow_nan=False)
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write("\n".join(rows) + "\n")
     write_results(args, argv, rows, wall, timings)

@@ -580,3 +580,18 @@ def test_every_artifact_of_a_pipeline_run_is_strict_json(tmp_path, capsys):
                  "runs/t/phase1/config.json", "eval/predictions.jsonl", "eval/metrics.json",
                  "runs/t/phase1/explain/"):
         assert any(f.startswith(must) for f in found), (must, found)
+
+
+def test_json_writers_refuse_nan(tmp_path):
+    """The writers enforce what the artifact test above observes: a NaN or an Infinity raises at the writer
+    (evaluate's metrics, the checkpoint config) instead of landing in a file that strict readers reject."""
+    import evaluate as E
+    import model as M
+    import torch
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError):
+            E.write_json({"closed_acc": bad}, str(tmp_path / "metrics.json"))
+    weights = type("Trained", (), {"trainable_state_dict": lambda self: ({"lora.A": torch.zeros(2, 2)}, {})})()
+    with pytest.raises(ValueError):
+        M.save_checkpoint(str(tmp_path / "ckpt"), weights, {"lr": float("nan")})
+    assert not os.path.exists(tmp_path / "ckpt")  # nothing half-written took the checkpoint's place
