@@ -55,8 +55,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from demo.tiny import make_tiny
-from model import (MAX_PIXELS, VITAL, add_lora, ask, batch_to, load_backbone, load_checkpoint, load_decoder,
-                   load_image, make_batch, save_checkpoint, set_checkpointing)
+from model import (LETTERS, MAX_PIXELS, VITAL, add_lora, ask, batch_to, load_backbone, load_checkpoint,
+                   load_decoder, load_image, make_batch, save_checkpoint, set_checkpointing)
 
 # ----------------------------------------------------------------------------------------------------
 # Curriculum schedules (§3.5, §4.3 Table 3). Each phase = (highest latent_steps admitted, None = all K;
@@ -243,11 +243,11 @@ def read_samples(path):
                     raise TrainError(f"{path} line {n}: field '{field}' should be {typ.__name__}, "
                                      f"got {type(r[field]).__name__}")
             if r.get("choices") is not None and not (
-                    isinstance(r["choices"], list) and len(r["choices"]) >= 2
+                    isinstance(r["choices"], list) and 2 <= len(r["choices"]) <= len(LETTERS)
                     and all(isinstance(c, str) for c in r["choices"])
                     and type(r.get("answer_index")) is int and 0 <= r["answer_index"] < len(r["choices"])):
                 raise TrainError(f"{path} line {n}: 'choices' needs a list of >= 2 strings and an "
-                                 "'answer_index' into it")
+                                 f"'answer_index' into it (at most {len(LETTERS)}: options A-Z, model.ask)")
             if r["latent_steps"] != len(r["reasoning_chain"]):
                 raise TrainError(f"{path} line {n}: latent_steps = {r['latent_steps']} "
                                  f"but reasoning_chain has {len(r['reasoning_chain'])} steps")
