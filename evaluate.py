@@ -76,6 +76,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
+from safetensors import safe_open
 
 import model as M
 
@@ -597,12 +598,27 @@ def target_patches(mask_path, g):
     return target, valid
 
 
+def roi_targets(data, ids):
+    """The L_vis targets (extract_roi.py's ROI features) of `ids` from <data>/roi.safetensors
+    -> ((n, d_v) tensor, path), or (None, reason) when the file or a row is missing."""
+    path = os.path.join(data, "roi.safetensors")
+    if not os.path.isfile(path):
+        return None, f"{path}: no such file"
+    with safe_open(path, "pt") as f:
+        rows = {i: j for j, i in enumerate(json.loads((f.metadata() or {}).get("ids", "[]")))}
+        missing = [i for i in ids if i not in rows]
+        if missing:
+            return None, f"{path}: no row for {len(missing)} test item(s), e.g. '{missing[0]}'"
+        return f.get_tensor("roi")[[rows[i] for i in ids]].float(), path
+
+
 @torch.no_grad()
 def pointing_game(ckpt, items, K, args, device, dtype):
     """Per latent step k: the share of test items whose heatmap cos(VP(h_k), patch) peaks inside the target
-    (dilated by one patch), beside its chance level (the share of the image's patches that count as a hit).
-    The model is explain.py's: the same checkpoint with its visual projector, and the encoder of the ROI
-    targets. -> pointing.json object."""
+    (dilated by one patch), beside its chance level (the share of the image's patches that count as a hit)
+    and its ceiling: the same game played by the ROI feature itself (what L_vis regresses VP(h_k) to), i.e.
+    what a perfect visual projector would score with these targets. The model is explain.py's: the same
+    checkpoint with its visual projector, and the encoder of the ROI targets. -> pointing.json object."""
     import explain as X
     import extract_roi as ER
     items = [it for it in items if it["benchmark"].startswith("in-domain/") and it.get("mask")]
@@ -616,7 +632,11 @@ def pointing_game(ckpt, items, K, args, device, dtype):
     if vital.vp is None:
         raise EvalError(f"--pointing: {ckpt} has no visual projector (trained with --lambda-vis 0)")
     enc = ER.build_encoder(kind, path, device, size)
-    hits, chance = torch.zeros(K), []
+    roi, roi_src = roi_targets(args.data, [it["id"] for it in items])
+    d_v = vital.vp.out.out_features
+    if roi is not None and roi.shape[1] != d_v:
+        roi, roi_src = None, f"{roi_src}: {roi.shape[1]}-d features, the checkpoint's are {d_v}-d"
+    hits, ceiling, chance = torch.zeros(K), 0.0, []
     for i in range(0, len(items), args.batch_size):
         chunk = items[i:i + args.batch_size]
         images = [open_image(it["image_path"]) for it in chunk]
@@ -625,9 +645,11 @@ def pointing_game(ckpt, items, K, args, device, dtype):
         v = M.project_latent(vital.vp, h).cpu()                                             # (B, K, d_v)
         for b, it in enumerate(chunk):
             f, _, _ = X.patch_features(enc, images[b])
-            heat = X.heatmaps(f.cpu(), v[b], enc.grid).flatten(1)                           # (K, g*g)
             target, valid = target_patches(os.path.join(args.data, it["mask"]), enc.grid)
-            hits += target[heat.masked_fill(~valid, -2).argmax(1)].float()
+            hits += target[X.heatmaps(f.cpu(), v[b], enc.grid).flatten(1).masked_fill(~valid, -2).argmax(1)]
+            if roi is not None:
+                heat = X.heatmaps(f.cpu(), F.normalize(roi[i + b:i + b + 1], dim=-1), enc.grid).flatten(1)
+                ceiling += target[heat.masked_fill(~valid, -2).argmax(1)].sum().item()
             chance.append(target[valid].float().mean().item())
     n = len(items)
     steps = [dict(k=k + 1, hit_rate=100 * hits[k].item() / n) for k in range(K)]
@@ -635,16 +657,22 @@ def pointing_game(ckpt, items, K, args, device, dtype):
     return dict(K=K, n=n, encoder=os.path.abspath(path), encoder_from=src, grid=enc.grid,
                 chance=100 * statistics.mean(chance), steps=steps, best_step=best["k"],
                 best_hit_rate=best["hit_rate"],
+                ceiling=100 * ceiling / n if roi is not None else None,
+                ceiling_from=os.path.abspath(roi_src) if roi is not None else None,
+                ceiling_missing=None if roi is not None else roi_src,
                 definition="hit: the heatmap's maximum patch is one the target's mask touches, or a neighbour "
                            "of one (dilated by one patch); chance: the share of the image's patches that "
-                           "count as a hit, averaged over items")
+                           "count as a hit, averaged over items; ceiling: the hit rate of the heatmap of the "
+                           "ROI feature itself (the L_vis target), what a perfect visual projector scores")
 
 
 def pointing_table(res):
-    lines = ["| pointing game | " + " | ".join(f"step {r['k']}" for r in res["steps"]) + " | chance | n |",
-             "|---|" + "---:|" * (len(res["steps"]) + 2)]
+    ceiling = "n/a" if res.get("ceiling") is None else f"{res['ceiling']:.1f}"
+    lines = ["| pointing game | " + " | ".join(f"step {r['k']}" for r in res["steps"]) +
+             " | chance | ceiling (the ROI target itself) | n |",
+             "|---|" + "---:|" * (len(res["steps"]) + 3)]
     lines.append("| hit rate (%) | " + " | ".join(f"{r['hit_rate']:.1f}" for r in res["steps"]) +
-                 f" | {res['chance']:.1f} | {res['n']} |")
+                 f" | {res['chance']:.1f} | {ceiling} | {res['n']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -196,6 +196,8 @@ def read_result(ev, data=None):
     if "pointing" in m:
         r["pointing best"] = m["pointing"]["best_hit_rate"]
         r["pointing chance"] = m["pointing"]["chance"]
+        if m["pointing"].get("ceiling") is not None:
+            r["pointing ceiling"] = m["pointing"]["ceiling"]
         r.update({f"pointing step {s['k']}": s["hit_rate"] for s in m["pointing"]["steps"]})
     return r
 
@@ -286,10 +288,13 @@ def evidence_tables(args, res, backbone_alone):
     point = [n for n in EVIDENCE if get(n, "pointing best")]
     if point:
         out += ["", "**Pointing game** (share of test items whose heatmap peaks inside the target, dilated by "
-                "one patch; evaluate.py --pointing)", "",
-                "| config | step 1 | step 2 | step 3 | step 4 | best step | chance |", "|---|" + "---:|" * 6]
+                "one patch; evaluate.py --pointing; ceiling: the same game played by the ROI targets "
+                "themselves, what a perfect visual projector would score)", "",
+                "| config | step 1 | step 2 | step 3 | step 4 | best step | chance | ceiling |",
+                "|---|" + "---:|" * 7]
         out += [f"| {n} | " + " | ".join(fmt(get(n, f"pointing step {k}")) for k in range(1, 5)) +
-                f" | {fmt(get(n, 'pointing best'))} | {fmt(get(n, 'pointing chance'))} |" for n in point]
+                f" | {fmt(get(n, 'pointing best'))} | {fmt(get(n, 'pointing chance'))} | "
+                f"{fmt(get(n, 'pointing ceiling'))} |" for n in point]
     coll = [n for n in EVIDENCE if get(n, "collapse")]
     if coll:
         out += ["", "**§C.6 inter-step cosine of h_1..h_4** (lower = less collapse)", "",
@@ -297,6 +302,16 @@ def evidence_tables(args, res, backbone_alone):
         out += [f"| {n} | {fmt(get(n, 'collapse'), 3)} | " +
                 " / ".join(f"{v:.3f}" for v in get(n, "collapse")) + " |" for n in coll]
     return "\n".join(out) + "\n"
+
+
+def roi_settings(path):
+    """extract_roi.py's --tau/--delta/--min-crop of an existing ROI bank (its metadata), so that the random-
+    encoder row is extracted exactly as the data it is compared with."""
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+    return [a for key in ("tau", "delta", "min_crop") if key in meta
+            for a in (f"--{key.replace('_', '-')}", meta[key])]
 
 
 def ensure_evidence_inputs(args):
@@ -310,7 +325,7 @@ def ensure_evidence_inputs(args):
                 os.symlink(os.path.relpath(os.path.join(args.data, name), args.data_random), link)
         cmd = [PY, "extract_roi.py", "--samples", os.path.join(args.data_random, "samples.jsonl"), "--encoder",
                os.path.join(args.models, "encoder"), "--out", os.path.join(args.data_random, "roi.safetensors"),
-               "--quiet"]
+               "--quiet"] + roi_settings(os.path.join(args.data, "roi.safetensors"))
         print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
         subprocess.run(cmd, check=True, cwd=ROOT)
     ev = os.path.join(args.out, "backbone_alone")

@@ -72,6 +72,14 @@ def get_args(argv=None):
                     help="the ROI encoder behind L_vis: the tiny SigLIP after its stand-in pretraining "
                          "(demo/pretrain_encoder.py), or the random one (the comparison row)")
     ap.add_argument("--encoder-epochs", type=int, default=20, help="epochs of the encoder pretraining")
+    # The phantom's targets cover 1-8% of the image, so at extract_roi.py's default tau (0.1) every ROI
+    # feature came from a re-encoded crop, which the tiny 8 x 8-patch encoder represents unlike any patch of
+    # the full image: the ROI features themselves then point at their target in only 54% of the test items
+    # (the pointing game's ceiling), against 94% when pooled from the full image (tau 0). Measured in
+    # docs/tuning-log.md; a real run keeps extract_roi.py's default.
+    ap.add_argument("--tau", type=float, default=0.0,
+                    help="extract_roi.py --tau (mask/image area share below which the ROI is cropped and "
+                         "re-encoded; 0 = always the full image)")
     ap.add_argument("--eval-limit", type=int, default=0, help="only the first N test items (0 = all)")
     ap.add_argument("--skip-k0", action="store_true", help="do not train/evaluate the K = 0 model")
     return ap.parse_args(argv)
@@ -186,7 +194,8 @@ def roi_features(args, paths, timings):
     """Stage 3: the ROI features (L_vis targets) from the pretrained tiny encoder (or the random one with
     --encoder random: the comparison row of the pointing game)."""
     timings["roi"] = run([PY, "extract_roi.py", "--samples", os.path.join(paths["data"], "samples.jsonl"),
-                          "--encoder", paths["encoder"], "--out", paths["roi"], "--quiet"],
+                          "--encoder", paths["encoder"], "--out", paths["roi"], "--tau", f"{args.tau:g}",
+                          "--quiet"],
                          skip_if=paths["roi"], what=f"ROI features ({args.encoder} encoder)",
                          log=paths.get("roi_log"))
 

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import evaluate as E
@@ -584,6 +585,47 @@ def test_pointing_game_counts_hits_and_chance(tiny, monkeypatch):
         assert res["n"] == 4 and [s["k"] for s in res["steps"]] == [1, 2, 3, 4]
         assert all(s["hit_rate"] == expected for s in res["steps"]) and res["best_hit_rate"] == expected
         assert res["chance"] == pytest.approx(chance) and 0 < chance < 100
+        # the tiny data has no ROI bank: no ceiling, and the reason names the file
+        assert res["ceiling"] is None and "roi.safetensors: no such file" in res["ceiling_missing"]
+    monkeypatch.setattr(X, "heatmaps", real_heat)
+    # the ceiling's queries are the items' own ROI rows (the heatmap below reads only the query): plant a row
+    # that points inside for the items at even positions of the test split and one that points far outside
+    # for the others -> 50%, whatever the batch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    items = E.read_test_split(data)
+    with safe_open(os.path.join(tiny["ckpt"], "scaffold.safetensors"), "pt") as f:
+        d_v = f.get_slice("vp.out.weight").get_shape()[0]
+    good, bad = F.normalize(torch.ones(d_v), dim=0), F.normalize(-torch.ones(d_v), dim=0)
+
+    def by_query(f, v, grid):  # the planted `good` row peaks inside; every other query (bad, VP(h_k)) far
+        h = torch.zeros(len(v), grid * grid)
+        for q in range(len(v)):
+            h[q, inside if torch.allclose(v[q].float(), good) else far] = 1.0
+        return h.view(-1, grid, grid)
+    monkeypatch.setattr(X, "heatmaps", by_query)
+    roi_path = os.path.join(data, "roi.safetensors")
+
+    def play(*flags):
+        return E.pointing_game(tiny["ckpt"], items, 4, E.get_args(["--ckpt", "x", "--data", data, "--out", "o",
+                                                                   "--pointing", *flags]),
+                               torch.device("cpu"), torch.float32)
+
+    def bank(rows, ids):
+        save_file({"roi": rows.contiguous()}, roi_path, metadata={"ids": json.dumps(ids)})
+    ids = [it["id"] for it in items]
+    bank(torch.stack([good if j % 2 == 0 else bad for j in range(len(items))]), ids)
+    for bs in ("1", "3"):
+        res = play("--batch-size", bs)
+        assert res["ceiling"] == 100 * sum(j % 2 == 0 for j in range(len(items))) / len(items)
+        assert res["best_hit_rate"] == 0.0  # the latents' heatmaps are untouched by the planted rows
+    bank(torch.stack([good] * (len(items) - 1)), ids[:-1])  # a test item without a row
+    res = play()
+    assert res["ceiling"] is None and f"no row for 1 test item(s), e.g. '{ids[-1]}'" in res["ceiling_missing"]
+    assert "| n/a |" in E.pointing_table(res)
+    bank(torch.ones(len(items), d_v + 1), ids)  # a bank from another encoder
+    res = play()
+    assert res["ceiling"] is None and f"{d_v + 1}-d features, the checkpoint's are {d_v}-d" in res["ceiling_missing"]
     monkeypatch.setattr(X, "heatmaps", real_heat)
     with pytest.raises(E.EvalError, match="with a mask"):  # the tiny data has no masks
         E.pointing_game(tiny["ckpt"], E.read_test_split(tiny["data"]), 4,
