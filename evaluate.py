@@ -226,16 +226,18 @@ def set_prompt(it, protocol):
 
 
 def read_test_split(data, protocol="options"):
-    """In-domain test items (§B.4: every question closed-ended through its choices); benchmark = source;
+    """In-domain test items (§B.4: every question closed-ended through its choices, except a caption,
+    prepare_data.py --captions, which has none and is scored open-ended by token-F1); benchmark = source;
     each with its `prompt` (set_prompt)."""
     path = os.path.join(data, "samples.jsonl")
     items = []
     for n, r in read_jsonl(path):
         if r.get("split") != "test":
             continue
-        r = dict(r, answer_type="closed", benchmark=f"in-domain/{r.get('source', 'unknown')}")
-        check_item(path, n, r, ("id", "image", "question", "answer", "choices", "answer_index",
-                                "latent_steps"))
+        closed = r.get("question_type") != "caption"
+        r = dict(r, answer_type="closed" if closed else "open", benchmark=f"in-domain/{r.get('source', 'unknown')}")
+        check_item(path, n, r, ("id", "image", "question", "answer", "latent_steps") +
+                   (("choices", "answer_index") if closed else ()))
         r["image_path"] = os.path.join(os.path.dirname(os.path.abspath(path)), r["image"])
         items.append(set_prompt(r, protocol))
     if not items:

@@ -416,6 +416,25 @@ def test_input_errors(tiny, tmp_path):
         E.read_test_split(str(tmp_path / "d"))
 
 
+def test_test_split_captions_are_open_and_other_items_need_choices(tmp_path):
+    """prepare_data.py --captions gives captions no choices: in the test split they are scored open-ended
+    (token-F1); any other item without choices is still refused, naming the line."""
+    d = tmp_path / "d"
+    d.mkdir()
+    base = dict(split="test", image="a.png", answer="A round lesion.", latent_steps=1, source="phantom")
+    rows = [dict(base, id="c", question="Describe the image.", question_type="caption"),
+            dict(base, id="q", question="Shape?", question_type="describe", choices=["round", "oval"],
+                 answer_index=0)]
+    (d / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    items = {it["id"]: it for it in E.read_test_split(str(d))}
+    assert items["c"]["answer_type"] == "open" and items["c"]["prompt"] == "Describe the image."
+    assert items["q"]["answer_type"] == "closed" and "(A) round" in items["q"]["prompt"]
+    del rows[1]["choices"]
+    (d / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(E.EvalError, match=r"samples.jsonl line 2: missing field 'choices'"):
+        E.read_test_split(str(d))
+
+
 # ----------------------------------------------------------------------------------------------------
 # Probes (--probe): the loop's one intervention point (model.latent_loop's feed) and evaluate.py's probes
 # ----------------------------------------------------------------------------------------------------
