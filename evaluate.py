@@ -138,11 +138,6 @@ def match_rule(pred, choices):
     return None, "none"  # no overlap, or a tie between choices: unmatched
 
 
-def match_choice(pred, choices):
-    """Map a free-form prediction to one choice index, or None (a miss). Rule order in the docstring."""
-    return match_rule(pred, choices)[0]
-
-
 def score_item(item, pred):
     """-> dict with `matched`, `matched_by` + `correct` (closed) or `f1` (open). The single scoring rule of
     this file."""

@@ -97,16 +97,16 @@ def test_token_f1_by_hand():
     assert E.token_f1("liver liver", "liver") == pytest.approx(2 / 3)
 
 
-def test_match_choice_rules():
+def test_match_rules():
     ch = ["It is in the upper left part.", "It is in the upper right part.", "Computed tomography", "MRI"]
-    assert E.match_choice("B", ch) == 1
-    assert E.match_choice("(c) something", ch) == 2
-    assert E.match_choice("D: MRI", ch) == 3
-    assert E.match_choice("mri", ch) == 3                          # exact after normalisation
-    assert E.match_choice("upper right", ch) == 1                  # unique best token-F1
-    assert E.match_choice("It is in the upper part", ch) is None   # tie between choices 0 and 1: a miss
-    assert E.match_choice("kidney", ch) is None                    # no overlap: a miss
-    assert E.match_choice("A structure in the upper left", ch) == 0  # the article 'A' is not a letter
+    assert E.match_rule("B", ch) == (1, "letter")
+    assert E.match_rule("(c) something", ch) == (2, "letter")
+    assert E.match_rule("D: MRI", ch) == (3, "letter")
+    assert E.match_rule("mri", ch) == (3, "exact")                      # exact after normalisation
+    assert E.match_rule("upper right", ch) == (1, "f1")                 # unique best token-F1
+    assert E.match_rule("It is in the upper part", ch) == (None, "none")  # tie between choices 0 and 1: a miss
+    assert E.match_rule("kidney", ch) == (None, "none")                 # no overlap: a miss
+    assert E.match_rule("A structure in the upper left", ch) == (0, "f1")  # the article 'A' is not a letter
 
 
 def test_score_item_closed_open():
