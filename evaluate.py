@@ -230,7 +230,8 @@ def read_test_split(data, protocol="options"):
         if r.get("split") != "test":
             continue
         closed = r.get("question_type") != "caption"
-        r = dict(r, answer_type="closed" if closed else "open", benchmark=f"in-domain/{r.get('source', 'unknown')}")
+        r = dict(r, answer_type="closed" if closed else "open",
+                 benchmark=f"in-domain/{r.get('source', 'unknown')}")
         check_item(path, n, r, ("id", "image", "question", "answer", "latent_steps") +
                    (("choices", "answer_index") if closed else ()))
         r["image_path"] = os.path.join(os.path.dirname(os.path.abspath(path)), r["image"])
@@ -643,10 +644,12 @@ def pointing_game(ckpt, items, K, args, device, dtype):
         for b, it in enumerate(chunk):
             f, _, _ = X.patch_features(enc, images[b])
             target, valid = target_patches(os.path.join(args.data, it["mask"]), enc.grid)
-            hits += target[X.heatmaps(f.cpu(), v[b], enc.grid).flatten(1).masked_fill(~valid, -2).argmax(1)]
-            if roi is not None:
-                heat = X.heatmaps(f.cpu(), F.normalize(roi[i + b:i + b + 1], dim=-1), enc.grid).flatten(1)
-                ceiling += target[heat.masked_fill(~valid, -2).argmax(1)].sum().item()
+            # one heatmap per query: the K latent steps, then (for the ceiling) the item's own ROI target
+            queries = v[b] if roi is None else torch.cat([v[b], F.normalize(roi[i + b:i + b + 1], dim=-1)])
+            heat = X.heatmaps(f.cpu(), queries, enc.grid).flatten(1)                        # (K [+ 1], g*g)
+            hit = target[heat.masked_fill(~valid, -2).argmax(1)].float()
+            hits += hit[:K]
+            ceiling += hit[K:].sum().item()
             chance.append(target[valid].float().mean().item())
     n = len(items)
     steps = [dict(k=k + 1, hit_rate=100 * hits[k].item() / n) for k in range(K)]

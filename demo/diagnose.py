@@ -76,47 +76,54 @@ def perception(args):
     return dict(n_train=int(train.sum()), n_test=int((~train).sum()), findings=out)
 
 
-@torch.no_grad()
-def latent_probes(backbone, processor, args, K=4, n=500):
-    """Ridge probes of each rule finding, and of the rule's total (0-4 points, the number the answer must
-    state), from h_0..h_K of a model's own loop on the reasoning items (their own question, with its options
-    as evaluate.py asks it): does the latent chain hold what the steps should state, and is the total
-    already in h_0, the state a K = 0 model answers from? -> {finding: {h: [acc h_0..h_K], majority}}."""
-    rows = [r for _, r in E.read_jsonl(os.path.join(args.data, "samples.jsonl"))
+def reasoning_rows(args, n=500):
+    """The first n reasoning (grading rule) items of samples.jsonl, train and test split."""
+    return [r for _, r in E.read_jsonl(os.path.join(args.data, "samples.jsonl"))
             if r.get("question_type") == "reasoning"][:n]
+
+
+@torch.no_grad()
+def loop_states(backbone, processor, args, rows, K):
+    """h_0..h_K of a model's own loop on `rows`, each asked its own question with its options, as evaluate.py
+    asks it -> (N, K + 1, d)."""
     hs = []
     for i in range(0, len(rows), 16):
         chunk = rows[i:i + 16]
         prefix = M.build_prefix(processor, [M.load_image(os.path.join(args.data, r["image"])) for r in chunk],
-                                [M.ask(r["question"], r.get("choices")) for r in chunk])  # as evaluate.py asks
+                                [M.ask(r["question"], r.get("choices")) for r in chunk])
         hs.append(torch.cat(M.latent_loop(backbone, prefix, K).h, dim=1))                  # (B, K + 1, d)
-    hs, train = torch.cat(hs), torch.tensor([r["split"] != "test" for r in rows])
+    return torch.cat(hs)
+
+
+def latent_probes(hs, rows):
+    """Ridge probes of each rule finding, and of the rule's total (0-4 points, the number the answer must
+    state), from each of h_0..h_K (hs: loop_states): does the latent chain hold what the steps should state,
+    and is the total already in h_0, the state a K = 0 model answers from?
+    -> {finding: {h: [acc h_0..h_K], majority}}."""
+    train = torch.tensor([r["split"] != "test" for r in rows])
     labels = {name: [FINDINGS[name].index(r["meta"]["facts"][name]) for r in rows] for name in RULE_KEYS}
     labels["total"] = [int(re.search(r"(\d) of 4", r["answer"]).group(1)) for r in rows]
     out = {}
     for name, y in labels.items():
         y = torch.tensor(y)
         out[name] = dict(h=[ridge_accuracy(hs[:, k], y, train) for k in range(hs.shape[1])],
-                         majority=100 * max((y[~train] == c).float().mean().item() for c in range(int(y.max()) + 1)))
+                         majority=100 * max((y[~train] == c).float().mean().item()
+                                            for c in range(int(y.max()) + 1)))
     return dict(n_train=int(train.sum()), n_test=int((~train).sum()), findings=out)
 
 
 @torch.no_grad()
-def decoder_reads_latents(vital, processor, dec_tok, args, n=256):
+def decoder_reads_latents(vital, dec_tok, hs, rows, n=256):
     """Does the auxiliary decoder read the latents? L_sem (eq. 4, model.decoder_loss: teacher-forced token
-    CE) on the reasoning chains with each item's own h_1..h_4, with another item's (shuffled within the
-    batch), and with zeros. A decoder that reads its latent does much worse on another item's."""
-    rows = [r for _, r in E.read_jsonl(os.path.join(args.data, "samples.jsonl"))
-            if r.get("question_type") == "reasoning"][:n]
+    CE) on the first n reasoning chains with each item's own h_1..h_4 (hs: loop_states), with another item's
+    (shifted within a batch of 16), and with zeros. A decoder that reads its latent does much worse on
+    another item's."""
     g, out, used = torch.Generator().manual_seed(0), {"own": [], "shuffled": [], "zero": []}, 0
-    for i in range(0, len(rows), 16):
-        chunk = rows[i:i + 16]
+    for i in range(0, min(n, len(rows)), 16):
+        chunk, h = rows[i:i + 16], hs[i:i + 16, 1:]                                         # (B, 4, d)
         if len(chunk) < 2:  # nothing to shuffle with
             break
         used += len(chunk)
-        prefix = M.build_prefix(processor, [M.load_image(os.path.join(args.data, r["image"])) for r in chunk],
-                                [M.ask(r["question"], r.get("choices")) for r in chunk])
-        h = torch.cat(M.latent_loop(vital.backbone, prefix, 4).h[1:], dim=1)                # (B, 4, d)
         ids, mask = M.tokenize_steps(dec_tok, [r["reasoning_chain"] for r in chunk], 4)
         perm = torch.roll(torch.arange(len(chunk)), 1 + int(torch.randint(len(chunk) - 1, (1,), generator=g)))
         for name, hh in (("own", h), ("shuffled", h[perm]), ("zero", torch.zeros_like(h))):
@@ -130,8 +137,9 @@ def chain_findings(args):
     vital, processor, dec_tok, _ = X.load_explainer(args.ckpt, torch.device("cpu"), torch.float32)
     if dec_tok is None:
         raise SystemExit(f"diagnose.py: error: {args.ckpt} has no decoder scaffold (trained with --lambda-sem 0)")
-    latent = latent_probes(vital.backbone, processor, args)
-    reads = decoder_reads_latents(vital, processor, dec_tok, args)
+    rows = reasoning_rows(args)
+    hs = loop_states(vital.backbone, processor, args, rows, 4)  # one pass serves the probes and the decoder
+    latent, reads = latent_probes(hs, rows), decoder_reads_latents(vital, dec_tok, hs, rows)
     items = [it for it in E.read_test_split(args.data) if it.get("question_type") == "reasoning"]
     said = {k: [0, 0] for k in RULE_KEYS}
     total_ok, examples = 0, []
@@ -152,7 +160,8 @@ def chain_findings(args):
             if len(examples) < 3:
                 examples.append(dict(id=it["id"], answer=it["answer"], steps=steps[4 * b:4 * b + 4]))
     n = len(items)
-    return dict(latent_probes=latent, decoder_reads=reads, n=n, finding_right={k: 100 * a / m for k, (a, m) in said.items()},
+    return dict(latent_probes=latent, decoder_reads=reads, n=n,
+                finding_right={k: 100 * a / m for k, (a, m) in said.items()},
                 total_right=100 * total_ok / max(n, 1),
                 distinct_step_sentences=[len(set(steps[k::4])) for k in range(4)], examples=examples)
 
@@ -190,7 +199,8 @@ def main(argv=None):
               f" | {c['total_right']:.0f} | {' / '.join(map(str, c['distinct_step_sentences']))} |")
     if args.k0:
         backbone, processor, _, _ = E.load_inference_model(args.k0)
-        k0 = res["k0"] = latent_probes(backbone, processor, args, K=0)
+        rows = reasoning_rows(args)
+        k0 = res["k0"] = latent_probes(loop_states(backbone, processor, args, rows, 0), rows)
         print(f"\nWhat the K = 0 model's h_0 holds on reasoning items (ridge probe %):\n| finding | h_0 | majority |"
               "\n|---|---:|---:|")
         for k, v in k0["findings"].items():
