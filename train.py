@@ -196,13 +196,14 @@ def get_args(argv=None):
 
 def embedded_default(args):
     """No --data: train on the demo's phantom data with its tiny models (runs/demo in the repository, or
-    $VITAL_DEMO_DIR), on the demo's
-    pretrained tiny backbone when `bash demo.sh` has made one (a random tiny backbone cannot see), else
-    on the random one. Missing data is made by the demo's own commands (make_embedded_default)."""
+    $VITAL_DEMO_DIR), on the demo's pretrained tiny backbone (the run folder's, else the one shipped in
+    demo/pretrained/; a random tiny backbone cannot see). Missing data is made by the demo's own commands
+    (make_embedded_default)."""
     base = os.path.abspath(os.environ.get("VITAL_DEMO_DIR") or os.path.join(ROOT, "runs", "demo"))
     args.preset, args.models, args.data = "tiny", os.path.join(base, "models"), os.path.join(base, "data")
-    pretrained = os.path.join(base, "pretrain", "phase1", "backbone")
-    args.backbone = pretrained if os.path.isfile(os.path.join(pretrained, "config.json")) else None
+    args.backbone = next((p for p in (os.path.join(base, "pretrain", "phase1", "backbone"),
+                                      os.path.join(ROOT, "demo", "pretrained", "pretrain", "phase1", "backbone"))
+                          if os.path.isfile(os.path.join(p, "config.json"))), None)
 
 
 def make_embedded_default(args, env):

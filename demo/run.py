@@ -28,10 +28,12 @@ numbers over training seeds comes from `python demo/ablate.py --suite evidence` 
     python demo/run.py --out runs/demo_random --encoder random     # L_vis from the random encoder
 """
 import argparse
+import hashlib
 import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -72,6 +74,16 @@ def get_args(argv=None):
                     help="the ROI encoder behind L_vis: the tiny SigLIP after its stand-in pretraining "
                          "(demo/pretrain_encoder.py), or the random one (the comparison row)")
     ap.add_argument("--encoder-epochs", type=int, default=20, help="epochs of the encoder pretraining")
+    ap.add_argument("--pretrain-seed", type=int, default=0,
+                    help="seed of both stand-in pretrainings (not --seed: like Qwen3-VL and MedSigLIP, the "
+                         "stand-ins arrive pretrained, the same for every training seed)")
+    ap.add_argument("--rebuild-stand-ins", action="store_true",
+                    help="train the two stand-ins here (about 8 more minutes on 2 cores) instead of copying "
+                         "the ones shipped in demo/pretrained/; a run whose settings differ from theirs "
+                         "(demo/pretrained/stand_ins.json) rebuilds them anyway")
+    ap.add_argument("--ship", action="store_true",
+                    help="after the run, copy this run's stand-ins and their manifest into demo/pretrained/ "
+                         "(what a maintainer does after changing how they are made)")
     # The phantom's targets cover 1-8% of the image, so at extract_roi.py's default tau (0.1) every ROI
     # feature came from a re-encoded crop, which the tiny 8 x 8-patch encoder represents unlike any patch of
     # the full image: the ROI features themselves then point at their target in only 54% of the test items
@@ -181,12 +193,17 @@ def make_data(args, paths, timings):
 
 
 def make_embedded_default(models, data):
-    """What train.py with no --data needs when the demo has not run yet: the tiny models, the phantom data
-    and ROI features from the random tiny encoder (the demo itself pretrains the encoder first)."""
-    args = get_args(["--encoder", "random"])
+    """What train.py with no --data needs when the demo has not run yet: the tiny models, the phantom data,
+    the shipped stand-ins next to them, and the ROI features from the shipped pretrained encoder (from the
+    random tiny one if the shipped one does not fit, as the demo's --encoder random does)."""
+    args = get_args([])
+    base = os.path.dirname(data)
     paths = dict(models=models, data=data, roi=os.path.join(data, "roi.safetensors"),
-                 encoder=os.path.join(models, "encoder"))
+                 pretrain=os.path.join(base, "pretrain"), encoder_pretrained=os.path.join(base, "encoder_pretrained"))
     make_data(args, paths, {})
+    copy_shipped(args, paths)
+    paths["encoder"] = paths["encoder_pretrained"] if stand_in_done("encoder_pretrained", paths) else \
+        os.path.join(models, "encoder")
     roi_features(args, paths, {})
 
 
@@ -200,32 +217,50 @@ def roi_features(args, paths, timings):
                          log=paths.get("roi_log"))
 
 
+def recipe(args, paths):
+    """The commands that make the stand-ins: the pretraining corpus (two prepare_data.py calls: a target-free
+    caption and two of the five perception question types per image, not the grading rule, on phantom
+    images of another seed), the backbone's pretraining and the encoder's."""
+    common = [PY, "prepare_data.py", "--source", "phantom", "--out", paths["pretrain_data"], "--n",
+              str(args.pretrain_n), "--seed", str(args.data_seed + 1), "--image-size", str(args.image_size),
+              "--test-frac", "0", "--val-frac", "0"]
+    perception = ["yesno", "identify", "location_choice", "location", "describe"]
+    return dict(
+        corpus=[common + ["--captions"], common + ["--questions-per-image", "2", "--types"] + perception],
+        pretrain=[PY, "demo/pretrain.py", "--data", paths["pretrain_data"], "--models", paths["models"],
+                  "--out", paths["pretrain"], "--epochs", f"{args.pretrain_epochs:g}",
+                  "--lr", f"{args.pretrain_lr:g}", "--seed", str(args.pretrain_seed)],
+        encoder_pretrained=[PY, "demo/pretrain_encoder.py", "--data", paths["pretrain_data"],
+                            "--models", paths["models"], "--out", paths["encoder_pretrained"],
+                            "--epochs", str(args.encoder_epochs), "--seed", str(args.pretrain_seed)])
+
+
+def stand_in_done(name, paths):
+    if name == "pretrain":
+        return phase_finished(os.path.join(paths["pretrain"], "phase1"))
+    return os.path.isfile(os.path.join(paths["encoder_pretrained"], "pretrain.json"))
+
+
 def pretrain_encoder(args, paths, timings):
     """The tiny SigLIP's stand-in for MedSigLIP's pretraining: SiglipModel's sigmoid image-text loss on the
     captions of the pretraining corpus -> the encoder folder extract_roi.py and explain.py use."""
     if args.encoder == "random":
         return
     timings["pretrain encoder"] = run(
-        [PY, "demo/pretrain_encoder.py", "--data", paths["pretrain_data"], "--models", paths["models"],
-         "--out", paths["encoder_pretrained"], "--epochs", str(args.encoder_epochs), "--seed", str(args.seed)],
+        recipe(args, paths)["encoder_pretrained"],
         skip_if=os.path.join(paths["encoder_pretrained"], "pretrain.json"),
         what="pretrain the tiny ROI encoder (SigLIP sigmoid loss on the captions)",
         log=paths["encoder_pretrained"] + ".log")
 
 
 def pretrain_corpus(args, paths, timings):
-    """The corpus of both stand-in pretrainings: a target-free caption and two of the five perception
-    question types (not the grading rule) per image, on phantom images of another seed."""
-    common = [PY, "prepare_data.py", "--source", "phantom", "--out", paths["pretrain_data"], "--n",
-              str(args.pretrain_n), "--seed", str(args.data_seed + 1), "--image-size", str(args.image_size),
-              "--test-frac", "0", "--val-frac", "0"]
-    perception = ["yesno", "identify", "location_choice", "location", "describe"]
-    for flags, done, what in ((["--captions"], "captions.done", "one caption per image"),
-                              (["--questions-per-image", "2", "--types"] + perception, "questions.done",
-                               "two question types per image (not the grading rule)")):
+    """The corpus of both stand-in pretrainings (recipe), only when a stand-in is still to be made."""
+    if all(stand_in_done(name, paths) for name in stand_ins_needed(args)):
+        return
+    for cmd, done, what in zip(recipe(args, paths)["corpus"], ("captions.done", "questions.done"),
+                               ("one caption per image", "two question types per image (not the grading rule)")):
         timings["pretrain data"] = timings.get("pretrain data", 0.0) + run(
-            common + flags, skip_if=os.path.join(paths["pretrain_data"], done),
-            what=f"pretraining corpus: {what}")
+            cmd, skip_if=os.path.join(paths["pretrain_data"], done), what=f"pretraining corpus: {what}")
         open(os.path.join(paths["pretrain_data"], done), "w").close()
 
 
@@ -233,19 +268,112 @@ def pretrain(args, paths, timings):
     """The backbone's stand-in pretraining: the corpus answered directly (K = 0) by the whole backbone;
     VITAL then freezes it as the paper freezes Qwen3-VL. -> the backbone folder, or None with
     --pretrain-epochs 0."""
-    pre_data, pre_run = paths["pretrain_data"], paths["pretrain"]
+    pre_run = paths["pretrain"]
     if args.pretrain_epochs <= 0:
         return None
     backbone = os.path.join(pre_run, "phase1", "backbone")
-    cmd = [PY, "demo/pretrain.py", "--data", pre_data, "--models", paths["models"], "--out", pre_run,
-           "--epochs", f"{args.pretrain_epochs:g}", "--lr", f"{args.pretrain_lr:g}", "--seed", str(args.seed)]
-    if phase_finished(os.path.join(pre_run, "phase1")):
+    cmd = recipe(args, paths)["pretrain"]
+    if stand_in_done("pretrain", paths):
         run(cmd, skip_if=backbone, what="pretrain the tiny backbone (finished)")
     else:
         timings["pretrain"] = run(cmd + (["--resume"] if os.path.isdir(os.path.join(pre_run, "phase1"))
                                          else []),
                                   what="pretrain the tiny backbone (whole model, K = 0)", log=pre_run + ".log")
     return backbone
+
+
+# The two stand-ins are what a real run downloads: Qwen3-VL and MedSigLIP arrive pretrained. Making them takes
+# 8 of the demo's 15 minutes on 2 cores, so the repository ships the ones `--rebuild-stand-ins --ship` made
+# (1.6 MB of safetensors, listed with their sha256 and the settings that shaped them in stand_ins.json). A run
+# copies each one whose settings equal its own into the run folder, where the stages above find it finished.
+SHIPPED = os.path.join(HERE, "pretrained")
+STAND_INS = {  # run-folder entry -> the arguments of this script that shape it
+    "pretrain": ("hidden", "layers", "image_size", "data_seed", "pretrain_n", "pretrain_epochs", "pretrain_lr",
+                 "pretrain_seed"),
+    "encoder_pretrained": ("image_size", "data_seed", "pretrain_n", "encoder_epochs", "pretrain_seed"),
+}
+NOT_SHIPPED = ("log.jsonl",)  # the per-step log of the backbone pretraining (1.9 MB); loss.png shows it
+
+
+def stand_ins_needed(args):
+    return [name for name, need in (("pretrain", args.pretrain_epochs > 0),
+                                    ("encoder_pretrained", args.encoder == "pretrained")) if need]
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def copy_shipped(args, paths, shipped=SHIPPED):
+    """Copy the shipped stand-ins that were made with this run's settings into the run folder (one already
+    there is kept: it is a finished or resumable stage). -> the names copied. A shipped file whose sha256
+    differs from the manifest (a broken checkout, a Git LFS pointer) is refused by name."""
+    manifest_path = os.path.join(shipped, "stand_ins.json")
+    if args.rebuild_stand_ins or not os.path.isfile(manifest_path):
+        return []
+    with open(manifest_path) as f:
+        manifest = json.load(f)
+    copied = []
+    for name in stand_ins_needed(args):
+        entry, dst = manifest.get(name), paths[name]
+        if os.path.exists(dst):
+            continue
+        mine = {k: getattr(args, k) for k in STAND_INS[name]}
+        if entry is None or entry["args"] != mine:
+            theirs = (entry or {}).get("args", {})
+            diff = ", ".join(f"--{k.replace('_', '-')} {mine[k]} (shipped: {theirs.get(k)})"
+                             for k in mine if mine[k] != theirs.get(k))
+            print(f"[rebuild] {name}: this run's {diff} differ from the shipped stand-in", flush=True)
+            continue
+        for rel, digest in entry["files"].items():
+            src = os.path.join(shipped, name, rel)
+            if not os.path.isfile(src) or sha256(src) != digest:
+                sys.exit(f"run.py: error: {src}: missing or not the file {manifest_path} lists (sha256 "
+                         f"{digest[:12]}...); restore it (git checkout) or pass --rebuild-stand-ins")
+        for rel in entry["files"]:
+            os.makedirs(os.path.dirname(os.path.join(dst + ".part", rel)), exist_ok=True)
+            shutil.copy2(os.path.join(shipped, name, rel), os.path.join(dst + ".part", rel))
+        os.replace(dst + ".part", dst)  # a killed copy leaves only the .part folder, never a half stand-in
+        print(f"[shipped] {name}: copied {len(entry['files'])} files from {os.path.join(shipped, name)} "
+              f"(made in {entry['seconds']:.0f}s by: {entry['commands'][-1]})", flush=True)
+        copied.append(name)
+    return copied
+
+
+def stand_in_manifest(args, paths, timings):
+    """The manifest of the stand-ins this run holds: their settings, files (sha256), command and time."""
+    seconds = {"pretrain": timings.get("pretrain"), "encoder_pretrained": timings.get("pretrain encoder")}
+    cmds = recipe(args, paths)
+    line = lambda cmd: " ".join(["python"] + [shlex.quote(c) for c in cmd[1:]])
+    out = dict(made_on=f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} cores, "
+                       f"torch {torch_version()}")
+    for name in stand_ins_needed(args):
+        root = paths[name]
+        files = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs
+                       if f not in NOT_SHIPPED)
+        out[name] = dict(args={k: getattr(args, k) for k in STAND_INS[name]}, commands=[line(c) for c in cmds["corpus"] + [cmds[name]]],
+                         seconds=seconds[name], files={rel: sha256(os.path.join(root, rel)) for rel in files})
+    return out
+
+
+def ship(args, paths, timings, shipped=SHIPPED):
+    """--ship: this run's stand-ins and their manifest replace demo/pretrained/."""
+    manifest = stand_in_manifest(args, paths, timings)
+    if any(manifest[n]["seconds"] is None for n in stand_ins_needed(args)):
+        sys.exit("run.py: error: --ship needs stand-ins trained by this run: pass --rebuild-stand-ins "
+                 "with a fresh --out")
+    shutil.rmtree(shipped, ignore_errors=True)
+    for name in stand_ins_needed(args):
+        for rel in manifest[name]["files"]:
+            os.makedirs(os.path.dirname(os.path.join(shipped, name, rel)), exist_ok=True)
+            shutil.copy2(os.path.join(paths[name], rel), os.path.join(shipped, name, rel))
+    with open(os.path.join(shipped, "stand_ins.json"), "w") as f:
+        json.dump(manifest, f, indent=1)
+    print(f"[ship] the stand-ins of {paths['out']} are now {shipped} (commit them)")
 
 
 def evaluate_all(args, paths, timings):
@@ -323,14 +451,16 @@ def probe_rows(paths):
     return out
 
 
-def write_results(args, argv, rows, wall, timings):
+def write_results(args, argv, rows, wall, timings, shipped):
     """demo/results.md: the table with the command, date and machine that produced it (rewritten each run)."""
     cmd = "python demo/run.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     with open(os.path.join(HERE, "results.md"), "w") as f:
         f.write(f"# Demo results\n\nWritten by `{cmd.strip()}` on {time.strftime('%Y-%m-%d %H:%M')} "
                 f"({platform.machine()}, {os.cpu_count()} cores, torch {torch_version()}); wall time "
-                f"{wall / 60:.1f} min. Closed-ended accuracy (%) on the phantom test split, training seed "
-                f"{args.seed}:\n\n" + "\n".join(rows) + "\n\nStages (s): " +
+                f"{wall / 60:.1f} min" + (f" (stand-ins copied from demo/pretrained/: {', '.join(shipped)})"
+                                         if shipped else "") +
+                f". Closed-ended accuracy (%) on the phantom test split, training seed {args.seed}:\n\n"
+                + "\n".join(rows) + "\n\nStages (s): " +
                 ", ".join(f"{k} {v:.0f}" for k, v in timings.items() if v) + "\n")
 
 
@@ -339,7 +469,7 @@ def torch_version():
     return out.stdout.strip()
 
 
-def print_report(paths, args, pick, stem, ex, rows, wall, timings):
+def print_report(paths, args, pick, stem, ex, rows, wall, timings, shipped):
     print("\n================ VITAL demo: artifacts ================")
     for name, path in [("tiny models", paths["models"]), ("pretraining corpus", paths["pretrain_data"]),
                        ("pretrained backbone", args.backbone or "-"),
@@ -366,6 +496,9 @@ def print_report(paths, args, pick, stem, ex, rows, wall, timings):
     print("\n".join(rows))
     print(f"\nwall time of this run: {wall / 60:.1f} min (stages: " +
           ", ".join(f"{k} {v:.0f}s" for k, v in timings.items() if v) + ")")
+    if shipped:
+        print(f"stand-ins copied from {SHIPPED}: {', '.join(shipped)} "
+              "(--rebuild-stand-ins trains them here: about 8 more minutes)")
 
 
 def main(argv=None):
@@ -381,6 +514,7 @@ def main(argv=None):
     paths["encoder"] = paths["encoder_pretrained"] if args.encoder == "pretrained" else \
         os.path.join(paths["models"], "encoder")
     make_data(args, paths, timings)
+    shipped = copy_shipped(args, paths)
     pretrain_corpus(args, paths, timings)
     side_by_side(lambda: pretrain(args, paths, timings),                       # the backbone, and beside it
                  lambda: (pretrain_encoder(args, paths, timings), roi_features(args, paths, timings)))
@@ -397,13 +531,15 @@ def main(argv=None):
     rows += probe_rows(paths)
     wall = time.time() - t_start
     summary = {"wall_s_this_run": round(wall, 1), "stage_s": {k: round(v, 1) for k, v in timings.items()},
-               "accuracy": table, "args": vars(args)}
+               "stand_ins_shipped": shipped, "accuracy": table, "args": vars(args)}
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2, allow_nan=False)
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write("\n".join(rows) + "\n")
-    write_results(args, argv, rows, wall, timings)
-    print_report(paths, args, pick, stem, ex, rows, wall, timings)
+    write_results(args, argv, rows, wall, timings, shipped)
+    print_report(paths, args, pick, stem, ex, rows, wall, timings, shipped)
+    if args.ship:
+        ship(args, paths, timings)
 
 
 if __name__ == "__main__":

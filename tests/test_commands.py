@@ -46,11 +46,17 @@ def test_torchrun_with_no_flags_trains_on_the_embedded_default(trained):
     cfg1 = json.load(open(work / "runs" / "vital" / "phase1" / "config.json"))
     assert cfg1["world_size"] == 6 and cfg1["step"] == 2 and cfg1["args"]["embedded"] is True
     assert cfg1["args"]["data"] == str(demo / "data")
-    assert cfg1["backbone_path"] == str(demo / "models" / "backbone")
+    # the shipped pretrained stand-in (the fresh place had none yet); the embedded default then copies it next to
+    # the data, with the pretrained encoder that made the ROI features, and the next command uses that copy
+    shipped = os.path.join(ROOT, "demo", "pretrained", "pretrain", "phase1", "backbone")
+    assert cfg1["backbone_path"] == shipped
+    assert (demo / "encoder_pretrained" / "pretrain.json").is_file()
     assert "making the embedded default" not in trained["out2"]  # made once, then reused
     assert "warm start from runs/vital/phase1" in trained["out2"]
     cfg2 = json.load(open(work / "runs" / "vital" / "phase2" / "config.json"))
     assert cfg2["init"] == "runs/vital/phase1" and cfg2["step"] == 1
+    assert cfg2["backbone_path"] == str(demo / "pretrain" / "phase1" / "backbone")
+    assert cfg2["arch"]["backbone"] == cfg1["arch"]["backbone"]  # the same weights: the warm start is allowed
 
 
 def test_evaluate_reads_the_checkpoint(trained):
