@@ -56,7 +56,7 @@ def get_args(argv=None):
     ap.add_argument("--models", default="runs/demo/models",
                     help="tiny models (made with demo.py's command if absent)")
     ap.add_argument("--backbone", default="runs/demo/pretrain/phase1/backbone",
-                    help="the backbone every run freezes: demo.py's pretrained tiny one "
+                    help="the backbone every run freezes: the demo's pretrained tiny one "
                          "('' = the random one in --models)")
     ap.add_argument("--data", default="runs/demo/data",
                     help="phantom data with roi.safetensors (made if absent)")
@@ -357,8 +357,9 @@ def main(argv=None):
     args.out = args.out or ("runs/evidence" if args.suite == "evidence" else "runs/ablate")
     os.chdir(ROOT)  # relative paths (--out, --data, ...) start at the repository root, as in demo/run.py
     if args.backbone and not os.path.isfile(os.path.join(args.backbone, "config.json")):
-        sys.exit(f"ablate.py: error: no backbone at {args.backbone}: run demo.py first "
-                 "(it pretrains the tiny backbone), or pass --backbone '' to freeze the random one")
+        sys.exit(f"ablate.py: error: no backbone at {args.backbone}: run demo/run.py first "
+                 "(it copies the shipped pretrained tiny backbone there), or pass --backbone "
+                 "demo/pretrained/pretrain/phase1/backbone, or '' to freeze the random one")
     ensure_inputs(args)
     os.makedirs(args.out, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // args.jobs)))

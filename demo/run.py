@@ -6,7 +6,10 @@ also the recipe. A stage whose output already exists is skipped, so re-running r
 "||" run side by side with one thread each (their output goes to a .log file next to their folder):
   1. python demo/tiny.py OUT/models                              -> OUT/models/{backbone,decoder,encoder}
   2. python prepare_data.py --source phantom --out OUT/data ...   -> OUT/data/samples.jsonl, images/, masks/
-  P. the stand-in pretrainings (Qwen3-VL and MedSigLIP arrive pretrained; the random tiny ones cannot see):
+  P. the stand-in pretrainings (Qwen3-VL and MedSigLIP arrive pretrained; the random tiny ones cannot see).
+     The repository ships the two results in demo/pretrained/ (with the settings, commands and sha256 that
+     made them, stand_ins.json); a run with those settings copies them and skips P (8 of its 15 minutes on
+     2 cores). --rebuild-stand-ins, or other settings, run P:
      python prepare_data.py --seed 1 --captions ... and --questions-per-image 2 --types (not the grading
      rule) ...                                                       -> OUT/pretrain_data
      python demo/pretrain.py ...                     -> OUT/pretrain/phase1/backbone  (the whole backbone, K = 0)
@@ -26,6 +29,7 @@ numbers over training seeds comes from `python demo/ablate.py --suite evidence` 
     python demo/run.py                       # the defaults below (README)
     python demo/run.py --out runs/demo2 --n 1500 --epochs 2 2 4   # smaller / other budgets
     python demo/run.py --out runs/demo_random --encoder random     # L_vis from the random encoder
+    python demo/run.py --out runs/fresh --rebuild-stand-ins --ship  # remake the shipped stand-ins
 """
 import argparse
 import hashlib
