@@ -359,8 +359,9 @@ def stand_in_manifest(args, paths, timings):
         root = paths[name]
         files = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs
                        if f not in NOT_SHIPPED)
-        out[name] = dict(args={k: getattr(args, k) for k in STAND_INS[name]}, commands=[line(c) for c in cmds["corpus"] + [cmds[name]]],
-                         seconds=seconds[name], files={rel: sha256(os.path.join(root, rel)) for rel in files})
+        out[name] = dict(args={k: getattr(args, k) for k in STAND_INS[name]},
+                         commands=[line(c) for c in cmds["corpus"] + [cmds[name]]], seconds=seconds[name],
+                         files={rel: sha256(os.path.join(root, rel)) for rel in files})
     return out
 
 
