@@ -14,9 +14,11 @@ also the recipe. A stage whose output already exists is skipped, so re-running r
      rule) ...                                                       -> OUT/pretrain_data
      python demo/pretrain.py ...                     -> OUT/pretrain/phase1/backbone  (the whole backbone, K = 0)
      || python demo/pretrain_encoder.py ...          -> OUT/encoder_pretrained  (SigLIP's sigmoid loss on the
-        captions), then  3. python extract_roi.py ... -> OUT/data/roi.safetensors
-  4. python train.py ... --phase 1, 2, 3   (VITAL on the frozen pretrained backbone)   -> OUT/vital/phase{1,2,3}
-     || python train.py ... --max-k 0 --phase 1, 2, 3 (direct answer, same samples x epochs) -> OUT/k0/...
+        captions)
+  3. python extract_roi.py ...                                     -> OUT/data/roi.safetensors, then
+  4. python train.py ... --phase 1, 2, 3 (VITAL on the frozen pretrained backbone)  -> OUT/vital/phase{1,2,3}
+     || python train.py ... --max-k 0 --phase 1, 2, 3 (direct answer, same samples x epochs; beside 3 and 4)
+                                                                                      -> OUT/k0/phase{1,2,3}
   5. python evaluate.py ... --k 4 --collapse --probe --pointing (VITAL)               -> OUT/eval_vital
      || python evaluate.py ... --k 0 (the K = 0 model; the pretrained backbone alone, no LoRA)
                                                                     -> OUT/eval_k0, OUT/eval_backbone
@@ -317,7 +319,7 @@ def copy_shipped(args, paths, shipped=SHIPPED):
     there is kept: it is a finished or resumable stage). -> the names copied. A shipped file whose sha256
     differs from the manifest (a broken checkout, a Git LFS pointer) is refused by name."""
     manifest_path = os.path.join(shipped, "stand_ins.json")
-    if args.rebuild_stand_ins or not os.path.isfile(manifest_path):
+    if not os.path.isfile(manifest_path):
         return []
     with open(manifest_path) as f:
         manifest = json.load(f)
@@ -325,6 +327,13 @@ def copy_shipped(args, paths, shipped=SHIPPED):
     for name in stand_ins_needed(args):
         entry, dst = manifest.get(name), paths[name]
         if os.path.exists(dst):
+            if args.rebuild_stand_ins and entry and all(
+                    os.path.isfile(os.path.join(dst, rel)) and sha256(os.path.join(dst, rel)) == digest
+                    for rel, digest in entry["files"].items()):
+                sys.exit(f"run.py: error: --rebuild-stand-ins, but {dst} is the shipped stand-in copied by an "
+                         "earlier run; pass a fresh --out (or delete that folder) to train it here")
+            continue
+        if args.rebuild_stand_ins:
             continue
         mine = {k: getattr(args, k) for k in STAND_INS[name]}
         if entry is None or entry["args"] != mine:
@@ -522,9 +531,11 @@ def main(argv=None):
     shipped = copy_shipped(args, paths)
     pretrain_corpus(args, paths, timings)
     side_by_side(lambda: pretrain(args, paths, timings),                       # the backbone, and beside it
-                 lambda: (pretrain_encoder(args, paths, timings), roi_features(args, paths, timings)))
+                 lambda: pretrain_encoder(args, paths, timings))               # the ROI encoder
     args.backbone = os.path.join(paths["pretrain"], "phase1", "backbone") if args.pretrain_epochs > 0 else None
-    lanes = [lambda: train_phases(args, paths["models"], paths["data"], paths["vital"], [], "VITAL", timings)]
+    # VITAL needs the ROI features (L_vis), the K = 0 model does not: they are made in VITAL's lane
+    lanes = [lambda: (roi_features(args, paths, timings),
+                      train_phases(args, paths["models"], paths["data"], paths["vital"], [], "VITAL", timings))]
     if not args.skip_k0:
         lanes.append(lambda: train_phases(args, paths["models"], paths["data"], paths["k0"], ["--max-k", "0"],
                                           "K=0", timings))

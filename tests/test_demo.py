@@ -48,6 +48,8 @@ def test_copy_takes_only_the_stand_ins_made_with_this_runs_settings(tmp_path, ca
     assert R.copy_shipped(args, paths_in(other)) == ["encoder_pretrained"]
     assert "--pretrain-epochs 5.0 (shipped: 6)" in capsys.readouterr().out
     assert R.copy_shipped(R.get_args(["--rebuild-stand-ins"]), paths_in(tmp_path / "r")) == []
+    with pytest.raises(SystemExit, match="is the shipped stand-in copied by an earlier run"):
+        R.copy_shipped(R.get_args(["--rebuild-stand-ins"]), paths_in(run))  # it would silently not rebuild
     random = R.get_args(["--encoder", "random", "--pretrain-epochs", "0"])
     assert R.copy_shipped(random, paths_in(tmp_path / "none")) == []  # neither stand-in is needed
 
