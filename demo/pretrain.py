@@ -15,6 +15,8 @@ extra checkpoint folder holding the backbone.
         --out runs/demo/pretrain --epochs 6 --lr 2e-3
     -> runs/demo/pretrain/phase1/backbone/ (train VITAL with --backbone pointing there), phase1/config.json,
        trainer/ (add --resume to continue a killed run exactly)
+The demo does not run this (8 min on one core): it copies the result shipped in demo/pretrained/pretrain/,
+made by these commands (demo/pretrained/stand_ins.json); `demo/run.py --rebuild-stand-ins` runs them.
 """
 import argparse
 import os
@@ -50,10 +52,12 @@ def get_args(argv=None):
     ap.add_argument("--models", default="runs/tiny",
                     help="tiny models folder (demo/tiny.py); its backbone is trained")
     ap.add_argument("--out", required=True, help="run folder: the checkpoint goes to <out>/phase1")
-    ap.add_argument("--epochs", type=float, default=2, help="epochs over the corpus")
+    ap.add_argument("--epochs", type=float, default=6,
+                    help="epochs over the corpus (the demo's 6: 4 at lr 3e-3 left the backbone alone at "
+                         "29.7%% on the phantom test, 6 at 52.2%%; README, Results)")
     ap.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     ap.add_argument("--batch-size", type=int, default=8, help="samples per micro-batch")
-    ap.add_argument("--seed", type=int, default=1337, help="seed of data order and dropout")
+    ap.add_argument("--seed", type=int, default=0, help="seed of data order and dropout (the demo's 0)")
     ap.add_argument("--max-steps", type=int, default=0,
                     help="stop after this step (the lr schedule spans the run)")
     ap.add_argument("--save-every", type=int, default=500, help="checkpoint every N optimizer steps")

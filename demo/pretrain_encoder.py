@@ -14,6 +14,8 @@ explain.py read it exactly like MedSigLIP.
         --out runs/demo/encoder_pretrained
     -> runs/demo/encoder_pretrained/{config.json, model.safetensors, preprocessor_config.json,
        pretrain.json (loss per epoch, held-out image->caption retrieval)}
+The demo copies the result shipped in demo/pretrained/encoder_pretrained/ instead (stand_ins.json lists the
+command and sha256); `demo/run.py --rebuild-stand-ins` runs this script.
 """
 import argparse
 import json
