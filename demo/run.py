@@ -100,7 +100,11 @@ def get_args(argv=None):
                          "re-encoded; 0 = always the full image)")
     ap.add_argument("--eval-limit", type=int, default=0, help="only the first N test items (0 = all)")
     ap.add_argument("--skip-k0", action="store_true", help="do not train/evaluate the K = 0 model")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.ship and not args.rebuild_stand_ins:
+        ap.error("--ship replaces the shipped stand-ins with this run's: pass --rebuild-stand-ins (and a fresh "
+                 "--out) so that this run trains them")
+    return args
 
 
 def run(cmd, skip_if=None, what="", log=None):

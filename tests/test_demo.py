@@ -69,6 +69,8 @@ def test_ship_writes_a_manifest_that_copy_reads_back(tmp_path):
     run = tmp_path / "run"
     R.copy_shipped(R.get_args([]), paths_in(run))
     (run / "pretrain" / "log.jsonl").write_text("{}\n")  # a run's per-step log is not shipped
+    with pytest.raises(SystemExit):
+        R.get_args(["--ship"])  # refused before the run: it would end by shipping copies of the shipped ones
     args, shipped = R.get_args(["--out", str(run)]), tmp_path / "shipped"
     paths = dict(paths_in(run), models=str(run / "models"), pretrain_data=str(run / "pretrain_data"))
     with pytest.raises(SystemExit, match="--ship needs stand-ins trained by this run"):
