@@ -311,11 +311,20 @@ def stand_ins_needed(args):
 
 
 def sha256(path):
+    """train.file_sha256's hash, written out here: importing train.py would load torch into this
+    orchestrator, which only starts subprocesses (torch_version asks one too)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def copy_files(src, dst, rels):
+    """Copy the files `rels` (paths relative to src) from src to dst, making the folders they need."""
+    for rel in rels:
+        os.makedirs(os.path.dirname(os.path.join(dst, rel)), exist_ok=True)
+        shutil.copy2(os.path.join(src, rel), os.path.join(dst, rel))
 
 
 def copy_shipped(args, paths, shipped=SHIPPED):
@@ -351,9 +360,7 @@ def copy_shipped(args, paths, shipped=SHIPPED):
             if not os.path.isfile(src) or sha256(src) != digest:
                 sys.exit(f"run.py: error: {src}: missing or not the file {manifest_path} lists (sha256 "
                          f"{digest[:12]}...); restore it (git checkout) or pass --rebuild-stand-ins")
-        for rel in entry["files"]:
-            os.makedirs(os.path.dirname(os.path.join(dst + ".part", rel)), exist_ok=True)
-            shutil.copy2(os.path.join(shipped, name, rel), os.path.join(dst + ".part", rel))
+        copy_files(os.path.join(shipped, name), dst + ".part", entry["files"])
         os.replace(dst + ".part", dst)  # a killed copy leaves only the .part folder, never a half stand-in
         print(f"[shipped] {name}: copied {len(entry['files'])} files from {os.path.join(shipped, name)} "
               f"(made in {entry['seconds']:.0f}s by: {entry['commands'][-1]})", flush=True)
@@ -386,9 +393,7 @@ def ship(args, paths, timings, shipped=SHIPPED):
                  "with a fresh --out")
     shutil.rmtree(shipped, ignore_errors=True)
     for name in stand_ins_needed(args):
-        for rel in manifest[name]["files"]:
-            os.makedirs(os.path.dirname(os.path.join(shipped, name, rel)), exist_ok=True)
-            shutil.copy2(os.path.join(paths[name], rel), os.path.join(shipped, name, rel))
+        copy_files(paths[name], os.path.join(shipped, name), manifest[name]["files"])
     with open(os.path.join(shipped, "stand_ins.json"), "w") as f:
         json.dump(manifest, f, indent=1)
     print(f"[ship] the stand-ins of {paths['out']} are now {shipped} (commit them)")
