@@ -80,6 +80,8 @@ from safetensors import safe_open
 
 import model as M
 
+import pipeline_io as IO
+
 
 class EvalError(Exception):
     """A problem with an input file or a checkpoint, reported as one message naming the file and field."""
@@ -206,17 +208,17 @@ def check_item(path, n, it, need):
         raise EvalError(f"{path} line {n}: field 'answer_type' must be 'closed' or 'open', "
                         f"got {it.get('answer_type')!r}")
     if it.get("choices") is not None:
-        ok = isinstance(it["choices"], list) and 2 <= len(it["choices"]) <= len(M.LETTERS) \
+        ok = isinstance(it["choices"], list) and 2 <= len(it["choices"]) <= len(IO.LETTERS) \
             and isinstance(it.get("answer_index"), int) and 0 <= it["answer_index"] < len(it["choices"])
         if not ok:
-            raise EvalError(f"{path} line {n}: 'choices' needs a list of 2 to {len(M.LETTERS)} strings "
+            raise EvalError(f"{path} line {n}: 'choices' needs a list of 2 to {len(IO.LETTERS)} strings "
                             "(options A-Z) and an 'answer_index' into it")
 
 
 def set_prompt(it, protocol):
     """it["prompt"]: what the model is asked (--protocol). `options`: an item that has choices with them
     (model.ask, the text train.py shows); `free`: the bare question (the mapping to a choice does the rest)."""
-    it["prompt"] = M.ask(it["question"], it.get("choices") if protocol == "options" else None)
+    it["prompt"] = IO.ask(it["question"], it.get("choices") if protocol == "options" else None)
     return it
 
 
@@ -263,21 +265,21 @@ def weight_bytes(module):
 
 def load_inference_model(ckpt, backbone_path=None, device="cpu", dtype=torch.float32):
     """-> (backbone, processor, config, overhead report). Only adapter.safetensors is read."""
-    config = M.read_ckpt_config(ckpt)
+    config = IO.read_ckpt_config(ckpt)
     # train.py --pretrain: the checkpoint is the backbone itself, no LoRA
     pretrained = bool(config.get("args", {}).get("pretrain"))
     path = backbone_path or (os.path.join(ckpt, "backbone") if pretrained else
-                             M.ckpt_field(config, ckpt, "backbone_path", "args.backbone"))
-    backbone, processor = M.load_backbone(path, dtype=dtype, device=device)
-    plain = dict(params=M.count_params(backbone), bytes=weight_bytes(backbone))
+                             IO.ckpt_field(config, ckpt, "backbone_path", "args.backbone"))
+    backbone, processor = IO.load_backbone(path, dtype=dtype, device=device)
+    plain = dict(params=IO.count_params(backbone), bytes=weight_bytes(backbone))
     r = alpha = None
     if not pretrained:
-        r, alpha = M.ckpt_field(config, ckpt, "arch.lora")  # [r, alpha], as train.py checks warm starts
+        r, alpha = IO.ckpt_field(config, ckpt, "arch.lora")  # [r, alpha], as train.py checks warm starts
         M.add_lora(backbone, r, alpha, 0.0)
-        M.load_checkpoint(ckpt, M.VITAL(backbone), scaffolds=False)  # VITAL without decoder/VP: no scaffolds
+        IO.load_checkpoint(ckpt, M.VITAL(backbone), scaffolds=False)  # VITAL without decoder/VP: no scaffolds
         M.fold_lora(backbone)
     backbone.eval()
-    deployed = dict(params=M.count_params(backbone), bytes=weight_bytes(backbone))
+    deployed = dict(params=IO.count_params(backbone), bytes=weight_bytes(backbone))
     sc = os.path.join(ckpt, "scaffold.safetensors")
     report = dict(plain_backbone=plain, deployed=deployed, extra_params=deployed["params"] - plain["params"],
                   extra_bytes=deployed["bytes"] - plain["bytes"], lora=dict(r=r, alpha=alpha),
@@ -293,7 +295,7 @@ def open_image(path, error=EvalError):
     if not os.path.isfile(path):
         raise error(f"image '{path}': no such file")
     try:
-        return M.load_image(path)
+        return IO.load_image(path)
     except Exception as e:  # truncated, not an image, decompression bomb, ...
         raise error(f"image '{path}' cannot be read as an image ({type(e).__name__}: {e})") from None
 
@@ -304,7 +306,7 @@ def predict(backbone, processor, items, K, batch_size, max_new_tokens, device):
     out = []
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
-        prefix = M.build_prefix(processor, [open_image(r["image_path"]) for r in chunk],
+        prefix = IO.build_prefix(processor, [open_image(r["image_path"]) for r in chunk],
                                 [r["prompt"] for r in chunk]).to(device)
         ids, _ = M.generate(backbone, prefix, K, eos, max_new_tokens)
         out += [s.strip() for s in processor.tokenizer.batch_decode(ids, skip_special_tokens=True)]
@@ -378,7 +380,7 @@ def latency(backbone, processor, items, args, device):
     """Each sample alone (B = 1). Warm-up of every K first, then the K values are timed round-robin
     within each repeat, so that a slow start or clock drift does not favour the K timed last."""
     eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    prefixes = [M.build_prefix(processor, [open_image(r["image_path"])], [r["prompt"]]).to(device)
+    prefixes = [IO.build_prefix(processor, [open_image(r["image_path"])], [r["prompt"]]).to(device)
                 for r in items]
     Ks = range(0, 5)
     total = {K: [[] for _ in prefixes] for K in Ks}
@@ -427,7 +429,7 @@ def collapse_matrix(backbone, processor, items, K, batch_size, device):
     S, n = torch.zeros(K, K, dtype=torch.float64), 0
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
-        prefix = M.build_prefix(processor, [open_image(r["image_path"]) for r in chunk],
+        prefix = IO.build_prefix(processor, [open_image(r["image_path"]) for r in chunk],
                                 [r["prompt"] for r in chunk]).to(device)
         st = M.latent_loop(backbone, prefix, K)
         h = F.normalize(torch.cat(st.h[1:], dim=1).double(), dim=-1)                        # (B, K, d)
@@ -504,7 +506,7 @@ def probe_batches(items, batch_size):
 def probe_batch(backbone, processor, chunk, K, sweep, max_new_tokens, device):
     """-> {(probe, K): [prediction per item]}: every probe at K, and the normal loop at each K of sweep."""
     eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    prefix = M.build_prefix(processor, [open_image(r["image_path"]) for r in chunk],
+    prefix = IO.build_prefix(processor, [open_image(r["image_path"]) for r in chunk],
                             [r["prompt"] for r in chunk]).to(device)
 
     def answer(k, feed=None):
@@ -638,7 +640,7 @@ def pointing_game(ckpt, items, K, args, device, dtype):
     for i in range(0, len(items), args.batch_size):
         chunk = items[i:i + args.batch_size]
         images = [open_image(it["image_path"]) for it in chunk]
-        prefix = M.build_prefix(processor, images, [it["prompt"] for it in chunk]).to(device)
+        prefix = IO.build_prefix(processor, images, [it["prompt"] for it in chunk]).to(device)
         h = torch.cat(M.latent_loop(vital.backbone, prefix, K).h[1:], dim=1)               # (B, K, d)
         v = M.project_latent(vital.vp, h).cpu()                                             # (B, K, d_v)
         for b, it in enumerate(chunk):
@@ -764,9 +766,9 @@ def check_inputs(args):
             raise EvalError(f"{flag} must be >= {least}, got {value}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise EvalError(f"--out {args.out} is a file, not a folder")
-    config = M.read_ckpt_config(args.ckpt)  # no config.json or adapter: CheckpointError
+    config = IO.read_ckpt_config(args.ckpt)  # no config.json or adapter: CheckpointError
     backbone = args.backbone or (os.path.join(args.ckpt, "backbone") if config.get("args", {}).get("pretrain")
-                                 else M.ckpt_field(config, args.ckpt, "backbone_path", "args.backbone"))
+                                 else IO.ckpt_field(config, args.ckpt, "backbone_path", "args.backbone"))
     if not os.path.isfile(os.path.join(str(backbone), "config.json")):
         src = "--backbone" if args.backbone else f"{args.ckpt}/config.json"
         raise EvalError(f"backbone folder '{backbone}' (from {src}) does not exist or holds no config.json: "
@@ -876,5 +878,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (EvalError, M.CheckpointError) as e:
+    except (EvalError, IO.CheckpointError) as e:
         sys.exit(f"evaluate.py: error: {e}")

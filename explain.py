@@ -44,9 +44,11 @@ from PIL import Image, ImageDraw, ImageFont
 from safetensors import safe_open
 
 import model as M
+
+import pipeline_io as IO
 from evaluate import EvalError, colormap, device_and_dtype, open_image, read_jsonl
 from extract_roi import build_encoder, pad_image
-from prepare_data import write_strict_json
+from pipeline_io import write_strict_json
 
 
 class ExplainError(Exception):
@@ -129,7 +131,7 @@ def resolve_encoder(config, ckpt, override):
 # ----------------------------------------------------------------------------------------------------
 def load_explainer(ckpt, device, dtype):
     """-> (vital with pj_in/decoder and/or vp, processor, dec_tokenizer or None, config)."""
-    config = M.read_ckpt_config(ckpt)
+    config = IO.read_ckpt_config(ckpt)
     sc_path = os.path.join(ckpt, "scaffold.safetensors")
     if not os.path.isfile(sc_path):
         raise ExplainError(f"checkpoint '{ckpt}' has no scaffold.safetensors: explain needs the decoder + "
@@ -142,17 +144,17 @@ def load_explainer(ckpt, device, dtype):
     if not has_dec and d_v is None:
         raise ExplainError(f"{sc_path} holds neither the decoder + pj_in nor the visual projector "
                            f"(keys: {keys[:5]})")
-    backbone_path = M.ckpt_field(config, ckpt, "backbone_path", "args.backbone")
-    backbone, processor = M.load_backbone(backbone_path, dtype, device)
-    r, alpha = M.ckpt_field(config, ckpt, "arch.lora")
+    backbone_path = IO.ckpt_field(config, ckpt, "backbone_path", "args.backbone")
+    backbone, processor = IO.load_backbone(backbone_path, dtype, device)
+    r, alpha = IO.ckpt_field(config, ckpt, "arch.lora")
     M.add_lora(backbone, r, alpha, 0.0)
     decoder, dec_tok = None, None
     if has_dec:
-        decoder_path = M.ckpt_field(config, ckpt, "decoder_path", "args.decoder")
-        decoder, dec_tok = M.load_decoder(decoder_path, dtype, device)
+        decoder_path = IO.ckpt_field(config, ckpt, "decoder_path", "args.decoder")
+        decoder, dec_tok = IO.load_decoder(decoder_path, dtype, device)
     vital = M.VITAL(backbone, decoder, d_v, config.get("args", {}).get("projector", "res_mlp_ln"),
                     lambda_sem=1.0 if has_dec else 0.0, lambda_vis=1.0 if d_v else 0.0).to(device)
-    M.load_checkpoint(ckpt, vital, scaffolds=True)
+    IO.load_checkpoint(ckpt, vital, scaffolds=True)
     vital.eval()  # no dropout in the projector or the decoder
     M.set_lora_merged(backbone, True)
     return vital, processor, dec_tok, config
@@ -165,7 +167,7 @@ def load_explainer(ckpt, device, dtype):
 def answer_and_latents(vital, processor, image, question, K, max_new_tokens, device):
     """The ordinary inference path -> (answer text, h (K, d) = h_1..h_K)."""
     eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    prefix = M.build_prefix(processor, [image], [question]).to(device)
+    prefix = IO.build_prefix(processor, [image], [question]).to(device)
     ids, st = M.generate(vital.backbone, prefix, K, eos, max_new_tokens)
     answer = processor.tokenizer.batch_decode(ids, skip_special_tokens=True)[0].strip()
     return answer, torch.cat(st.h[1:], dim=1)[0]                                             # (K, d)
@@ -229,7 +231,7 @@ def bank_thumbnails(bank, meta, box, out_dir, size=64):
         for rank, (sid, score, j) in enumerate(step, 1):
             thumb = None
             if sid in images and os.path.isfile(images[sid]):
-                im = M.load_image(images[sid])
+                im = IO.load_image(images[sid])
                 if box is not None:
                     im = im.crop(tuple(int(x) for x in box[j].tolist()))
                 im.thumbnail((size, size))
@@ -401,7 +403,7 @@ def explain(args):
     ckpt = args.ckpt or find_checkpoint(args.runs)
     try:
         vital, processor, dec_tok, config = load_explainer(ckpt, device, dtype)
-    except (EvalError, M.CheckpointError, FileNotFoundError, ValueError) as e:
+    except (EvalError, IO.CheckpointError, FileNotFoundError, ValueError) as e:
         raise ExplainError(str(e)) from None
     answer, h = answer_and_latents(vital, processor, image, args.question, args.k, args.max_new_tokens,
                                    device)

@@ -63,7 +63,9 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 import model as M
-from prepare_data import strict_json, write_strict_json
+
+import pipeline_io as IO
+from pipeline_io import strict_json, write_strict_json
 
 MASK_THRESHOLD = 0.3  # §A.5.2: a patch belongs to the ROI if >= 30% of it is mask (area interpolation)
 VALID_THRESHOLD = 0.5  # chosen: a crop patch is "valid" if at least half of it is real image, not padding
@@ -228,7 +230,7 @@ class SiglipPatches:
     kind = "siglip"
 
     def __init__(self, path, device="cpu", dtype=torch.float32):
-        self.model, proc = M.load_encoder(path, dtype, device)
+        self.model, proc = IO.load_encoder(path, dtype, device)
         cfg = self.model.config
         self.name, self.path = os.path.basename(os.path.normpath(path)), path
         self.device, self.dtype = device, dtype
@@ -255,7 +257,7 @@ class QwenSelfPatches:
     kind = "self"
 
     def __init__(self, path, size=448, device="cpu", dtype=torch.float32):
-        backbone, proc = M.load_backbone(path, dtype, device)
+        backbone, proc = IO.load_backbone(path, dtype, device)
         self.visual, self.ip = backbone.model.visual.requires_grad_(False), proc.image_processor
         unit = self.ip.patch_size * self.ip.merge_size  # 16 px x 2x2 merge = 32 px per token
         if size % unit:
@@ -325,7 +327,7 @@ def extract_chunk(units, enc, args, global_cache):
     views, plans, failures, notes = {}, {}, {}, {}
     for u in units:
         try:
-            img = M.load_image(u.image)
+            img = IO.load_image(u.image)
         except Exception as e:  # missing, truncated, not an image, decompression bomb, ...
             failures[u.key] = f"cannot read image {u.image}: {e}"
             continue
@@ -500,7 +502,7 @@ def grid_search(units, enc, args):
         todo, pending = [], []
         for u in units[i:i + args.shard_size]:
             try:
-                img = M.load_image(u.image)
+                img = IO.load_image(u.image)
                 mask = load_mask(u.mask, img.size)
             except Exception:
                 continue  # the extraction run reports these; the search just leaves them out

@@ -1,6 +1,6 @@
 """
-VITAL model: a frozen Qwen3-VL backbone with hand-written LoRA that reasons for K steps in continuous
-hidden states, plus the two training-time scaffolds that supervise every step (paper §3, §B).
+VITAL, the method (paper §3, §B): a frozen Qwen3-VL backbone with hand-written LoRA reasons for K steps in
+continuous hidden states on one KV-cache, then answers; two training-time scaffolds supervise every step.
 
     image + question --(Qwen3-VL prefix forward)--> h_0, KV-cache            §3.2 prefix encoding
     h_k = LM(inputs_embeds = h_{k-1}; same cache), k = 1..K                  §3.2 eq. (1), recurrent loop
@@ -9,38 +9,21 @@ hidden states, plus the two training-time scaffolds that supervise every step (p
                     VP(h_k) regresses the frozen MedSigLIP ROI feature       §3.3 L_vis
     L = L_task + lambda_sem * L_sem + lambda_vis * L_vis                     §3.5 eq. (7)
 
-The loop is ONE function (`latent_loop`) used by training, evaluation and explanation: there is no
-teacher forcing and no parallel shortcut, so training and inference run the identical path.
-Everything here is hand-written on purpose where the paper's idea lives (LoRA, the loop, the heads,
-the losses); the backbone, decoder, encoder, tokenizers and processors are plain `transformers` classes
-loaded with `from_pretrained(folder)`.
-
-Commands:
-    python model.py info runs/tiny             # parameter counts of a model folder set
-(The tiny models of the same classes, for the tests and the demo, are written by demo/tiny.py.)
+Read top to bottom: 1. LoRA, 2. the latent loop (`latent_loop`, used by training, evaluation and
+explanation alike: no teacher forcing, no parallel shortcut), 3. the scaffolds, 4. VITAL's forward and
+joint loss, 5. reading a latent back out (the text and visual windows). This file imports torch and
+transformers only. Loading model folders, the prompt contract, batching and checkpoint files live in
+pipeline_io.py; the cache-safe activation checkpointing (train.py --grad-ckpt) in activation_checkpointing.py.
 """
-import argparse
-import functools
-import json
 import math
-import os
-import shutil
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
-from torch.utils.checkpoint import checkpoint
-import numpy as np
-from PIL import Image
-from transformers import (AutoTokenizer, DynamicCache, Qwen2VLImageProcessorPil, Qwen3ForCausalLM,
-                          Qwen3VLForConditionalGeneration, Qwen3VLProcessor, SiglipImageProcessorPil,
-                          SiglipVisionModel)
-from transformers.utils import is_accelerate_available
+from transformers import DynamicCache
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
 
 # ----------------------------------------------------------------------------------------------------
 # 1. LoRA (Hu et al. 2021), hand-written. Paper §4.1/§B.2: r = 64 (174.6M params on 36 layers), alpha =
@@ -128,193 +111,7 @@ def fold_lora(module):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 2. Loading checkpoints from local folders. Real runs: Qwen3-VL-8B-Instruct, Qwen3-1.7B, MedSigLIP-448.
-#    Tests and the demo: tiny models of the SAME classes written by demo/tiny.py and read back here.
-# ----------------------------------------------------------------------------------------------------
-class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
-    """Qwen3VLProcessor without its video processor (which needs torchvision): images and text only.
-    Token expansion of <|image_pad|> and mm_token_type_ids (needed by M-RoPE) come from the parent."""
-    attributes = ["image_processor", "tokenizer"]
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-
-
-def _check_folder(path, model_types, what):
-    cfg = os.path.join(str(path), "config.json")
-    if not os.path.isfile(cfg):
-        raise FileNotFoundError(f"{what}: no model folder at '{path}' (missing {cfg})")
-    with open(cfg) as f:
-        mt = json.load(f).get("model_type")
-    if mt not in model_types:
-        raise ValueError(f"{what}: '{path}' holds a '{mt}' model, expected one of {model_types}")
-
-
-# The image pixel cap every stage applies (train.py --max-pixels): 448 x 448 = 200,704 pixels = 196 visual
-# tokens (one per 32 x 32 pixels). Why 448: it is the resolution of the ROI targets (MedSigLIP-448), so the
-# backbone sees the detail the targets were made from; MSD's 512 x 512 slices lose little; BiomedParse's
-# 1024 x 1024 images would otherwise cost ~1,000 tokens and ~4x the activation memory each; and with it the
-# default batch fits an 80 GB card (train.py --plan). Qwen3-VL's own processor allows up to ~16.7 M pixels.
-MAX_PIXELS = 448 * 448
-
-
-def _from_pretrained(cls, path, dtype, device):
-    """cls.from_pretrained with the weights read straight onto `device`. With 6 ranks, loading on the host
-    and then calling .to(device) would hold 6 full host copies at once (6 x 17 GB for Qwen3-VL-8B); with
-    device_map={"": device} transformers materialises each tensor on the rank's own device. On CPU the host
-    is the target, so the plain call is kept (same weights, bit for bit, and no accelerate needed)."""
-    device = torch.device(device)
-    if device.type == "cpu":
-        return cls.from_pretrained(path, dtype=dtype)
-    if not is_accelerate_available():  # transformers needs accelerate for device_map
-        print(f"[model] accelerate is not installed: loading {path} on the host, then moving it to {device}")
-        return cls.from_pretrained(path, dtype=dtype).to(device)
-    return cls.from_pretrained(path, dtype=dtype, device_map={"": device})
-
-
-def load_backbone(path, dtype=torch.float32, device="cpu", max_pixels=MAX_PIXELS):
-    """Qwen3-VL backbone + its image-only processor (prefixes are LEFT-padded: h_0 is the last column)."""
-    _check_folder(path, ("qwen3_vl",), "backbone")
-    model = _from_pretrained(Qwen3VLForConditionalGeneration, path, dtype, device).eval()
-    return model, load_processor(path, max_pixels)
-
-
-def load_processor(path, max_pixels=MAX_PIXELS):
-    """The backbone folder's image-only processor. max_pixels caps its resize (never raises the folder's
-    own cap; None or 0: the folder's)."""
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer.padding_side = "left"
-    image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
-    if max_pixels:
-        image_processor.size["longest_edge"] = min(image_processor.size["longest_edge"], max_pixels)
-    return ImageOnlyQwen3VLProcessor(image_processor, tokenizer, chat_template=chat_template(path, tokenizer))
-
-
-def chat_template(path, tokenizer):
-    """The chat template: the tokenizer's own, else the folder's chat_template.json (where processor
-    checkpoints such as Qwen3-VL-8B-Instruct keep it) or chat_template.jinja, else None (build_prefix's
-    apply_chat_template then raises)."""
-    if tokenizer.chat_template:
-        return tokenizer.chat_template
-    for name in ("chat_template.json", "chat_template.jinja"):
-        file = os.path.join(str(path), name)
-        if os.path.isfile(file):
-            with open(file) as f:
-                return json.load(f)["chat_template"] if name.endswith(".json") else f.read()
-    return None
-
-
-def load_decoder(path, dtype=torch.float32, device="cpu"):
-    """Auxiliary text decoder (Qwen3-1.7B in the paper): its own embeddings, head and tokenizer."""
-    _check_folder(path, ("qwen3",), "decoder")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer.padding_side = "right"
-    return _from_pretrained(Qwen3ForCausalLM, path, dtype, device), tokenizer
-
-
-def load_encoder(path, dtype=torch.float32, device="cpu"):
-    """Frozen SigLIP vision tower (MedSigLIP-448) + image processor; used for ROI targets and explain."""
-    _check_folder(path, ("siglip_vision_model", "siglip"), "encoder")
-    model = _from_pretrained(SiglipVisionModel, path, dtype, device).eval().requires_grad_(False)
-    return model, SiglipImageProcessorPil.from_pretrained(path)
-
-
-# ----------------------------------------------------------------------------------------------------
-# 3. The prompt contract (owned here; every stage imports it). Student view = raw image + question, with its
-#    options when the item is asked closed-ended (`ask`). Prefix: chat-formatted user turn, generation prompt
-#    open, LEFT-padded, so that h_0 is column -1.
-#    Answer: right-padded, ends with <|im_end|>. Step sentences r_k: decoder tokens, each ending in EOS.
-# ----------------------------------------------------------------------------------------------------
-def load_image(path):
-    """The student view of an image file, the same pixels for every stage (training, evaluation, ROI
-    features, explanation) -> RGB PIL image. Grey 8-bit -> 3 identical channels; 16-bit or float grey is
-    scaled min-max to 8 bits first (PIL's own convert would clip it); RGBA drops its alpha."""
-    with Image.open(path) as im:
-        im.load()
-        if im.mode.startswith("I") or im.mode == "F":
-            a = np.asarray(im, dtype=np.float32)
-            lo, hi = float(a.min()), float(a.max())
-            im = Image.fromarray(((a - lo) / max(hi - lo, 1e-8) * 255).round().astype(np.uint8))
-        return im.convert("RGB")
-
-
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-
-
-def ask(question, choices=None):
-    """The text of the user turn. Without choices: the question unchanged (explain.py's free question). With
-    choices (§B.4: every QA pair is asked closed-ended): the question, the options one a line as "(A) text",
-    then one instruction line. train.py, evaluate.py and the demo all ask through here, so an item is asked
-    with the identical text in training and evaluation."""
-    if not choices:
-        return question
-    if len(choices) > len(LETTERS):
-        raise ValueError(f"{len(choices)} choices: the options are lettered A-Z, at most {len(LETTERS)}")
-    options = "\n".join(f"({LETTERS[i]}) {c}" for i, c in enumerate(choices))
-    return f"{question}\n{options}\nAnswer with one of the options."
-
-
-def build_prefix(processor, images, questions):
-    """-> BatchFeature(input_ids, attention_mask, mm_token_type_ids, pixel_values, image_grid_thw)."""
-    if len(images) != len(questions):
-        raise ValueError(f"{len(images)} images for {len(questions)} questions")
-    for i, im in enumerate(images):
-        if im is None:
-            raise ValueError(f"prompt {i} has no image: VITAL answers questions about an image")
-    texts = [processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
-        add_generation_prompt=True, tokenize=False) for q in questions]
-    images = [im.convert("RGB") for im in images]
-    return processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
-
-
-def tokenize_answers(tokenizer, answers):
-    """-> (ids, mask), (B, T) right-padded; every answer ends with <|im_end|> so generation can stop."""
-    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    seqs = [tokenizer(a, add_special_tokens=False)["input_ids"] + [end] for a in answers]
-    return _pad_right(seqs, tokenizer.pad_token_id)
-
-
-def tokenize_steps(dec_tokenizer, chains, K):
-    """Reasoning sentences for the decoder -> (ids, mask), (B, K, L); missing steps are all padding."""
-    eos = dec_tokenizer.eos_token_id
-    seqs = []
-    for chain in chains:
-        for k in range(K):
-            seqs.append(dec_tokenizer(chain[k], add_special_tokens=False)["input_ids"] + [eos]
-                        if k < len(chain) else [])
-    ids, mask = _pad_right(seqs, dec_tokenizer.pad_token_id)
-    return ids.view(len(chains), K, -1), mask.view(len(chains), K, -1)
-
-
-def make_batch(processor, dec_tokenizer, images, questions, answers, chains=None, K=0, roi=None, glob=None):
-    """Everything VITAL.forward needs for one K-bucket of samples (images are PIL images)."""
-    batch = dict(prefix=build_prefix(processor, images, questions))
-    batch["answer_ids"], batch["answer_mask"] = tokenize_answers(processor.tokenizer, answers)
-    if chains is not None and dec_tokenizer is not None and K > 0:
-        batch["step_ids"], batch["step_mask"] = tokenize_steps(dec_tokenizer, chains, K)
-    if roi is not None:
-        batch["roi"] = roi
-    if glob is not None:
-        batch["global"] = glob
-    return batch
-
-
-def batch_to(batch, device):
-    return {k: (v.to(device) if hasattr(v, "to") else v) for k, v in batch.items()}
-
-
-def _pad_right(seqs, pad_id):
-    T = max([len(s) for s in seqs] + [1])
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s, dtype=torch.long), 1
-    return ids, mask
-
-
-# ----------------------------------------------------------------------------------------------------
-# 4. The recurrent latent loop on one KV-cache (§3.2). transformers traps (found by probing the pinned
+# 2. The recurrent latent loop on one KV-cache (§3.2). transformers traps (found by probing the pinned
 #    transformers 5.24; test_cached_loop_equals_one_full_forward in tests/test_model.py guards them):
 #    pass explicit M-RoPE position_ids AND the full 2-D attention mask (past + new columns) on every call;
 #    never pass pixel values after the prefix; the cache argument is `cache=`.
@@ -327,16 +124,17 @@ class LoopState:
     h: list                 # [h_0, ..., h_K], each (B, 1, d), post-final-norm (what feeds lm_head)
 
 
-def _text_step(backbone, embeds, st: LoopState, valid=None):
-    """Append `embeds` (B, T, d) to the cache at positions next_pos + [0, T); return hidden (B, T, d)."""
-    B, T, _ = embeds.shape
-    valid = torch.ones(B, T, dtype=st.mask.dtype, device=embeds.device) if valid is None else valid
-    st.mask = torch.cat([st.mask, valid.to(st.mask.dtype)], dim=1)                         # (B, S+T)
-    pos = st.next_pos[:, None] + torch.arange(T, device=embeds.device)                    # (B, T)
-    out = backbone.model.language_model(inputs_embeds=embeds, attention_mask=st.mask, cache=st.cache,
-                                        position_ids=pos[None].expand(3, B, T), use_cache=True)
-    st.next_pos = st.next_pos + T
-    return out.last_hidden_state
+def latent_loop(backbone, prefix, K, feed=None):
+    """Prefix, then K single-position steps with inputs_embeds = h_{k-1} on the same cache (eq. 1).
+    Gradients flow through the cache and the fed-back states: nothing is detached.
+    feed: the loop's one intervention point, for probes only (evaluate.py --probe). feed(k, st) returns
+    the (B, 1, d) input embedding of latent step k = 1..K, with st.h = [h_0, ..., h_{k-1}] so far;
+    None is the method itself: h_{k-1} = st.h[-1]."""
+    st = prefix_forward(backbone, prefix)
+    for k in range(1, K + 1):
+        x = st.h[-1] if feed is None else feed(k, st)                                      # (B, 1, d)
+        st.h.append(_text_step(backbone, x, st))                                            # h_k: (B, 1, d)
+    return st
 
 
 def prefix_forward(backbone, prefix):
@@ -353,17 +151,16 @@ def prefix_forward(backbone, prefix):
     return LoopState(cache, prefix["attention_mask"], next_pos, [out.last_hidden_state[:, -1:]])
 
 
-def latent_loop(backbone, prefix, K, feed=None):
-    """Prefix, then K single-position steps with inputs_embeds = h_{k-1} on the same cache (eq. 1).
-    Gradients flow through the cache and the fed-back states: nothing is detached.
-    feed: the loop's one intervention point, for probes only (evaluate.py --probe). feed(k, st) returns
-    the (B, 1, d) input embedding of latent step k = 1..K, with st.h = [h_0, ..., h_{k-1}] so far;
-    None is the method itself: h_{k-1} = st.h[-1]."""
-    st = prefix_forward(backbone, prefix)
-    for k in range(1, K + 1):
-        x = st.h[-1] if feed is None else feed(k, st)                                      # (B, 1, d)
-        st.h.append(_text_step(backbone, x, st))                                            # h_k: (B, 1, d)
-    return st
+def _text_step(backbone, embeds, st: LoopState, valid=None):
+    """Append `embeds` (B, T, d) to the cache at positions next_pos + [0, T); return hidden (B, T, d)."""
+    B, T, _ = embeds.shape
+    valid = torch.ones(B, T, dtype=st.mask.dtype, device=embeds.device) if valid is None else valid
+    st.mask = torch.cat([st.mask, valid.to(st.mask.dtype)], dim=1)                         # (B, S+T)
+    pos = st.next_pos[:, None] + torch.arange(T, device=embeds.device)                    # (B, T)
+    out = backbone.model.language_model(inputs_embeds=embeds, attention_mask=st.mask, cache=st.cache,
+                                        position_ids=pos[None].expand(3, B, T), use_cache=True)
+    st.next_pos = st.next_pos + T
+    return out.last_hidden_state
 
 
 def answer_logits(backbone, st: LoopState, answer_ids, answer_mask):
@@ -393,76 +190,7 @@ def generate(backbone, prefix, K, eos_id, max_new_tokens=32, feed=None):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 4b. Activation checkpointing that keeps the cache right (train.py --grad-ckpt; tests/test_ckpt.py).
-#     Without it every decoder layer keeps its inner tensors for backward (RMSNorm inputs in fp32, LoRA
-#     dropout masks and inputs, q and the attention output, 3 x d_ff MLP tensors) for every prefix token:
-#     ~2.6 GiB per 448-px sample at real size, K = 4. With it a layer keeps only its input and the K/V it
-#     adds (~0.17 GiB per sample, bench/memory.py) and recomputes the rest in backward.
-#     transformers' own checkpointing hands every layer cache=None: the loop would attend to nothing.
-#     The trap: DynamicCache.update APPENDS, so a layer replayed in backward on the live cache would append
-#     its K/V a second time and attend to the later steps. So the cache is handled OUTSIDE the replay:
-#
-#        this layer's past K/V chunks ──┐                                ┌──► its new K/V chunk (kept)
-#        hidden_in ─────────────────────┴──► [ layer(hidden, _Slot(past)) ] ─┴──► hidden_out
-#                                             checkpointed: replayed in backward from the same inputs
-#
-#     The replay reads the same chunks (tensors, not the live cache) and writes into its own _Slot only.
-#     Keeping chunks rather than the concatenated cache also drops the full K/V copy that every step
-#     would otherwise keep for backward. Dropout masks replay identically (the RNG state is restored).
-# ----------------------------------------------------------------------------------------------------
-class _Slot:
-    """The cache one checkpointed layer call sees: that layer's past K/V chunks (read-only) + its own."""
-
-    def __init__(self, past_k, past_v):
-        self.past_k, self.past_v, self.new = past_k, past_v, None
-
-    def update(self, k, v, *args, **kwargs):  # what the attention calls: cache.update(k, v, layer_idx)
-        self.new = (k, v)                                                               # (B, H_kv, T, hd)
-        return torch.cat(self.past_k + [k], dim=-2), torch.cat(self.past_v + [v], dim=-2)
-
-
-def _checkpointed_layer(layer, forward, hidden_states, *args, cache=None, **kwargs):
-    """A decoder layer's forward under torch.utils.checkpoint with the cache outside the replayed region.
-    The live DynamicCache keeps its usual content (the next call's mask reads its length); the K/V
-    chunks the backward needs are listed on it as `cache.ckpt_chunks[layer_idx]`."""
-    if not torch.is_grad_enabled():  # inference: no backward, nothing to replay
-        return forward(hidden_states, *args, cache=cache, **kwargs)
-    if cache is None:                # a call without a cache (nothing appended): a plain checkpoint
-        return checkpoint(lambda h: forward(h, *args, **kwargs), hidden_states, use_reentrant=False)
-    idx = layer.self_attn.layer_idx
-    live = cache.layers[idx]
-    ks, vs = cache.__dict__.setdefault("ckpt_chunks", {}).get(idx, ([], []))
-    if sum(k.shape[-2] for k in ks) != live.get_seq_length():  # filled without checkpointing: start there
-        ks, vs = ([live.keys], [live.values]) if live.get_seq_length() else ([], [])
-    n = len(ks)
-
-    def run(h, *past):  # everything it reads is an argument: the replay sees exactly the same inputs
-        slot = _Slot(list(past[:n]), list(past[n:]))
-        return forward(h, *args, cache=slot, **kwargs), *slot.new
-
-    out, k, v = checkpoint(run, hidden_states, *ks, *vs, use_reentrant=False)
-    cache.ckpt_chunks[idx] = (ks + [k], vs + [v])
-    with torch.no_grad():  # the live cache, as an uncheckpointed call would have left it (no graph)
-        if not live.is_initialized:
-            live.lazy_initialization(k, v)
-        live.keys, live.values = torch.cat(ks + [k], dim=-2), torch.cat(vs + [v], dim=-2)
-    return out
-
-
-def set_checkpointing(vital, on=True):
-    """Checkpoint (on) or not (off) every text decoder layer of the backbone and of the auxiliary decoder.
-    The vision tower needs none: it is frozen and its input needs no gradient, so it saves nothing."""
-    layers = list(vital.backbone.model.language_model.layers)
-    layers += list(vital.decoder.model.layers) if getattr(vital, "decoder", None) is not None else []
-    for layer in layers:
-        if on:  # an instance attribute shadows the class's forward; the module tree and weights are unchanged
-            layer.forward = functools.partial(_checkpointed_layer, layer, type(layer).forward.__get__(layer))
-        else:
-            layer.__dict__.pop("forward", None)
-
-
-# ----------------------------------------------------------------------------------------------------
-# 5. Training-time scaffolds (§3.3, §B.2): visual projector, pj_in, auxiliary text decoder.
+# 3. Training-time scaffolds (§3.3, §B.2): visual projector, pj_in, auxiliary text decoder.
 # ----------------------------------------------------------------------------------------------------
 class VisualProjector(nn.Module):
     """VP(h) = LN_out(W2(h' + Dropout(GELU(W1 h')))), h' = LN_in(h)   (eq. 5; 21.51M at d=4096, d_v=1152).
@@ -533,7 +261,7 @@ def visual_targets(roi, glob, K, per_step=False):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 6. VITAL: backbone (+LoRA) and optional scaffolds; forward returns the joint loss of eq. (7).
+# 4. VITAL: backbone (+LoRA) and optional scaffolds; forward returns the joint loss of eq. (7).
 # ----------------------------------------------------------------------------------------------------
 class VITAL(nn.Module):
     def __init__(self, backbone, decoder=None, d_v=None, projector="res_mlp_ln", lambda_sem=1.0,
@@ -580,6 +308,9 @@ class VITAL(nn.Module):
         return adapter, scaffold
 
 
+# ----------------------------------------------------------------------------------------------------
+# 5. Reading a latent back out (§3.3): the scaffolds re-attached after training, as explain.py does.
+# ----------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def decode_latent(decoder, pj_in, dec_tokenizer, h, max_new_tokens=40):
     """Text window (§3.3): read a latent h (N, d) out as a sentence through pj_in + decoder (greedy)."""
@@ -597,130 +328,3 @@ def project_latent(vp, h):
     """Visual window (§3.3): VP(h) in the frozen encoder's feature space, L2-normalised. (N, d_v)."""
     return F.normalize(vp(h.to(vp.out.weight.dtype)).float(), dim=-1)  # h may be bf16, vp fp32
 
-
-# ----------------------------------------------------------------------------------------------------
-# 7. Save / load: safetensors for tensors, JSON for metadata, atomic folder writes, PEFT export.
-# ----------------------------------------------------------------------------------------------------
-class CheckpointError(Exception):
-    """A checkpoint folder that is missing or lacks a field; the stages print it as one line."""
-
-
-def read_ckpt_config(folder):
-    """config.json of a checkpoint folder runs/<name>/phase<p>/ (it must hold adapter.safetensors too)."""
-    path = os.path.join(folder, "config.json")
-    if not os.path.isfile(path):
-        raise CheckpointError(f"no checkpoint at '{folder}' (missing config.json; train.py writes "
-                              "runs/<name>/phase<p>/)")
-    if not os.path.isfile(os.path.join(folder, "adapter.safetensors")):
-        raise CheckpointError(f"checkpoint '{folder}' has no adapter.safetensors")
-    with open(path) as f:
-        return json.load(f)
-
-
-def ckpt_field(config, folder, *keys):
-    """First present value of `keys` in a checkpoint config ('args.x' reads config['args']['x'])."""
-    for k in keys:
-        v = config
-        for part in k.split("."):
-            v = v.get(part) if isinstance(v, dict) else None
-        if v is not None:
-            return v
-    raise CheckpointError(f"{folder}/config.json: no field {' or '.join(repr(k) for k in keys)}")
-
-
-def save_checkpoint(folder, vital: VITAL, config: dict, extra_files=None):
-    """Write adapter.safetensors, scaffold.safetensors and config.json into folder atomically: everything
-    goes to folder.tmp first and is renamed into place only when complete.
-    extra_files: {name: writer(path)}."""
-    tmp, old = folder.rstrip("/") + ".tmp", folder.rstrip("/") + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    adapter, scaffold = vital.trainable_state_dict()
-    save_file({k: v.contiguous().cpu() for k, v in adapter.items()}, os.path.join(tmp, "adapter.safetensors"))
-    if scaffold:
-        save_file({k: v.contiguous().cpu() for k, v in scaffold.items()},
-                  os.path.join(tmp, "scaffold.safetensors"))
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(config, f, indent=2, allow_nan=False)
-    for name, writer in (extra_files or {}).items():
-        writer(os.path.join(tmp, name))
-    if os.path.exists(folder):
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _load_into(module, tensors, path):
-    own = dict(module.named_parameters())
-    for k, v in tensors.items():
-        if k not in own:
-            raise ValueError(f"{path}: tensor '{k}' has no place in this model (another architecture?)")
-        if own[k].shape != v.shape:
-            raise ValueError(f"{path}: '{k}' has shape {tuple(v.shape)}, "
-                             f"this model expects {tuple(own[k].shape)} "
-                             "(checkpoint of another width or LoRA rank?)")
-        with torch.no_grad():
-            own[k].copy_(v)
-    return len(tensors)
-
-
-def load_checkpoint(folder, vital: VITAL, scaffolds=True):
-    """Load adapter (+ scaffolds) saved by save_checkpoint into an already-built VITAL. Returns config."""
-    cfg_path = os.path.join(folder, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"no checkpoint at '{folder}' (missing config.json)")
-    with open(cfg_path) as f:
-        config = json.load(f)
-    adapter = load_file(os.path.join(folder, "adapter.safetensors"))
-    expected = {n for n, _ in vital.backbone.named_parameters() if ".lora_" in n}
-    if set(adapter) != expected:
-        missing = sorted(expected - set(adapter))[:3] or sorted(set(adapter) - expected)[:3]
-        raise ValueError(f"{folder}/adapter.safetensors does not match this backbone's LoRA layers "
-                         f"(e.g. {missing})")
-    _load_into(vital.backbone, adapter, f"{folder}/adapter.safetensors")
-    sc_path = os.path.join(folder, "scaffold.safetensors")
-    if scaffolds and os.path.isfile(sc_path):
-        _load_into(vital, load_file(sc_path), sc_path)
-    return config
-
-
-def export_peft(folder, vital: VITAL, base_model_path=""):
-    """PEFT-format copy of the adapter: adapter_model.safetensors + adapter_config.json."""
-    layers = lora_layers(vital.backbone)
-    os.makedirs(folder, exist_ok=True)
-    tensors = {}
-    for n, p in vital.backbone.named_parameters():
-        if ".lora_" in n:
-            mod, which = n.rsplit(".", 1)  # "...q_proj", "lora_A"
-            tensors[f"base_model.model.{mod}.{which}.weight"] = p.detach().contiguous().cpu()
-    save_file(tensors, os.path.join(folder, "adapter_model.safetensors"))
-    cfg = dict(peft_type="LORA", task_type=None, r=layers[0].r, lora_alpha=layers[0].alpha,
-               lora_dropout=layers[0].dropout.p, bias="none", fan_in_fan_out=False, inference_mode=True,
-               init_lora_weights=True, base_model_name_or_path=base_model_path,
-               target_modules=(r".*language_model\.layers\.\d+\.(self_attn|mlp)\.("
-                               + "|".join(LORA_TARGETS) + ")"))
-    with open(os.path.join(folder, "adapter_config.json"), "w") as f:
-        json.dump(cfg, f, indent=2, allow_nan=False)
-
-
-def count_params(module):
-    return sum(p.numel() for p in module.parameters())
-
-
-def main():
-    ap = argparse.ArgumentParser(description="VITAL model utilities")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    i = sub.add_parser("info", help="print parameter counts of backbone/decoder/encoder under a folder")
-    i.add_argument("folder", help="folder with backbone/, decoder/, encoder/")
-    args = ap.parse_args()
-    bb, _ = load_backbone(os.path.join(args.folder, "backbone"))
-    dec, _ = load_decoder(os.path.join(args.folder, "decoder"))
-    enc, _ = load_encoder(os.path.join(args.folder, "encoder"))
-    n_lora = add_lora(bb)
-    print(f"backbone {count_params(bb) / 1e6:.2f}M (LoRA layers {n_lora}), "
-          f"decoder {count_params(dec) / 1e6:.2f}M, encoder {count_params(enc) / 1e6:.2f}M")
-
-
-if __name__ == "__main__":
-    main()

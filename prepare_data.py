@@ -7,7 +7,7 @@ prompt, the six-round quality gate).
 
 Reads one source per run (run again with another source into the same --out to append):
   phantom      procedural images with exact masks, needs no download (the embedded default;
-               the generator is a fixture in demo/phantom.py)
+               the generator is a fixture in embedded/phantom.py)
   msd          Medical Segmentation Decathlon task folders (dataset.json + NIfTI volumes)
   biomedparse  BiomedParse folders (train/, train_mask/, test/, test_mask/ with *.png)
 Writes into --out:
@@ -70,6 +70,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from embedded.phantom import phantom_case
+from pipeline_io import slug, strict_json, strict_loads, to_uint8, write_strict_json
+
 # ----------------------------------------------------------------------------- question types and K (Table 4)
 QUESTION_TYPES = ["yesno", "identify", "location_choice", "location", "describe", "reasoning"]
 STEP_RANGE = {"yesno": (1, 1), "identify": (1, 1), "location_choice": (1, 1), "location": (2, 2),
@@ -80,10 +83,6 @@ STEP_RANGE = {"yesno": (1, 1), "identify": (1, 1), "location_choice": (1, 1), "l
 def stable_hash(text):
     """A hash that is the same in every process and every run (Python's hash() is salted)."""
     return int(hashlib.sha1(text.encode()).hexdigest()[:12], 16)
-
-
-def slug(text):
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
 def article(target, target_type):
@@ -106,35 +105,11 @@ def erode(m, n=1):
     return ~dilate(~m, n)
 
 
-def to_uint8(a):
-    return (np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8)
-
-
 def save_png(array, path):
     """Write atomically: a killed run never leaves a half-written PNG under the final name."""
     tmp = path + ".tmp.png"
     Image.fromarray(array).save(tmp, compress_level=1)  # fast zlib level: noisy images barely shrink more
     os.replace(tmp, path)
-
-
-def strict_json(obj, **kw):
-    """json.dumps that refuses NaN and Infinity: Python would write them as bare NaN, which strict JSON
-    readers reject. Every JSON and JSONL artifact of the pipeline is written through this."""
-    return json.dumps(obj, allow_nan=False, **kw)
-
-
-def strict_loads(text):
-    """json.loads that refuses NaN and Infinity, as strict readers do (the reading half of strict_json)."""
-    def refuse(name):
-        raise ValueError(f"{name} is not JSON")
-    return json.loads(text, parse_constant=refuse)
-
-
-def write_strict_json(obj, path):
-    """A strict JSON file, written atomically (a temporary name, then rename)."""
-    with open(path + ".tmp", "w") as fh:
-        fh.write(strict_json(obj, indent=1) + "\n")
-    os.replace(path + ".tmp", path)
 
 
 def overlay_view(image, mask):
@@ -893,7 +868,6 @@ def process(work):
     """Read one work item (a phantom index, an MSD volume, a BiomedParse image), ask its questions,
     gate every answer. Returns ('sample'|'reject'|'stop', record) outcomes; bad input -> reject. Once the
     teacher stopped (STATE['stop']), items not yet started return nothing: they stay for the rerun."""
-    from demo.phantom import phantom_case  # here, not at the top: demo/phantom.py imports this file
     args, decided = STATE["args"], STATE["decided"]
     outcomes = []
     if STATE["stop"]:

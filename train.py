@@ -7,7 +7,7 @@ Writes runs/<name>/phase<p>/  adapter.safetensors, scaffold.safetensors, config.
        runs/<name>/log.jsonl   one line per optimizer step (step, phase, losses, lr, grad norm, speed, memory)
 
 Data first (stages 1-2), here the embedded phantom set with the tiny models:
-    python demo/tiny.py runs/tiny && python prepare_data.py --source phantom --out data/phantom --n 2000
+    python embedded/tiny.py runs/tiny && python prepare_data.py --source phantom --out data/phantom --n 2000
     python extract_roi.py --samples data/phantom/samples.jsonl --encoder runs/tiny/encoder \\
         --out data/phantom/roi.safetensors
 One process (a GPU, or the CPU), the three phases of the default curriculum, each warm-starting from the last:
@@ -54,9 +54,11 @@ from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from demo.tiny import make_tiny
-from model import (LETTERS, MAX_PIXELS, VITAL, add_lora, ask, batch_to, load_backbone, load_checkpoint,
-                   load_decoder, load_image, make_batch, save_checkpoint, set_checkpointing)
+from embedded.tiny import make_tiny
+from activation_checkpointing import set_checkpointing
+from model import VITAL, add_lora
+from pipeline_io import (MAX_PIXELS, ask, batch_to, choices_problem, file_sha256, fingerprint, load_backbone,
+                         load_checkpoint, load_decoder, load_image, make_batch, save_checkpoint)
 
 # ----------------------------------------------------------------------------------------------------
 # Curriculum schedules (§3.5, §4.3 Table 3). Each phase = (highest latent_steps admitted, None = all K;
@@ -160,7 +162,7 @@ def get_args(argv=None):
                          "backbone folder's own cap, ~16.7M for Qwen3-VL)")
     ap.add_argument("--grad-ckpt", action="store_true",
                     help="activation checkpointing of every text decoder layer, cache-safe "
-                         "(model.set_checkpointing): the same gradients, several times fewer saved "
+                         "(activation_checkpointing.py): the same gradients, several times fewer saved "
                          "activations, each layer's forward runs twice")
     ap.add_argument("--plan", action="store_true",
                     help="print this command's per-GPU memory budget at the paper's model sizes (built on "
@@ -197,12 +199,12 @@ def get_args(argv=None):
 def embedded_default(args):
     """No --data: train on the demo's phantom data with its tiny models (runs/demo in the repository, or
     $VITAL_DEMO_DIR), on the demo's pretrained tiny backbone (the run folder's, else the one shipped in
-    demo/pretrained/; a random tiny backbone cannot see). Missing data is made by the demo's own commands
+    embedded/pretrained/; a random tiny backbone cannot see). Missing data is made by the demo's own commands
     (make_embedded_default)."""
     base = os.path.abspath(os.environ.get("VITAL_DEMO_DIR") or os.path.join(ROOT, "runs", "demo"))
     args.preset, args.models, args.data = "tiny", os.path.join(base, "models"), os.path.join(base, "data")
     args.backbone = next((p for p in (os.path.join(base, "pretrain", "phase1", "backbone"),
-                                      os.path.join(ROOT, "demo", "pretrained", "pretrain", "phase1", "backbone"))
+                                      os.path.join(ROOT, "embedded", "pretrained", "pretrain", "phase1", "backbone"))
                           if os.path.isfile(os.path.join(p, "config.json"))), None)
 
 
@@ -243,12 +245,9 @@ def read_samples(path):
                 if not isinstance(r[field], typ) or (typ is int and isinstance(r[field], bool)):
                     raise TrainError(f"{path} line {n}: field '{field}' should be {typ.__name__}, "
                                      f"got {type(r[field]).__name__}")
-            if r.get("choices") is not None and not (
-                    isinstance(r["choices"], list) and 2 <= len(r["choices"]) <= len(LETTERS)
-                    and all(isinstance(c, str) for c in r["choices"])
-                    and type(r.get("answer_index")) is int and 0 <= r["answer_index"] < len(r["choices"])):
-                raise TrainError(f"{path} line {n}: 'choices' needs a list of >= 2 strings and an "
-                                 f"'answer_index' into it (at most {len(LETTERS)}: options A-Z, model.ask)")
+            problem = choices_problem(r)
+            if problem:
+                raise TrainError(f"{path} line {n}: {problem}")
             if r["latent_steps"] != len(r["reasoning_chain"]):
                 raise TrainError(f"{path} line {n}: latent_steps = {r['latent_steps']} "
                                  f"but reasoning_chain has {len(r['reasoning_chain'])} steps")
@@ -445,26 +444,6 @@ def collate(records, idx, processor, dec_tokenizer, roi, glob, shown=None):
 # ----------------------------------------------------------------------------------------------------
 # Identity of the models, so that a warm start from another backbone, decoder or LoRA shape is refused.
 # ----------------------------------------------------------------------------------------------------
-def fingerprint(folder):
-    """sha256 of config.json + the first MiB of every weight file: cheap even for 16 GB,
-    differs per weights."""
-    h = hashlib.sha256()
-    with open(os.path.join(folder, "config.json"), "rb") as f:
-        h.update(f.read())
-    for p in sorted(globmod.glob(os.path.join(folder, "*.safetensors"))):
-        with open(p, "rb") as f:
-            h.update(f.read(1 << 20))
-    return h.hexdigest()[:16]
-
-
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def check_compatible(init, cfg, arch):
     """Refuse a warm start whose backbone, decoder or LoRA shape differs from this run's."""
     old = cfg.get("arch", {})

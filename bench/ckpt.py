@@ -9,7 +9,7 @@ checkpointed region torch's own hooks take over, so what is counted there is wha
 its inputs. The script also checks that the loss and every gradient are the same both ways, and gives the
 forward + backward time ratio (the price: each checkpointed layer runs its forward twice).
 
-    python bench/ckpt.py                                    # tiny models (demo/tiny.py), fp32, CPU
+    python bench/ckpt.py                                    # tiny models (embedded/tiny.py), fp32, CPU
     python bench/ckpt.py --real --layers 2 --dtype bf16     # real widths and vocabularies, 2 LLM layers each
                                                             # (+ the full depth from bench/memory.py's model)
     python bench/ckpt.py --real --device cuda --dtype bf16 --batch 4   # the full 8B model on a GPU
@@ -24,12 +24,15 @@ import time
 
 import numpy as np
 import torch
+import transformers
 import torch.nn.functional as F
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import model as M  # noqa: E402
-from demo.tiny import CHAT_TEMPLATE, make_tiny, make_tokenizer, real_configs  # noqa: E402
+import activation_checkpointing as AC  # noqa: E402
+import pipeline_io as IO  # noqa: E402
+from embedded.tiny import CHAT_TEMPLATE, make_tiny, make_tokenizer, real_configs  # noqa: E402
 
 QUESTION = "Analyze the visual findings of the liver in this CT image and describe its location."
 ANSWER = "The liver lies in the upper left part of the image with smooth edges and uniform intensity."
@@ -45,8 +48,8 @@ def build(real, layers=None, dtype=torch.float32, device="cpu", folder=None, d_v
     -> (vital, processor, decoder tokenizer, d_v)."""
     if not real:
         make_tiny(folder)
-        bb, proc = M.load_backbone(os.path.join(folder, "backbone"), dtype, device)
-        dec, dtok = M.load_decoder(os.path.join(folder, "decoder"), torch.float32, device)
+        bb, proc = IO.load_backbone(os.path.join(folder, "backbone"), dtype, device)
+        dec, dtok = IO.load_decoder(os.path.join(folder, "decoder"), torch.float32, device)
         M.add_lora(bb, r=8, alpha=16)
         d_v = d_v or 48
     else:
@@ -57,13 +60,13 @@ def build(real, layers=None, dtype=torch.float32, device="cpu", folder=None, d_v
         try:
             with torch.device(device):
                 torch.set_default_dtype(dtype)  # random init straight in the target dtype
-                bb = M.Qwen3VLForConditionalGeneration(cfg).eval()
+                bb = transformers.Qwen3VLForConditionalGeneration(cfg).eval()
                 torch.set_default_dtype(torch.float32)
-                dec = M.Qwen3ForCausalLM(dcfg)
+                dec = transformers.Qwen3ForCausalLM(dcfg)
         finally:
             torch.set_default_dtype(old)
         tok.padding_side = "left"
-        proc = M.ImageOnlyQwen3VLProcessor(M.Qwen2VLImageProcessorPil(patch_size=16, merge_size=2,
+        proc = IO.ImageOnlyQwen3VLProcessor(transformers.Qwen2VLImageProcessorPil(patch_size=16, merge_size=2,
                                                                       temporal_patch_size=2),
                                            tok, chat_template=CHAT_TEMPLATE)
         dtok = make_tokenizer()
@@ -80,8 +83,8 @@ def make_inputs(proc, dtok, B, K, px, d_v, device, seed=0):
     rng = np.random.default_rng(seed)
     imgs = [Image.fromarray((rng.random((px, px)) * 255).astype("uint8")) for _ in range(B)]
     roi = F.normalize(torch.randn(B, d_v, generator=torch.Generator().manual_seed(seed)), dim=-1)
-    batch = M.make_batch(proc, dtok, imgs, [QUESTION] * B, [ANSWER] * B, [CHAIN[:K]] * B, K, roi=roi)
-    return M.batch_to(batch, device)
+    batch = IO.make_batch(proc, dtok, imgs, [QUESTION] * B, [ANSWER] * B, [CHAIN[:K]] * B, K, roi=roi)
+    return IO.batch_to(batch, device)
 
 
 def saved_bytes(run, params):
@@ -115,7 +118,7 @@ def saved_bytes(run, params):
 
 def measure(vital, batch, K, ckpt, amp, device):
     """One training step's forward (saved bytes) and backward (time, gradients), checkpointing on or off."""
-    M.set_checkpointing(vital, ckpt)
+    AC.set_checkpointing(vital, ckpt)
     vital.zero_grad(set_to_none=True)
     params = list(vital.parameters())
     torch.manual_seed(0)  # the same dropout masks both ways
@@ -129,7 +132,7 @@ def measure(vital, batch, K, ckpt, amp, device):
         torch.cuda.synchronize()
     dt = time.perf_counter() - t
     grads = {name: p.grad.detach().float().clone() for name, p in vital.named_parameters() if p.requires_grad}
-    M.set_checkpointing(vital, False)
+    AC.set_checkpointing(vital, False)
     return dict(saved=n["activations"], copies=n["weight_copies"], loss=out["loss"].item(), s=dt, grads=grads)
 
 
@@ -165,7 +168,7 @@ def main(argv=None):
                loss_off=off["loss"], loss_on=on["loss"], grad_max_diff=diff, time_ratio=on["s"] / off["s"],
                prefix_tokens=int(batch["prefix"]["input_ids"].shape[1]))
     size = (f"real widths, {args.layers or 'all'} LLM layers" if args.real
-            else "tiny models (demo/tiny.py)")
+            else "tiny models (embedded/tiny.py)")
     print(f"activation checkpointing, {size}, {args.dtype}, batch {args.batch} x {px} px "
           f"({res['prefix_tokens']} prefix tokens), K = {args.K}, on {args.device}")
     print(f"  activations saved for backward without checkpointing  {mib(off['saved']):10.1f} MiB")

@@ -35,7 +35,9 @@ from transformers import (Qwen2VLImageProcessorPil, Qwen3ForCausalLM, Qwen3VLFor
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import explain  # noqa: E402
 import model as M  # noqa: E402
-from demo.tiny import CHAT_TEMPLATE, make_tiny, make_tokenizer, real_configs  # noqa: E402
+import activation_checkpointing as AC  # noqa: E402
+import pipeline_io as IO  # noqa: E402
+from embedded.tiny import CHAT_TEMPLATE, make_tiny, make_tokenizer, real_configs  # noqa: E402
 from extract_roi import SiglipPatches  # noqa: E402
 
 
@@ -47,8 +49,8 @@ def build(args, folder):
     wdtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     if args.tiny:
         make_tiny(folder)
-        backbone, processor = M.load_backbone(os.path.join(folder, "backbone"), wdtype, args.device)
-        decoder, dec_tok = M.load_decoder(os.path.join(folder, "decoder"), torch.float32, args.device)
+        backbone, processor = IO.load_backbone(os.path.join(folder, "backbone"), wdtype, args.device)
+        decoder, dec_tok = IO.load_decoder(os.path.join(folder, "decoder"), torch.float32, args.device)
         enc_dir = os.path.join(folder, "encoder")
     else:
         bcfg, dcfg, ecfg, tok = real_configs(args.layers, args.layers)
@@ -67,7 +69,7 @@ def build(args, folder):
         SiglipImageProcessorPil(size={"height": 448, "width": 448}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
                                   do_pad=False).save_pretrained(enc_dir)
         tok.padding_side = "left"
-        processor = M.ImageOnlyQwen3VLProcessor(Qwen2VLImageProcessorPil(patch_size=16, merge_size=2,
+        processor = IO.ImageOnlyQwen3VLProcessor(Qwen2VLImageProcessorPil(patch_size=16, merge_size=2,
                                                 temporal_patch_size=2), tok, chat_template=CHAT_TEMPLATE)
         dec_tok = make_tokenizer()
         dec_tok.padding_side = "right"
@@ -86,7 +88,7 @@ def make_inputs(processor, dec_tok, B, K, px, d_v, device, seed=0):
                "It occupies the upper left part of the image.", "Its edges are smooth and well defined.",
                "Its intensity is uniform compared with its surroundings."]] * B
     roi = F.normalize(torch.randn(B, d_v, generator=torch.Generator().manual_seed(seed)), dim=-1)
-    return M.batch_to(M.make_batch(processor, dec_tok, imgs, qs, ans, chains, K, roi=roi), device), imgs
+    return IO.batch_to(IO.make_batch(processor, dec_tok, imgs, qs, ans, chains, K, roi=roi), device), imgs
 
 
 def sync(device):
@@ -133,7 +135,7 @@ def train_rows(vital, processor, dec_tok, args, device, d_v):
         ckpt = spec.endswith("c")  # BxPX[xK][c]: c = activation checkpointing
         B, px, K = (int(x) for x in (spec.rstrip("c") + "x4").split("x")[:3])  # K default 4
         row = dict(batch=B, px=px, K=K, ckpt=ckpt)
-        M.set_checkpointing(vital, ckpt)
+        AC.set_checkpointing(vital, ckpt)
         if (px, K, ckpt) in too_big:
             rows.append(dict(row, status="skipped (a smaller batch at this size ran out of memory)"))
             continue
@@ -159,7 +161,7 @@ def train_rows(vital, processor, dec_tok, args, device, d_v):
         batch = out = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    M.set_checkpointing(vital, False)
+    AC.set_checkpointing(vital, False)
     opt.state.clear()  # free the optimizer states before inference
     vital.zero_grad(set_to_none=True)
     if device.type == "cuda":
@@ -236,7 +238,7 @@ def heat_of(vital, enc, image, h):
 def get_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true",
-                    help="tiny configs (demo/tiny.py) instead of the real sizes")
+                    help="tiny configs (embedded/tiny.py) instead of the real sizes")
     ap.add_argument("--layers", type=int,
                     help="LLM layers of backbone and decoder (default: the real 36 and 28)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
@@ -280,7 +282,7 @@ def main(argv=None):
                            else f"CPU ({torch.get_num_threads()} threads)"),
                    sizes="tiny" if args.tiny else f"real widths, {args.layers or 'all'} LLM layers",
                    dtype=args.dtype, torch=torch.__version__, build_s=build_s,
-                   params=dict(backbone=M.count_params(backbone), trainable=n_train,
+                   params=dict(backbone=IO.count_params(backbone), trainable=n_train,
                                lora=sum(p.numel() for m in M.lora_layers(backbone)
                                         for p in (m.lora_A, m.lora_B))))
         print(f"built in {build_s:.0f} s on {res['device']}: "

@@ -23,12 +23,14 @@ import time
 
 import numpy as np
 import torch
+import transformers
 import torch.nn.functional as F
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import model as M
-from demo.tiny import CHAT_TEMPLATE, make_tiny, real_configs
+import pipeline_io as IO
+from embedded.tiny import CHAT_TEMPLATE, make_tiny, real_configs
 
 
 def sync(device):
@@ -63,17 +65,17 @@ def build(args, folder):
     if args.real:  # the paper's sizes (§B.1, Table 9/11), random init; needs a big GPU
         cfg, dcfg, _, tok = real_configs()
         with torch.device(args.device):
-            plain = M.Qwen3VLForConditionalGeneration(cfg).to(dtype).eval()
-            dec = M.Qwen3ForCausalLM(dcfg)
-        proc = M.ImageOnlyQwen3VLProcessor(M.Qwen2VLImageProcessorPil(patch_size=16, merge_size=2,
+            plain = transformers.Qwen3VLForConditionalGeneration(cfg).to(dtype).eval()
+            dec = transformers.Qwen3ForCausalLM(dcfg)
+        proc = IO.ImageOnlyQwen3VLProcessor(transformers.Qwen2VLImageProcessorPil(patch_size=16, merge_size=2,
                                                                       temporal_patch_size=2),
                                            tok, chat_template=CHAT_TEMPLATE)
         tok.padding_side = "left"
         d_v, dtok = 1152, tok
     else:
         make_tiny(folder, hidden=256, layers=4, dec_hidden=128, dec_layers=2)
-        plain, proc = M.load_backbone(os.path.join(folder, "backbone"), dtype, args.device)
-        dec, dtok = M.load_decoder(os.path.join(folder, "decoder"), torch.float32, args.device)
+        plain, proc = IO.load_backbone(os.path.join(folder, "backbone"), dtype, args.device)
+        dec, dtok = IO.load_decoder(os.path.join(folder, "decoder"), torch.float32, args.device)
         d_v = 48
     lora_bb = build_lora_copy(args, plain)
     torch.manual_seed(0)
@@ -97,8 +99,8 @@ def make_inputs(proc, dtok, B, K, image_px, device, d_v):
     chains = [["A large smooth bright organ is visible.", "It occupies the upper left part of the image.",
                "Its edges are smooth and well defined.", "Its intensity is uniform."]] * B
     roi = F.normalize(torch.randn(B, d_v), dim=-1)
-    batch = M.make_batch(proc, dtok, imgs, qs, ans, chains, K, roi=roi)
-    return M.batch_to(batch, device)
+    batch = IO.make_batch(proc, dtok, imgs, qs, ans, chains, K, roi=roi)
+    return IO.batch_to(batch, device)
 
 
 # ---------------------------------------------------------------- the measured pieces

@@ -36,10 +36,13 @@ import time
 from dataclasses import dataclass
 
 import torch
+import transformers
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import model as M  # noqa: E402
-from demo.tiny import real_configs  # noqa: E402
+import activation_checkpointing as AC  # noqa: E402
+import pipeline_io as IO  # noqa: E402
+from embedded.tiny import real_configs  # noqa: E402
 
 GiB = 2 ** 30
 # Lengths the plan assumes besides the image (chosen, generous for the paper's data: the prompt template and
@@ -72,9 +75,9 @@ def param_counts(cfg, dcfg, r, d_v):
     """Parameter counts of VITAL built on the meta device (no memory): frozen, trainable, and the trainable
     matrices (what autocast copies to bf16) of the decoder layers, the decoder head, LoRA and pj_in + VP."""
     with torch.device("meta"):
-        bb = M.Qwen3VLForConditionalGeneration(cfg)
+        bb = transformers.Qwen3VLForConditionalGeneration(cfg)
         M.add_lora(bb, r, 2 * r)
-        vital = M.VITAL(bb, M.Qwen3ForCausalLM(dcfg), d_v)
+        vital = M.VITAL(bb, transformers.Qwen3ForCausalLM(dcfg), d_v)
     n = lambda ps: sum(p.numel() for p in ps)
     dec = vital.decoder
     dec_mm = n(p for layer in dec.model.layers for p in layer.parameters() if p.ndim == 2)
@@ -304,17 +307,17 @@ def measure_one(name):
     torch.manual_seed(0)
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
-    bb = M.Qwen3VLForConditionalGeneration(cfg).eval()
+    bb = transformers.Qwen3VLForConditionalGeneration(cfg).eval()
     torch.set_default_dtype(old)
     M.add_lora(bb, 64, 128)
     for lora in M.lora_layers(bb):
         torch.nn.init.normal_(lora.lora_B, std=1e-3)
     d_v = 1152
-    vital = M.VITAL(bb, M.Qwen3ForCausalLM(dcfg), d_v).train()
-    M.set_checkpointing(vital, ck)
+    vital = M.VITAL(bb, transformers.Qwen3ForCausalLM(dcfg), d_v).train()
+    AC.set_checkpointing(vital, ck)
     tok.padding_side = "left"
-    from demo.tiny import CHAT_TEMPLATE, make_tokenizer
-    proc = M.ImageOnlyQwen3VLProcessor(M.Qwen2VLImageProcessorPil(patch_size=16, merge_size=2,
+    from embedded.tiny import CHAT_TEMPLATE, make_tokenizer
+    proc = IO.ImageOnlyQwen3VLProcessor(transformers.Qwen2VLImageProcessorPil(patch_size=16, merge_size=2,
                                                                   temporal_patch_size=2), tok,
                                        chat_template=CHAT_TEMPLATE)
     dtok = make_tokenizer()

@@ -21,7 +21,7 @@ from transformers import (Qwen2VLImageProcessorPil, Qwen3ForCausalLM, Qwen3VLFor
 from transformers.initialization import no_init_weights
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-from demo.tiny import real_configs  # noqa: E402
+from embedded.tiny import real_configs  # noqa: E402
 
 POOL = 1_000_003  # a prime: the pool never lines up with a row length
 

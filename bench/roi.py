@@ -5,7 +5,7 @@ Measures `encode` of extract_roi.SiglipPatches (the same code the stage runs: no
 before post_layernorm; bf16 on GPU) on preprocessed random pixels, and separately the per-image CPU
 preprocessing (pad to square, bicubic resize, normalise), which batching does not speed up.
 
-    python bench/roi.py                          # tiny encoder (demo/tiny.py), CPU, batch 1 and 16
+    python bench/roi.py                          # tiny encoder (embedded/tiny.py), CPU, batch 1 and 16
     python bench/roi.py --real --device cuda     # SigLIP-SO400M/14-448 config (MedSigLIP size), random init
 
 Prints a table; with --tiny the run fails (exit 1) if batch 16 is not at least 2x faster per image
@@ -24,7 +24,7 @@ from transformers import SiglipImageProcessorPil, SiglipVisionConfig, SiglipVisi
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import extract_roi as er
-from demo.tiny import make_tiny
+from embedded.tiny import make_tiny
 
 
 def real_encoder(folder):

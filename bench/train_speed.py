@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import train
-from demo.tiny import make_tiny, real_configs
+from embedded.tiny import make_tiny, real_configs
 
 PAPER_SAMPLES_PER_S_PER_GPU = 817_000 / (96 * 3600) / 6  # = 0.394
 

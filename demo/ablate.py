@@ -339,7 +339,7 @@ def ensure_evidence_inputs(args):
 
 def ensure_inputs(args):
     """Models, data and ROI features with demo.py's commands, if they are not there yet."""
-    steps = [([PY, "demo/tiny.py", args.models], os.path.join(args.models, "encoder", "config.json")),
+    steps = [([PY, "embedded/tiny.py", args.models], os.path.join(args.models, "encoder", "config.json")),
              ([PY, "prepare_data.py", "--source", "phantom", "--out", args.data, "--n", str(args.n),
                "--image-size", str(args.image_size)], os.path.join(args.data, "stats.json")),
              ([PY, "extract_roi.py", "--samples", os.path.join(args.data, "samples.jsonl"), "--encoder",
@@ -359,7 +359,7 @@ def main(argv=None):
     if args.backbone and not os.path.isfile(os.path.join(args.backbone, "config.json")):
         sys.exit(f"ablate.py: error: no backbone at {args.backbone}: run demo/run.py first "
                  "(it copies the shipped pretrained tiny backbone there), or pass --backbone "
-                 "demo/pretrained/pretrain/phase1/backbone, or '' to freeze the random one")
+                 "embedded/pretrained/pretrain/phase1/backbone, or '' to freeze the random one")
     ensure_inputs(args)
     os.makedirs(args.out, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // args.jobs)))

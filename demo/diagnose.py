@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import evaluate as E  # noqa: E402
 import model as M  # noqa: E402
+import pipeline_io as IO  # noqa: E402
 import prepare_data as P  # noqa: E402
 
 FINDINGS = {"shape": ["round", "elongated", "irregular"], "boundary": ["sharp", "blurred"],
@@ -40,7 +41,7 @@ def features(backbone, processor, data, rows, batch=16):
     img_tok, fv, fh = backbone.config.image_token_id, [], []
     for i in range(0, len(rows), batch):
         chunk = rows[i:i + batch]
-        prefix = M.build_prefix(processor, [M.load_image(os.path.join(data, r["image"])) for r in chunk],
+        prefix = IO.build_prefix(processor, [IO.load_image(os.path.join(data, r["image"])) for r in chunk],
                                 ["Describe this image."] * len(chunk))
         out = backbone.model(**prefix, output_hidden_states=True)
         for b in range(len(chunk)):
@@ -62,7 +63,7 @@ def ridge_accuracy(X, y, train):
 
 
 def perception(args):
-    backbone, processor = M.load_backbone(args.backbone)
+    backbone, processor = IO.load_backbone(args.backbone)
     backbone.eval()
     rows = [r for _, r in E.read_jsonl(os.path.join(args.data, "samples.jsonl"))
             if r.get("question_type") != "caption"][:args.n]
@@ -89,8 +90,8 @@ def loop_states(backbone, processor, args, rows, K):
     hs = []
     for i in range(0, len(rows), 16):
         chunk = rows[i:i + 16]
-        prefix = M.build_prefix(processor, [M.load_image(os.path.join(args.data, r["image"])) for r in chunk],
-                                [M.ask(r["question"], r.get("choices")) for r in chunk])
+        prefix = IO.build_prefix(processor, [IO.load_image(os.path.join(args.data, r["image"])) for r in chunk],
+                                [IO.ask(r["question"], r.get("choices")) for r in chunk])
         hs.append(torch.cat(M.latent_loop(backbone, prefix, K).h, dim=1))                  # (B, K + 1, d)
     return torch.cat(hs)
 
@@ -124,7 +125,7 @@ def decoder_reads_latents(vital, dec_tok, hs, rows, n=256):
         if len(chunk) < 2:  # nothing to shuffle with
             break
         used += len(chunk)
-        ids, mask = M.tokenize_steps(dec_tok, [r["reasoning_chain"] for r in chunk], 4)
+        ids, mask = IO.tokenize_steps(dec_tok, [r["reasoning_chain"] for r in chunk], 4)
         perm = torch.roll(torch.arange(len(chunk)), 1 + int(torch.randint(len(chunk) - 1, (1,), generator=g)))
         for name, hh in (("own", h), ("shuffled", h[perm]), ("zero", torch.zeros_like(h))):
             out[name].append(M.decoder_loss(vital.decoder, vital.pj_in, hh, ids, mask).item() * len(chunk))
@@ -145,7 +146,7 @@ def chain_findings(args):
     total_ok, examples = 0, []
     for i in range(0, len(items), 8):
         chunk = items[i:i + 8]
-        prefix = M.build_prefix(processor, [E.open_image(it["image_path"]) for it in chunk],
+        prefix = IO.build_prefix(processor, [E.open_image(it["image_path"]) for it in chunk],
                                 [it["prompt"] for it in chunk])
         h = torch.cat(M.latent_loop(vital.backbone, prefix, 4).h[1:], dim=1)              # (B, 4, d)
         steps = M.decode_latent(vital.decoder, vital.pj_in, dec_tok, h.reshape(-1, h.shape[-1]), 30)

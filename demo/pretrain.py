@@ -15,8 +15,8 @@ extra checkpoint folder holding the backbone.
         --out runs/demo/pretrain --epochs 6 --lr 2e-3
     -> runs/demo/pretrain/phase1/backbone/ (train VITAL with --backbone pointing there), phase1/config.json,
        trainer/ (add --resume to continue a killed run exactly)
-The demo does not run this (8 min on one core): it copies the result shipped in demo/pretrained/pretrain/,
-made by these commands (demo/pretrained/stand_ins.json); `demo/run.py --rebuild-stand-ins` runs them.
+The demo does not run this (8 min on one core): it copies the result shipped in embedded/pretrained/pretrain/,
+made by these commands (embedded/pretrained/stand_ins.json); `demo/run.py --rebuild-stand-ins` runs them.
 """
 import argparse
 import os
@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import model as M  # noqa: E402
+import pipeline_io as IO  # noqa: E402
 import train  # noqa: E402
 
 
@@ -33,7 +34,7 @@ def build_pretrain(args, env, resume_dir, d_v):
     """The whole backbone trainable in fp32, no LoRA, no scaffolds. A resume starts from the checkpoint's
     own copy of the backbone (that is what trains)."""
     start = os.path.join(resume_dir, "backbone") if resume_dir else args.backbone
-    backbone, processor = M.load_backbone(start, dtype=torch.float32, device=env.device)
+    backbone, processor = IO.load_backbone(start, dtype=torch.float32, device=env.device)
     backbone.requires_grad_(True)
     vital = M.VITAL(backbone, None, None, lambda_sem=0.0, lambda_vis=0.0).to(env.device)
     return vital, processor, None, dict(backbone=train.fingerprint(args.backbone), decoder=None, lora=None)
@@ -50,7 +51,7 @@ def get_args(argv=None):
     ap.add_argument("--data", required=True,
                     help="folder with samples.jsonl (every train item is used, at K = 0)")
     ap.add_argument("--models", default="runs/tiny",
-                    help="tiny models folder (demo/tiny.py); its backbone is trained")
+                    help="tiny models folder (embedded/tiny.py); its backbone is trained")
     ap.add_argument("--out", required=True, help="run folder: the checkpoint goes to <out>/phase1")
     ap.add_argument("--epochs", type=float, default=6,
                     help="epochs over the corpus (the demo's 6: 4 at lr 3e-3 left the backbone alone at "

@@ -5,7 +5,7 @@ L_vis regresses the ROI feature of a frozen medical vision encoder, and the visu
 with that encoder's patch features. A random tiny SigLIP gives features that say little about what the
 target is, so L_vis would teach nothing and the heatmaps would mean nothing. This script trains the tiny
 SigLIP the way SigLIP is trained: a transformers `SiglipModel` (its vision tower = the random encoder of
-demo/tiny.py, plus a small text tower) with its sigmoid image-text loss, on the target-free captions of
+embedded/tiny.py, plus a small text tower) with its sigmoid image-text loss, on the target-free captions of
 the backbone's pretraining corpus (phantom images of another seed than the VITAL data: no image is shared).
 It saves the vision tower as a from_pretrained SiglipVisionModel folder; extract_roi.py --encoder and
 explain.py read it exactly like MedSigLIP.
@@ -14,7 +14,7 @@ explain.py read it exactly like MedSigLIP.
         --out runs/demo/encoder_pretrained
     -> runs/demo/encoder_pretrained/{config.json, model.safetensors, preprocessor_config.json,
        pretrain.json (loss per epoch, held-out image->caption retrieval)}
-The demo copies the result shipped in demo/pretrained/encoder_pretrained/ instead (stand_ins.json lists the
+The demo copies the result shipped in embedded/pretrained/encoder_pretrained/ instead (stand_ins.json lists the
 command and sha256); `demo/run.py --rebuild-stand-ins` runs this script.
 """
 import argparse
@@ -31,6 +31,7 @@ from transformers import (AutoTokenizer, SiglipConfig, SiglipImageProcessorPil, 
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import model as M  # noqa: E402
+import pipeline_io as IO  # noqa: E402
 from extract_roi import pad_image  # noqa: E402
 
 
@@ -56,7 +57,7 @@ def pixels(paths, proc):
     R = proc.size["height"]
     out = torch.empty(len(paths), 3, R, R, dtype=torch.uint8)
     for i, p in enumerate(paths):
-        im = M.load_image(p)
+        im = IO.load_image(p)
         im = pad_image(im, (0, 0) + im.size).resize((R, R), resample=proc.resample)  # as extract_roi.py
         out[i] = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
     return out
@@ -106,7 +107,7 @@ def retrieval(clip, x, ids, proc, bs=256):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="corpus folder with caption items (prepare_data --captions)")
-    ap.add_argument("--models", required=True, help="tiny models folder (demo/tiny.py): encoder/ is trained")
+    ap.add_argument("--models", required=True, help="tiny models folder (embedded/tiny.py): encoder/ is trained")
     ap.add_argument("--out", required=True, help="output folder: the trained vision tower")
     ap.add_argument("--epochs", type=int, default=20, help="epochs over the captions")
     ap.add_argument("--batch-size", type=int, default=64, help="image-caption pairs per step")

@@ -4,10 +4,10 @@ VITAL end to end on the embedded default (phantom data, tiny models, CPU): what 
 Every stage is a subprocess with its documented command line, printed before it runs, so the demo is
 also the recipe. A stage whose output already exists is skipped, so re-running resumes. Stages joined by
 "||" run side by side with one thread each (their output goes to a .log file next to their folder):
-  1. python demo/tiny.py OUT/models                              -> OUT/models/{backbone,decoder,encoder}
+  1. python embedded/tiny.py OUT/models                              -> OUT/models/{backbone,decoder,encoder}
   2. python prepare_data.py --source phantom --out OUT/data ...   -> OUT/data/samples.jsonl, images/, masks/
   P. the stand-in pretrainings (Qwen3-VL and MedSigLIP arrive pretrained; the random tiny ones cannot see).
-     The repository ships the two results in demo/pretrained/ (with the settings, commands and sha256 that
+     The repository ships the two results in embedded/pretrained/ (with the settings, commands and sha256 that
      made them, stand_ins.json); a run with those settings copies them and skips P (8 of its 15 minutes on
      2 cores). --rebuild-stand-ins, or other settings, run P:
      python prepare_data.py --seed 1 --captions ... and --questions-per-image 2 --types (not the grading
@@ -85,10 +85,10 @@ def get_args(argv=None):
                          "stand-ins arrive pretrained, the same for every training seed)")
     ap.add_argument("--rebuild-stand-ins", action="store_true",
                     help="train the two stand-ins here (about 8 more minutes on 2 cores) instead of copying "
-                         "the ones shipped in demo/pretrained/; a run whose settings differ from theirs "
-                         "(demo/pretrained/stand_ins.json) rebuilds them anyway")
+                         "the ones shipped in embedded/pretrained/; a run whose settings differ from theirs "
+                         "(embedded/pretrained/stand_ins.json) rebuilds them anyway")
     ap.add_argument("--ship", action="store_true",
-                    help="after the run, copy this run's stand-ins and their manifest into demo/pretrained/ "
+                    help="after the run, copy this run's stand-ins and their manifest into embedded/pretrained/ "
                          "(what a maintainer does after changing how they are made)")
     # The phantom's targets cover 1-8% of the image, so at extract_roi.py's default tau (0.1) every ROI
     # feature came from a re-encoded crop, which the tiny 8 x 8-patch encoder represents unlike any patch of
@@ -193,7 +193,7 @@ def chance_by_type(samples, limit=0):
 def make_data(args, paths, timings):
     """Stages 1-2: tiny models, phantom data with the geometry teacher."""
     models, data = paths["models"], paths["data"]
-    timings["models"] = run([PY, "demo/tiny.py", models, "--hidden", str(args.hidden),
+    timings["models"] = run([PY, "embedded/tiny.py", models, "--hidden", str(args.hidden),
                              "--layers", str(args.layers)],
                             skip_if=os.path.join(models, "encoder", "config.json"), what="tiny models")
     timings["data"] = run([PY, "prepare_data.py", "--source", "phantom", "--out", data, "--n", str(args.n),
@@ -296,7 +296,7 @@ def pretrain(args, paths, timings):
 # 8 of the demo's 15 minutes on 2 cores, so the repository ships the ones `--rebuild-stand-ins --ship` made
 # (1.6 MB of safetensors, listed with their sha256 and the settings that shaped them in stand_ins.json). A run
 # copies each one whose settings equal its own into the run folder, where the stages above find it finished.
-SHIPPED = os.path.join(HERE, "pretrained")
+SHIPPED = os.path.join(ROOT, "embedded", "pretrained")
 STAND_INS = {  # run-folder entry -> the arguments of this script that shape it
     "pretrain": ("hidden", "layers", "image_size", "data_seed", "pretrain_n", "pretrain_epochs", "pretrain_lr",
                  "pretrain_seed"),
@@ -386,7 +386,7 @@ def stand_in_manifest(args, paths, timings):
 
 
 def ship(args, paths, timings, shipped=SHIPPED):
-    """--ship: this run's stand-ins and their manifest replace demo/pretrained/."""
+    """--ship: this run's stand-ins and their manifest replace embedded/pretrained/."""
     manifest = stand_in_manifest(args, paths, timings)
     if any(manifest[n]["seconds"] is None for n in stand_ins_needed(args)):
         sys.exit("run.py: error: --ship needs stand-ins trained by this run: pass --rebuild-stand-ins "
@@ -480,7 +480,7 @@ def write_results(args, argv, rows, wall, timings, shipped):
     with open(os.path.join(HERE, "results.md"), "w") as f:
         f.write(f"# Demo results\n\nWritten by `{cmd.strip()}` on {time.strftime('%Y-%m-%d %H:%M')} "
                 f"({platform.machine()}, {os.cpu_count()} cores, torch {torch_version()}); wall time "
-                f"{wall / 60:.1f} min" + (f" (stand-ins copied from demo/pretrained/: {', '.join(shipped)})"
+                f"{wall / 60:.1f} min" + (f" (stand-ins copied from embedded/pretrained/: {', '.join(shipped)})"
                                          if shipped else "") +
                 f". Closed-ended accuracy (%) on the phantom test split, training seed {args.seed}:\n\n"
                 + "\n".join(rows) + "\n\nStages (s): " +

@@ -21,6 +21,7 @@ import evaluate as E
 import explain as X
 import extract_roi as ER
 import model as M
+import pipeline_io as IO
 import prepare_data as P
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -497,7 +498,7 @@ def test_evaluate_input_checks(tmp_path):
         "--data without samples.jsonl": lambda: check("--data", f"{d}/bb"),
     }
     for kind, fn in cases.items():
-        with pytest.raises((E.EvalError, M.CheckpointError)) as e:
+        with pytest.raises((E.EvalError, IO.CheckpointError)) as e:
             fn()
         assert "\n" not in str(e.value) and str(e.value)
         got[kind] = "one-line error"
@@ -546,7 +547,7 @@ def test_explain_input_errors(tmp_path, capsys):
 def test_every_artifact_of_a_pipeline_run_is_strict_json(tmp_path, capsys):
     import torch
     import train as T
-    from demo.tiny import make_tiny
+    from embedded.tiny import make_tiny
     torch.set_num_threads(1)
     d = str(tmp_path)
     models = make_tiny(f"{d}/models")
@@ -587,11 +588,12 @@ def test_json_writers_refuse_nan(tmp_path):
     (evaluate's metrics, the checkpoint config) instead of landing in a file that strict readers reject."""
     import evaluate as E
     import model as M
+    import pipeline_io as IO
     import torch
     for bad in (float("nan"), float("inf")):
         with pytest.raises(ValueError):
             E.write_json({"closed_acc": bad}, str(tmp_path / "metrics.json"))
     weights = type("Trained", (), {"trainable_state_dict": lambda self: ({"lora.A": torch.zeros(2, 2)}, {})})()
     with pytest.raises(ValueError):
-        M.save_checkpoint(str(tmp_path / "ckpt"), weights, {"lr": float("nan")})
+        IO.save_checkpoint(str(tmp_path / "ckpt"), weights, {"lr": float("nan")})
     assert not os.path.exists(tmp_path / "ckpt")  # nothing half-written took the checkpoint's place

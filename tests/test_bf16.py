@@ -15,8 +15,9 @@ from PIL import Image
 import evaluate as E
 import explain as X
 import model as M
+import pipeline_io as IO
 import train
-from demo.tiny import make_tiny
+from embedded.tiny import make_tiny
 from test_train import write_samples
 
 CHAIN = ["the image shows a bright round region.", "it lies in the upper left part of the image.",
@@ -103,20 +104,20 @@ def test_bf16_training_dtypes_and_losses_match_fp32(tiny):
     """train.py's bf16 model: frozen weights bf16, every trained tensor fp32 (and its gradient), losses in
     fp32 and close to the fp32 model's (the scaffold heads take the bf16 latents under autocast)."""
     torch.manual_seed(0)
-    bb, proc = M.load_backbone(os.path.join(tiny, "backbone"), dtype=torch.bfloat16)
+    bb, proc = IO.load_backbone(os.path.join(tiny, "backbone"), dtype=torch.bfloat16)
     M.add_lora(bb, 8, 16, 0.0)
     for m in M.lora_layers(bb):
         torch.nn.init.normal_(m.lora_B, std=0.05)
-    dec, dtok = M.load_decoder(os.path.join(tiny, "decoder"), torch.float32)
+    dec, dtok = IO.load_decoder(os.path.join(tiny, "decoder"), torch.float32)
     vital = M.VITAL(bb, dec, d_v=48, vp_dropout=0.0).eval()
-    ref = M.VITAL(M.load_backbone(os.path.join(tiny, "backbone"))[0], None, d_v=48).eval()  # fp32 twin
+    ref = M.VITAL(IO.load_backbone(os.path.join(tiny, "backbone"))[0], None, d_v=48).eval()  # fp32 twin
     M.add_lora(ref.backbone, 8, 16, 0.0)
     ref.backbone.load_state_dict({k: v.float() for k, v in bb.state_dict().items()})
     ref.decoder, ref.pj_in, ref.vp = vital.decoder, vital.pj_in, vital.vp
     rng = np.random.default_rng(0)
     imgs = [Image.fromarray((rng.random((64, 64)) * 255).astype("uint8")) for _ in range(2)]
     roi = F.normalize(torch.randn(2, 48), dim=-1)
-    batch = M.make_batch(proc, dtok, imgs, ["where is it?"] * 2, [CHOICES[0]] * 2, [CHAIN] * 2, 4, roi=roi)
+    batch = IO.make_batch(proc, dtok, imgs, ["where is it?"] * 2, [CHOICES[0]] * 2, [CHAIN] * 2, 4, roi=roi)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = vital(batch, 4)
     out["loss"].backward()

@@ -11,7 +11,9 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 import model as M
-from demo.tiny import make_tiny
+
+import activation_checkpointing as AC
+from embedded.tiny import make_tiny
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
@@ -31,12 +33,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _step(vital, batch, ckpt, seed=0):
     """Forward + backward of the joint loss (dropout on) -> (loss, {trainable name: gradient})."""
-    M.set_checkpointing(vital, ckpt)
+    AC.set_checkpointing(vital, ckpt)
     vital.zero_grad(set_to_none=True)
     torch.manual_seed(seed)  # the same LoRA / projector dropout masks both ways
     out = vital(batch, K)
     out["loss"].backward()
-    M.set_checkpointing(vital, False)
+    AC.set_checkpointing(vital, False)
     return out["loss"].detach(), {n: p.grad.clone() for n, p in vital.named_parameters() if p.requires_grad}
 
 
@@ -62,10 +64,10 @@ def test_the_cache_is_the_plain_loops_cache_and_nothing_is_appended_twice(tiny):
     bb = vital.backbone
 
     def run(ckpt):
-        M.set_checkpointing(vital, ckpt)
+        AC.set_checkpointing(vital, ckpt)
         st = M.latent_loop(bb, batch["prefix"], K)
         logits = M.answer_logits(bb, st, batch["answer_ids"], batch["answer_mask"])
-        M.set_checkpointing(vital, False)
+        AC.set_checkpointing(vital, False)
         return st, logits
 
     plain, lp = run(False)
@@ -83,9 +85,9 @@ def test_the_cache_is_the_plain_loops_cache_and_nothing_is_appended_twice(tiny):
     # inference (no gradient) goes straight through: generate is unchanged with the switch on
     eos = proc.tokenizer.convert_tokens_to_ids("<|im_end|>")
     ref, _ = M.generate(bb, batch["prefix"], K, eos, max_new_tokens=5)
-    M.set_checkpointing(vital, True)
+    AC.set_checkpointing(vital, True)
     got, _ = M.generate(bb, batch["prefix"], K, eos, max_new_tokens=5)
-    M.set_checkpointing(vital, False)
+    AC.set_checkpointing(vital, False)
     assert torch.equal(ref, got)
     assert not any("forward" in layer.__dict__ for layer in bb.model.language_model.layers)
 

@@ -48,7 +48,7 @@ def test_torchrun_with_no_flags_trains_on_the_embedded_default(trained):
     assert cfg1["args"]["data"] == str(demo / "data")
     # the shipped pretrained stand-in (the fresh place had none yet); the embedded default then copies it next to
     # the data, with the pretrained encoder that made the ROI features, and the next command uses that copy
-    shipped = os.path.join(ROOT, "demo", "pretrained", "pretrain", "phase1", "backbone")
+    shipped = os.path.join(ROOT, "embedded", "pretrained", "pretrain", "phase1", "backbone")
     assert cfg1["backbone_path"] == shipped
     assert (demo / "encoder_pretrained" / "pretrain.json").is_file()
     assert "making the embedded default" not in trained["out2"]  # made once, then reused

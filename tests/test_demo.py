@@ -1,4 +1,4 @@
-"""demo/run.py's shipped stand-ins (demo/pretrained/): the files are the ones their manifest lists, they load
+"""demo/run.py's shipped stand-ins (embedded/pretrained/): the files are the ones their manifest lists, they load
 through the same from_pretrained path as a real checkpoint, the default demo settings select them, a run
 with other settings or --rebuild-stand-ins does not, and a damaged file is refused by name."""
 import json
@@ -9,6 +9,8 @@ import pytest
 import torch
 
 import model as M
+
+import pipeline_io as IO
 from demo import run as R
 
 MANIFEST = os.path.join(R.SHIPPED, "stand_ins.json")
@@ -30,9 +32,9 @@ def test_shipped_files_match_the_manifest_and_load():
         assert "log.jsonl" not in entry["files"] and entry["commands"][-1].startswith("python demo/")
     ckpt = os.path.join(R.SHIPPED, "pretrain", "phase1")
     assert json.load(open(os.path.join(ckpt, "config.json")))["args"]["pretrain"] is True  # evaluate: alone
-    backbone, processor = M.load_backbone(os.path.join(ckpt, "backbone"), dtype=torch.float32, device="cpu")
+    backbone, processor = IO.load_backbone(os.path.join(ckpt, "backbone"), dtype=torch.float32, device="cpu")
     assert backbone.config.text_config.hidden_size == 64 and processor.tokenizer is not None
-    encoder, _ = M.load_encoder(os.path.join(R.SHIPPED, "encoder_pretrained"), dtype=torch.float32, device="cpu")
+    encoder, _ = IO.load_encoder(os.path.join(R.SHIPPED, "encoder_pretrained"), dtype=torch.float32, device="cpu")
     assert encoder.config.image_size == 112
 
 

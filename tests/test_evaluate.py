@@ -14,7 +14,8 @@ from PIL import Image
 
 import evaluate as E
 import model as M
-from demo.tiny import make_tiny
+import pipeline_io as IO
+from embedded.tiny import make_tiny
 from tools import convert_benchmarks as CB
 
 R, ALPHA = 4, 8.0
@@ -58,9 +59,9 @@ def make_ckpt(root, plant=None, projector="res_mlp_ln"):
         make_tiny(models)
     write_data(data)
     torch.manual_seed(0)
-    backbone, _ = M.load_backbone(os.path.join(models, "backbone"))
+    backbone, _ = IO.load_backbone(os.path.join(models, "backbone"))
     M.add_lora(backbone, R, ALPHA, 0.05)
-    decoder, _ = M.load_decoder(os.path.join(models, "decoder"))
+    decoder, _ = IO.load_decoder(os.path.join(models, "decoder"))
     vital = M.VITAL(backbone, decoder, 48, projector)  # d_v = tiny encoder width
     with torch.no_grad():
         for n, p in vital.named_parameters():
@@ -73,7 +74,7 @@ def make_ckpt(root, plant=None, projector="res_mlp_ln"):
                 projector=projector, vp_dropout=0.1, phase=1, lambda_sem=1.0, lambda_vis=0.1)
     config = dict(args=args, phase=1, arch=dict(backbone="x", decoder="y", lora=[R, ALPHA]), step=2,
                   backbone_path=os.path.abspath(args["backbone"]), decoder_path=os.path.abspath(args["decoder"]))
-    M.save_checkpoint(ckpt, vital, config)
+    IO.save_checkpoint(ckpt, vital, config)
     return ckpt, data, models
 
 
@@ -162,9 +163,9 @@ def test_one_prompt_for_train_and_evaluate(tmp_path):
     evaluate.py (--protocol options) build the identical prompt; --protocol free asks the bare question."""
     import train
     data = write_data(str(tmp_path / "d"))
-    prompt = M.ask("Where?", ["left", "right", "both"])
+    prompt = IO.ask("Where?", ["left", "right", "both"])
     assert prompt == "Where?\n(A) left\n(B) right\n(C) both\nAnswer with one of the options."
-    assert M.ask("Where?") == M.ask("Where?", []) == "Where?"
+    assert IO.ask("Where?") == IO.ask("Where?", []) == "Where?"
     items = E.read_test_split(data)
     records = {r["id"]: r for r in train.read_samples(os.path.join(data, "samples.jsonl"))}
     for it in items:
@@ -176,7 +177,7 @@ def test_one_prompt_for_train_and_evaluate(tmp_path):
     bench = tmp_path / "b.jsonl"
     bench.write_text(json.dumps(dict(image="x.png", question="Modality?", answer="MRI", answer_type="closed",
                                      choices=["CT", "MRI"], answer_index=1)) + "\n")
-    assert E.read_benchmark(str(bench))[0]["prompt"] == M.ask("Modality?", ["CT", "MRI"])
+    assert E.read_benchmark(str(bench))[0]["prompt"] == IO.ask("Modality?", ["CT", "MRI"])
     assert E.read_benchmark(str(bench), "free")[0]["prompt"] == "Modality?"
 
 
@@ -330,7 +331,7 @@ def test_protocol_free_asks_the_bare_question(tiny):
     assert res["protocol"] == "free"
     bb, proc, _, _ = E.load_inference_model(tiny["ckpt"])
     eos, items = proc.tokenizer.convert_tokens_to_ids("<|im_end|>"), E.read_test_split(tiny["data"])
-    prefix = M.build_prefix(proc, [E.open_image(it["image_path"]) for it in items], [it["question"] for it in items])
+    prefix = IO.build_prefix(proc, [E.open_image(it["image_path"]) for it in items], [it["question"] for it in items])
     ids, _ = M.generate(bb, prefix, 4, eos, 3)
     want = [t.strip() for t in proc.tokenizer.batch_decode(ids, skip_special_tokens=True)]
     assert [json.loads(l)["prediction"] for l in open(os.path.join(out, "predictions.jsonl"))] == want
@@ -338,24 +339,24 @@ def test_protocol_free_asks_the_bare_question(tiny):
 
 def test_deployed_model_has_zero_overhead(tiny):
     ov = tiny["res"]["overhead"]
-    plain, _ = M.load_backbone(os.path.join(tiny["models"], "backbone"))
+    plain, _ = IO.load_backbone(os.path.join(tiny["models"], "backbone"))
     assert ov["extra_params"] == 0 and ov["extra_bytes"] == 0
-    assert ov["deployed"]["params"] == M.count_params(plain)
+    assert ov["deployed"]["params"] == IO.count_params(plain)
     assert ov["scaffold_bytes_left_on_disk"] > 0
 
 
 def test_folded_model_answers_like_the_unmerged_lora(tiny):
     """The merged+unwrapped inference model must give the tokens of the trained (unmerged) LoRA model:
     this fails if the adapter were not loaded or were folded wrongly."""
-    backbone, processor = M.load_backbone(os.path.join(tiny["models"], "backbone"))
+    backbone, processor = IO.load_backbone(os.path.join(tiny["models"], "backbone"))
     M.add_lora(backbone, R, ALPHA, 0.0)
-    M.load_checkpoint(tiny["ckpt"], M.VITAL(backbone), scaffolds=False)
+    IO.load_checkpoint(tiny["ckpt"], M.VITAL(backbone), scaffolds=False)
     backbone.eval()
     items = E.read_test_split(tiny["data"])
     preds = E.predict(backbone, processor, items, 4, 8, 6, torch.device("cpu"))
     rows = [json.loads(l) for l in open(os.path.join(tiny["out"], "predictions.jsonl"))][:len(items)]
     assert preds == [r["prediction"] for r in rows]
-    plain, _ = M.load_backbone(os.path.join(tiny["models"], "backbone"))
+    plain, _ = IO.load_backbone(os.path.join(tiny["models"], "backbone"))
     assert E.predict(plain, processor, items, 4, 8, 6, torch.device("cpu")) != preds  # the LoRA matters
 
 
@@ -378,7 +379,7 @@ def test_latency_and_collapse_numbers(tiny):
 
 def test_collapse_ignores_benchmark_files(tiny):
     """Adding external benchmark items changes nothing (§C.6 is the in-domain test set); with none: an error."""
-    backbone, processor = M.load_backbone(os.path.join(tiny["models"], "backbone"))
+    backbone, processor = IO.load_backbone(os.path.join(tiny["models"], "backbone"))
     ours, bench = E.read_test_split(tiny["data"]), E.read_benchmark(tiny["bench"])
     cpu = torch.device("cpu")
     assert E.collapse_matrix(backbone, processor, bench + ours, 2, 3, cpu) == \
@@ -403,7 +404,7 @@ def test_k_sample_groups_by_latent_steps(tiny):
 
 
 def test_input_errors(tiny, tmp_path):
-    with pytest.raises(M.CheckpointError, match="missing config.json"):
+    with pytest.raises(IO.CheckpointError, match="missing config.json"):
         E.main(["--ckpt", str(tmp_path), "--data", tiny["data"], "--out", str(tmp_path / "o")])
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(dict(image="a.png", question="q", answer="a", answer_type="closed")) + "\n"
@@ -446,7 +447,7 @@ def _probe_prefix(tiny, same):
     other = (it["image_path"], it["question"]) if same else \
         (os.path.join(tiny["root"], "bench", "img.png"), "Which organ is enlarged here?")
     images = [E.open_image(it["image_path"]), E.open_image(other[0])]
-    return bb, M.build_prefix(proc, images, [it["question"], other[1]])
+    return bb, IO.build_prefix(proc, images, [it["question"], other[1]])
 
 
 def _explicit_loop(bb, prefix, inputs):

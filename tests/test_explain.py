@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 import explain as X
 import model as M
 from extract_roi import SiglipPatches
-from model import load_image
+from pipeline_io import load_image
 from test_evaluate import make_ckpt, write_image
 
 K = 3

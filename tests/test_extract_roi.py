@@ -1,5 +1,5 @@
 """Tests of extract_roi.py (stage 2, §3.4/§A.5): geometry by hand, pooling with a stub encoder whose patch
-features are known, and end-to-end runs of the tiny SigLIP encoder (demo/tiny.py) on PNG fixtures."""
+features are known, and end-to-end runs of the tiny SigLIP encoder (embedded/tiny.py) on PNG fixtures."""
 import json
 import os
 
@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 import extract_roi as er
 import model
-from demo.tiny import make_tiny
+from embedded.tiny import make_tiny
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -8,7 +8,9 @@ import sys
 import torch
 
 import model as M
-from demo.tiny import make_tiny
+
+import pipeline_io as IO
+from embedded.tiny import make_tiny
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 import gpu_check  # noqa: E402
@@ -36,8 +38,8 @@ def test_scaffold_heads_read_bf16_latents(tmp_path):
     """On a GPU the backbone is bf16 while pj_in and the projector stay fp32 (they are trained): reading a
     bf16 latent out must cast it, not raise a dtype error (explain.py runs without autocast)."""
     folder = make_tiny(str(tmp_path / "tiny"))
-    bb, _ = M.load_backbone(os.path.join(folder, "backbone"), dtype=torch.bfloat16)
-    dec, tok = M.load_decoder(os.path.join(folder, "decoder"), dtype=torch.bfloat16)
+    bb, _ = IO.load_backbone(os.path.join(folder, "backbone"), dtype=torch.bfloat16)
+    dec, tok = IO.load_decoder(os.path.join(folder, "decoder"), dtype=torch.bfloat16)
     vital = M.VITAL(bb, dec, d_v=48)
     assert vital.pj_in.weight.dtype == torch.float32 and vital.vp.out.weight.dtype == torch.float32
     h = torch.randn(3, bb.config.text_config.hidden_size, dtype=torch.bfloat16)

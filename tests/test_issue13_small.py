@@ -6,10 +6,13 @@ import os
 import numpy as np
 import pytest
 import torch
+import transformers
 
 import model as M
+
+import pipeline_io as IO
 import prepare_data as P
-from demo.tiny import make_tiny
+from embedded.tiny import make_tiny
 from tests.test_prepare_data import png, read_jsonl, run
 
 
@@ -18,8 +21,8 @@ def tiny(tmp_path_factory):
     return str(make_tiny(str(tmp_path_factory.mktemp("tiny"))))
 
 
-LOADERS = [(M.load_backbone, "backbone", M.Qwen3VLForConditionalGeneration),
-           (M.load_decoder, "decoder", M.Qwen3ForCausalLM), (M.load_encoder, "encoder", M.SiglipVisionModel)]
+LOADERS = [(IO.load_backbone, "backbone", transformers.Qwen3VLForConditionalGeneration),
+           (IO.load_decoder, "decoder", transformers.Qwen3ForCausalLM), (IO.load_encoder, "encoder", transformers.SiglipVisionModel)]
 
 
 @pytest.mark.parametrize("load,sub,cls", LOADERS)

@@ -15,6 +15,7 @@ import evaluate as E
 import explain as X
 import extract_roi as R
 import model as M
+import pipeline_io as IO
 import train
 from test_evaluate import make_ckpt
 
@@ -57,34 +58,34 @@ def write_variants(folder, w=80, h=64, seed=0):
 @pytest.fixture
 def spy(monkeypatch):
     """Every path that goes through model.load_image."""
-    seen, real = [], M.load_image
+    seen, real = [], IO.load_image
 
     def load_image(path):
         seen.append(os.path.abspath(path))
         return real(path)
 
-    monkeypatch.setattr(M, "load_image", load_image)
+    monkeypatch.setattr(IO, "load_image", load_image)
     return seen
 
 
 # ---------------------------------------------------------------------------------------------- the image
 def test_load_image_gives_the_same_rgb_pixels_for_every_storage(tmp_path):
     paths, _ = write_variants(str(tmp_path))
-    ref = np.asarray(M.load_image(paths["grey8"]))
+    ref = np.asarray(IO.load_image(paths["grey8"]))
     assert ref.shape == (64, 80, 3) and ref.dtype == np.uint8 and (ref[..., 0] == ref[..., 2]).all()
     for kind in KINDS:
-        assert np.array_equal(np.asarray(M.load_image(paths[kind])), ref), kind
+        assert np.array_equal(np.asarray(IO.load_image(paths[kind])), ref), kind
 
 
 def test_train_sees_load_images_pixels(tiny, tmp_path):
     paths, _ = write_variants(str(tmp_path))
-    assert train.load_image is M.load_image  # train.py imports the loader, it has none of its own
-    _, processor = M.load_backbone(os.path.join(tiny["models"], "backbone"))
+    assert train.load_image is IO.load_image  # train.py imports the loader, it has none of its own
+    _, processor = IO.load_backbone(os.path.join(tiny["models"], "backbone"))
     records = [dict(image_path=paths[k], question="is it there?", answer="yes.", reasoning_chain=["a."], K=1)
                for k in KINDS]
     batch, _, _ = train.collate(records, list(range(4)), processor, None, None, None)
     pv = batch["prefix"]["pixel_values"].view(4, -1, batch["prefix"]["pixel_values"].shape[-1])
-    want = M.build_prefix(processor, [M.load_image(paths["grey8"])], ["is it there?"])["pixel_values"]
+    want = IO.build_prefix(processor, [IO.load_image(paths["grey8"])], ["is it there?"])["pixel_values"]
     for i, kind in enumerate(KINDS):
         assert torch.equal(pv[i], want), kind
 
@@ -92,7 +93,7 @@ def test_train_sees_load_images_pixels(tiny, tmp_path):
 def test_evaluate_and_explain_see_load_images_pixels(tiny, tmp_path, spy):
     paths, _ = write_variants(str(tmp_path))
     assert X.open_image is E.open_image  # explain.py reads through evaluate.py's, which calls load_image
-    ref = np.asarray(M.load_image(paths["grey8"]))
+    ref = np.asarray(IO.load_image(paths["grey8"]))
     spy.clear()
     for kind in KINDS:
         assert np.array_equal(np.asarray(E.open_image(paths[kind])), ref), kind
@@ -139,14 +140,14 @@ def test_chat_template_json_is_read_when_the_tokenizer_has_none(tiny, tmp_path):
     with open(os.path.join(folder, "chat_template.json"), "w") as f:  # ... the processor file has it
         json.dump({"chat_template": template}, f)
     image = Image.new("RGB", (64, 64))
-    want = M.build_prefix(M.load_processor(src), [image], ["Is the liver visible?"])
-    proc = M.load_processor(folder)
+    want = IO.build_prefix(IO.load_processor(src), [image], ["Is the liver visible?"])
+    proc = IO.load_processor(folder)
     assert proc.tokenizer.chat_template is None
-    got = M.build_prefix(proc, [image], ["Is the liver visible?"])
+    got = IO.build_prefix(proc, [image], ["Is the liver visible?"])
     assert torch.equal(got["input_ids"], want["input_ids"])
     os.remove(os.path.join(folder, "chat_template.json"))
     with pytest.raises(ValueError, match="chat template"):
-        M.build_prefix(M.load_processor(folder), [image], ["Is the liver visible?"])
+        IO.build_prefix(IO.load_processor(folder), [image], ["Is the liver visible?"])
 
 
 def test_pixel_cap(tiny):
@@ -154,9 +155,9 @@ def test_pixel_cap(tiny):
     32 x 32 px; 0 keeps the folder's own cap (the tiny processor's: 512 x 512); never raised."""
     path = os.path.join(tiny["models"], "backbone")
     big = Image.new("RGB", (1024, 1024))
-    grid = lambda cap: M.build_prefix(M.load_processor(path, cap), [big], ["q"])["image_grid_thw"][0].tolist()
-    assert grid(M.MAX_PIXELS) == [1, 28, 28] and M.MAX_PIXELS == 448 * 448
+    grid = lambda cap: IO.build_prefix(IO.load_processor(path, cap), [big], ["q"])["image_grid_thw"][0].tolist()
+    assert grid(IO.MAX_PIXELS) == [1, 28, 28] and IO.MAX_PIXELS == 448 * 448
     assert grid(0) == grid(None) == grid(10 ** 9) == [1, 32, 32]
     small = Image.new("RGB", (96, 64))  # under the cap: untouched by it
-    assert (M.build_prefix(M.load_processor(path, 0), [small], ["q"])["image_grid_thw"].tolist()
-            == M.build_prefix(M.load_processor(path), [small], ["q"])["image_grid_thw"].tolist())
+    assert (IO.build_prefix(IO.load_processor(path, 0), [small], ["q"])["image_grid_thw"].tolist()
+            == IO.build_prefix(IO.load_processor(path), [small], ["q"])["image_grid_thw"].tolist())

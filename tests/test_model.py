@@ -6,11 +6,14 @@ import os
 import numpy as np
 import pytest
 import torch
+import transformers
 import torch.nn.functional as F
 from PIL import Image
 
 import model as M
-from demo.tiny import make_tiny, real_configs
+
+import pipeline_io as IO
+from embedded.tiny import make_tiny, real_configs
 
 TOL = 1e-5
 
@@ -34,7 +37,7 @@ CHAINS = [["The liver is bright."],
 
 
 def _backbone(tiny, r=8, randomize=True, seed=0):
-    bb, proc = M.load_backbone(os.path.join(tiny, "backbone"))
+    bb, proc = IO.load_backbone(os.path.join(tiny, "backbone"))
     M.add_lora(bb, r=r, alpha=2 * r, dropout=0.05)
     if randomize:  # B = 0 at init; give it values so that LoRA actually changes the function
         g = torch.Generator().manual_seed(seed)
@@ -46,14 +49,14 @@ def _backbone(tiny, r=8, randomize=True, seed=0):
 def _vital(tiny, seed=0, **kw):
     torch.manual_seed(seed)
     bb, proc = _backbone(tiny, seed=seed)
-    dec, dtok = M.load_decoder(os.path.join(tiny, "decoder"))
+    dec, dtok = IO.load_decoder(os.path.join(tiny, "decoder"))
     torch.manual_seed(seed)
     return M.VITAL(bb, dec, d_v=48, **kw), proc, dtok
 
 
 def _batch(proc, dtok, K, n=2, roi_seed=0):
     roi = F.normalize(torch.randn(n, 48, generator=torch.Generator().manual_seed(roi_seed)), dim=-1)
-    return M.make_batch(proc, dtok, _images()[:n], QUESTIONS[:n], ANSWERS[:n], CHAINS[:n], K, roi=roi)
+    return IO.make_batch(proc, dtok, _images()[:n], QUESTIONS[:n], ANSWERS[:n], CHAINS[:n], K, roi=roi)
 
 
 def full_forward(bb, prefix, h_in, answer_ids, answer_mask):
@@ -87,10 +90,10 @@ def full_forward(bb, prefix, h_in, answer_ids, answer_mask):
 @pytest.mark.parametrize("K", [0, 1, 4])
 def test_cached_loop_equals_one_full_forward(tiny, K):
     bb, proc = _backbone(tiny)
-    prefix = M.build_prefix(proc, _images(), QUESTIONS)
+    prefix = IO.build_prefix(proc, _images(), QUESTIONS)
     assert (prefix["attention_mask"] == 0).any(), (
         "the batch must be left-padded for this test to mean anything")
-    ans, amask = M.tokenize_answers(proc.tokenizer, ANSWERS)
+    ans, amask = IO.tokenize_answers(proc.tokenizer, ANSWERS)
     with torch.no_grad():
         st = M.latent_loop(bb, prefix, K)
         logits = M.answer_logits(bb, st, ans, amask)
@@ -103,13 +106,13 @@ def test_cached_loop_equals_one_full_forward(tiny, K):
 
 def test_sample_alone_equals_sample_in_padded_batch(tiny):
     bb, proc = _backbone(tiny)
-    ans, amask = M.tokenize_answers(proc.tokenizer, ANSWERS)
+    ans, amask = IO.tokenize_answers(proc.tokenizer, ANSWERS)
     with torch.no_grad():
-        both = M.latent_loop(bb, M.build_prefix(proc, _images(), QUESTIONS), 3)
+        both = M.latent_loop(bb, IO.build_prefix(proc, _images(), QUESTIONS), 3)
         lb = M.answer_logits(bb, both, ans, amask)
         for i in range(2):
-            one = M.latent_loop(bb, M.build_prefix(proc, _images()[i:i + 1], QUESTIONS[i:i + 1]), 3)
-            a1, m1 = M.tokenize_answers(proc.tokenizer, ANSWERS[i:i + 1])
+            one = M.latent_loop(bb, IO.build_prefix(proc, _images()[i:i + 1], QUESTIONS[i:i + 1]), 3)
+            a1, m1 = IO.tokenize_answers(proc.tokenizer, ANSWERS[i:i + 1])
             l1 = M.answer_logits(bb, one, a1, m1)
             assert (torch.cat(one.h, 1)[0] - torch.cat(both.h, 1)[i]).abs().max() <= TOL
             n = int(m1.sum())
@@ -118,7 +121,7 @@ def test_sample_alone_equals_sample_in_padded_batch(tiny):
 
 def test_k0_greedy_answer_equals_transformers_generate(tiny):
     bb, proc = _backbone(tiny)
-    prefix = M.build_prefix(proc, _images(), QUESTIONS)
+    prefix = IO.build_prefix(proc, _images(), QUESTIONS)
     eos = proc.tokenizer.convert_tokens_to_ids("<|im_end|>")
     ours, _ = M.generate(bb, prefix, K=0, eos_id=eos, max_new_tokens=10)
     ref = bb.generate(**prefix, max_new_tokens=10, do_sample=False, eos_token_id=eos,
@@ -133,7 +136,7 @@ def test_generate_k_matches_teacher_forced_argmax(tiny):
     """Greedy answers after K steps agree with the teacher-forced logits of the same loop
     fed its own tokens."""
     bb, proc = _backbone(tiny)
-    prefix = M.build_prefix(proc, _images(), QUESTIONS)
+    prefix = IO.build_prefix(proc, _images(), QUESTIONS)
     toks, _ = M.generate(bb, prefix, K=2, eos_id=-1, max_new_tokens=6)  # eos never hit: 6 tokens each
     with torch.no_grad():
         logits = M.answer_logits(bb, M.latent_loop(bb, prefix, 2), toks, torch.ones_like(toks))
@@ -142,7 +145,7 @@ def test_generate_k_matches_teacher_forced_argmax(tiny):
 
 # ---------------------------------------------------------------- LoRA
 def test_lora_init_equals_base_and_only_lora_trains(tiny):
-    base, proc = M.load_backbone(os.path.join(tiny, "backbone"))
+    base, proc = IO.load_backbone(os.path.join(tiny, "backbone"))
     bb, _ = _backbone(tiny, randomize=False)
     cfg = base.config.text_config
     assert len(M.lora_layers(bb)) == 7 * cfg.num_hidden_layers
@@ -150,7 +153,7 @@ def test_lora_init_equals_base_and_only_lora_trains(tiny):
                    for m in bb.model.visual.modules()), "vision tower must stay plain"
     trainable = [n for n, p in bb.named_parameters() if p.requires_grad]
     assert trainable and all(n.endswith((".lora_A", ".lora_B")) for n in trainable)
-    prefix = M.build_prefix(proc, _images(), QUESTIONS)
+    prefix = IO.build_prefix(proc, _images(), QUESTIONS)
     with torch.no_grad():
         a, b = M.prefix_forward(base, prefix).h[0], M.prefix_forward(bb, prefix).h[0]
     assert torch.equal(a, b)
@@ -158,7 +161,7 @@ def test_lora_init_equals_base_and_only_lora_trains(tiny):
 
 def test_lora_merged_equals_unmerged(tiny):
     bb, proc = _backbone(tiny)
-    prefix = M.build_prefix(proc, _images(), QUESTIONS)
+    prefix = IO.build_prefix(proc, _images(), QUESTIONS)
     with torch.no_grad():
         un = torch.cat(M.latent_loop(bb, prefix, 2).h, 1)
         M.set_lora_merged(bb, True)
@@ -170,29 +173,29 @@ def test_lora_merged_equals_unmerged(tiny):
         back = torch.cat(M.latent_loop(bb, prefix, 2).h, 1)
     assert (un - me).abs().max() <= TOL
     assert (un - back).abs().max() <= TOL
-    plain, _ = M.load_backbone(os.path.join(tiny, "backbone"))
+    plain, _ = IO.load_backbone(os.path.join(tiny, "backbone"))
     M.fold_lora(bb)   # deployment: the plain module structure, W + sBA inside
-    assert not M.lora_layers(bb) and M.count_params(bb) == M.count_params(plain)
+    assert not M.lora_layers(bb) and IO.count_params(bb) == IO.count_params(plain)
     with torch.no_grad():
         folded = torch.cat(M.latent_loop(bb, prefix, 2).h, 1)
     assert (un - folded).abs().max() <= TOL
 
 
 def test_real_size_parameter_counts_match_the_paper():
-    """demo/tiny.py's real_configs are the real shapes: Qwen3-VL-8B has 8,767,123,696 parameters; §B.2
+    """embedded/tiny.py's real_configs are the real shapes: Qwen3-VL-8B has 8,767,123,696 parameters; §B.2
     Table 10: LoRA r=64 = 174.6M, VP = 21.51M, pj_in = 8.39M (all built on 'meta': no memory)."""
     cfg, dcfg, ecfg, _ = real_configs()
     with torch.device("meta"):
-        bb = M.Qwen3VLForConditionalGeneration(cfg)
-        n_plain = M.count_params(bb)
+        bb = transformers.Qwen3VLForConditionalGeneration(cfg)
+        n_plain = IO.count_params(bb)
         M.add_lora(bb, r=64, alpha=128)
         vp = M.VisualProjector(cfg.text_config.hidden_size, ecfg.hidden_size)
         pj_in = torch.nn.Linear(cfg.text_config.hidden_size, dcfg.hidden_size)
     assert n_plain == 8_767_123_696
     n_lora = sum(p.numel() for n, p in bb.named_parameters() if ".lora_" in n)
     assert round(n_lora / 1e6, 1) == 174.6
-    assert round(M.count_params(vp) / 1e6, 2) == 21.51
-    assert round(M.count_params(pj_in) / 1e6, 2) == 8.39
+    assert round(IO.count_params(vp) / 1e6, 2) == 21.51
+    assert round(IO.count_params(pj_in) / 1e6, 2) == 8.39
 
 
 # ---------------------------------------------------------------- losses and gradients
@@ -328,22 +331,22 @@ def test_save_load_roundtrip_and_peft_export(tiny, tmp_path):
     with torch.no_grad():
         ref = vital(batch, K=2)
     ck = str(tmp_path / "phase1")
-    M.save_checkpoint(ck, vital, {"phase": 1})
-    M.save_checkpoint(ck, vital, {"phase": 1, "step": 2})   # overwrite in place, atomically
+    IO.save_checkpoint(ck, vital, {"phase": 1})
+    IO.save_checkpoint(ck, vital, {"phase": 1, "step": 2})   # overwrite in place, atomically
     assert sorted(os.listdir(tmp_path)) == ["phase1"]
     assert json.load(open(os.path.join(ck, "config.json")))["step"] == 2
 
     fresh, _, _ = _vital(tiny, seed=2)
     fresh.eval()
-    assert M.load_checkpoint(ck, fresh)["phase"] == 1
+    assert IO.load_checkpoint(ck, fresh)["phase"] == 1
     with torch.no_grad():
         out = fresh(batch, K=2)
     for k in ("loss", "L_task", "L_sem", "L_vis"):
         assert abs(out[k].item() - ref[k].item()) <= TOL
 
     from peft import PeftModel
-    M.export_peft(str(tmp_path / "peft"), vital, os.path.join(tiny, "backbone"))
-    plain, _ = M.load_backbone(os.path.join(tiny, "backbone"))
+    IO.export_peft(str(tmp_path / "peft"), vital, os.path.join(tiny, "backbone"))
+    plain, _ = IO.load_backbone(os.path.join(tiny, "backbone"))
     peft_model = PeftModel.from_pretrained(plain, str(tmp_path / "peft")).eval()
     prefix = batch["prefix"]
     with torch.no_grad():
@@ -356,22 +359,22 @@ def test_save_load_roundtrip_and_peft_export(tiny, tmp_path):
 def test_bad_inputs_give_clear_errors(tiny, tmp_path):
     bb, proc = _backbone(tiny)
     with pytest.raises(ValueError, match="no image"):
-        M.build_prefix(proc, [None], ["What is shown?"])
+        IO.build_prefix(proc, [None], ["What is shown?"])
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        M.load_backbone(str(tmp_path / "nowhere"))
+        IO.load_backbone(str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match="qwen3"):
-        M.load_backbone(os.path.join(tiny, "decoder"))      # a Qwen3 LM is not a Qwen3-VL backbone
+        IO.load_backbone(os.path.join(tiny, "decoder"))      # a Qwen3 LM is not a Qwen3-VL backbone
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        M.load_checkpoint(str(tmp_path / "none"), M.VITAL(bb))
+        IO.load_checkpoint(str(tmp_path / "none"), M.VITAL(bb))
 
     vital, _, _ = _vital(tiny)
-    M.save_checkpoint(str(tmp_path / "r8"), vital, {})
-    wide, _ = M.load_backbone(os.path.join(tiny, "backbone"))
+    IO.save_checkpoint(str(tmp_path / "r8"), vital, {})
+    wide, _ = IO.load_backbone(os.path.join(tiny, "backbone"))
     M.add_lora(wide, r=4, alpha=8)                          # another LoRA rank
     with pytest.raises(ValueError, match="shape"):
-        M.load_checkpoint(str(tmp_path / "r8"), M.VITAL(wide))
+        IO.load_checkpoint(str(tmp_path / "r8"), M.VITAL(wide))
     other = make_tiny(str(tmp_path / "wide"), hidden=96)   # another width
-    wb, _ = M.load_backbone(os.path.join(other, "backbone"))
+    wb, _ = IO.load_backbone(os.path.join(other, "backbone"))
     M.add_lora(wb, r=8, alpha=16)
     with pytest.raises(ValueError, match="shape"):
-        M.load_checkpoint(str(tmp_path / "r8"), M.VITAL(wb))
+        IO.load_checkpoint(str(tmp_path / "r8"), M.VITAL(wb))

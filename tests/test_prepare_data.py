@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 import prepare_data as P
-from demo.phantom import phantom_case
+from embedded.phantom import phantom_case
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 import extract_roi as ER
 import prepare_data as P
 from demo import pretrain_encoder as PE
-from demo.tiny import make_tiny
+from embedded.tiny import make_tiny
 
 
 def test_pretrained_encoder_loads_like_medsiglip(tmp_path, capsys):

@@ -13,6 +13,8 @@ import pytest
 from PIL import Image
 
 import model as M
+
+import pipeline_io as IO
 import train
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -31,7 +33,7 @@ def test_real_dimensions_train_evaluate_explain_in_bf16(tmp_path, monkeypatch):
     assert text["rope_parameters"]["mrope_section"] == [24, 20, 20]
     assert vision["deepstack_visual_indexes"] == [8, 16, 24] and vision["depth"] == 27
     # the pixel cap: a 1024 x 1024 image gets 196 visual tokens (448 x 448), a 448-px one as many
-    processor = M.load_processor(os.path.join(models, "backbone"))  # as load_backbone makes it
+    processor = IO.load_processor(os.path.join(models, "backbone"))  # as load_backbone makes it
     big, small = tmp_path / "big.png", tmp_path / "small.png"
     Image.new("L", (1024, 1024)).save(big)
     Image.new("L", (448, 448)).save(small)
@@ -40,6 +42,6 @@ def test_real_dimensions_train_evaluate_explain_in_bf16(tmp_path, monkeypatch):
 
     res = pipeline(models, str(tmp_path), monkeypatch, lora=(64, 128), px=448, batch=1)
     check_pipeline(res)
-    assert res["config"]["args"]["max_pixels"] == M.MAX_PIXELS
+    assert res["config"]["args"]["max_pixels"] == IO.MAX_PIXELS
     heat = res["explain"]["steps"][0]["heatmap"]
     assert (len(heat), len(heat[0])) == (32, 32)  # SigLIP-448, patch 14

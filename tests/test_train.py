@@ -20,7 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import train
-from demo.tiny import make_tiny
+from embedded.tiny import make_tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
@@ -137,10 +137,11 @@ def test_options_rate_shows_options_per_item_and_epoch(env, tmp_path, monkeypatc
     killed-and-resumed one, see the same batches; 0 shows none (the bare questions), 1 shows them on every
     item with choices; a micro-batch holds one length group of the prompts actually shown."""
     import model as M
+    import pipeline_io as IO
     data = tmp_path / "d"
     rows = write_choice_fixture(str(data))
     asked = {r["question"]: (r, False) for r in rows}
-    asked.update({M.ask(r["question"], r["choices"]): (r, True) for r in rows if "choices" in r})
+    asked.update({IO.ask(r["question"], r["choices"]): (r, True) for r in rows if "choices" in r})
     seen, real = [], train.make_batch
 
     def spy(processor, dec_tok, images, questions, answers, *a, **k):
@@ -176,7 +177,7 @@ def test_options_rate_shows_options_per_item_and_epoch(env, tmp_path, monkeypatc
     with_choices = {r["id"] for r in rows if r["split"] == "train" and "choices" in r}
     assert shown[0] and shown[0] < with_choices and shown[0] != shown[1]   # some, not all, and not the same
     # buckets by the prompt shown: its options' tokens count (here they move an item to another length group)
-    _, processor = M.load_backbone(f"{env['models']}/backbone")
+    _, processor = IO.load_backbone(f"{env['models']}/backbone")
     records = train.read_samples(str(data / "samples.jsonl"))
     vis, extra = train.image_tokens(records, processor), train.option_tokens(records, processor.tokenizer)
     for b in half:
@@ -319,6 +320,7 @@ def test_depth_phase_runs_every_item_at_the_phase_k(env, tmp_path, monkeypatch):
     1-step item's second step has no sentence (all padding) and L_vis is told to count it anyway;
     --depth own: each batch runs its items' own K. The flag is recorded and a resume must match it."""
     import model as M
+    import pipeline_io as IO
     seen, forward = [], M.VITAL.forward
 
     def spy(self, batch, K, per_step_target=False, vis_all_steps=False):
@@ -456,7 +458,7 @@ def test_two_rank_resume_is_exact_with_dropout(env, tmp_path):
 # --------------------------------------------------------------------------- demo/pretrain.py (tiny only)
 def test_pretrain_trains_whole_backbone_resumes_exactly_and_feeds_vital(env, tmp_path):
     from demo import pretrain
-    from model import load_backbone
+    from pipeline_io import load_backbone
     import evaluate
     pre = lambda out, *extra: ["--data", env["data"], "--models", env["models"], "--out", str(out),
                                "--batch-size", "4", "--epochs", "2", "--lr", "1e-3", *map(str, extra)]

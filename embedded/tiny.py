@@ -6,7 +6,7 @@ through model.load_backbone / load_decoder / load_encoder exactly like the real 
 is a small byte-level BPE built offline with the `tokenizers` library, with Qwen's special tokens and chat
 format. real_configs gives the paper's model shapes for random-weight checks at real size (bench/).
 
-    python demo/tiny.py runs/tiny              # -> runs/tiny/{backbone,decoder,encoder}/
+    python embedded/tiny.py runs/tiny              # -> runs/tiny/{backbone,decoder,encoder}/
 """
 import argparse
 import os

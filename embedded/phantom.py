@@ -1,18 +1,18 @@
 """
 Phantom images for stage 1 (prepare_data.py --source phantom): the embedded default data set, a fixture
-like demo/tiny.py, not part of the method.
+like embedded/tiny.py, not part of the method.
 
 Procedural images of five modalities (CT, X-ray, dermoscopy, fundus, ultrasound), each with one target
 and its exact mask; every attribute (modality, target, position, size, shape, boundary, brightness) is
 drawn from an RNG seeded by (seed, index), so a case is the same in every process and every run. It needs
 no download and stands in for the segmentation sources of the paper's §A.1 (MSD, BiomedParse), which
 prepare_data.py reads with --source msd / biomedparse. The stage imports phantom_case lazily, since
-this file takes its pixel helpers from prepare_data.py.
+this file takes its pixel helpers from pipeline_io.py.
 """
 import numpy as np
 from PIL import Image
 
-from prepare_data import slug, to_uint8
+from pipeline_io import slug, to_uint8
 
 
 def gaussian_blur(a, sigma):
