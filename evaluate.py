@@ -8,48 +8,37 @@ question runs the same latent loop as training (model.latent_loop) with ONE fixe
 and a greedy answer; `--k sample` (each test item's own latent_steps, batched by K) is a diagnostic.
 
 Protocol (§B.4: every QA pair is asked as a closed-ended question): with `--protocol options` (default) an
-item that has choices is asked with them in the prompt, model.ask: the question, "(A) text" one option a
+item that has choices is asked with them in the prompt, pipeline_io.ask: the question, "(A) text" one option a
 line, then "Answer with one of the options." (the text train.py --options-rate shows); `--protocol free`
 asks the bare question. The same prompt serves the main evaluation, --latency, --collapse, --probe and
 --pointing.
 
-Metrics (§B.4), all on normalised text: lowercase, number words -> digits, punctuation -> space,
-articles (a, an, the) dropped, whitespace collapsed.
-  closed-ended accuracy   an item with `choices`: the prediction is mapped to ONE choice by, in order,
-                          (1) a leading option letter ("B", "(b)", "B: ...") when choices exist,
-                          (2) exact normalised match with a choice text,
-                          (3) the choice with the highest token-F1, if that maximum is > 0 and unique;
-                          otherwise it is unmatched and counts as a miss. Correct = mapped to answer_index.
-                          Each prediction row records the rule as `matched_by` (letter|exact|f1|none); the
-                          fallback share = % of the items with choices matched by f1 or none (per benchmark
-                          in metrics.json with the counts per rule, and in table.md).
-                          Closed items without choices: yes/no answers use choices ["yes", "no"] (same
-                          rule); other answers need an exact normalised match.
-  open-ended token-F1     bags of whitespace tokens of the normalised strings (harmonic mean of P, R).
-  multiple-choice acc.    closed accuracy over the items that have choices (PMC-VQA, in-domain).
+Metrics (§B.4; the rules in vqa_metrics.py): closed-ended accuracy (the prediction mapped to one choice by
+its letter, its exact text, then token-F1: the fallback, whose share the report gives), open-ended token-F1,
+multiple-choice accuracy (closed accuracy over the items that have choices).
 
 Benchmark JSONL schema (one object a line; what tools/convert_benchmarks.py writes and `--bench` reads):
   {"id": str, "image": path (absolute, or relative to the JSONL), "question": str, "answer": str,
    "answer_type": "closed" | "open", "choices": [str, ...] (optional), "answer_index": int (with choices)}
 
 Reads:  a checkpoint folder runs/<name>/phase<p>/ (config.json + adapter.safetensors: the checkpoint
-        layout in model.py section 7), DATA/samples.jsonl (test split: choices + answer_index),
+        layout in pipeline_io.py section 5), DATA/samples.jsonl (test split: choices + answer_index),
         benchmark JSONL files.
 Writes: OUT/predictions.jsonl (one line per item with its score and matched_by), OUT/metrics.json (with the
         protocol), OUT/table.md (shaped like a Table 1 row), with --latency OUT/latency.json, with --collapse
         OUT/collapse.json + OUT/collapse.png (inter-step cosine similarity of h_1..h_K, eq. 9, over the
-        in-domain test split only), with --probe
-        OUT/probes.json + OUT/probe_predictions.jsonl ("do the latents matter?": section 8), with --pointing
-        OUT/pointing.json (section 8b).
+        in-domain test split only), with --probe OUT/probes.json + OUT/probe_predictions.jsonl ("do the
+        latents matter?": section 6), with --pointing OUT/pointing.json (section 7).
 
 Probes (--probe; in-domain test items with choices, same checkpoint, same items, same batches), closed-ended
 accuracy when what the loop feeds back as latent step k's input embedding is replaced (model.latent_loop's
 `feed`): normal (h_{k-1}, the method), zero (a zero vector), h0 (h_0 at every step: no recurrence), shuffled
 (the normal chain h_0..h_{K-1} of another item of the batch); and the normal loop at K = 0..4.
 
-Pointing game (--pointing; the checkpoint's visual projector re-attached as explain.py does): for each latent
-step, the share of test items whose heatmap cos(VP(h_k), patch feature) peaks on a patch that the target's
-mask touches, dilated by one patch; beside it the chance level, the share of the image's patches that count.
+Pointing game (--pointing; the checkpoint's visual projector re-attached by scaffolds.py, as for explain.py):
+for each latent step, the share of test items whose heatmap cos(VP(h_k), patch feature) peaks on a patch
+that the target's mask touches, dilated by one patch; beside it the chance level, the share of the image's
+patches that count.
 
 Commands:
     python evaluate.py --ckpt runs/tiny-vital/phase3 --data data/phantom --out runs/tiny-vital/eval
@@ -64,13 +53,10 @@ The benchmark files come from their published test files through tools/convert_b
 """
 import argparse
 import json
-import math
 import os
-import re
 import statistics
 import sys
 import time
-from collections import Counter
 
 import numpy as np
 import torch
@@ -79,8 +65,11 @@ from PIL import Image, ImageDraw, ImageFont
 from safetensors import safe_open
 
 import model as M
-
 import pipeline_io as IO
+import roi_encoder as RE
+import scaffolds as SC
+from pipeline_io import open_image
+from vqa_metrics import aggregate, mcnemar_p, score_item, table_md
 
 
 class EvalError(Exception):
@@ -88,115 +77,20 @@ class EvalError(Exception):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 1. Normalisation and metrics (§B.4). Pure functions, tested on hand-computed cases.
+# 1. Items: the in-domain test split of samples.jsonl and benchmark JSONL files (schema above).
 # ----------------------------------------------------------------------------------------------------
-NUMBER_WORDS = {w: str(i) for i, w in enumerate(
-    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
-    "seventeen eighteen nineteen twenty".split())}
-ARTICLES = {"a", "an", "the"}
-
-
-def normalize(text):
-    """lowercase; punctuation -> space (a decimal point between digits is kept); drop articles;
-    number words -> digits; single spaces. 'The TWO lesions.' -> '2 lesions'."""
-    t = str(text).lower()
-    t = re.sub(r"(?<=\d)\.(?=\d)", "<dot>", t)           # keep 2.5 as one token
-    t = re.sub(r"[^\w\s<>]|_", " ", t).replace("<dot>", ".")
-    words = [NUMBER_WORDS.get(w, w) for w in t.split() if w not in ARTICLES]
-    return " ".join(words)
-
-
-def token_f1(pred, gold):
-    """Token-level F1 over bags of whitespace tokens of the normalised strings (§B.4)."""
-    p, g = normalize(pred).split(), normalize(gold).split()
-    if not p or not g:
-        return float(p == g)  # both empty: perfect; one empty: nothing in common
-    common = sum((Counter(p) & Counter(g)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(p), common / len(g)
-    return 2 * precision * recall / (precision + recall)
-
-
-LETTER = re.compile(r"^\s*(?:option|answer|choice)?\s*[:\s]*\(?([a-z])\)?\s*(?:[:.)\]]|$)", re.IGNORECASE)
-
-
-MATCHED_BY = ("letter", "exact", "f1", "none")  # which rule mapped a prediction; f1 and none are the fallback
-
-
-def match_rule(pred, choices):
-    """Map a free-form prediction to one choice -> (index or None, the rule: one of MATCHED_BY)."""
-    m = LETTER.match(pred)
-    if m and ord(m.group(1).lower()) - ord("a") < len(choices):
-        return ord(m.group(1).lower()) - ord("a"), "letter"
-    p = normalize(pred)
-    exact = [i for i, c in enumerate(choices) if normalize(c) == p]
-    if len(exact) == 1:
-        return exact[0], "exact"
-    f1 = [token_f1(pred, c) for c in choices]
-    best = max(f1)
-    if best > 0 and f1.count(best) == 1:
-        return f1.index(best), "f1"
-    return None, "none"  # no overlap, or a tie between choices: unmatched
-
-
-def score_item(item, pred):
-    """-> dict with `matched`, `matched_by` + `correct` (closed) or `f1` (open). The single scoring rule of
-    this file."""
-    if item["answer_type"] == "open":
-        return dict(f1=token_f1(pred, item["answer"]))
-    choices, gold = item.get("choices"), item.get("answer_index")
-    if not choices and normalize(item["answer"]) in ("yes", "no"):
-        choices, gold = ["yes", "no"], ["yes", "no"].index(normalize(item["answer"]))
-    if not choices:
-        same = normalize(pred) == normalize(item["answer"])
-        return dict(matched=None, matched_by="exact" if same else "none", correct=same)
-    idx, by = match_rule(pred, choices)
-    return dict(matched=idx, matched_by=by, correct=idx is not None and idx == gold)
-
-
-def aggregate(rows):
-    """Predictions (with their scores) -> metrics per benchmark, in %."""
-    out = {}
-    for name in dict.fromkeys(r["benchmark"] for r in rows):
-        rs = [r for r in rows if r["benchmark"] == name]
-        closed = [r for r in rs if r["answer_type"] == "closed"]
-        mc = [r for r in closed if r.get("choices")]
-        opn = [r for r in rs if r["answer_type"] == "open"]
-        m = dict(n=len(rs))
-        if closed:
-            m["closed_acc"] = 100 * sum(r["correct"] for r in closed) / len(closed)
-            m["n_closed"] = len(closed)
-            # misses by rule: no choice could be matched
-            m["unmatched"] = sum(r.get("matched") is None and not r["correct"] for r in closed)
-        if mc:
-            m["mc_acc"], m["n_mc"] = 100 * sum(r["correct"] for r in mc) / len(mc), len(mc)
-            # how each prediction was mapped to an option; the fallback: not the option's letter or its
-            # exact text, so the token-F1 rule had to pick one (or none matched)
-            m["matched_by"] = {by: sum(r["matched_by"] == by for r in mc) for by in MATCHED_BY}
-            m["fallback_share"] = 100 * (m["matched_by"]["f1"] + m["matched_by"]["none"]) / len(mc)
-        if opn:
-            m["open_f1"], m["n_open"] = 100 * sum(r["f1"] for r in opn) / len(opn), len(opn)
-        out[name] = m
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------
-# 2. Items: the in-domain test split of samples.jsonl and benchmark JSONL files (schema above).
-# ----------------------------------------------------------------------------------------------------
-def read_jsonl(path):
-    """-> [(line number, object)] for the non-empty lines (also used by explain.py and the converters)."""
+def read_items_file(flag, path, writer):
+    """An item file, read and parsed once -> [(line number, object)]. Each problem is one EvalError naming
+    the flag or the line; `writer` says what makes the file."""
     if not os.path.isfile(path):
-        raise EvalError(f"{path}: no such file")
-    rows = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append((n, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise EvalError(f"{path} line {n}: not valid JSON "
-                                    f"({e.msg} at column {e.colno})") from None
+        raise EvalError(f"{flag}: {path}: no such file ({writer})")
+    try:
+        rows = IO.read_jsonl(path, EvalError)
+    except UnicodeDecodeError as e:
+        raise EvalError(f"{flag}: {path} is not a UTF-8 text JSONL file ({e})") from None
+    for n, r in rows:
+        if not isinstance(r, dict):
+            raise EvalError(f"{path} line {n}: not a JSON object")
     return rows
 
 
@@ -207,17 +101,14 @@ def check_item(path, n, it, need):
     if it.get("answer_type") not in ("closed", "open"):
         raise EvalError(f"{path} line {n}: field 'answer_type' must be 'closed' or 'open', "
                         f"got {it.get('answer_type')!r}")
-    if it.get("choices") is not None:
-        ok = isinstance(it["choices"], list) and 2 <= len(it["choices"]) <= len(IO.LETTERS) \
-            and isinstance(it.get("answer_index"), int) and 0 <= it["answer_index"] < len(it["choices"])
-        if not ok:
-            raise EvalError(f"{path} line {n}: 'choices' needs a list of 2 to {len(IO.LETTERS)} strings "
-                            "(options A-Z) and an 'answer_index' into it")
+    problem = IO.choices_problem(it)
+    if problem:
+        raise EvalError(f"{path} line {n}: {problem}")
 
 
 def set_prompt(it, protocol):
     """it["prompt"]: what the model is asked (--protocol). `options`: an item that has choices with them
-    (model.ask, the text train.py shows); `free`: the bare question (the mapping to a choice does the rest)."""
+    (pipeline_io.ask, the text train.py shows); `free`: the bare question (the choice mapping does the rest)."""
     it["prompt"] = IO.ask(it["question"], it.get("choices") if protocol == "options" else None)
     return it
 
@@ -228,7 +119,7 @@ def read_test_split(data, protocol="options"):
     each with its `prompt` (set_prompt)."""
     path = os.path.join(data, "samples.jsonl")
     items = []
-    for n, r in read_jsonl(path):
+    for n, r in read_items_file("--data", path, "prepare_data.py writes it"):
         if r.get("split") != "test":
             continue
         closed = r.get("question_type") != "caption"
@@ -246,8 +137,11 @@ def read_test_split(data, protocol="options"):
 def read_benchmark(path, protocol="options"):
     """A benchmark JSONL (schema in the docstring); benchmark name = file stem; each item with its `prompt`."""
     name = os.path.splitext(os.path.basename(path))[0]
+    rows = read_items_file(f"--bench {path}", path, "tools/convert_benchmarks.py writes them")
+    if not rows:
+        raise EvalError(f"--bench {path}: {path} holds no item")
     items = []
-    for n, r in read_jsonl(path):
+    for n, r in rows:
         check_item(path, n, r, ("image", "question", "answer", "answer_type"))
         r = dict(r, id=str(r.get("id", f"{name}-{n}")), benchmark=name)
         r["image_path"] = r["image"] if os.path.isabs(r["image"]) else \
@@ -257,7 +151,7 @@ def read_benchmark(path, protocol="options"):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 3. The inference model: backbone + merged LoRA, unwrapped; nothing else is loaded.
+# 2. The inference model: backbone + merged LoRA, unwrapped; nothing else is loaded.
 # ----------------------------------------------------------------------------------------------------
 def weight_bytes(module):
     return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
@@ -288,27 +182,17 @@ def load_inference_model(ckpt, backbone_path=None, device="cpu", dtype=torch.flo
 
 
 # ----------------------------------------------------------------------------------------------------
-# 4. Prediction: batches of one K, greedy answers.
+# 3. Prediction: batches of one K, greedy answers.
 # ----------------------------------------------------------------------------------------------------
-def open_image(path, error=EvalError):
-    """model.load_image; a missing or unreadable file is one `error` naming it (explain.py passes its own)."""
-    if not os.path.isfile(path):
-        raise error(f"image '{path}': no such file")
-    try:
-        return IO.load_image(path)
-    except Exception as e:  # truncated, not an image, decompression bomb, ...
-        raise error(f"image '{path}' cannot be read as an image ({type(e).__name__}: {e})") from None
-
-
-def predict(backbone, processor, items, K, batch_size, max_new_tokens, device):
-    """Greedy answers for items that all run at the same K -> list of strings (one per item)."""
+def predict(backbone, processor, items, K, args, device):
+    """Greedy answers for items that all run at the same K, args.batch_size at a time -> list of strings."""
     eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     out = []
-    for i in range(0, len(items), batch_size):
-        chunk = items[i:i + batch_size]
-        prefix = IO.build_prefix(processor, [open_image(r["image_path"]) for r in chunk],
+    for i in range(0, len(items), args.batch_size):
+        chunk = items[i:i + args.batch_size]
+        prefix = IO.build_prefix(processor, [open_image(r["image_path"], EvalError) for r in chunk],
                                 [r["prompt"] for r in chunk]).to(device)
-        ids, _ = M.generate(backbone, prefix, K, eos, max_new_tokens)
+        ids, _ = M.generate(backbone, prefix, K, eos, args.max_new_tokens)
         out += [s.strip() for s in processor.tokenizer.batch_decode(ids, skip_special_tokens=True)]
     return out
 
@@ -323,8 +207,7 @@ def run_items(backbone, processor, items, k, args, device):
     rows = [None] * len(items)
     for K in sorted(set(ks)):
         idx = [i for i, kk in enumerate(ks) if kk == K]
-        preds = predict(backbone, processor, [items[i] for i in idx], K, args.batch_size,
-                        args.max_new_tokens, device)
+        preds = predict(backbone, processor, [items[i] for i in idx], K, args, device)
         for i, p in zip(idx, preds):
             it = items[i]
             rows[i] = dict(id=it["id"], benchmark=it["benchmark"], image=it["image_path"],
@@ -335,33 +218,7 @@ def run_items(backbone, processor, items, k, args, device):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 5. The Table 1 row.
-# ----------------------------------------------------------------------------------------------------
-GROUPS = {"vqa-rad": "Medical VQA", "pathvqa": "Medical VQA", "slake": "Medical VQA",
-          "pmc-vqa": "Medical VQA", "gemex": "Visual Grounding QA"}
-NAMES = {"in-domain/msd": "MSD", "in-domain/biomedparse": "BiomedParse", "in-domain/phantom": "Phantom",
-         "vqa-rad": "VQA-RAD", "pathvqa": "PathVQA", "slake": "SLAKE", "pmc-vqa": "PMC-VQA",
-         "gemex": "GEMeX-RMCoT"}
-
-
-def table_md(metrics, label):
-    """The Table 1 rows; `fallback`: the share of the items with choices whose prediction was neither an
-    option's letter nor its exact text (mapped by token-F1, or matching none)."""
-    lines = [f"| Group | Benchmark | Metric | {label} | n | fallback (F1 / none) |", "|---|---|---|---|---|---|"]
-    for name, m in metrics.items():
-        group = "In-Domain Testsets" if name.startswith("in-domain/") else GROUPS.get(name, "External")
-        shown = NAMES.get(name, name)
-        if "closed_acc" in m:
-            fb = (f"{m['fallback_share']:.1f}% ({m['matched_by']['f1']} / {m['matched_by']['none']} of "
-                  f"{m['n_mc']})" if "fallback_share" in m else "")
-            lines.append(f"| {group} | {shown} | Acc | {m['closed_acc']:.2f} | {m['n_closed']} | {fb} |")
-        if "open_f1" in m:
-            lines.append(f"| {group} | {shown} | Token-F1 | {m['open_f1']:.2f} | {m['n_open']} | |")
-    return "\n".join(lines) + "\n"
-
-
-# ----------------------------------------------------------------------------------------------------
-# 6. Latency (§4.3, Figure 4): per sample (B = 1), K = 0..4 on the same inputs, warm-up, medians.
+# 4. Latency (§4.3, Figure 4): per sample (B = 1), K = 0..4 on the same inputs, warm-up, medians.
 #    total = prefix + K latent steps ("loop") + greedy answer; the answer part depends on its length,
 #    which is how a K > 0 can be faster than K = 0 (shorter answers).
 # ----------------------------------------------------------------------------------------------------
@@ -380,7 +237,7 @@ def latency(backbone, processor, items, args, device):
     """Each sample alone (B = 1). Warm-up of every K first, then the K values are timed round-robin
     within each repeat, so that a slow start or clock drift does not favour the K timed last."""
     eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    prefixes = [IO.build_prefix(processor, [open_image(r["image_path"])], [r["prompt"]]).to(device)
+    prefixes = [IO.build_prefix(processor, [open_image(r["image_path"], EvalError)], [r["prompt"]]).to(device)
                 for r in items]
     Ks = range(0, 5)
     total = {K: [[] for _ in prefixes] for K in Ks}
@@ -415,7 +272,7 @@ def latency(backbone, processor, items, args, device):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 7. Modality collapse (§C.6, eq. 9): S_ij = mean over test samples of cos(h_i, h_j), i, j = 1..K.
+# 5. Modality collapse (§C.6, eq. 9): S_ij = mean over test samples of cos(h_i, h_j), i, j = 1..K.
 # ----------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def collapse_matrix(backbone, processor, items, K, batch_size, device):
@@ -429,7 +286,7 @@ def collapse_matrix(backbone, processor, items, K, batch_size, device):
     S, n = torch.zeros(K, K, dtype=torch.float64), 0
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
-        prefix = IO.build_prefix(processor, [open_image(r["image_path"]) for r in chunk],
+        prefix = IO.build_prefix(processor, [open_image(r["image_path"], EvalError) for r in chunk],
                                 [r["prompt"] for r in chunk]).to(device)
         st = M.latent_loop(backbone, prefix, K)
         h = F.normalize(torch.cat(st.h[1:], dim=1).double(), dim=-1)                        # (B, K, d)
@@ -442,16 +299,6 @@ def collapse_matrix(backbone, processor, items, K, batch_size, device):
                 benchmarks=sorted({it["benchmark"] for it in items}), item_ids=[it["id"] for it in items])
 
 
-def colormap(t):
-    """Values in [0, 1] (numpy array) -> uint8 RGB on a jet-like ramp (matplotlib is not a dependency)."""
-    stops = np.array([(0, 0, 128), (0, 64, 255), (0, 224, 255), (128, 255, 128), (255, 224, 0), (255, 48, 0),
-                      (128, 0, 0)], dtype=np.float64)
-    x = np.clip(np.asarray(t, dtype=np.float64), 0, 1) * (len(stops) - 1)
-    i = np.minimum(x.astype(int), len(stops) - 2)
-    w = (x - i)[..., None]
-    return ((1 - w) * stops[i] + w * stops[i + 1]).round().astype(np.uint8)
-
-
 def draw_collapse(res, path, cell=80):
     """K x K heatmap, value in each cell, colour scale fixed to [0, 1] so that runs compare."""
     K, S = res["K"], np.array(res["matrix"])
@@ -460,7 +307,7 @@ def draw_collapse(res, path, cell=80):
     im = Image.new("RGB", (left + K * cell + 10, top + K * cell + 10), "white")
     dr = ImageDraw.Draw(im)
     dr.text((left, 8), f"inter-step cosine similarity (n={res['n_samples']})", fill="black", font=font)
-    rgb = colormap(S)
+    rgb = IO.colormap(S)
     for i in range(K):
         dr.text((10, top + i * cell + cell // 2 - 7), f"h{i + 1}", fill="black", font=font)
         dr.text((left + i * cell + cell // 2 - 8, top - 18), f"h{i + 1}", fill="black", font=font)
@@ -473,7 +320,7 @@ def draw_collapse(res, path, cell=80):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 8. Probes: do the latents matter? Same checkpoint, same items, same batches; only the input embedding
+# 6. Probes: do the latents matter? Same checkpoint, same items, same batches; only the input embedding
 #    of latent step k changes (model.latent_loop's `feed`), then the same greedy answer and scoring.
 #    A batch of one has no partner for `shuffled`: a last batch of one item joins the previous batch
 #    (and --batch-size 1 runs as 2), so every row of the table has the same n.
@@ -503,14 +350,15 @@ def probe_batches(items, batch_size):
 
 
 @torch.no_grad()
-def probe_batch(backbone, processor, chunk, K, sweep, max_new_tokens, device):
-    """-> {(probe, K): [prediction per item]}: every probe at K, and the normal loop at each K of sweep."""
+def probe_batch(backbone, processor, chunk, sweep, args, device):
+    """-> {(probe, K): [prediction per item]}: every probe at K = --k, and the normal loop at each K of sweep."""
     eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    prefix = IO.build_prefix(processor, [open_image(r["image_path"]) for r in chunk],
+    prefix = IO.build_prefix(processor, [open_image(r["image_path"], EvalError) for r in chunk],
                             [r["prompt"] for r in chunk]).to(device)
+    K = args.k
 
     def answer(k, feed=None):
-        ids, st = M.generate(backbone, prefix, k, eos, max_new_tokens, feed)
+        ids, st = M.generate(backbone, prefix, k, eos, args.max_new_tokens, feed)
         return [s.strip() for s in processor.tokenizer.batch_decode(ids, skip_special_tokens=True)], st
 
     out = {}
@@ -522,12 +370,6 @@ def probe_batch(backbone, processor, chunk, K, sweep, max_new_tokens, device):
         if k != K:
             out[("normal", k)] = answer(k)[0]
     return out
-
-
-def mcnemar_p(lost, gained):
-    """Exact two-sided McNemar (sign) test on the items whose correctness changed; 1.0 if none did."""
-    n = lost + gained
-    return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(lost, gained) + 1)) / 2 ** n)
 
 
 def probe_row(items, preds, base):
@@ -552,7 +394,7 @@ def run_probes(backbone, processor, items, args, device):
     K, sweep, bs = args.k, sorted(set(range(5)) | {args.k}), max(2, args.batch_size)
     preds = {}
     for chunk in probe_batches(items, bs):
-        for key, p in probe_batch(backbone, processor, chunk, K, sweep, args.max_new_tokens, device).items():
+        for key, p in probe_batch(backbone, processor, chunk, sweep, args, device).items():
             preds.setdefault(key, []).extend(p)
     base = preds[("normal", K)]
     res = dict(K=K, n=len(items), chance=100 * statistics.mean(1 / len(it["choices"]) for it in items),
@@ -581,20 +423,19 @@ def probe_table(res):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 8b. The pointing game (--pointing): does the visual window point at the target?
+# 7. The pointing game (--pointing): does the visual window point at the target?
 # ----------------------------------------------------------------------------------------------------
 def target_patches(mask_path, g):
     """-> ((g*g,) bool: patches the target's mask touches, dilated by one patch; (g*g,) bool: patches that
     are image, not padding), on the encoder's square grid (the image and the mask are padded alike)."""
-    import extract_roi as ER
     try:
         with Image.open(mask_path) as im:
             m = np.asarray(im.convert("L")) > 0
     except (OSError, ValueError) as e:
         raise EvalError(f"mask '{mask_path}': {e}") from e
-    touched = (ER.grid_fraction(ER.square_pad(m), g) > 0).view(1, 1, g, g).float()
+    touched = (RE.grid_fraction(RE.square_pad(m), g) > 0).view(1, 1, g, g).float()
     target = F.max_pool2d(touched, 3, stride=1, padding=1).flatten() > 0       # dilated by one patch
-    valid = ER.grid_fraction(ER.square_pad(np.ones_like(m)), g) >= 0.5
+    valid = RE.grid_fraction(RE.square_pad(np.ones_like(m)), g) >= 0.5
     return target, valid
 
 
@@ -619,19 +460,17 @@ def pointing_game(ckpt, items, K, args, device, dtype):
     and its ceiling: the same game played by the ROI feature itself (what L_vis regresses VP(h_k) to), i.e.
     what a perfect visual projector would score with these targets. The model is explain.py's: the same
     checkpoint with its visual projector, and the encoder of the ROI targets. -> pointing.json object."""
-    import explain as X
-    import extract_roi as ER
     items = [it for it in items if it["benchmark"].startswith("in-domain/") and it.get("mask")]
     if not items:
         raise EvalError("--pointing needs in-domain test items with a mask (samples.jsonl 'mask')")
     try:
-        vital, processor, _, config = X.load_explainer(ckpt, device, dtype)
-        path, kind, size, src = X.resolve_encoder(config, ckpt, args.encoder)
-    except X.ExplainError as e:
+        vital, processor, _, config = SC.load_explainer(ckpt, device, dtype)
+        path, kind, size, src = SC.resolve_encoder(config, ckpt, args.encoder)
+    except IO.InputError as e:
         raise EvalError(f"--pointing: {e}") from e
     if vital.vp is None:
         raise EvalError(f"--pointing: {ckpt} has no visual projector (trained with --lambda-vis 0)")
-    enc = ER.build_encoder(kind, path, device, size)
+    enc = RE.build_encoder(kind, path, device, size)
     roi, roi_src = roi_targets(args.data, [it["id"] for it in items])
     d_v = vital.vp.out.out_features
     if roi is not None and roi.shape[1] != d_v:
@@ -639,16 +478,16 @@ def pointing_game(ckpt, items, K, args, device, dtype):
     hits, ceiling, chance = torch.zeros(K), 0.0, []
     for i in range(0, len(items), args.batch_size):
         chunk = items[i:i + args.batch_size]
-        images = [open_image(it["image_path"]) for it in chunk]
+        images = [open_image(it["image_path"], EvalError) for it in chunk]
         prefix = IO.build_prefix(processor, images, [it["prompt"] for it in chunk]).to(device)
         h = torch.cat(M.latent_loop(vital.backbone, prefix, K).h[1:], dim=1)               # (B, K, d)
         v = M.project_latent(vital.vp, h).cpu()                                             # (B, K, d_v)
         for b, it in enumerate(chunk):
-            f, _, _ = X.patch_features(enc, images[b])
+            f, _, _ = RE.patch_features(enc, images[b])
             target, valid = target_patches(os.path.join(args.data, it["mask"]), enc.grid)
             # one heatmap per query: the K latent steps, then (for the ceiling) the item's own ROI target
             queries = v[b] if roi is None else torch.cat([v[b], F.normalize(roi[i + b:i + b + 1], dim=-1)])
-            heat = X.heatmaps(f.cpu(), queries, enc.grid).flatten(1)                        # (K [+ 1], g*g)
+            heat = RE.heatmaps(f.cpu(), queries, enc.grid).flatten(1)                        # (K [+ 1], g*g)
             hit = target[heat.masked_fill(~valid, -2).argmax(1)].float()
             hits += hit[:K]
             ceiling += hit[K:].sum().item()
@@ -679,42 +518,38 @@ def pointing_table(res):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 9. Command line.
+# 8. Command line.
 # ----------------------------------------------------------------------------------------------------
 def get_args(argv=None):
     ap = argparse.ArgumentParser(description="VITAL evaluation (§4, §B.4, §C.6); benchmark files: "
                                              "tools/convert_benchmarks.py -h")
-    ap.add_argument("--ckpt", required=True,
-                    help="checkpoint folder runs/<name>/phase<p> (config.json + adapter)")
+    # what is evaluated, on what, how
+    ap.add_argument("--ckpt", required=True, help="checkpoint folder runs/<name>/phase<p> (config.json + adapter)")
     ap.add_argument("--data", help="folder with samples.jsonl: its test split is the in-domain benchmark")
     ap.add_argument("--bench", nargs="*", default=[], help="benchmark JSONL files (schema in the docstring)")
     ap.add_argument("--out", required=True, help="output folder for predictions, metrics, table, PNGs")
     ap.add_argument("--k", default="4", help="latent steps for every question (default 4, Table 3); "
                                               "'sample' = each test item's own latent_steps (diagnostic)")
     ap.add_argument("--protocol", default="options", choices=["options", "free"],
-                    help="options (§B.4): an item with choices is asked with them in the prompt (model.ask); "
-                         "free: the bare question. Either way the answer is mapped to a choice by letter, exact "
-                         "text, then token-F1 (the fallback, whose share the report gives)")
+                    help="options (§B.4): an item's choices in the prompt; free: the bare question (docstring)")
     ap.add_argument("--backbone", help="override the backbone folder named in the checkpoint's config.json")
     ap.add_argument("--batch-size", type=int, default=8, help="questions per generate call")
     ap.add_argument("--max-new-tokens", type=int, default=64, help="longest greedy answer")
     ap.add_argument("--limit", type=int, default=0, help="only the first N items of each benchmark (0 = all)")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
+    # the analyses (docstring)
     ap.add_argument("--latency", action="store_true", help="also time K = 0..4 per sample (§4.3, Figure 4)")
     ap.add_argument("--latency-n", type=int, default=16, help="samples timed by --latency")
     ap.add_argument("--warmup", type=int, default=2, help="untimed runs per sample and K before timing")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per sample and K (the median is kept)")
-    ap.add_argument("--collapse", action="store_true", help="also the inter-step similarity matrix (§C.6), on the "
-                    "in-domain test split only (--data)")
+    ap.add_argument("--collapse", action="store_true",
+                    help="also the inter-step similarity matrix (§C.6), on the in-domain test split only")
     ap.add_argument("--collapse-k", type=int, default=4, help="K of the collapse analysis (>= 2)")
     ap.add_argument("--probe", action="store_true",
-                    help="also the probes 'do the latents matter?' on the in-domain test items with choices: "
-                         "accuracy at --k with the fed-back state replaced (zero, h0, another item's chain: "
-                         "shuffled) and the normal loop at K = 0..4 -> OUT/probes.json (section 8)")
+                    help="also the probes 'do the latents matter?' (in-domain items with choices) -> probes.json")
     ap.add_argument("--pointing", action="store_true",
-                    help="also the pointing game of the visual window on the in-domain test items (needs the "
-                         "checkpoint's visual projector and the encoder of the ROI targets) -> OUT/pointing.json")
+                    help="also the pointing game of the visual window (in-domain items with masks) -> pointing.json")
     ap.add_argument("--encoder", help="--pointing: the encoder folder (default: the one the checkpoint names)")
-    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
     args = ap.parse_args(argv)
     if args.k != "sample":
         try:
@@ -734,13 +569,6 @@ def get_args(argv=None):
     return args
 
 
-def device_and_dtype(name):
-    """--device auto|cpu|cuda -> (torch.device, dtype): bf16 on a GPU, fp32 on the CPU."""
-    use_cuda = name == "cuda" or (name == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda" if use_cuda else "cpu")
-    return device, torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
 def select_items(args):
     """The in-domain test split and the benchmark files, each cut to its first --limit items."""
     items = []
@@ -754,10 +582,8 @@ def select_items(args):
     return items
 
 
-def check_inputs(args):
-    """Everything a run reads, checked BEFORE the model is loaded (minutes at real scale): the checkpoint's
-    config, the backbone folder, the output folder, every item's fields and image. -> the items. Each problem
-    is one EvalError or CheckpointError line naming the file (and line or item)."""
+def check_run(args):
+    """The numbers, the output folder, the checkpoint's config and the backbone folder it names."""
     numbers = [("--batch-size", args.batch_size, 1), ("--max-new-tokens", args.max_new_tokens, 1),
                ("--limit", args.limit, 0), ("--latency-n", args.latency_n, 1), ("--warmup", args.warmup, 0),
                ("--repeats", args.repeats, 1)]
@@ -773,43 +599,22 @@ def check_inputs(args):
         src = "--backbone" if args.backbone else f"{args.ckpt}/config.json"
         raise EvalError(f"backbone folder '{backbone}' (from {src}) does not exist or holds no config.json: "
                         "pass --backbone FOLDER")
-    files = [(f"--bench {b}", b) for b in args.bench]
-    if args.data:
-        files.append(("--data", os.path.join(args.data, "samples.jsonl")))
-    for flag, path in files:
-        if not os.path.isfile(path):
-            raise EvalError(f"{flag}: {path}: no such file" + (" (tools/convert_benchmarks.py writes them)"
-                                                              if flag != "--data" else " (prepare_data.py writes it)"))
-        try:
-            with open(path) as f:
-                lines = f.read().splitlines()
-        except UnicodeDecodeError as e:
-            raise EvalError(f"{flag}: {path} is not a UTF-8 text JSONL file ({e})") from None
-        if not any(line.strip() for line in lines):
-            raise EvalError(f"{flag}: {path} holds no item")
-        for n, line in enumerate(lines, 1):
-            try:
-                if line.strip() and not isinstance(json.loads(line), dict):
-                    raise EvalError(f"{path} line {n}: not a JSON object")
-            except json.JSONDecodeError:
-                pass  # read_jsonl names the line and column
-    items, images = select_items(args), {}
-    if args.collapse and not any(it["benchmark"].startswith("in-domain/") for it in items):
-        raise EvalError("--collapse is computed on the in-domain test set (§C.6): pass --data with a "
-                        "samples.jsonl that has test items")
+
+
+def check_items(items):
+    """The fields the prompt and the scoring read have their types (the readers checked that they exist);
+    every image is opened once, the header only: cheap, and a non-image is caught here."""
+    images = {}
     for it in items:
         where = f"{it['benchmark']} item {it['id']!r}"
         if not isinstance(it["question"], str) or not it["question"].strip():
             raise EvalError(f"{where}: 'question' must be a non-empty string")
         if not isinstance(it["answer"], str):
             raise EvalError(f"{where}: 'answer' must be a string, got {type(it['answer']).__name__}")
-        if it.get("choices") is not None and (not all(isinstance(c, str) for c in it["choices"])
-                                              or isinstance(it["answer_index"], bool)):
-            raise EvalError(f"{where}: 'choices' must be strings and 'answer_index' an integer")
         if not isinstance(it["image"], str):
             raise EvalError(f"{where}: 'image' must be a path")
         images.setdefault(it["image_path"], where)
-    for path, where in images.items():  # the header only: cheap, and a non-image is caught here
+    for path, where in images.items():
         if not os.path.isfile(path):
             raise EvalError(f"{where}: image '{path}': no such file")
         try:
@@ -817,6 +622,19 @@ def check_inputs(args):
                 im.size
         except Exception as e:  # not an image, unknown format, decompression bomb
             raise EvalError(f"{where}: image '{path}' cannot be read as an image ({type(e).__name__}: {e})")
+
+
+def check_inputs(args):
+    """Everything a run reads, checked BEFORE the model is loaded (minutes at real scale): the checkpoint's
+    config, the backbone folder, the output folder, every item file (parsed once, here), every item's fields
+    and image. -> the items. Each problem is one EvalError or CheckpointError line naming the file (and line
+    or item)."""
+    check_run(args)
+    items = select_items(args)
+    if args.collapse and not any(it["benchmark"].startswith("in-domain/") for it in items):
+        raise EvalError("--collapse is computed on the in-domain test set (§C.6): pass --data with a "
+                        "samples.jsonl that has test items")
+    check_items(items)
     return items
 
 
@@ -827,7 +645,7 @@ def write_json(obj, path):
 
 def main(argv=None):
     args = get_args(argv)
-    device, dtype = device_and_dtype(args.device)
+    device, dtype = IO.device_and_dtype(args.device)
     items = check_inputs(args)  # every input file, before the model is loaded
     backbone, processor, config, overhead = load_inference_model(args.ckpt, args.backbone, device, dtype)
     print(f"deployed model: {overhead['deployed']['params']:,} parameters = plain backbone "
@@ -857,15 +675,13 @@ def main(argv=None):
               + ", ".join(f"{a:.4f}" for a in coll["adjacent"]))
     if args.probe:
         result["probes"], prows = run_probes(backbone, processor, items, args, device)
-        with open(os.path.join(args.out, "probes.json"), "w") as f:
-            json.dump(result["probes"], f, indent=2, allow_nan=False)  # strict JSON: a NaN raises here
+        write_json(result["probes"], os.path.join(args.out, "probes.json"))
         with open(os.path.join(args.out, "probe_predictions.jsonl"), "w") as f:
             f.writelines(json.dumps(r, allow_nan=False) + "\n" for r in prows)
         print(probe_table(result["probes"]) + f"wrote {args.out}/probes.json, probe_predictions.jsonl")
     if args.pointing:
         result["pointing"] = pointing_game(args.ckpt, items, args.k, args, device, dtype)
-        with open(os.path.join(args.out, "pointing.json"), "w") as f:
-            json.dump(result["pointing"], f, indent=2, allow_nan=False)
+        write_json(result["pointing"], os.path.join(args.out, "pointing.json"))
         print(pointing_table(result["pointing"]) + f"wrote {args.out}/pointing.json")
     write_json(result, os.path.join(args.out, "metrics.json"))
     table = table_md(metrics, label)

@@ -6,7 +6,7 @@ The scaffolds dropped at inference are re-attached to read every latent state h_
     text window    the auxiliary decoder reads h_k out as a sentence: decoder([pj_in(h_k)]) greedy (§3.3)
     visual window  VP(h_k) lives in the frozen encoder's feature space (it was trained to regress the ROI
                    feature there), so its cosine similarity with every patch feature of the FULL image,
-                   encoded exactly as extract_roi.py does (its own functions, imported), is a heatmap of
+                   encoded exactly as extract_roi.py does (the same roi_encoder.py), is a heatmap of
                    where step k "looks" (§C.7); with --bank, the nearest training ROI features (§3.3
                    nearest-neighbour retrieval) with their ids, scores and thumbnails.
 The answer itself comes from the unchanged inference path (merged LoRA, latent loop, greedy), so the
@@ -14,7 +14,7 @@ explanation never alters what the model says. The readouts are approximations of
 a faithful account of the decision (paper, Limitations).
 
 Reads:  the newest checkpoint under runs/ (or --ckpt): config.json, adapter.safetensors,
-        scaffold.safetensors (pj_in, decoder, vp; the checkpoint layout in model.py section 7); the
+        scaffold.safetensors (pj_in, decoder, vp; the checkpoint layout in pipeline_io.py section 5); the
         backbone and decoder folders named in its config.json; the SigLIP encoder folder (--encoder, else
         config.json's encoder_path, else the encoder recorded in the run's roi.safetensors, else the tiny
         preset's <models>/encoder); optionally --bank roi.safetensors.
@@ -36,6 +36,7 @@ import json
 import os
 import sys
 import textwrap
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -44,11 +45,10 @@ from PIL import Image, ImageDraw, ImageFont
 from safetensors import safe_open
 
 import model as M
-
 import pipeline_io as IO
-from evaluate import EvalError, colormap, device_and_dtype, open_image, read_jsonl
-from extract_roi import build_encoder, pad_image
-from pipeline_io import write_strict_json
+import roi_encoder as RE
+import scaffolds as SC
+from pipeline_io import open_image, write_strict_json
 
 
 class ExplainError(Exception):
@@ -61,19 +61,8 @@ HOW_TO_TRAIN = ("make one with `bash demo.sh` (the whole pipeline, ~15 min on 2 
 
 
 # ----------------------------------------------------------------------------------------------------
-# 1. Which checkpoint, which encoder.
+# 1. Which checkpoint (scaffolds.py re-attaches its scaffolds and names its encoder).
 # ----------------------------------------------------------------------------------------------------
-def has_scaffolds(folder):
-    """Does the checkpoint keep a scaffold explain can re-attach (decoder + pj_in, or the projector)?
-    A K = 0 model and the tiny backbone's pretraining have none."""
-    path = os.path.join(folder, "scaffold.safetensors")
-    if not os.path.isfile(path):
-        return False
-    with safe_open(path, "pt") as f:
-        keys = list(f.keys())
-    return any(k.startswith(("decoder.", "vp.")) for k in keys)
-
-
 def find_checkpoint(runs):
     """The newest checkpoint folder under `runs` (by config.json mtime) that has the scaffolds; .tmp/.old
     folders are skipped. Says which one it took, and which newer ones it passed over."""
@@ -86,7 +75,7 @@ def find_checkpoint(runs):
         raise ExplainError(f"no checkpoint found under '{runs}/' (a folder with config.json + "
                            "adapter.safetensors); " + HOW_TO_TRAIN)
     found.sort(reverse=True)
-    usable = [f for _, f in found if has_scaffolds(f)]
+    usable = [f for _, f in found if SC.has_scaffolds(f)]
     if not usable:
         raise ExplainError(f"none of the {len(found)} checkpoints under '{runs}/' keeps the scaffolds "
                            f"explain needs (a K = 0 model or a pretraining has none; newest: {found[0][1]}); "
@@ -98,95 +87,17 @@ def find_checkpoint(runs):
     return usable[0]
 
 
-def resolve_encoder(config, ckpt, override):
-    """-> (folder, kind, size, where the name came from). The first source that names a folder wins."""
-    args = config.get("args", {})
-    named = [(override, "siglip", 448, "--encoder")] if override else []
-    if config.get("encoder_path"):
-        named.append((config["encoder_path"], config.get("encoder_kind") or "siglip",
-                      config.get("encoder_image_size") or 448, f"{ckpt}/config.json"))
-    roi = os.path.join(args.get("data") or "", "roi.safetensors")
-    if args.get("data") and os.path.isfile(roi):
-        with safe_open(roi, "pt") as f:
-            meta = f.metadata() or {}
-        if meta.get("encoder_path"):
-            named.append((meta["encoder_path"], meta.get("encoder_kind", "siglip"),
-                          int(meta.get("image_size", 448)),
-                          f"{roi} (the encoder that made the L_vis targets)"))
-    if args.get("preset") == "tiny" and args.get("models"):
-        named.append((os.path.join(args["models"], "encoder"), "siglip", 448,
-                      f"{ckpt}/config.json args.models"))
-    if not named:
-        raise ExplainError(f"{ckpt}/config.json names no encoder folder: pass --encoder FOLDER (the SigLIP "
-                           "encoder extract_roi.py used, e.g. MedSigLIP-448)")
-    path, kind, size, src = named[0]
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise ExplainError(f"encoder folder '{path}' (from {src}) does not exist or holds no config.json: "
-                           "pass --encoder FOLDER (the SigLIP encoder extract_roi.py used)")
-    return path, kind, size, src
-
-
 # ----------------------------------------------------------------------------------------------------
-# 2. The model with its scaffolds re-attached.
-# ----------------------------------------------------------------------------------------------------
-def load_explainer(ckpt, device, dtype):
-    """-> (vital with pj_in/decoder and/or vp, processor, dec_tokenizer or None, config)."""
-    config = IO.read_ckpt_config(ckpt)
-    sc_path = os.path.join(ckpt, "scaffold.safetensors")
-    if not os.path.isfile(sc_path):
-        raise ExplainError(f"checkpoint '{ckpt}' has no scaffold.safetensors: explain needs the decoder + "
-                           "pj_in and/or the visual projector (train with --lambda-sem > 0 / "
-                           "--lambda-vis > 0)")
-    with safe_open(sc_path, "pt") as f:
-        keys = list(f.keys())
-        d_v = f.get_slice("vp.out.weight").get_shape()[0] if "vp.out.weight" in keys else None
-    has_dec = any(k.startswith("decoder.") for k in keys) and any(k.startswith("pj_in.") for k in keys)
-    if not has_dec and d_v is None:
-        raise ExplainError(f"{sc_path} holds neither the decoder + pj_in nor the visual projector "
-                           f"(keys: {keys[:5]})")
-    backbone_path = IO.ckpt_field(config, ckpt, "backbone_path", "args.backbone")
-    backbone, processor = IO.load_backbone(backbone_path, dtype, device)
-    r, alpha = IO.ckpt_field(config, ckpt, "arch.lora")
-    M.add_lora(backbone, r, alpha, 0.0)
-    decoder, dec_tok = None, None
-    if has_dec:
-        decoder_path = IO.ckpt_field(config, ckpt, "decoder_path", "args.decoder")
-        decoder, dec_tok = IO.load_decoder(decoder_path, dtype, device)
-    vital = M.VITAL(backbone, decoder, d_v, config.get("args", {}).get("projector", "res_mlp_ln"),
-                    lambda_sem=1.0 if has_dec else 0.0, lambda_vis=1.0 if d_v else 0.0).to(device)
-    IO.load_checkpoint(ckpt, vital, scaffolds=True)
-    vital.eval()  # no dropout in the projector or the decoder
-    M.set_lora_merged(backbone, True)
-    return vital, processor, dec_tok, config
-
-
-# ----------------------------------------------------------------------------------------------------
-# 3. The two windows.
+# 2. The two windows.
 # ----------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def answer_and_latents(vital, processor, image, question, K, max_new_tokens, device):
-    """The ordinary inference path -> (answer text, h (K, d) = h_1..h_K)."""
+def answer_and_latents(vital, processor, image, args, device):
+    """The ordinary inference path for args.question at K = args.k -> (answer text, h (K, d) = h_1..h_K)."""
     eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    prefix = IO.build_prefix(processor, [image], [question]).to(device)
-    ids, st = M.generate(vital.backbone, prefix, K, eos, max_new_tokens)
+    prefix = IO.build_prefix(processor, [image], [args.question]).to(device)
+    ids, st = M.generate(vital.backbone, prefix, args.k, eos, args.max_new_tokens)
     answer = processor.tokenizer.batch_decode(ids, skip_special_tokens=True)[0].strip()
     return answer, torch.cat(st.h[1:], dim=1)[0]                                             # (K, d)
-
-
-def patch_features(enc, image):
-    """Full-image encoding as extract_roi.py does it: pad to a square with zeros (centred), preprocess,
-    encode. -> (g*g, d_v) features, and the image's box inside the square (x0, y0, x1, y1) in square px."""
-    W, H = image.size
-    sq = pad_image(image, (0, 0, W, H))
-    s = sq.size[0]
-    f = enc.encode(enc.preprocess(sq)[None])[0]                                             # (g*g, d_v)
-    ox, oy = (s - W) // 2, (s - H) // 2
-    return f, (ox, oy, ox + W, oy + H), s
-
-
-def heatmaps(f, v, g):
-    """cos(VP(h_k), patch) for every step and patch: f (g*g, d_v), v (K, d_v) L2-normalised -> (K, g, g)."""
-    return (F.normalize(f.float(), dim=-1) @ v.float().T).T.reshape(-1, g, g)
 
 
 def grid_to_image(heat, box, s):
@@ -222,7 +133,7 @@ def bank_thumbnails(bank, meta, box, out_dir, size=64):
     samples = meta.get("samples")
     images = {}
     if samples and os.path.isfile(samples):
-        for _, r in read_jsonl(samples):
+        for _, r in IO.read_jsonl(samples, ExplainError):
             images[r.get("id")] = os.path.join(os.path.dirname(samples), r.get("image", ""))
     os.makedirs(out_dir, exist_ok=True)
     out = []
@@ -242,8 +153,43 @@ def bank_thumbnails(bank, meta, box, out_dir, size=64):
     return out
 
 
+@dataclass
+class VisualWindow:
+    """What the visual window shows: VP(h_k) against every patch of the full image, on the encoder's square
+    view of it."""
+    heat: torch.Tensor  # (K, g, g) raw cosine
+    box: tuple  # the image inside the square view (x0, y0, x1, y1), in square pixels
+    s: int  # side of the square view
+    bank: list = None  # with --bank: per step, its nearest training ROIs
+    encoder: dict = None  # which encoder, for OUT.json
+
+
+def visual_window(vital, h, image, config, args, device):
+    """VP(h_k) against every patch of the full image -> VisualWindow (with --bank, the neighbours'
+    thumbnails are written next to args.out). The encoder must be the one the ROI targets came from: its
+    width is VP's output width d_v."""
+    path, kind, size, src = SC.resolve_encoder(config, args.ckpt, args.encoder, ExplainError)
+    try:
+        enc = RE.build_encoder(kind, path, device, size)
+    except (OSError, ValueError) as e:  # a folder of another model type, missing weights
+        raise ExplainError(f"encoder folder '{path}' (from {src}): {e}") from None
+    v = M.project_latent(vital.vp, h)                                                       # (K, d_v)
+    if v.shape[1] != enc.dim:
+        raise ExplainError(f"the visual projector gives {v.shape[1]}-d features but encoder '{path}' (from "
+                           f"{src}) has width {enc.dim}: pass --encoder with the encoder the ROI targets "
+                           "came from")
+    f, box, s = RE.patch_features(enc, image)
+    heat = RE.heatmaps(f.cpu(), v.cpu(), enc.grid)                                          # (K, g, g)
+    enc_info = dict(path=os.path.abspath(path), kind=kind, from_=src, grid=enc.grid, d_v=enc.dim)
+    bank = None
+    if args.bank:
+        nb, meta, bbox = nearest_rois(args.bank, v.cpu(), args.bank_top)
+        bank = bank_thumbnails(nb, meta, bbox, args.out + "_bank")
+    return VisualWindow(heat, box, s, bank, enc_info)
+
+
 # ----------------------------------------------------------------------------------------------------
-# 4. The panel (Figure 3/12): header (question, answer), then the image and one overlay per step, each
+# 3. The panel (Figure 3/12): header (question, answer), then the image and one overlay per step, each
 #    with its decoded sentence below, then (with --bank) the nearest ROI thumbnails of each step.
 # ----------------------------------------------------------------------------------------------------
 MARGIN, HEADER, CAPTION, BANK_ROW = 10, 56, 110, 96
@@ -256,14 +202,14 @@ def panel_size(K, tile, bank):
 
 def square_view(image, tile):
     W, H = image.size
-    return pad_image(image, (0, 0, W, H)).resize((tile, tile), Image.BILINEAR)
+    return RE.pad_image(image, (0, 0, W, H)).resize((tile, tile), Image.BILINEAR)
 
 
 def overlay(image, heat_img, box, s, tile, alpha=0.5):
     """The heatmap (min-max scaled per step, as in Figure 12) blended over the grey image, in the square
     view."""
     lo, hi = float(heat_img.min()), float(heat_img.max())
-    rgb = colormap((heat_img - lo) / (hi - lo) if hi > lo else np.zeros_like(heat_img))
+    rgb = IO.colormap((heat_img - lo) / (hi - lo) if hi > lo else np.zeros_like(heat_img))
     grey = np.asarray(image.convert("L").convert("RGB"), dtype=np.float32)
     mixed = ((1 - alpha) * grey + alpha * rgb).round().astype(np.uint8)
     sq = Image.new("RGB", (s, s))
@@ -277,7 +223,9 @@ def printable(text):
     return "".join(c if c.isprintable() else " " if c.isspace() else "" for c in text)
 
 
-def draw_panel(path, image, question, answer, steps, box, s, tile, bank):
+def draw_panel(path, image, answer, steps, win, args):
+    """The panel of args.question and its answer, at args.tile px a tile -> its (width, height)."""
+    question, box, s, tile, bank = args.question, win.box, win.s, args.tile, win.bank
     K = len(steps)
     W, H = panel_size(K, tile, bank is not None)
     im = Image.new("RGB", (W, H), "white")
@@ -311,7 +259,7 @@ def draw_panel(path, image, question, answer, steps, box, s, tile, bank):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 5. Command line.
+# 4. Command line.
 # ----------------------------------------------------------------------------------------------------
 def get_args(argv=None):
     ap = argparse.ArgumentParser(description="VITAL dual interpretability: text and visual window of every "
@@ -346,34 +294,12 @@ def get_args(argv=None):
     return args
 
 
-def visual_window(vital, h, image, config, ckpt, args, device, out):
-    """VP(h_k) against every patch of the full image -> (heat (K, g, g), box, s, bank or None, encoder
-    info). The encoder must be the one the ROI targets came from: its width is VP's output width d_v."""
-    path, kind, size, src = resolve_encoder(config, ckpt, args.encoder)
-    try:
-        enc = build_encoder(kind, path, device, size)
-    except (OSError, ValueError) as e:  # a folder of another model type, missing weights
-        raise ExplainError(f"encoder folder '{path}' (from {src}): {e}") from None
-    v = M.project_latent(vital.vp, h)                                                       # (K, d_v)
-    if v.shape[1] != enc.dim:
-        raise ExplainError(f"the visual projector gives {v.shape[1]}-d features but encoder '{path}' (from "
-                           f"{src}) has width {enc.dim}: pass --encoder with the encoder the ROI targets "
-                           "came from")
-    f, box, s = patch_features(enc, image)
-    heat = heatmaps(f.cpu(), v.cpu(), enc.grid)                                             # (K, g, g)
-    enc_info = dict(path=os.path.abspath(path), kind=kind, from_=src, grid=enc.grid, d_v=enc.dim)
-    bank = None
-    if args.bank:
-        nb, meta, bbox = nearest_rois(args.bank, v.cpu(), args.bank_top)
-        bank = bank_thumbnails(nb, meta, bbox, out + "_bank")
-    return heat, box, s, bank, enc_info
-
-
-def step_record(k, sentence, heat, box, s, bank):
+def step_record(k, sentence, win):
     """Step k (0-based) as a dict: its sentence and, with the visual window, its heatmap (raw cosine over
     the grid), the peak patch, the heatmap over the image (`heat_img`, for the panel) and the neighbours."""
     st = dict(k=k + 1, sentence=sentence)
-    if heat is not None:
+    if win is not None:
+        heat, box, s = win.heat, win.box, win.s
         g = heat.shape[-1]
         r, c = divmod(int(heat[k].flatten().argmax()), g)
         cell = s / g  # patch side in square pixels; the peak's centre in original image pixels:
@@ -381,8 +307,8 @@ def step_record(k, sentence, heat, box, s, bank):
                   x=(c + 0.5) * cell - box[0], y=(r + 0.5) * cell - box[1]),
                   cos_min=float(heat[k].min()), cos_max=float(heat[k].max()))
         st["heat_img"] = grid_to_image(heat[k], box, s)
-    if bank is not None:
-        st["nearest_rois"] = bank[k]
+        if win.bank is not None:
+            st["nearest_rois"] = win.bank[k]
     return st
 
 
@@ -399,40 +325,40 @@ def print_steps(ckpt, question, answer, steps):
 
 def explain(args):
     image = open_image(args.image, ExplainError)
-    device, dtype = device_and_dtype(args.device)
-    ckpt = args.ckpt or find_checkpoint(args.runs)
+    device, dtype = IO.device_and_dtype(args.device)
+    args.ckpt = args.ckpt or find_checkpoint(args.runs)  # both resolved here: visual_window reads them
+    args.out = args.out or os.path.join(args.ckpt, "explain", os.path.splitext(os.path.basename(args.image))[0])
     try:
-        vital, processor, dec_tok, config = load_explainer(ckpt, device, dtype)
-    except (EvalError, IO.CheckpointError, FileNotFoundError, ValueError) as e:
+        vital, processor, dec_tok, config = SC.load_explainer(args.ckpt, device, dtype, ExplainError)
+    except (IO.CheckpointError, FileNotFoundError, ValueError) as e:
         raise ExplainError(str(e)) from None
-    answer, h = answer_and_latents(vital, processor, image, args.question, args.k, args.max_new_tokens,
-                                   device)
+    answer, h = answer_and_latents(vital, processor, image, args, device)
     sentences = [None] * args.k  # text window: only with the decoder + pj_in
     if vital.decoder is not None:
         sentences = M.decode_latent(vital.decoder, vital.pj_in, dec_tok, h, args.max_step_tokens)
-    out = args.out or os.path.join(ckpt, "explain", os.path.splitext(os.path.basename(args.image))[0])
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     except OSError as e:
-        raise ExplainError(f"cannot write {out}.png/.json ({e}): pass --out STEM in a writable folder") from None
+        raise ExplainError(f"cannot write {args.out}.png/.json ({e}): pass --out STEM in a writable "
+                           "folder") from None
     result = dict(image=os.path.abspath(args.image), question=args.question, answer=answer, K=args.k,
-                  ckpt=os.path.abspath(ckpt), steps=[])
-    heat, box, s, bank, enc_info = None, None, None, None, None
+                  ckpt=os.path.abspath(args.ckpt), steps=[])
+    win = None
     if vital.vp is not None:  # visual window: only with the visual projector
-        heat, box, s, bank, enc_info = visual_window(vital, h, image, config, ckpt, args, device, out)
-    if heat is not None and not torch.isfinite(heat).all():  # strict JSON has no NaN
-        raise ExplainError(f"the checkpoint '{ckpt}' gives non-finite latent states (NaN or inf): it is broken "
-                           "or was trained with a diverging loss")
-    steps = [step_record(k, sentences[k], heat, box, s, bank) for k in range(args.k)]
-    print_steps(ckpt, args.question, answer, steps)
-    if heat is not None:
-        size = draw_panel(out + ".png", image, args.question, answer, steps, box, s, args.tile, bank)
-        result.update(panel=os.path.abspath(out + ".png"), panel_size=list(size), encoder=enc_info)
-        print(f"wrote {out}.png ({size[0]}x{size[1]}) and {out}.json")
+        win = visual_window(vital, h, image, config, args, device)
+    if win is not None and not torch.isfinite(win.heat).all():  # strict JSON has no NaN
+        raise ExplainError(f"the checkpoint '{args.ckpt}' gives non-finite latent states (NaN or inf): it is "
+                           "broken or was trained with a diverging loss")
+    steps = [step_record(k, sentences[k], win) for k in range(args.k)]
+    print_steps(args.ckpt, args.question, answer, steps)
+    if win is not None:
+        size = draw_panel(args.out + ".png", image, answer, steps, win, args)
+        result.update(panel=os.path.abspath(args.out + ".png"), panel_size=list(size), encoder=win.encoder)
+        print(f"wrote {args.out}.png ({size[0]}x{size[1]}) and {args.out}.json")
     else:
-        print(f"no visual projector in this checkpoint: no heatmaps; wrote {out}.json")
+        print(f"no visual projector in this checkpoint: no heatmaps; wrote {args.out}.json")
     result["steps"] = [{k: v for k, v in st.items() if k != "heat_img"} for st in steps]
-    write_strict_json(result, out + ".json")
+    write_strict_json(result, args.out + ".json")
     return result
 
 

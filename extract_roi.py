@@ -16,10 +16,11 @@ Features are L2-normalised; the top-5 patches by cosine similarity with the ROI 
 their indices in the grid of the image that was encoded (`pathway` says which: 0 full image, 1 crop;
 `box` gives that region in source pixels as x0, y0, x1, y1).
 
-Patch features = the output of the LAST encoder block, before post_layernorm (`hidden_states[-1]` in
-transformers 5.24's SiglipVisionModel; a test pins this). Preprocessing as MedSigLIP was trained:
-grey -> 3 channels, pad to square with zeros (centred), bicubic resize to the encoder's image_size,
-normalise with the processor's mean/std. Grid size and width come from the encoder config.
+Patch features (the encoders are in roi_encoder.py) = the output of the LAST encoder block, before
+post_layernorm (`hidden_states[-1]` in transformers 5.24's SiglipVisionModel; a test pins this).
+Preprocessing as MedSigLIP was trained: grey -> 3 channels, pad to square with zeros (centred), bicubic
+resize to the encoder's image_size, normalise with the processor's mean/std. Grid size and width come
+from the encoder config.
 
 `--encoder-kind self` (§C.3 ablation): the backbone's own vision tower (Qwen3-VL `model.visual`). The
 square view is resized to `--self-size` px (a multiple of 32) and we pool the MERGED vision tokens
@@ -33,7 +34,7 @@ Writes: roi.safetensors: roi (N,d_v) f32, global (N,d_v), top5_index (N,5) i64, 
         roi_report.json: failed samples (id, line, reason; they get no row) and fallbacks used.
         A bad sample line or file is a failure in the report, never a crash; a user mistake (no such
         --samples or --encoder folder, every sample failing, an out-of-range number) is one error line
-        and exit status 1. JSON is written strict (prepare_data.strict_json: no NaN anywhere).
+        and exit status 1. JSON is written strict (pipeline_io.strict_json: no NaN anywhere).
         roi_shards/ while running: finished rows, so that a rerun continues (deleted at the end).
         With --grid-search: roi_gridsearch.{json,md,png} (coverage, intensity, SNR of §A.5.3).
 
@@ -62,10 +63,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-import model as M
-
 import pipeline_io as IO
 from pipeline_io import strict_json, write_strict_json
+from roi_encoder import build_encoder, grid_fraction, pad_image, square_pad
 
 MASK_THRESHOLD = 0.3  # §A.5.2: a patch belongs to the ROI if >= 30% of it is mask (area interpolation)
 VALID_THRESHOLD = 0.5  # chosen: a crop patch is "valid" if at least half of it is real image, not padding
@@ -142,25 +142,9 @@ def load_mask(path, size):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 2. Geometry: square padding, mask -> patch grid, crop box, validity. Pure functions, tested by hand.
+# 2. Geometry: mask -> patch grid (the square frame of roi_encoder.py), crop box, validity. Pure
+#    functions, tested by hand.
 # ----------------------------------------------------------------------------------------------------
-def square_pad(a):
-    """(h, w) array -> (s, s) float tensor, s = max(h, w), content centred, zeros elsewhere. The image
-    is padded the same way (pad_image), so both live in the same square frame."""
-    h, w = a.shape
-    s = max(h, w)
-    out = torch.zeros(s, s)
-    oy, ox = (s - h) // 2, (s - w) // 2
-    out[oy:oy + h, ox:ox + w] = torch.as_tensor(np.asarray(a, dtype=np.float32))
-    return out
-
-
-def grid_fraction(a_sq, g):
-    """(s, s) float -> (g*g,) fraction of each patch that a_sq covers. F.interpolate(mode='area') is
-    adaptive average pooling, so it is exact also when s is not a multiple of g."""
-    return F.interpolate(a_sq[None, None], size=(g, g), mode="area")[0, 0].flatten()
-
-
 def binarise(frac, threshold):
     """fraction grid -> (bool grid, fell_back). A thin or tiny region may cover no patch to `threshold`:
     then we keep the patch(es) it covers most rather than pooling nothing (or everything)."""
@@ -212,92 +196,8 @@ def view_grids(mask, box, g):
     return grid_fraction(square_pad(m), g), grid_fraction(square_pad(np.ones_like(m)), g)
 
 
-def pad_image(img, box):
-    """Crop `box` out of the RGB image and centre it on a black square (zeros, as MedSigLIP's padding)."""
-    x0, y0, x1, y1 = box
-    crop = img.crop(box)
-    s = max(x1 - x0, y1 - y0)
-    sq = Image.new("RGB", (s, s))
-    sq.paste(crop, ((s - (x1 - x0)) // 2, (s - (y1 - y0)) // 2))
-    return sq
-
-
 # ----------------------------------------------------------------------------------------------------
-# 3. Encoders: preprocess(square PIL) -> pixels; encode(pixels (B, ...)) -> patch features (B, g*g, d).
-# ----------------------------------------------------------------------------------------------------
-class SiglipPatches:
-    """Frozen SigLIP vision tower (MedSigLIP-448 in the paper), loaded with model.load_encoder."""
-    kind = "siglip"
-
-    def __init__(self, path, device="cpu", dtype=torch.float32):
-        self.model, proc = IO.load_encoder(path, dtype, device)
-        cfg = self.model.config
-        self.name, self.path = os.path.basename(os.path.normpath(path)), path
-        self.device, self.dtype = device, dtype
-        self.image_size, self.dim = cfg.image_size, cfg.hidden_size
-        self.grid = cfg.image_size // cfg.patch_size
-        self.mean = torch.tensor(proc.image_mean).view(3, 1, 1)
-        self.std = torch.tensor(proc.image_std).view(3, 1, 1)
-        self.resample = proc.resample  # bicubic for SigLIP
-
-    def preprocess(self, sq):
-        """square RGB PIL -> (3, R, R) normalised float tensor."""
-        im = sq.resize((self.image_size, self.image_size), resample=self.resample)
-        x = torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1) / 255.0
-        return (x - self.mean) / self.std
-
-    @torch.no_grad()
-    def encode(self, x):
-        out = self.model(pixel_values=x.to(self.device, self.dtype), output_hidden_states=True)
-        return out.hidden_states[-1].float().cpu()  # (B, g*g, d): last block, before post_layernorm
-
-
-class QwenSelfPatches:
-    """The backbone's own vision tower (§C.3 self-referential ablation): merged tokens = LLM image tokens."""
-    kind = "self"
-
-    def __init__(self, path, size=448, device="cpu", dtype=torch.float32):
-        backbone, proc = IO.load_backbone(path, dtype, device)
-        self.visual, self.ip = backbone.model.visual.requires_grad_(False), proc.image_processor
-        unit = self.ip.patch_size * self.ip.merge_size  # 16 px x 2x2 merge = 32 px per token
-        if size % unit:
-            raise ValueError(f"--self-size {size} must be a multiple of {unit} (patch {self.ip.patch_size} "
-                             f"x merge {self.ip.merge_size})")
-        self.name, self.path = os.path.basename(os.path.normpath(path)), path
-        self.device, self.dtype = device, dtype
-        self.image_size, self.grid = size, size // unit
-        self.dim = self.visual.config.out_hidden_size
-
-    def preprocess(self, sq):
-        """square RGB PIL -> (g*g*merge^2, C*T*P*P) flattened patches in the processor's merge order."""
-        im = sq.resize((self.image_size, self.image_size), resample=Image.BICUBIC)
-        out = self.ip(images=[im], return_tensors="pt")
-        thw = out["image_grid_thw"][0].tolist()
-        m = self.ip.merge_size
-        if thw != [1, self.grid * m, self.grid * m]:
-            raise RuntimeError(f"processor gave grid {thw} for a {self.image_size}px square; expected "
-                               f"[1, {self.grid * m}, {self.grid * m}] (check its min/max pixels)")
-        return out["pixel_values"]
-
-    @torch.no_grad()
-    def encode(self, x):
-        B, m = x.shape[0], self.ip.merge_size
-        thw = torch.tensor([[1, self.grid * m, self.grid * m]] * B)
-        out = self.visual(x.flatten(0, 1).to(self.device, self.dtype), grid_thw=thw)
-        # pooler_output: merged tokens, row-major over the (g, g) grid of 2x2 patch blocks
-        return out.pooler_output.float().cpu().view(B, self.grid * self.grid, self.dim)
-
-
-def build_encoder(kind, path, device, self_size=448):
-    """--encoder-kind siglip|self -> the frozen encoder, bf16 on a GPU (explain.py builds its own with it)."""
-    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    if kind == "self":
-        return QwenSelfPatches(path, self_size, device, dtype)
-    return SiglipPatches(path, device, dtype)
-
-
-# ----------------------------------------------------------------------------------------------------
-# 4. Pooling (§A.5.2 post-processing).
+# 3. Pooling (§A.5.2 post-processing).
 # ----------------------------------------------------------------------------------------------------
 def pool(feats, keep):
     """Mean of the kept patches, L2-normalised. feats (g*g, d), keep (g*g,) bool -> (d,)."""
@@ -378,7 +278,7 @@ def extract_chunk(units, enc, args, global_cache):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 5. The run: chunks -> shards (resumable) -> one atomic roi.safetensors + report.
+# 4. The run: chunks -> shards (resumable) -> one atomic roi.safetensors + report.
 # ----------------------------------------------------------------------------------------------------
 ROW_TENSORS = {"roi": torch.float32, "global": torch.float32, "top5_index": torch.int64,
                "top5_score": torch.float32, "pathway": torch.int64, "box": torch.int64,
@@ -480,7 +380,7 @@ def extract(samples_path, out, enc, args):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 6. Grid search over tau x delta (§A.5.3): coverage, intensity, SNR on a random subset.
+# 5. Grid search over tau x delta (§A.5.3): coverage, intensity, SNR on a random subset.
 #    Per sample, in the grid of the view its pathway encodes: ROI patches = mask >= 0.3 (with the same
 #    fallback as pooling); coverage = ROI patches / g^2; intensity = mean L2 norm of ROI patch features;
 #    SNR = mean ROI norm / mean norm of the background (real, non-ROI) patches (undefined: skipped; a
@@ -602,7 +502,7 @@ def run_grid_search(samples_path, out, enc, args):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 7. Command line.
+# 6. Command line.
 # ----------------------------------------------------------------------------------------------------
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

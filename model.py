@@ -25,6 +25,7 @@ from transformers import DynamicCache
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
+
 # ----------------------------------------------------------------------------------------------------
 # 1. LoRA (Hu et al. 2021), hand-written. Paper §4.1/§B.2: r = 64 (174.6M params on 36 layers), alpha =
 #    128 (chosen), dropout 0.05 on the LoRA input only, all attention and MLP projections of the LLM.

@@ -113,6 +113,17 @@ def to_uint8(a):
     return (np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
+def colormap(t):
+    """Values in [0, 1] (numpy array) -> uint8 RGB on a jet-like ramp (matplotlib is not a dependency); the
+    colours of evaluate.py's collapse matrix and explain.py's heatmaps."""
+    stops = np.array([(0, 0, 128), (0, 64, 255), (0, 224, 255), (128, 255, 128), (255, 224, 0), (255, 48, 0),
+                      (128, 0, 0)], dtype=np.float64)
+    x = np.clip(np.asarray(t, dtype=np.float64), 0, 1) * (len(stops) - 1)
+    i = np.minimum(x.astype(int), len(stops) - 2)
+    w = (x - i)[..., None]
+    return ((1 - w) * stops[i] + w * stops[i + 1]).round().astype(np.uint8)
+
+
 # ----------------------------------------------------------------------------------------------------
 # 3. Loading model folders. Real runs: Qwen3-VL-8B-Instruct, Qwen3-1.7B, MedSigLIP-448.
 #    Tests and the demo: tiny models of the SAME classes written by embedded/tiny.py and read back here.
@@ -203,6 +214,13 @@ def load_encoder(path, dtype=torch.float32, device="cpu"):
     _check_folder(path, ("siglip_vision_model", "siglip"), "encoder")
     model = _from_pretrained(SiglipVisionModel, path, dtype, device).eval().requires_grad_(False)
     return model, SiglipImageProcessorPil.from_pretrained(path)
+
+
+def device_and_dtype(name):
+    """--device auto|cpu|cuda -> (torch.device, dtype): bf16 on a GPU, fp32 on the CPU."""
+    use_cuda = name == "cuda" or (name == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if use_cuda else "cpu")
+    return device, torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 
@@ -302,7 +320,8 @@ def _pad_right(seqs, pad_id):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 5. Checkpoints of a run. Save / load: safetensors for tensors, JSON for metadata, atomic folder writes, PEFT export.
+# 5. Checkpoints of a run: safetensors for tensors, JSON for metadata, atomic folder writes, PEFT export;
+#    and the identity of model folders and data files recorded in them.
 # ----------------------------------------------------------------------------------------------------
 class CheckpointError(Exception):
     """A checkpoint folder that is missing or lacks a field; the stages print it as one line."""

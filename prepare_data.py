@@ -31,6 +31,11 @@ Every sample goes through the same quality gate whatever the teacher. Every deci
 and flushed as soon as it is done, so a killed run loses only the samples in flight (for MSD: the volume
 in flight); rerunning the same command skips decided ids.
 
+The file reads top to bottom as the flow: the sources give (image, target mask) cases (the phantom:
+embedded/phantom.py; MSD, BiomedParse: segmentation_sources.py), image_facts.measure turns a mask into facts,
+the questions are asked here, a teacher answers (the geometry teacher here, the OpenAI one in llm_teacher.py),
+quality_gate.py checks every answer (and holds Table 4's question types and K), and the records are written here.
+
 Bad input never stops a run and is never dropped silently: every input file ends either in an accepted
 sample or in rejects.jsonl with a reason that names the file and says what is wrong (unreadable image,
 mask without an image, image without a mask, name that follows no convention, size mismatch, empty mask,
@@ -52,16 +57,11 @@ JSON and JSONL file is strict JSON (no NaN or Infinity: strict_json refuses them
       --base-url https://api.openai.com/v1 --teacher-model gpt-5.4 --workers 8
 """
 import argparse
-import base64
 import hashlib
-import io
 import json
 import os
 import random
 import re
-import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from multiprocessing import Pool
 from multiprocessing.pool import ThreadPool
@@ -70,398 +70,19 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from embedded.phantom import phantom_case
-from pipeline_io import slug, strict_json, strict_loads, to_uint8, write_strict_json
+from embedded.phantom import phantom_case  # the sources: the phantom, then MSD and BiomedParse (§A.1)
+from segmentation_sources import bmp_cases, bmp_work, msd_cases, read_msd_task
+from image_facts import measure, overlay_view, share_words  # what the pixels show about a target
+from quality_gate import QUESTION_TYPES, STEP_RANGE, article, gate  # Table 4 and the gate (§A.3)
+from llm_teacher import RequestRefused, TeacherUnavailable, openai_teacher  # §A.2
+from pipeline_io import slug, strict_json, strict_loads, write_strict_json
 
-# ----------------------------------------------------------------------------- question types and K (Table 4)
-QUESTION_TYPES = ["yesno", "identify", "location_choice", "location", "describe", "reasoning"]
-STEP_RANGE = {"yesno": (1, 1), "identify": (1, 1), "location_choice": (1, 1), "location": (2, 2),
-              "describe": (2, 3), "reasoning": (3, 4),  # Table 4: the reasoning depth K of each type
-              "caption": (1, 1)}  # --captions only: stand-in pretraining of the tiny backbone, no VITAL type
-
-
+# ----------------------------------------------------------------------------- questions (§A.1, Table 4)
 def stable_hash(text):
     """A hash that is the same in every process and every run (Python's hash() is salted)."""
     return int(hashlib.sha1(text.encode()).hexdigest()[:12], 16)
 
 
-def article(target, target_type):
-    if target_type in ("organ", "vessel", "retina", "tissue"):
-        return "the"
-    return "an" if target[0].lower() in "aeiou" else "a"
-
-
-# ----------------------------------------------------------------------------- pixel helpers
-def dilate(m, n=1):
-    """Binary dilation with a 3x3 square, n times (numpy only: no scipy dependency)."""
-    for _ in range(n):
-        p = np.pad(m, 1)
-        m = (p[1:-1, 1:-1] | p[:-2, 1:-1] | p[2:, 1:-1] | p[1:-1, :-2] | p[1:-1, 2:]
-             | p[:-2, :-2] | p[:-2, 2:] | p[2:, :-2] | p[2:, 2:])
-    return m
-
-
-def erode(m, n=1):
-    return ~dilate(~m, n)
-
-
-def save_png(array, path):
-    """Write atomically: a killed run never leaves a half-written PNG under the final name."""
-    tmp = path + ".tmp.png"
-    Image.fromarray(array).save(tmp, compress_level=1)  # fast zlib level: noisy images barely shrink more
-    os.replace(tmp, path)
-
-
-def overlay_view(image, mask):
-    """Teacher-only view (§A.2): mask as red layer with alpha 0.4, boundary as a yellow contour."""
-    rgb = np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image
-    out = rgb.astype(np.float32)
-    out[mask] = 0.6 * out[mask] + 0.4 * np.array([255, 0, 0], np.float32)
-    out[mask & ~erode(mask)] = (255, 255, 0)
-    return out.astype(np.uint8)
-
-
-def read_png(path, as_mask=False):
-    """Read any PNG flavour (8/16-bit, grey, RGB, RGBA, palette) as uint8 grey/RGB, or a bool mask."""
-    with Image.open(path) as im:
-        im.load()  # forces the decode here, so a truncated file raises here
-        deep = im.mode in ("I;16", "I;16B", "I;16L", "I", "F")
-        if not deep:
-            im = im.convert("RGB") if im.mode in ("RGBA", "LA", "P", "CMYK", "RGB") else im.convert("L")
-        a = np.asarray(im, dtype=np.float64) if deep else np.asarray(im)
-    if as_mask:  # binarised > 0 on any channel (§A.1)
-        return (a > 0).any(axis=2) if a.ndim == 3 else a > 0
-    if deep:  # 16-bit: rescale its own range to 0..255
-        lo, hi = a.min(), a.max()
-        return to_uint8((a - lo) / (hi - lo) if hi > lo else a * 0)
-    if a.ndim == 3 and (a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all():
-        a = a[..., 0]  # grey stored as RGB
-    return np.ascontiguousarray(a)
-
-
-# ----------------------------------------------------------------------------- image-space facts
-MIN_TARGET_PIXELS = 25  # fewer pixels have no measurable shape, boundary or brightness (chosen)
-MAX_TARGET_SHARE = 0.9  # a target covering more of the image has nothing to stand out from (chosen)
-
-
-def target_problem(mask, where):
-    """Why this mask cannot be described (a reject reason naming `where`), or '' if it can."""
-    n, share = int(mask.sum()), float(mask.mean())
-    if n == 0:
-        return f"empty_mask: {where} has no target pixel"
-    if n < MIN_TARGET_PIXELS:
-        return (f"too_small: {where} has {n} target pixel{'s' * (n > 1)} ({100 * share:.3g}% of the image); "
-                f"the minimum is {MIN_TARGET_PIXELS}")
-    if share > MAX_TARGET_SHARE:
-        return (f"too_large: {where} covers {100 * share:.1f}% of the image; the maximum is "
-                f"{100 * MAX_TARGET_SHARE:.0f}%")
-    if not (dilate(mask, 6) & ~dilate(mask, 2)).any():  # the ring measure() compares brightness with
-        return f"no_surroundings: {where} leaves no background within 6 pixels of the target"
-    return ""
-
-
-def share_words(area):
-    """The share of the image in words that agree with the measured area (round() would say 'about 0%',
-    and max(1, ...) would say 'about 1%' of a one-pixel target)."""
-    return "less than 1%" if area < 0.005 else f"about {max(1, round(100 * area))}%"
-
-
-def measure(image, mask):
-    """What the raw pixels show about the target: position, extent, shape, boundary, brightness.
-    Every word the geometry teacher writes and the gate's spatial check comes from here. A degenerate
-    mask (target_problem) raises ValueError: its facts would be NaN or meaningless."""
-    problem = target_problem(mask, "the mask")
-    if problem:
-        raise ValueError(problem)
-    H, W = mask.shape
-    lum = (image.mean(axis=2) if image.ndim == 3 else image).astype(np.float32) / 255
-    ys, xs = np.nonzero(mask)
-    cx, cy = (xs.mean() + 0.5) / W, (ys.mean() + 0.5) / H
-    h = "left" if cx < 1 / 3 else "right" if cx > 2 / 3 else "central"
-    v = "upper" if cy < 1 / 3 else "lower" if cy > 2 / 3 else "middle"
-    # shape: compare the mask with the ellipse that has the same second moments
-    cov = np.cov(np.stack([xs, ys]).astype(np.float64)) + np.eye(2) / 12  # +1/12: pixel extent
-    evals, evecs = np.linalg.eigh(cov)
-    elongation = float(np.sqrt(evals[1] / evals[0]))
-    gy, gx = np.mgrid[0:H, 0:W]
-    d = np.stack([gx - xs.mean(), gy - ys.mean()], axis=-1) @ evecs  # (H, W, 2) in the ellipse axes
-    ellipse = (d[..., 0] ** 2 / (4 * evals[0]) + d[..., 1] ** 2 / (4 * evals[1])) <= 1
-    iou = float((ellipse & mask).sum() / (ellipse | mask).sum())
-    shape = "irregular" if iou < 0.8 else "elongated" if elongation >= 2.2 else "round"
-    # boundary: how much of the core-to-background step happens within 2 px of the edge
-    core = erode(mask, 4) if erode(mask, 4).sum() >= 5 else mask
-    far = dilate(mask, 8) & ~dilate(mask, 4)
-    inner, outer = mask & ~erode(mask, 2), dilate(mask, 2) & ~mask
-    step = lum[core].mean() - lum[far].mean() if far.any() else 0.0
-    edge = (lum[inner].mean() - lum[outer].mean()) / step if abs(step) > 0.03 and outer.any() else 0.0
-    # brightness versus a ring of surroundings a few pixels away
-    ring = dilate(mask, 6) & ~dilate(mask, 2)
-    diff = float(lum[mask].mean() - lum[ring].mean()) if ring.any() else 0.0
-    area = float(mask.mean())
-    facts = {"cx": round(float(cx), 4), "cy": round(float(cy), 4), "h": h, "v": v,
-            "area": round(area, 5), "size": "small" if area < 0.025 else "large",
-            "elongation": round(elongation, 3), "ellipse_iou": round(iou, 3), "shape": shape,
-            "edge": round(float(edge), 3), "boundary": "sharp" if edge > 0.7 else "blurred",
-            "contrast": round(diff, 4),
-            "brightness": "brighter" if diff > 0.04 else "darker" if diff < -0.04 else "similar"}
-    bad = [k for k, x in facts.items() if isinstance(x, float) and not np.isfinite(x)]
-    if bad:  # a guard, not an expected path: target_problem should have refused this mask
-        raise ValueError(f"degenerate_mask: non-finite {', '.join(bad)}")
-    return facts
-
-
-def phrases(f):
-    """The facts as the phrases that answers, chains and closed-ended choices are written with."""
-    return {"where": "central part of the image" if f["h"] == "central" and f["v"] == "middle"
-            else f"{f['v']} {f['h']} part of the image",
-            "side": f"{f['h']} part of the image",
-            "bright": "similar in brightness to its surroundings" if f["brightness"] == "similar"
-            else f"{f['brightness']} than its surroundings",
-            "margin": "a sharp, well-defined boundary" if f["boundary"] == "sharp"
-            else "a blurred, ill-defined boundary",
-            "total": sum(rule_points(f)), "grade": GRADES[sum(rule_points(f))].capitalize()}
-
-
-# ----------------------------------------------------------------------------- MSD reader (§A.1)
-CT_WINDOWS = {"abdomen": (-150, 250), "liver": (-25, 230), "lung": (-1000, 1000)}  # HU
-MSD_ALIASES = {"pz": "prostate peripheral zone", "tz": "prostate transition zone",
-               "anterior": "anterior hippocampus", "posterior": "posterior hippocampus"}
-
-
-def msd_target(label, task):
-    """Label name from dataset.json -> (target name, target type)."""
-    name = MSD_ALIASES.get(label.lower().strip(), label.lower().strip())
-    if name in ("cancer", "tumor", "tumour"):
-        name = f"{task.split('_', 1)[-1].lower()} tumor"  # the site is the task's name: Task03_Liver
-    kind = "tumor" if re.search(r"tumo|cancer|carcinoma|edema|necro", name) else \
-        "vessel" if "vessel" in name else "organ"
-    return name, kind
-
-
-def read_msd_task(root):
-    """dataset.json -> (labels, modalities, [(image path, label path)]); './' stripped, '._' files skipped."""
-    path = os.path.join(root, "dataset.json")
-    if not os.path.isfile(path):
-        raise SystemExit(f"prepare_data.py: error: {path} not found: --msd-root must be an MSD task folder")
-    try:
-        with open(path) as fh:
-            meta = json.load(fh)
-        entries = [(os.path.join(root, e["image"].replace("./", "", 1)),
-                    os.path.join(root, e["label"].replace("./", "", 1))) for e in meta["training"]]
-        labels, modalities = meta["labels"], meta["modality"]
-        if not isinstance(labels, dict) or not isinstance(modalities, dict):
-            raise TypeError("'labels' and 'modality' must be objects")
-        [int(k) for k in list(labels) + list(modalities)]  # label values and channels are integers
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise SystemExit(f"prepare_data.py: error: {path}: not a valid MSD dataset.json "
-                         f"({type(e).__name__}: {e})")
-    return labels, modalities, [e for e in entries if not os.path.basename(e[0]).startswith("._")]
-
-
-def msd_normalise(vol, modality, task):
-    """CT: fixed HU window by site; MRI: 0.5-99.5 percentile of the non-zero voxels of the volume."""
-    if modality.upper() == "CT":
-        t = task.lower()
-        site = "lung" if "lung" in t else "liver" if re.search(r"liver|hepatic", t) else "abdomen"
-        lo, hi = CT_WINDOWS[site]
-    else:
-        nz = vol[vol != 0]
-        lo, hi = np.percentile(nz, [0.5, 99.5]) if nz.size else (0.0, 1.0)
-    return np.clip((vol - lo) / max(hi - lo, 1e-6), 0, 1)
-
-
-def msd_cases(work, args):
-    """All (slice, label) cases of one MSD volume; a 4-D volume gives one image per channel."""
-    import nibabel as nib  # only MSD needs it
-    _, root, image_path, label_path = work
-    task = os.path.basename(os.path.normpath(root))
-    labels, modalities, _ = read_msd_task(root)
-    case_id = os.path.basename(image_path).split(".nii")[0]
-    group = f"msd-{task}-{case_id}"
-    missing = [p for p in (image_path, label_path) if not os.path.isfile(p)]
-    if missing:
-        yield {"id": group, "reasons": [f"missing_file: {missing[0]} (listed in {root}/dataset.json)"]}
-        return
-    arrays = []
-    for path in (image_path, label_path):
-        try:
-            arrays.append(np.asanyarray(nib.load(path).dataobj).astype(np.float32))
-        except Exception as e:  # truncated gzip, not a NIfTI, bad header, ...
-            yield {"id": group, "reasons": [f"unreadable_volume: {path}: {type(e).__name__}: {e}"]}
-            return
-    vol, lab = arrays
-    vol = vol[..., None] if vol.ndim == 3 else vol  # (X, Y, Z, C)
-    problem = (f"bad_shape: {image_path} is {vol.ndim}-D, an MSD image is 3-D or 4-D" if vol.ndim != 4 else
-               f"size_mismatch: image {image_path} is {vol.shape[:3]} but label {label_path} is {lab.shape}"
-               if vol.shape[:3] != lab.shape else
-               f"non_finite: {image_path} or its label holds NaN or infinite voxels"
-               if not (np.isfinite(vol).all() and np.isfinite(lab).all()) else "")
-    if problem:
-        yield {"id": group, "reasons": [problem]}
-        return
-    lab = np.rint(lab).astype(np.int32)
-    names = {int(k): msd_target(v, task) for k, v in labels.items() if int(k) != 0}
-    channels = range(vol.shape[3]) if args.msd_channels == "all" else map(int, args.msd_channels.split(","))
-    channels = [c for c in channels if c < vol.shape[3]]  # get_args checked the list; a volume may have fewer
-    n_yielded = 0
-    for c in channels:
-        sequence = modalities.get(str(c), "MRI")
-        norm = msd_normalise(vol[..., c], sequence, task)
-        for z in range(0, lab.shape[2], args.msd_stride):
-            # np.rot90: NIfTI stores (x, y); rows of a displayed image are y, anterior up
-            image, lab_z = to_uint8(np.rot90(norm[:, :, z])), np.rot90(lab[:, :, z])
-            for value, (target, ttype) in names.items():
-                mask = lab_z == value
-                if mask.sum() < 100:  # §A.1: keep slices with >= 100 target pixels
-                    continue
-                n_yielded += 1
-                problem = target_problem(mask, f"label {label_path} slice {z} ({target})")
-                if problem:  # e.g. a label that fills the whole slice
-                    yield {"id": f"{group}-c{c}-z{z:03d}--{slug(target)}", "reasons": [problem]}
-                    continue
-                absent = [names[o] for o in names if o != value and not (lab_z == o).any()]
-                yield {"image_key": f"{group}-c{c}-z{z:03d}", "group": group, "source": "msd", "subset": task,
-                       "modality": "CT" if sequence.upper() == "CT" else "MRI", "target": target,
-                       "target_type": ttype, "image": image, "mask": mask, "others": absent, "order": None,
-                       "meta": {"volume": os.path.relpath(image_path, root), "slice": z, "channel": c,
-                                "sequence": modalities.get(str(c), "")}}
-    if not n_yielded:  # the volume must not vanish without a word
-        yield {"id": group, "reasons": [f"no_target: {label_path} (label of {image_path}) has no slice (every "
-                                        f"{args.msd_stride}th, channels {args.msd_channels}) with >= 100 pixels "
-                                        f"of a label of {root}/dataset.json"]}
-
-
-# ----------------------------------------------------------------------------- BiomedParse reader (§A.1)
-def parse_bmp_name(stem, is_mask):
-    """IMG_MODALITY_SITE[_TARGET] parsed from the right (the image id itself may contain '_')."""
-    parts = stem.split("_")
-    if len(parts) < (4 if is_mask else 3):
-        return None
-    target = parts.pop().replace("+", " ") if is_mask else None
-    site, modality = parts.pop().replace("+", " "), parts.pop().replace("+", " ")
-    return {"image_stem": "_".join(parts + [modality.replace(" ", "+"), site.replace(" ", "+")]),
-            "modality": modality, "site": site, "target": target}
-
-
-def bmp_group(image_id):
-    """The patient/volume an image belongs to, so that its slices share one split. Rule: an image id of
-    three or more '_'-parts whose last part is a number (<dataset>_<patient or volume>_<slice>, as in
-    "amos_0042_117") is a slice: its group is the id without that number ("amos_0042"). Any other id
-    ("ISIC_0000123", "img7") names a single image: its own group."""
-    parts = image_id.split("_")
-    return "_".join(parts[:-1]) if len(parts) >= 3 and parts[-1].isdigit() else image_id
-
-
-def bmp_target_type(target):
-    t = target.lower()
-    for kind, pattern in [("tumor", r"tumo|cancer|carcinoma|glioma"), ("vessel", r"vessel|arter|vein|aorta"),
-                          ("lesion", r"lesion|nodule|polyp|cyst|opacity|pneumo|covid|infection|edema"),
-                          ("cell", r"cell|nucle|gland"), ("retina", r"optic|disc|cup|retin|fluid"),
-                          ("tissue", r"tissue|fat|muscle")]:
-        if re.search(pattern, t):
-            return kind
-    return "organ"
-
-
-def bmp_name_problem(folder, name, is_mask):
-    """Why a file in train/ or train_mask/ cannot be read as BiomedParse input, or ''."""
-    path = os.path.join(folder, name)
-    if not os.path.isfile(path):
-        return f"bad_name: {path} is not a file (images and masks lie directly in the split folder)"
-    if not name.endswith(".png"):
-        return f"bad_name: {path} is not a .png file"
-    if not parse_bmp_name(name[:-4], is_mask):
-        form = "IMG_MODALITY_SITE_TARGET.png" if is_mask else "IMG_MODALITY_SITE.png"
-        return f"bad_name: {path} does not follow the convention {form}"
-    return ""
-
-
-def bmp_work(root):
-    """One work item per image: (..., image path, [(mask path, target)]). A mask without an image, and a
-    file whose name follows no convention (its item holds the reason instead of masks), become rejects;
-    hidden files (.DS_Store, ._*) are skipped. A folder without train/ or test/ is the BiomedParse
-    parent: read every subset."""
-    if not os.path.isdir(root):
-        raise SystemExit(f"prepare_data.py: error: --bmp-root {root} is not a folder")
-    subset, work = os.path.basename(os.path.normpath(root)), []
-    splits = [s for s in ("train", "test") if os.path.isdir(os.path.join(root, s))]
-    for split in splits:
-        img_dir, mask_dir = os.path.join(root, split), os.path.join(root, f"{split}_mask")
-        masks, images = {}, set()  # image stem -> [(mask path, target)]; image stems
-        for folder, is_mask in ((mask_dir, True), (img_dir, False)):
-            for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-                if name.startswith("."):
-                    continue
-                problem = bmp_name_problem(folder, name, is_mask)
-                if problem:
-                    work.append(("bmp", root, subset, os.path.basename(folder), name,
-                                 os.path.join(folder, name), problem))
-                elif is_mask:
-                    parsed = parse_bmp_name(name[:-4], True)
-                    masks.setdefault(parsed["image_stem"], []).append((os.path.join(mask_dir, name),
-                                                                      parsed["target"]))
-                else:
-                    images.add(name[:-4])
-        for stem in sorted(images | set(masks)):
-            image_path = os.path.join(img_dir, stem + ".png")
-            work.append(("bmp", root, subset, split, stem, image_path, masks.get(stem, [])))
-    if not splits:
-        subsets = [os.path.join(root, d) for d in sorted(os.listdir(root))
-                   if any(os.path.isdir(os.path.join(root, d, s)) for s in ("train", "test"))]
-        if not subsets:
-            raise SystemExit(f"prepare_data.py: error: --bmp-root {root} has no train/ or test/ folder "
-                             "(nor subset folders with one)")
-        work = [w for sub in subsets for w in bmp_work(sub)]
-    return work
-
-
-PNG_ERRORS = (OSError, ValueError, Image.DecompressionBombError)  # missing, truncated, not a PNG, huge
-
-
-def bmp_cases(work, args):
-    """The (image, target) cases of one BiomedParse image, or rejects that name the bad file."""
-    _, root, subset, split, stem, image_path, masks = work
-    key = f"bmp-{slug(subset)}-{split}-{slug(stem)}"
-    if isinstance(masks, str):  # a file whose name follows no convention: bmp_work's reason
-        yield {"id": f"{key}--bad-name", "reasons": [masks]}
-        return
-    if not masks:
-        yield {"id": key, "reasons": [f"no_mask: {image_path} has no mask in {split}_mask/"]}
-        return
-    if not os.path.isfile(image_path):
-        for p, target in masks:
-            yield {"id": f"{key}--{slug(target)}", "reasons": [f"no_image: mask {p} has no image {image_path}"]}
-        return
-    try:
-        image = read_png(image_path)
-    except PNG_ERRORS as e:  # one reject per mask: each of them ends somewhere
-        for p, target in masks:
-            yield {"id": f"{key}--{slug(target)}", "reasons": [f"unreadable_image: {image_path} (image of mask "
-                                                               f"{p}): {type(e).__name__}: {e}"]}
-        return
-    parsed, targets = parse_bmp_name(stem, False), {t for _, t in masks}
-    absent = [(t, bmp_target_type(t)) for t in args.bmp_targets.get(subset, []) if t not in targets]
-    for p, target in masks:
-        try:
-            mask = read_png(p, as_mask=True)
-            problem = (f"size_mismatch: mask {p} is {mask.shape[1]}x{mask.shape[0]} but its image "
-                       f"{image_path} is {image.shape[1]}x{image.shape[0]}" if mask.shape != image.shape[:2]
-                       else target_problem(mask, f"mask {p} (of image {image_path})"))
-        except PNG_ERRORS as e:
-            problem = f"unreadable_mask: {p} (of image {image_path}): {type(e).__name__}: {e}"
-        if problem:
-            yield {"id": f"{key}--{slug(target)}", "reasons": [problem]}
-            continue
-        image_id = "_".join(stem.split("_")[:-2])  # the stem less its _MODALITY_SITE
-        yield {"image_key": key, "group": f"bmp-{slug(subset)}-{slug(bmp_group(image_id))}",
-               "folder_split": split, "source": "biomedparse", "subset": subset,
-               "modality": parsed["modality"], "target": target, "target_type": bmp_target_type(target),
-               "image": image, "mask": mask, "others": absent, "order": None,
-               "meta": {"site": parsed["site"], "bmp_split": split, "file": os.path.relpath(p, root),
-                        "image_file": os.path.relpath(image_path, root)}}
-
-
-# ----------------------------------------------------------------------------- questions (§A.1, Table 4)
 TEMPLATES = {
     "yesno": {"*": ["Is {art} {t} visible in this {mp}?", "Does this {mp} show {art} {t}?"]},
     # identify does not name the type: the pixels, not the wording, must tell which target it is
@@ -505,7 +126,6 @@ def points_text(n):
     return f"{n} point" if n == 1 else f"{n} points"
 
 
-
 def samples_for(case, args):
     """The questions asked about one (image, target) case: --questions-per-image types, rotated so
     that consecutive phantoms cycle through all six; half of the yes/no questions are negatives."""
@@ -526,6 +146,18 @@ def samples_for(case, args):
         question = rng.choice(forms).format(t=target, art=article(target, ttype), mp=mp)
         yield {"id": sid, "target": target, "target_type": ttype, "negative": negative,
                "question": question, "question_type": qtype, "rng": rng}
+
+
+def phrases(f):
+    """The facts as the phrases that answers, chains and closed-ended choices are written with."""
+    return {"where": "central part of the image" if f["h"] == "central" and f["v"] == "middle"
+            else f"{f['v']} {f['h']} part of the image",
+            "side": f"{f['h']} part of the image",
+            "bright": "similar in brightness to its surroundings" if f["brightness"] == "similar"
+            else f"{f['brightness']} than its surroundings",
+            "margin": "a sharp, well-defined boundary" if f["boundary"] == "sharp"
+            else "a blurred, ill-defined boundary",
+            "total": sum(rule_points(f)), "grade": GRADES[sum(rule_points(f))].capitalize()}
 
 
 # the answer of each type, filled in from the facts and their phrases(): the geometry teacher's answer
@@ -634,114 +266,7 @@ def assign_split(group, args, folder=None):
 
 
 # ----------------------------------------------------------------------------- teachers (§A.2)
-SYSTEM_PROMPT = """You are a teacher that writes supervision data for training a medical visual \
-reasoning model. For each image and question you produce a concise final answer and a short \
-step-by-step reasoning chain.
-Teacher-only information: the image you see has the target drawn as a semi-transparent red layer with a \
-yellow edge, and you are told the target's identity. Use both only to locate the target correctly. Write \
-as if you were a student who sees only the original, unannotated image.
-Never mention or imply hidden guidance, special markings, annotations, masks, overlays, colored layers, \
-highlighted areas, segmentation maps, ROI, labels, ground truth, metadata or extra visual cues, and never \
-suggest that the target identity was given to you.
-Base every statement on visible evidence: location, shape, boundary, extent, density or signal \
-intensity, texture and relations to nearby structures. You may name the given target, but do not add \
-unsupported diagnoses, malignancy or benignity, severity, prognosis or treatment. For a normal organ do \
-not describe lesions, masses, tumors or other pathology.
-Spatial wording: image space only (left, right, center, upper and lower parts of the image). Never use \
-patient-left, patient-right, anatomical left or anatomical right.
-Output strict JSON with exactly two fields, "final_answer" (a string) and "reasoning_chain" (a list of \
-strings, one per step). No markdown, no code fences, no other text."""
-
-GUIDANCE = {
-    "yesno": "Give direct visual evidence for the yes/no answer.",
-    "identify": "Justify the identification from the visible appearance and context.",
-    "location_choice": "Answer with a complete sentence naming the image region, not a bare word.",
-    "location": "Step 1 finds the target; step 2 gives its image-space position relative to nearby anatomy.",
-    "describe": "Cover appearance, shape, boundary, extent and other visible characteristics.",
-    "reasoning": "Analyze location, morphology, visual contrast and relations to nearby structures.",
-}
-EXAMPLE = {"final_answer": "The liver is in the left part of the image.",
-           "reasoning_chain": ["A large homogeneous soft-tissue structure fills the left part of the image.",
-                               "Its smooth outline and size match the liver."]}
-
-
-def user_prompt(case, sample, strict):
-    qtype, (lo, hi) = sample["question_type"], STEP_RANGE[sample["question_type"]]
-    example = dict(EXAMPLE, reasoning_chain=EXAMPLE["reasoning_chain"][:hi])
-    lines = [f"Target (teacher-only): {sample['target']}", f"Target type: {sample['target_type']}",
-             f"Modality: {case['modality']}", f"Question type: {qtype}",
-             f"Student-visible question: {sample['question']}"]
-    if qtype == "yesno":
-        lines.append("Teacher-only fact: the correct answer is " +
-                     ("No; the asked target is absent and the structure drawn in red is something else."
-                      if sample["negative"] else "Yes."))
-    steps = f"exactly {lo}" if lo == hi else f"{lo} to {hi}"
-    lines += [f"Guidance for {qtype}: write {steps} reasoning step(s). {GUIDANCE[qtype]}",
-              f"Example of the output style: {json.dumps(example)}"]
-    if strict:  # §A.3 retry: name every violation and ask for a fresh answer
-        lines += ["STRICT RULES: your previous answer was rejected because:", *(f"- {r}" for r in strict),
-                  "Regenerate the answer from scratch, obey every rule above, and output only the "
-                  "JSON object."]
-    return "\n".join(lines)
-
-
-class TeacherUnavailable(Exception):
-    """The run cannot go on (the key is refused, the URL is wrong, the endpoint is down after the retries):
-    not a decision about the sample, so the run stops and the rerun asks again."""
-
-
-class RequestRefused(Exception):
-    """The endpoint refused this one request (HTTP 400, 413, 422, ...): a reason to retry, then reject."""
-
-
-def endpoint(args):
-    return args.base_url.rstrip("/") + "/chat/completions"
-
-
-def openai_teacher(case, sample, facts, strict, args):
-    """One chat-completions call with the overlay as a base64 data URL; retries 429/5xx/network errors
-    with exponential backoff, at most --http-retries times. 401/403/404 and an endpoint still down after
-    the retries raise TeacherUnavailable; another 4xx raises RequestRefused."""
-    buf = io.BytesIO()
-    Image.fromarray(overlay_view(case["image"], case["mask"])).save(buf, format="PNG")
-    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-    body = json.dumps({"model": args.teacher_model, "messages": [
-        {"role": "system", "content": SYSTEM_PROMPT},
-        {"role": "user", "content": [{"type": "text", "text": user_prompt(case, sample, strict)},
-                                     {"type": "image_url", "image_url": {"url": url}}]}]}).encode()
-    headers = {"Content-Type": "application/json",
-               "Authorization": "Bearer " + os.environ.get(args.api_key_env, "")}  # never logged
-    error = "no attempt"
-    for attempt in range(args.http_retries + 1):
-        if attempt:
-            time.sleep(min(args.backoff_max, args.backoff_base * 2 ** (attempt - 1)))
-        request = urllib.request.Request(endpoint(args), body, headers)
-        try:
-            with urllib.request.urlopen(request, timeout=args.timeout) as response:
-                reply = response.read().decode("utf-8", "replace")
-        except urllib.error.HTTPError as e:
-            error = f"HTTP {e.code}"
-            if e.code in (401, 403):  # asking again, or with the next sample, will not help
-                raise TeacherUnavailable(f"the teacher at {endpoint(args)} refused the key in "
-                                         f"${args.api_key_env} ({error}): check the key") from None
-            if e.code == 404:
-                raise TeacherUnavailable(f"the teacher at {endpoint(args)} answered {error}: check --base-url "
-                                         f"and --teacher-model {args.teacher_model}") from None
-            if e.code != 429 and e.code < 500:  # this request only (too large, refused content, ...)
-                detail = " ".join(e.read(300).decode("utf-8", "replace").split())
-                raise RequestRefused(f"http: the endpoint answered {error} ({detail})") from None
-            continue
-        except (urllib.error.URLError, OSError) as e:  # refused, reset, timeout, unknown host
-            error = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
-            continue
-        try:
-            return json.loads(reply)["choices"][0]["message"]["content"]
-        except (ValueError, KeyError, IndexError, TypeError):
-            return reply  # not chat-completions JSON: the gate rejects it as malformed
-    raise TeacherUnavailable(f"the teacher at {endpoint(args)} is unreachable after {args.http_retries} "
-                             f"retries (last: {error})")
-
-
+# the offline teacher (the OpenAI-compatible one is in llm_teacher.py); teach_case gates the output of either
 def geometry_teacher(case, sample, facts, strict, args):
     """The offline teacher: answer and chain from the facts. K is drawn from the type's range with the
     sample's own RNG (one draw even for a fixed K: the closed-ended choices draw from it next)."""
@@ -749,111 +274,6 @@ def geometry_teacher(case, sample, facts, strict, args):
     K = lo + sample["rng"].randint(0, 1) * (hi - lo)
     answer = canonical_answer(qtype, sample["target"], sample["target_type"], facts, sample["negative"])
     return json.dumps({"final_answer": answer, "reasoning_chain": geometry_chain(sample, facts, K)})
-
-
-# ----------------------------------------------------------------------------- quality gate (§A.3)
-# words that reveal the teacher saw an annotation (round 2); matched on word boundaries
-LEAK_TERMS = ["mask", "masks", "masked", "overlay", "overlays", "overlaid", "highlight", "highlighted",
-              "highlighting", "segmentation", "segmented", "roi", "region of interest", "label", "labels",
-              "labeled", "labelled", "ground truth", "annotation", "annotations", "annotated", "contour",
-              "outline in red", "outlined in red", "red outline", "red overlay", "red layer", "red-shaded",
-              "yellow line", "yellow outline", "yellow border", "marked region", "marker", "bounding box",
-              "hidden metadata", "teacher", "tinted"]
-# pathology words that must not describe normal anatomy (round 3, organ targets only)
-PATHOLOGY_TERMS = ["lesion", "lesions", "mass", "masses", "tumor", "tumors", "tumour", "tumours",
-                   "calcification", "calcified", "inflammation", "inflamed", "nodule", "nodules", "cyst",
-                   "cystic", "metastasis", "metastases", "malignant", "malignancy", "benign", "carcinoma",
-                   "cancer", "necrosis", "necrotic", "abscess", "hemorrhage", "edema", "infarct", "polyp"]
-LEAK_RE = re.compile(r"\b(?:" + "|".join(re.escape(t) for t in LEAK_TERMS) + r")\b", re.I)
-PATHOLOGY_RE = re.compile(r"\b(?:" + "|".join(PATHOLOGY_TERMS) + r")\b", re.I)
-# patient-space wording mixed into image-space answers (round 4)
-MIXED_RE = re.compile(r"patient'?s?[ -](?:left|right)|(?:anatomic(?:al)?|radiologic(?:al)?)[ -](?:left|right)"
-                      r"|(?:left|right) of the patient|(?:left|right) side of the patient", re.I)
-# a side word is a claim about position when it ends its phrase, or leads (via one more side word) to a
-# place noun, "of the image" or a connective; "left kidney" (a name) and "left of the kidney" (a relation
-# to a neighbour) are not claims
-SIDE_CLAIM_RE = re.compile(
-    r"\b(left|right|upper|lower|top|bottom)\b(?=(?:\s+(?:left|right|upper|lower|top|bottom|central|middle)\b)?"
-    r"\s*(?:$|[,)]|(?:part|parts|side|half|third|portion|region|area|corner|quadrant|edge|border|aspect|field"
-    r"|zone|and|or|but|near|next|beside|adjacent|close|above|below|with|while|where|which|in|on|at)\b"
-    r"|of\s+(?:the\s+|this\s+)?(?:image|picture|frame|scan|slice|view)\b))", re.I)
-# clauses: sentences, and parts joined by a conjunction that starts a new subject
-CLAUSE_RE = re.compile(r"[.;:!?]|,?\s+(?:and|but|while|whereas)\s+(?=(?:the|a|an|it|its|this)\b)", re.I)
-
-
-def side_claims(answer, chain, target):
-    """The side words the gate judges: only what is said about the target. A clause counts when it is part
-    of the final answer, names the target, has "it"/"its" as its subject, or speaks of an unnamed
-    "structure" (how a step finds the target before naming it). Sentences about neighbouring structures
-    ("the liver lies to the left of the kidney" for a spleen target) are not judged. In a judged clause
-    the target's own name is removed first ('left atrium' is a name), then SIDE_CLAIM_RE keeps the claims."""
-    about = re.compile(r"\b" + re.escape(target) + r"\b", re.I)
-    claims = []
-    for i, part in enumerate([answer] + chain):
-        for clause in CLAUSE_RE.split(part):
-            clause = clause.strip()
-            if i == 0 or about.search(clause) or re.match(r"(?:it|its)\b", clause, re.I) or \
-                    re.search(r"\bstructure\b", clause, re.I):
-                claims += [m.lower() for m in SIDE_CLAIM_RE.findall(about.sub(" ", clause).strip())]
-    return claims
-
-
-def gate(raw, sample, facts):
-    """The six rounds plus the spatial check (side_claims: only what is said about the target is judged).
-    Returns (normalised output or None, list of violations)."""
-    try:
-        out = json.loads(raw)
-    except (ValueError, TypeError):
-        return None, ["json: output is not valid JSON"]
-    if not isinstance(out, dict) or set(out) != {"final_answer", "reasoning_chain"}:
-        return None, ["json: need exactly the fields final_answer and reasoning_chain"]
-    answer, chain = out["final_answer"], out["reasoning_chain"]
-    if not isinstance(answer, str) or not answer.strip() or not isinstance(chain, list) or \
-            not chain or not all(isinstance(s, str) and s.strip() for s in chain):
-        return None, ["json: final_answer must be a non-empty string, "
-                      "reasoning_chain a list of non-empty strings"]
-    answer, chain = answer.strip(), [s.strip() for s in chain]
-    text = " ".join([answer] + chain)
-    qtype, (lo, hi) = sample["question_type"], STEP_RANGE[sample["question_type"]]
-
-    def hits(regex):
-        return sorted({m.lower() for m in regex.findall(text)})
-    reasons = [f"leak: forbidden term '{m}'" for m in hits(LEAK_RE)]
-    if sample["target_type"] == "organ":
-        reasons += [f"pathology: '{m}' used for a normal organ" for m in hits(PATHOLOGY_RE)]
-    reasons += [f"mixed_space: '{m}' is patient-space wording" for m in hits(MIXED_RE)]
-    if not lo <= len(chain) <= hi:
-        reasons.append(f"steps: {len(chain)} reasoning steps, {qtype} needs {lo}-{hi}")
-    # spatial consistency: a side said about the target must agree with its centroid (side_claims: the rule)
-    claims = side_claims(answer, chain, sample["target"])
-    wrong = {"left": facts["cx"] > 0.55, "right": facts["cx"] < 0.45, "upper": facts["cy"] > 0.55,
-             "top": facts["cy"] > 0.55, "lower": facts["cy"] < 0.45, "bottom": facts["cy"] < 0.45}
-    reasons += [f"spatial: says '{c}' but the target's center is at x={facts['cx']:.2f}, y={facts['cy']:.2f}"
-                for c in sorted(set(claims)) if wrong[c]]
-    if qtype == "yesno":
-        said = answer.lower().split()[0].strip(",.!") if answer.split() else ""
-        truth = "no" if sample["negative"] else "yes"
-        if said not in ("yes", "no"):
-            reasons.append("yesno: the answer must start with Yes or No")
-        elif said != truth:
-            reasons.append(f"yesno: answered '{said}' but the correct answer is {truth}")
-    if reasons:
-        return None, reasons
-    return {"final_answer": normalise_answer(answer, sample), "reasoning_chain": chain}, []
-
-
-def normalise_answer(answer, sample):
-    """§A.3 round 6: short identify answers become sentences, location answers name the image, and
-    every answer ends with a period."""
-    core, qtype = answer.rstrip(" .!?"), sample["question_type"]
-    t, art = sample["target"], article(sample["target"], sample["target_type"])
-    if qtype == "identify" and len(core.split()) < 4:
-        named = core.lower().startswith(("the ", "a ", "an "))
-        core = f"The structure shown is {core if named else art + ' ' + core}"
-    if qtype in ("location", "location_choice") and "image" not in core.lower():
-        short = len(core.split()) < 4
-        core = f"The {t} is in the {core.lower()} part of the image" if short else core + " in the image"
-    return core + "."
 
 
 # ----------------------------------------------------------------------------- one work item, end to end
@@ -942,6 +362,13 @@ def teach_case(case, todo, args):
 
 
 # ----------------------------------------------------------------------------- resumable output files
+def save_png(array, path):
+    """Write atomically: a killed run never leaves a half-written PNG under the final name."""
+    tmp = path + ".tmp.png"
+    Image.fromarray(array).save(tmp, compress_level=1)  # fast zlib level: noisy images barely shrink more
+    os.replace(tmp, path)
+
+
 def load_decided(path):
     """Records (and their ids) already in a JSONL file. A half-written last line (a killed run) is cut
     off; a broken line anywhere else is an error naming the file and line."""

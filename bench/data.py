@@ -1,7 +1,7 @@
 """
 Benchmark of stage 1 (prepare_data.py): samples per second for the phantom source with the geometry
-teacher, the full path (generate, measure, ask, gate, write PNGs and JSONL). Target (issue 3): 10,000
-samples in under 5 minutes on a 2-core CPU machine.
+teacher, the full path (generate, measure, ask, gate, write PNGs and JSONL). Target: 10,000 samples in
+under 5 minutes on a 2-core CPU machine.
 
 It also checks that the parallel run is deterministic: the first --check samples are made again with
 a single process and must be byte-identical records and PNGs.

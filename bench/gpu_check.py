@@ -1,5 +1,5 @@
 """
-The prepared GPU check (issue 13): the paper's model sizes with random weights, on one GPU, in one process.
+The prepared GPU check: the paper's model sizes with random weights, on one GPU, in one process.
 
 It builds Qwen3-VL-8B (LLM 4096 x 36, ViT 1152 x 27 with deepstack 8/16/24), Qwen3-1.7B (2048 x 28) and a
 SigLIP-448 encoder (MedSigLIP's shape: 1152 x 27, 32 x 32 patches) from their configs, random init, the
@@ -8,7 +8,8 @@ backbone in bf16 and the trainable decoder and heads in fp32 as train.py loads t
      fused AdamW) at K = 4: peak memory and samples/s for several batch sizes and image sizes;
   2. inference latency at batch 1 for K = 0..4 with the LoRA unmerged, merged, and folded (folded = the
      plain backbone's modules, what evaluate.py deploys), and one latent step vs one decode step;
-  3. one explanation (explain.py's functions: answer, decoded step sentences, heatmaps, the PNG panel).
+  3. one explanation (explain.py's and roi_encoder.py's functions: answer, decoded step sentences,
+     heatmaps, the PNG panel).
 A training config ending in "c" (e.g. 16x448x4c) runs with activation checkpointing (train.py --grad-ckpt).
 
     python bench/gpu_check.py                              # on a GPU (about 3 min on an H100/H200)
@@ -24,6 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -37,8 +39,8 @@ import explain  # noqa: E402
 import model as M  # noqa: E402
 import activation_checkpointing as AC  # noqa: E402
 import pipeline_io as IO  # noqa: E402
+import roi_encoder as RE  # noqa: E402
 from embedded.tiny import CHAT_TEMPLATE, make_tiny, make_tokenizer, real_configs  # noqa: E402
-from extract_roi import SiglipPatches  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -214,24 +216,26 @@ def latent_vs_decode(backbone, prefix, device, n=8, reps=5):
 def explanation(vital, processor, dec_tok, enc_dir, image, args, device):
     wdtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     t = {}
-    t["answer"], (answer, h) = timed_ms(lambda: explain.answer_and_latents(
-        vital, processor, image, "Where is the lesion located?", 4, args.answer_tokens, device), device)
+    ask = SimpleNamespace(question="Where is the lesion located?", k=4, max_new_tokens=args.answer_tokens,
+                          tile=160)  # what explain.py's command line gives its functions
+    t["answer"], (answer, h) = timed_ms(lambda: explain.answer_and_latents(vital, processor, image, ask, device),
+                                        device)
     t["sentences"], sentences = timed_ms(lambda: M.decode_latent(vital.decoder, vital.pj_in, dec_tok, h, 24),
                                          device)
-    enc = SiglipPatches(enc_dir, device, wdtype)
+    enc = RE.SiglipPatches(enc_dir, device, wdtype)
     t["heatmaps"], (heat, box, s) = timed_ms(lambda: heat_of(vital, enc, image, h), device)
     steps = [dict(k=k + 1, sentence=sentences[k], heat_img=explain.grid_to_image(heat[k], box, s))
              for k in range(4)]
     png = os.path.join(args.out, "explain.png")
-    size = explain.draw_panel(png, image, "Where is the lesion located?", answer, steps, box, s, 160, None)
+    size = explain.draw_panel(png, image, answer, steps, explain.VisualWindow(heat, box, s), ask)
     return dict(ms=t, answer=answer, sentences=sentences, heat_shape=list(heat.shape),
                 heat_range=[float(heat.min()), float(heat.max())], panel=png, panel_size=list(size))
 
 
 def heat_of(vital, enc, image, h):
     v = M.project_latent(vital.vp, h)                                                      # (K, d_v)
-    f, box, s = explain.patch_features(enc, image)
-    return explain.heatmaps(f.cpu(), v.cpu(), enc.grid), box, s
+    f, box, s = RE.patch_features(enc, image)
+    return RE.heatmaps(f.cpu(), v.cpu(), enc.grid), box, s
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -303,7 +307,7 @@ def main(argv=None):
             M.set_lora_merged(backbone, True)
             lat_m = latency_rows(backbone, prefix, args, device, "LoRA merged, wrappers kept")
             res["latent_step_ms"], res["decode_step_ms"] = latent_vs_decode(backbone, prefix, device)
-        # explain.py runs without autocast: bf16 backbone, fp32 pj_in / projector (the crash of issue 13)
+        # explain.py runs without autocast: bf16 backbone, fp32 pj_in / projector (it must cast h, not raise)
         res["explain"] = explanation(vital, processor, dec_tok, enc_dir, imgs[0], args, device)
         with amp:
             M.fold_lora(backbone)

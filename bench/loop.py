@@ -8,7 +8,7 @@ a noisy machine moves both sides together.
     # Qwen3-VL-8B / Qwen3-1.7B sizes, random init
     python bench/loop.py --real --device cuda --dtype bf16 --batch 1
 
-Targets (issue 2): latent step / decode step <= 1.10; merged-LoRA inference / plain backbone <= 1.02;
+Targets: latent step / decode step <= 1.10; merged-LoRA inference / plain backbone <= 1.02;
 train step K=4 / K=0 <= 1.5; this loop / naive recompute-everything loop (K=4 train step) <= 0.5.
 """
 import argparse

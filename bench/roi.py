@@ -1,7 +1,7 @@
 """
 Benchmark of extract_roi.py's encoder step: images per second at several batch sizes (§A.5.2 encoding).
 
-Measures `encode` of extract_roi.SiglipPatches (the same code the stage runs: no-grad, eval, last block
+Measures `encode` of roi_encoder.SiglipPatches (the code extract_roi.py runs: no-grad, eval, last block
 before post_layernorm; bf16 on GPU) on preprocessed random pixels, and separately the per-image CPU
 preprocessing (pad to square, bicubic resize, normalise), which batching does not speed up.
 
@@ -9,7 +9,7 @@ preprocessing (pad to square, bicubic resize, normalise), which batching does no
     python bench/roi.py --real --device cuda     # SigLIP-SO400M/14-448 config (MedSigLIP size), random init
 
 Prints a table; with --tiny the run fails (exit 1) if batch 16 is not at least 2x faster per image
-than batch 1, the requirement of issue 4.
+than batch 1 (batching must pay off on the encoder step).
 """
 import argparse
 import os
@@ -23,7 +23,7 @@ from PIL import Image
 from transformers import SiglipImageProcessorPil, SiglipVisionConfig, SiglipVisionModel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-import extract_roi as er
+import roi_encoder as RE
 from embedded.tiny import make_tiny
 
 
@@ -59,7 +59,7 @@ def preprocess_per_second(enc, n=50):
         np.random.default_rng(0).integers(0, 255, (512, 384), dtype=np.uint8)).convert("RGB")
     t = time.perf_counter()
     for _ in range(n):
-        enc.preprocess(er.pad_image(img, (0, 0, 384, 512)))
+        enc.preprocess(RE.pad_image(img, (0, 0, 384, 512)))
     return n / (time.perf_counter() - t)
 
 
@@ -79,7 +79,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         folder = real_encoder(os.path.join(tmp, "enc")) if args.real \
             else os.path.join(make_tiny(tmp), "encoder")
-        enc = er.SiglipPatches(folder, args.device, dtype)
+        enc = RE.SiglipPatches(folder, args.device, dtype)
     name = "SigLIP-SO400M/14-448 (random)" if args.real else "tiny SigLIP (112 px, 8x8, d 48)"
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") \
         else f"CPU x{torch.get_num_threads()} threads"

@@ -15,7 +15,7 @@ Budget: the schedule's default epochs (5/5/10, 10/10, 20, 10/5/5: 20 in total fo
 Writes OUT/results.md (the tables, also printed), OUT/results.json (every run's numbers) and
 demo/ablations.md (the tables with the command and date that produced them).
 
---suite evidence (issue 12) runs the demo's own configuration (epochs 4/2/3, every train sample, the demo's
+--suite evidence runs the demo's own configuration (epochs 4/2/3, every train sample, the demo's
 models, data, pretrained backbone and encoder) for each seed: VITAL (evaluated with the probes, the pointing
 game and §C.6), VITAL with --depth phase, the K = 0 model, task-only, and VITAL with L_vis from the random
 encoder (a copy of the data with its ROI features); plus the backbone alone once. -> runs/evidence/,
@@ -41,6 +41,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 from demo.run import accuracy_by_type  # noqa: E402  (the demo's per-type count)
+from embedded.default import phase_finished  # noqa: E402
 PY = sys.executable
 # train.py's CURRICULA
 SCHEDULES = {"3-phase": [5, 5, 10], "2-phase": [10, 10], "full-mix": [20], "reverse": [10, 5, 5]}
@@ -83,7 +84,7 @@ def get_args(argv=None):
     return ap.parse_args(argv)
 
 
-# --suite evidence (issue 12): the demo's own configuration (its epochs, every train sample, its lr) over
+# --suite evidence: the demo's own configuration (its epochs, every train sample, its lr) over
 # several seeds: is VITAL better than its K = 0 model, do the latents matter, does the heatmap point at the
 # target? name -> (extra train args, eval flags, data folder key)
 DEMO_EPOCHS = [4, 2, 3]
@@ -115,11 +116,6 @@ def sh(cmd, env, log_path):
         log.write(f"$ {line}\n")
         log.flush()
         subprocess.run(cmd, check=True, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-
-def phase_finished(phase_dir):
-    p = os.path.join(phase_dir, "trainer", "state.json")
-    return os.path.isfile(p) and bool(json.load(open(p)).get("finished"))
 
 
 def one_run(args, name, seed, spec, env):
@@ -383,7 +379,8 @@ def main(argv=None):
         f.write(md)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"args": vars(args), "wall_s_this_run": round(time.time() - t0, 1),
-                   "runs": {n: {str(s): r for s, r in v.items()} for n, v in res.items()}}, f, indent=2, allow_nan=False)
+                   "runs": {n: {str(s): r for s, r in v.items()} for n, v in res.items()}}, f, indent=2,
+                  allow_nan=False)
     argv = sys.argv[1:] if argv is None else argv
     cmd = "python demo/ablate.py " + " ".join(shlex.quote(a) for a in argv)
     with open(os.path.join(HERE, "evidence.md" if evidence else "ablations.md"), "w") as f:

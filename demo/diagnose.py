@@ -28,6 +28,7 @@ import evaluate as E  # noqa: E402
 import model as M  # noqa: E402
 import pipeline_io as IO  # noqa: E402
 import prepare_data as P  # noqa: E402
+import scaffolds as SC  # noqa: E402
 
 FINDINGS = {"shape": ["round", "elongated", "irregular"], "boundary": ["sharp", "blurred"],
             "size": ["small", "large"], "brightness": ["brighter", "darker", "similar"],
@@ -65,7 +66,7 @@ def ridge_accuracy(X, y, train):
 def perception(args):
     backbone, processor = IO.load_backbone(args.backbone)
     backbone.eval()
-    rows = [r for _, r in E.read_jsonl(os.path.join(args.data, "samples.jsonl"))
+    rows = [r for _, r in IO.read_jsonl(os.path.join(args.data, "samples.jsonl"), E.EvalError)
             if r.get("question_type") != "caption"][:args.n]
     fv, fh = features(backbone, processor, args.data, rows)
     train = torch.tensor([r["split"] != "test" for r in rows])
@@ -79,7 +80,7 @@ def perception(args):
 
 def reasoning_rows(args, n=500):
     """The first n reasoning (grading rule) items of samples.jsonl, train and test split."""
-    return [r for _, r in E.read_jsonl(os.path.join(args.data, "samples.jsonl"))
+    return [r for _, r in IO.read_jsonl(os.path.join(args.data, "samples.jsonl"), E.EvalError)
             if r.get("question_type") == "reasoning"][:n]
 
 
@@ -134,8 +135,7 @@ def decoder_reads_latents(vital, dec_tok, hs, rows, n=256):
 
 @torch.no_grad()
 def chain_findings(args):
-    import explain as X
-    vital, processor, dec_tok, _ = X.load_explainer(args.ckpt, torch.device("cpu"), torch.float32)
+    vital, processor, dec_tok, _ = SC.load_explainer(args.ckpt, torch.device("cpu"), torch.float32)
     if dec_tok is None:
         raise SystemExit(f"diagnose.py: error: {args.ckpt} has no decoder scaffold (trained with --lambda-sem 0)")
     rows = reasoning_rows(args)
@@ -146,7 +146,7 @@ def chain_findings(args):
     total_ok, examples = 0, []
     for i in range(0, len(items), 8):
         chunk = items[i:i + 8]
-        prefix = IO.build_prefix(processor, [E.open_image(it["image_path"]) for it in chunk],
+        prefix = IO.build_prefix(processor, [IO.open_image(it["image_path"], E.EvalError) for it in chunk],
                                 [it["prompt"] for it in chunk])
         h = torch.cat(M.latent_loop(vital.backbone, prefix, 4).h[1:], dim=1)              # (B, 4, d)
         steps = M.decode_latent(vital.decoder, vital.pj_in, dec_tok, h.reshape(-1, h.shape[-1]), 30)

@@ -37,7 +37,7 @@ def build_pretrain(args, env, resume_dir, d_v):
     backbone, processor = IO.load_backbone(start, dtype=torch.float32, device=env.device)
     backbone.requires_grad_(True)
     vital = M.VITAL(backbone, None, None, lambda_sem=0.0, lambda_vis=0.0).to(env.device)
-    return vital, processor, None, dict(backbone=train.fingerprint(args.backbone), decoder=None, lora=None)
+    return vital, processor, None, dict(backbone=IO.fingerprint(args.backbone), decoder=None, lora=None)
 
 
 def save_backbone(raw, processor):

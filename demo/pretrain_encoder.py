@@ -30,9 +30,8 @@ from transformers import (AutoTokenizer, SiglipConfig, SiglipImageProcessorPil, 
                           SiglipVisionModel)
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-import model as M  # noqa: E402
 import pipeline_io as IO  # noqa: E402
-from extract_roi import pad_image  # noqa: E402
+from roi_encoder import pad_image  # noqa: E402
 
 
 def read_captions(data):

@@ -2,8 +2,10 @@
 VITAL end to end on the embedded default (phantom data, tiny models, CPU): what `bash demo.sh` runs.
 
 Every stage is a subprocess with its documented command line, printed before it runs, so the demo is
-also the recipe. A stage whose output already exists is skipped, so re-running resumes. Stages joined by
-"||" run side by side with one thread each (their output goes to a .log file next to their folder):
+also the recipe. A stage whose output already exists is skipped, so re-running resumes. Stages 1-3 and the
+copy of the shipped stand-ins are the embedded default's commands (embedded/default.py, which train.py with
+no --data runs too). Stages joined by "||" run side by side with one thread each (their output goes to a .log
+file next to their folder):
   1. python embedded/tiny.py OUT/models                              -> OUT/models/{backbone,decoder,encoder}
   2. python prepare_data.py --source phantom --out OUT/data ...   -> OUT/data/samples.jsonl, images/, masks/
   P. the stand-in pretrainings (Qwen3-VL and MedSigLIP arrive pretrained; the random tiny ones cannot see).
@@ -34,7 +36,6 @@ numbers over training seeds comes from `python demo/ablate.py --suite evidence` 
     python demo/run.py --out runs/fresh --rebuild-stand-ins --ship  # remake the shipped stand-ins
 """
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -49,38 +50,38 @@ from concurrent.futures import ThreadPoolExecutor
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 PY = sys.executable
-sys.path.insert(0, ROOT)  # for evaluate's table formatting in the summary
+sys.path.insert(0, ROOT)  # for the embedded default's commands and evaluate's table formatting in the summary
+from embedded.default import (SETTINGS, SHIPPED, STAND_INS, copy_files, copy_shipped, make_data,  # noqa: E402
+                              phase_finished, roi_features, run, sha256, stand_in_done, stand_ins_needed)
 
 
 def get_args(argv=None):
     ap = argparse.ArgumentParser(description="VITAL demo: the whole pipeline on phantom data "
                                              "with tiny models")
     ap.add_argument("--out", default="runs/demo", help="everything goes under this folder")
-    ap.add_argument("--n", type=int, default=3000, help="phantom images (one question each)")
-    ap.add_argument("--image-size", type=int, default=96,
-                    help="phantom side in px (96 = a 3x3 grid of merged tokens)")
-    ap.add_argument("--data-seed", type=int, default=0, help="phantom seed")
-    ap.add_argument("--hidden", type=int, default=64, help="tiny LLM hidden size")
-    ap.add_argument("--layers", type=int, default=2, help="tiny LLM layers")
+    ap.add_argument("--n", type=int, help="phantom images (one question each)")
+    ap.add_argument("--image-size", type=int, help="phantom side in px (96 = a 3x3 grid of merged tokens)")
+    ap.add_argument("--data-seed", type=int, help="phantom seed")
+    ap.add_argument("--hidden", type=int, help="tiny LLM hidden size")
+    ap.add_argument("--layers", type=int, help="tiny LLM layers")
     ap.add_argument("--lora-r", type=int, default=64, help="LoRA rank")
     ap.add_argument("--lora-alpha", type=int, default=128, help="LoRA alpha")
     ap.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     ap.add_argument("--epochs", type=float, nargs=3, default=[4, 2, 3], metavar=("P1", "P2", "P3"),
                     help="epochs of the three curriculum phases (the K = 0 model gets the same)")
     ap.add_argument("--seed", type=int, default=0, help="training seed")
-    ap.add_argument("--pretrain-n", type=int, default=3000,
+    ap.add_argument("--pretrain-n", type=int,
                     help="phantom images of the backbone's pretraining corpus "
                          "(another seed: no image is shared)")
-    ap.add_argument("--pretrain-epochs", type=float, default=6,
+    ap.add_argument("--pretrain-epochs", type=float,
                     help="epochs of the backbone pretraining (0 = none: "
                          "VITAL then trains on the random backbone, which does not learn to see)")
-    ap.add_argument("--pretrain-lr", type=float, default=2e-3,
-                    help="peak learning rate of the backbone pretraining")
-    ap.add_argument("--encoder", default="pretrained", choices=["pretrained", "random"],
+    ap.add_argument("--pretrain-lr", type=float, help="peak learning rate of the backbone pretraining")
+    ap.add_argument("--encoder", choices=["pretrained", "random"],
                     help="the ROI encoder behind L_vis: the tiny SigLIP after its stand-in pretraining "
                          "(demo/pretrain_encoder.py), or the random one (the comparison row)")
-    ap.add_argument("--encoder-epochs", type=int, default=20, help="epochs of the encoder pretraining")
-    ap.add_argument("--pretrain-seed", type=int, default=0,
+    ap.add_argument("--encoder-epochs", type=int, help="epochs of the encoder pretraining")
+    ap.add_argument("--pretrain-seed", type=int,
                     help="seed of both stand-in pretrainings (not --seed: like Qwen3-VL and MedSigLIP, the "
                          "stand-ins arrive pretrained, the same for every training seed)")
     ap.add_argument("--rebuild-stand-ins", action="store_true",
@@ -90,42 +91,19 @@ def get_args(argv=None):
     ap.add_argument("--ship", action="store_true",
                     help="after the run, copy this run's stand-ins and their manifest into embedded/pretrained/ "
                          "(what a maintainer does after changing how they are made)")
-    # The phantom's targets cover 1-8% of the image, so at extract_roi.py's default tau (0.1) every ROI
-    # feature came from a re-encoded crop, which the tiny 8 x 8-patch encoder represents unlike any patch of
-    # the full image: the ROI features themselves then point at their target in only 54% of the test items
-    # (the pointing game's ceiling), against 94% when pooled from the full image (tau 0). Measured in
-    # docs/tuning-log.md; a real run keeps extract_roi.py's default.
-    ap.add_argument("--tau", type=float, default=0.0,
+    ap.add_argument("--tau", type=float,
                     help="extract_roi.py --tau (mask/image area share below which the ROI is cropped and "
                          "re-encoded; 0 = always the full image)")
     ap.add_argument("--eval-limit", type=int, default=0, help="only the first N test items (0 = all)")
     ap.add_argument("--skip-k0", action="store_true", help="do not train/evaluate the K = 0 model")
+    # the defaults of the settings that shape the models, data, stand-ins and ROI features: the embedded
+    # default's (embedded/default.py SETTINGS; its tau comment says why 0)
+    ap.set_defaults(**SETTINGS)
     args = ap.parse_args(argv)
     if args.ship and not args.rebuild_stand_ins:
         ap.error("--ship replaces the shipped stand-ins with this run's: pass --rebuild-stand-ins (and a fresh "
                  "--out) so that this run trains them")
     return args
-
-
-def run(cmd, skip_if=None, what="", log=None):
-    """Print the exact command, then run it (or say why it is skipped). With `log` (a stage that runs beside
-    another one) its output goes to that file and it gets one thread (OMP_NUM_THREADS=1)."""
-    line = " ".join(shlex.quote(c) for c in cmd)
-    if skip_if and os.path.exists(skip_if):
-        print(f"[skip] {what}: {skip_if} exists\n    $ {line}", flush=True)
-        return 0.0
-    print(f"\n[run] {what}" + (f" (output: {log})" if log else "") + f"\n    $ {line}", flush=True)
-    t0 = time.time()
-    if log:
-        os.makedirs(os.path.dirname(log), exist_ok=True)
-        with open(log, "a") as f:
-            subprocess.run(cmd, check=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=f,
-                           stderr=subprocess.STDOUT)
-    else:
-        subprocess.run(cmd, check=True, cwd=ROOT)
-    dt = time.time() - t0
-    print(f"[done] {what} in {dt:.0f}s", flush=True)
-    return dt
 
 
 def side_by_side(*lanes):
@@ -134,14 +112,6 @@ def side_by_side(*lanes):
     with ThreadPoolExecutor(len(lanes)) as pool:
         for f in [pool.submit(lane) for lane in lanes]:
             f.result()  # a failed stage raises here, after the other lane has finished
-
-
-def phase_finished(phase_dir):
-    p = os.path.join(phase_dir, "trainer", "state.json")
-    if not os.path.isfile(p):
-        return False
-    with open(p) as f:
-        return bool(json.load(f).get("finished"))
 
 
 def train_phases(args, models, data, run_dir, extra, label, timings):
@@ -190,43 +160,6 @@ def chance_by_type(samples, limit=0):
     return {t: 100 * sum(v) / len(v) for t, v in out.items()}
 
 
-def make_data(args, paths, timings):
-    """Stages 1-2: tiny models, phantom data with the geometry teacher."""
-    models, data = paths["models"], paths["data"]
-    timings["models"] = run([PY, "embedded/tiny.py", models, "--hidden", str(args.hidden),
-                             "--layers", str(args.layers)],
-                            skip_if=os.path.join(models, "encoder", "config.json"), what="tiny models")
-    timings["data"] = run([PY, "prepare_data.py", "--source", "phantom", "--out", data, "--n", str(args.n),
-                           "--seed", str(args.data_seed), "--image-size", str(args.image_size),
-                           "--teacher", "geometry"],
-                          skip_if=os.path.join(data, "stats.json"), what="phantom data set")
-
-
-def make_embedded_default(models, data):
-    """What train.py with no --data needs when the demo has not run yet: the tiny models, the phantom data,
-    the shipped stand-ins next to them, and the ROI features from the shipped pretrained encoder (from the
-    random tiny one if the shipped one does not fit, as the demo's --encoder random does)."""
-    args = get_args([])
-    base = os.path.dirname(data)
-    paths = dict(models=models, data=data, roi=os.path.join(data, "roi.safetensors"),
-                 pretrain=os.path.join(base, "pretrain"), encoder_pretrained=os.path.join(base, "encoder_pretrained"))
-    make_data(args, paths, {})
-    copy_shipped(args, paths)
-    paths["encoder"] = paths["encoder_pretrained"] if stand_in_done("encoder_pretrained", paths) else \
-        os.path.join(models, "encoder")
-    roi_features(args, paths, {})
-
-
-def roi_features(args, paths, timings):
-    """Stage 3: the ROI features (L_vis targets) from the pretrained tiny encoder (or the random one with
-    --encoder random: the comparison row of the pointing game)."""
-    timings["roi"] = run([PY, "extract_roi.py", "--samples", os.path.join(paths["data"], "samples.jsonl"),
-                          "--encoder", paths["encoder"], "--out", paths["roi"], "--tau", f"{args.tau:g}",
-                          "--quiet"],
-                         skip_if=paths["roi"], what=f"ROI features ({args.encoder} encoder)",
-                         log=paths.get("roi_log"))
-
-
 def recipe(args, paths):
     """The commands that make the stand-ins: the pretraining corpus (two prepare_data.py calls: a target-free
     caption and two of the five perception question types per image, not the grading rule, on phantom
@@ -243,12 +176,6 @@ def recipe(args, paths):
         encoder_pretrained=[PY, "demo/pretrain_encoder.py", "--data", paths["pretrain_data"],
                             "--models", paths["models"], "--out", paths["encoder_pretrained"],
                             "--epochs", str(args.encoder_epochs), "--seed", str(args.pretrain_seed)])
-
-
-def stand_in_done(name, paths):
-    if name == "pretrain":
-        return phase_finished(os.path.join(paths["pretrain"], "phase1"))
-    return os.path.isfile(os.path.join(paths["encoder_pretrained"], "pretrain.json"))
 
 
 def pretrain_encoder(args, paths, timings):
@@ -292,80 +219,8 @@ def pretrain(args, paths, timings):
     return backbone
 
 
-# The two stand-ins are what a real run downloads: Qwen3-VL and MedSigLIP arrive pretrained. Making them takes
-# 8 of the demo's 15 minutes on 2 cores, so the repository ships the ones `--rebuild-stand-ins --ship` made
-# (1.6 MB of safetensors, listed with their sha256 and the settings that shaped them in stand_ins.json). A run
-# copies each one whose settings equal its own into the run folder, where the stages above find it finished.
-SHIPPED = os.path.join(ROOT, "embedded", "pretrained")
-STAND_INS = {  # run-folder entry -> the arguments of this script that shape it
-    "pretrain": ("hidden", "layers", "image_size", "data_seed", "pretrain_n", "pretrain_epochs", "pretrain_lr",
-                 "pretrain_seed"),
-    "encoder_pretrained": ("image_size", "data_seed", "pretrain_n", "encoder_epochs", "pretrain_seed"),
-}
+# --ship: this run's stand-ins replace the shipped ones (embedded/default.py copies them into a run folder).
 NOT_SHIPPED = ("log.jsonl",)  # the per-step log of the backbone pretraining (1.9 MB); loss.png shows it
-
-
-def stand_ins_needed(args):
-    return [name for name, need in (("pretrain", args.pretrain_epochs > 0),
-                                    ("encoder_pretrained", args.encoder == "pretrained")) if need]
-
-
-def sha256(path):
-    """train.file_sha256's hash, written out here: importing train.py would load torch into this
-    orchestrator, which only starts subprocesses (torch_version asks one too)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def copy_files(src, dst, rels):
-    """Copy the files `rels` (paths relative to src) from src to dst, making the folders they need."""
-    for rel in rels:
-        os.makedirs(os.path.dirname(os.path.join(dst, rel)), exist_ok=True)
-        shutil.copy2(os.path.join(src, rel), os.path.join(dst, rel))
-
-
-def copy_shipped(args, paths, shipped=SHIPPED):
-    """Copy the shipped stand-ins that were made with this run's settings into the run folder (one already
-    there is kept: it is a finished or resumable stage). -> the names copied. A shipped file whose sha256
-    differs from the manifest (a broken checkout, a Git LFS pointer) is refused by name."""
-    manifest_path = os.path.join(shipped, "stand_ins.json")
-    if not os.path.isfile(manifest_path):
-        return []
-    with open(manifest_path) as f:
-        manifest = json.load(f)
-    copied = []
-    for name in stand_ins_needed(args):
-        entry, dst = manifest.get(name), paths[name]
-        if os.path.exists(dst):
-            if args.rebuild_stand_ins and entry and all(
-                    os.path.isfile(os.path.join(dst, rel)) and sha256(os.path.join(dst, rel)) == digest
-                    for rel, digest in entry["files"].items()):
-                sys.exit(f"run.py: error: --rebuild-stand-ins, but {dst} is the shipped stand-in copied by an "
-                         "earlier run; pass a fresh --out (or delete that folder) to train it here")
-            continue
-        if args.rebuild_stand_ins:
-            continue
-        mine = {k: getattr(args, k) for k in STAND_INS[name]}
-        if entry is None or entry["args"] != mine:
-            theirs = (entry or {}).get("args", {})
-            diff = ", ".join(f"--{k.replace('_', '-')} {mine[k]} (shipped: {theirs.get(k)})"
-                             for k in mine if mine[k] != theirs.get(k))
-            print(f"[rebuild] {name}: this run's {diff} differ from the shipped stand-in", flush=True)
-            continue
-        for rel, digest in entry["files"].items():
-            src = os.path.join(shipped, name, rel)
-            if not os.path.isfile(src) or sha256(src) != digest:
-                sys.exit(f"run.py: error: {src}: missing or not the file {manifest_path} lists (sha256 "
-                         f"{digest[:12]}...); restore it (git checkout) or pass --rebuild-stand-ins")
-        copy_files(os.path.join(shipped, name), dst + ".part", entry["files"])
-        os.replace(dst + ".part", dst)  # a killed copy leaves only the .part folder, never a half stand-in
-        print(f"[shipped] {name}: copied {len(entry['files'])} files from {os.path.join(shipped, name)} "
-              f"(made in {entry['seconds']:.0f}s by: {entry['commands'][-1]})", flush=True)
-        copied.append(name)
-    return copied
 
 
 def stand_in_manifest(args, paths, timings):

@@ -6,8 +6,9 @@ Procedural images of five modalities (CT, X-ray, dermoscopy, fundus, ultrasound)
 and its exact mask; every attribute (modality, target, position, size, shape, boundary, brightness) is
 drawn from an RNG seeded by (seed, index), so a case is the same in every process and every run. It needs
 no download and stands in for the segmentation sources of the paper's §A.1 (MSD, BiomedParse), which
-prepare_data.py reads with --source msd / biomedparse. The stage imports phantom_case lazily, since
-this file takes its pixel helpers from pipeline_io.py.
+prepare_data.py reads with --source msd / biomedparse (segmentation_sources.py). A case is the same dict
+those readers make (image_key, group, source, subset, modality, target, target_type, image, mask, others, order,
+meta).
 """
 import numpy as np
 from PIL import Image
@@ -16,7 +17,7 @@ from pipeline_io import slug, to_uint8
 
 
 def gaussian_blur(a, sigma):
-    """Separable Gaussian blur of a 2-D float array (numpy only, like prepare_data.dilate)."""
+    """Separable Gaussian blur of a 2-D float array (numpy only, like image_facts.dilate)."""
     r = max(1, int(3 * sigma + 0.5))
     k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
     k /= k.sum()

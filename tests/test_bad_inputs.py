@@ -1,4 +1,4 @@
-"""The bad-input corpus of issue 14, built here in temporary folders. Each kind of bad input goes through the
+"""The bad-input corpus, built here in temporary folders. Each kind of bad input goes through the
 stage that reads it and gets exactly its expected outcome: accepted, a reject that names the file and says
 what is wrong, or a one-line error (no traceback, non-zero exit). Nothing else is lost: every input file ends
 in exactly one place, and a rerun changes nothing. Last, every JSON/JSONL artifact of a phantom pipeline run
@@ -20,6 +20,7 @@ from PIL import Image
 import evaluate as E
 import explain as X
 import extract_roi as ER
+import image_facts as F
 import model as M
 import pipeline_io as IO
 import prepare_data as P
@@ -40,7 +41,7 @@ def strict_jsonl(path):
 
 
 def tally(stage, outcomes):
-    """Print the stage's corpus as 'N kinds: outcome x count, ...' (the issue's closing note)."""
+    """Print the stage's corpus as 'N kinds: outcome x count, ...' (a summary for the log)."""
     counts = Counter(outcomes.values())
     print(f"\n{stage}: {len(outcomes)} kinds -> " + ", ".join(f"{k} x{n}" for k, n in sorted(counts.items())))
 
@@ -171,11 +172,11 @@ def check_facts_and_words(s):
     """An accepted sample's facts are finite, its size word and its 'covers ...%' agree with the area."""
     f = s["meta"]["facts"]
     assert all(np.isfinite(v) for v in f.values() if isinstance(v, float)), f
-    assert f["area"] <= P.MAX_TARGET_SHARE
+    assert f["area"] <= F.MAX_TARGET_SHARE
     assert f["size"] == ("small" if f["area"] < 0.025 else "large")
     for step in s["reasoning_chain"]:
         if "covers" in step:
-            assert f"covers {P.share_words(f['area'])} of the image" in step, (step, f["area"])
+            assert f"covers {F.share_words(f['area'])} of the image" in step, (step, f["area"])
             assert f"so it is {f['size']}" in step
 
 
@@ -224,9 +225,9 @@ def test_degenerate_masks_never_reach_measure():
     for mask, why in ((np.zeros((64, 64), bool), "empty_mask"), (one, "too_small"),
                       (np.ones((64, 64), bool), "too_large")):
         with pytest.raises(ValueError, match=why):
-            P.measure(img, mask)
-    assert P.share_words(0.00002) == "less than 1%" and P.share_words(0.0049) == "less than 1%"
-    assert P.share_words(0.006) == "about 1%" and P.share_words(0.034) == "about 3%"
+            F.measure(img, mask)
+    assert F.share_words(0.00002) == "less than 1%" and F.share_words(0.0049) == "less than 1%"
+    assert F.share_words(0.006) == "about 1%" and F.share_words(0.034) == "about 3%"
     with pytest.raises(ValueError, match="not JSON compliant"):
         P.strict_json({"elongation": float("nan")})
 

@@ -1,7 +1,7 @@
-"""The command lines our users type, run exactly as typed from a clean folder (issue 16):
+"""The command lines our users type, run exactly as typed from a clean folder:
     torchrun --nproc_per_node=6 train.py --phase 1      (then --phase 2; + --max-steps to keep CI short)
     python explain.py img.png "question"
-with no --data: train.py makes the embedded default (the demo's commands) and trains on it with 6 gloo
+with no --data: train.py makes the embedded default (embedded/default.py) and trains on it with 6 gloo
 ranks; evaluate.py reads what it leaves; explain.py finds the newest checkpoint that has the scaffolds,
 even when a newer K = 0 model sits beside it, and reads a 16-bit grey PNG and a JPEG of any size."""
 import json

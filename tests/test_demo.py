@@ -1,6 +1,7 @@
-"""demo/run.py's shipped stand-ins (embedded/pretrained/): the files are the ones their manifest lists, they load
-through the same from_pretrained path as a real checkpoint, the default demo settings select them, a run
-with other settings or --rebuild-stand-ins does not, and a damaged file is refused by name."""
+"""The shipped stand-ins (embedded/pretrained/, copied by embedded/default.py): the files are the ones their
+manifest lists, they load through the same from_pretrained path as a real checkpoint, the default demo settings
+select them, a run with other settings or --rebuild-stand-ins does not, and a damaged file is refused by name;
+demo/run.py --ship writes a manifest that the copy reads back."""
 import json
 import os
 import shutil
@@ -12,8 +13,9 @@ import model as M
 
 import pipeline_io as IO
 from demo import run as R
+from embedded import default as D
 
-MANIFEST = os.path.join(R.SHIPPED, "stand_ins.json")
+MANIFEST = os.path.join(D.SHIPPED, "stand_ins.json")
 
 
 def paths_in(folder):
@@ -24,52 +26,52 @@ def paths_in(folder):
 def test_shipped_files_match_the_manifest_and_load():
     manifest = json.load(open(MANIFEST))
     defaults = R.get_args([])
-    for name, keys in R.STAND_INS.items():
+    for name, keys in D.STAND_INS.items():
         entry = manifest[name]
         assert entry["args"] == {k: getattr(defaults, k) for k in keys}  # what `bash demo.sh` asks for
         for rel, digest in entry["files"].items():
-            assert R.sha256(os.path.join(R.SHIPPED, name, rel)) == digest, rel
+            assert D.sha256(os.path.join(D.SHIPPED, name, rel)) == digest, rel
         assert "log.jsonl" not in entry["files"] and entry["commands"][-1].startswith("python demo/")
-    ckpt = os.path.join(R.SHIPPED, "pretrain", "phase1")
+    ckpt = os.path.join(D.SHIPPED, "pretrain", "phase1")
     assert json.load(open(os.path.join(ckpt, "config.json")))["args"]["pretrain"] is True  # evaluate: alone
     backbone, processor = IO.load_backbone(os.path.join(ckpt, "backbone"), dtype=torch.float32, device="cpu")
     assert backbone.config.text_config.hidden_size == 64 and processor.tokenizer is not None
-    encoder, _ = IO.load_encoder(os.path.join(R.SHIPPED, "encoder_pretrained"), dtype=torch.float32, device="cpu")
+    encoder, _ = IO.load_encoder(os.path.join(D.SHIPPED, "encoder_pretrained"), dtype=torch.float32, device="cpu")
     assert encoder.config.image_size == 112
 
 
 def test_copy_takes_only_the_stand_ins_made_with_this_runs_settings(tmp_path, capsys):
     run = tmp_path / "run"
-    assert R.copy_shipped(R.get_args([]), paths_in(run)) == ["pretrain", "encoder_pretrained"]
-    assert R.stand_in_done("pretrain", paths_in(run)) and R.stand_in_done("encoder_pretrained", paths_in(run))
+    assert D.copy_shipped(R.get_args([]), paths_in(run)) == ["pretrain", "encoder_pretrained"]
+    assert D.stand_in_done("pretrain", paths_in(run)) and D.stand_in_done("encoder_pretrained", paths_in(run))
     assert not (run / "pretrain" / "log.jsonl").exists() and not list(run.glob("*.part"))
-    assert R.copy_shipped(R.get_args([]), paths_in(run)) == []  # already there: kept, not copied again
+    assert D.copy_shipped(R.get_args([]), paths_in(run)) == []  # already there: kept, not copied again
 
     other = tmp_path / "other"
     args = R.get_args(["--pretrain-epochs", "5"])
-    assert R.copy_shipped(args, paths_in(other)) == ["encoder_pretrained"]
+    assert D.copy_shipped(args, paths_in(other)) == ["encoder_pretrained"]
     assert "--pretrain-epochs 5.0 (shipped: 6)" in capsys.readouterr().out
-    assert R.copy_shipped(R.get_args(["--rebuild-stand-ins"]), paths_in(tmp_path / "r")) == []
+    assert D.copy_shipped(R.get_args(["--rebuild-stand-ins"]), paths_in(tmp_path / "r")) == []
     with pytest.raises(SystemExit, match="is the shipped stand-in copied by an earlier run"):
-        R.copy_shipped(R.get_args(["--rebuild-stand-ins"]), paths_in(run))  # it would silently not rebuild
+        D.copy_shipped(R.get_args(["--rebuild-stand-ins"]), paths_in(run))  # it would silently not rebuild
     random = R.get_args(["--encoder", "random", "--pretrain-epochs", "0"])
-    assert R.copy_shipped(random, paths_in(tmp_path / "none")) == []  # neither stand-in is needed
+    assert D.copy_shipped(random, paths_in(tmp_path / "none")) == []  # neither stand-in is needed
 
 
 def test_a_damaged_shipped_file_is_refused_by_name(tmp_path):
     shipped = tmp_path / "shipped"
-    shutil.copytree(R.SHIPPED, shipped)
+    shutil.copytree(D.SHIPPED, shipped)
     weights = shipped / "encoder_pretrained" / "model.safetensors"
     weights.write_bytes(b"version https://git-lfs.github.com/spec/v1\n")  # what an LFS checkout leaves
     run = tmp_path / "run"
     with pytest.raises(SystemExit, match="encoder_pretrained/model.safetensors: missing or not the file"):
-        R.copy_shipped(R.get_args([]), paths_in(run), shipped=str(shipped))
+        D.copy_shipped(R.get_args([]), paths_in(run), shipped=str(shipped))
     assert not (run / "encoder_pretrained").exists()  # never half a stand-in in the run folder
 
 
 def test_ship_writes_a_manifest_that_copy_reads_back(tmp_path):
     run = tmp_path / "run"
-    R.copy_shipped(R.get_args([]), paths_in(run))
+    D.copy_shipped(R.get_args([]), paths_in(run))
     (run / "pretrain" / "log.jsonl").write_text("{}\n")  # a run's per-step log is not shipped
     with pytest.raises(SystemExit):
         R.get_args(["--ship"])  # refused before the run: it would end by shipping copies of the shipped ones
@@ -79,8 +81,8 @@ def test_ship_writes_a_manifest_that_copy_reads_back(tmp_path):
         R.ship(args, paths, {}, shipped=str(shipped))
     R.ship(args, paths, {"pretrain": 12.0, "pretrain encoder": 3.0}, shipped=str(shipped))
     mine, theirs = json.load(open(shipped / "stand_ins.json")), json.load(open(MANIFEST))
-    for name in R.STAND_INS:
+    for name in D.STAND_INS:
         assert mine[name]["files"] == theirs[name]["files"] and mine[name]["args"] == theirs[name]["args"]
     assert mine["pretrain"]["seconds"] == 12.0
-    assert R.copy_shipped(R.get_args([]), paths_in(tmp_path / "again"), shipped=str(shipped)) == \
+    assert D.copy_shipped(R.get_args([]), paths_in(tmp_path / "again"), shipped=str(shipped)) == \
         ["pretrain", "encoder_pretrained"]

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,6 +16,8 @@ from PIL import Image
 import evaluate as E
 import model as M
 import pipeline_io as IO
+import roi_encoder as RE
+import vqa_metrics as VM
 from embedded.tiny import make_tiny
 from tools import convert_benchmarks as CB
 
@@ -82,45 +85,45 @@ def make_ckpt(root, plant=None, projector="res_mlp_ln"):
 # Metrics
 # ----------------------------------------------------------------------------------------------------
 def test_normalize():
-    assert E.normalize("The TWO lesions.") == "2 lesions"
-    assert E.normalize("  X-ray, LEFT lung!") == "x ray left lung"
-    assert E.normalize("An oval mass of 2.5 cm") == "oval mass of 2.5 cm"
-    assert E.normalize("Yes.") == "yes"
+    assert VM.normalize("The TWO lesions.") == "2 lesions"
+    assert VM.normalize("  X-ray, LEFT lung!") == "x ray left lung"
+    assert VM.normalize("An oval mass of 2.5 cm") == "oval mass of 2.5 cm"
+    assert VM.normalize("Yes.") == "yes"
 
 
 def test_token_f1_by_hand():
     # pred [liver, is, large], gold [large, liver]: common 2, P = 2/3, R = 1, F1 = 0.8
-    assert E.token_f1("The liver is large.", "Large liver") == pytest.approx(0.8)
-    assert E.token_f1("two nodules", "2 nodules") == 1.0
-    assert E.token_f1("kidney", "liver") == 0.0
-    assert E.token_f1("", "") == 1.0 and E.token_f1("liver", "") == 0.0
+    assert VM.token_f1("The liver is large.", "Large liver") == pytest.approx(0.8)
+    assert VM.token_f1("two nodules", "2 nodules") == 1.0
+    assert VM.token_f1("kidney", "liver") == 0.0
+    assert VM.token_f1("", "") == 1.0 and VM.token_f1("liver", "") == 0.0
     # repeated tokens count once per occurrence: pred [a-less] [liver, liver], gold [liver] -> P 1/2, R 1
-    assert E.token_f1("liver liver", "liver") == pytest.approx(2 / 3)
+    assert VM.token_f1("liver liver", "liver") == pytest.approx(2 / 3)
 
 
 def test_match_rules():
     ch = ["It is in the upper left part.", "It is in the upper right part.", "Computed tomography", "MRI"]
-    assert E.match_rule("B", ch) == (1, "letter")
-    assert E.match_rule("(c) something", ch) == (2, "letter")
-    assert E.match_rule("D: MRI", ch) == (3, "letter")
-    assert E.match_rule("mri", ch) == (3, "exact")                      # exact after normalisation
-    assert E.match_rule("upper right", ch) == (1, "f1")                 # unique best token-F1
-    assert E.match_rule("It is in the upper part", ch) == (None, "none")  # tie between choices 0 and 1: a miss
-    assert E.match_rule("kidney", ch) == (None, "none")                 # no overlap: a miss
-    assert E.match_rule("A structure in the upper left", ch) == (0, "f1")  # the article 'A' is not a letter
+    assert VM.match_rule("B", ch) == (1, "letter")
+    assert VM.match_rule("(c) something", ch) == (2, "letter")
+    assert VM.match_rule("D: MRI", ch) == (3, "letter")
+    assert VM.match_rule("mri", ch) == (3, "exact")                      # exact after normalisation
+    assert VM.match_rule("upper right", ch) == (1, "f1")                 # unique best token-F1
+    assert VM.match_rule("It is in the upper part", ch) == (None, "none")  # tie between choices 0 and 1: a miss
+    assert VM.match_rule("kidney", ch) == (None, "none")                 # no overlap: a miss
+    assert VM.match_rule("A structure in the upper left", ch) == (0, "f1")  # the article 'A' is not a letter
 
 
 def test_score_item_closed_open():
     yn = dict(answer="yes", answer_type="closed")
-    assert E.score_item(yn, "Yes, it is visible.")["correct"] is True
-    assert E.score_item(yn, "No.")["correct"] is False
-    miss = E.score_item(yn, "maybe")
+    assert VM.score_item(yn, "Yes, it is visible.")["correct"] is True
+    assert VM.score_item(yn, "No.")["correct"] is False
+    miss = VM.score_item(yn, "maybe")
     assert miss["matched"] is None and miss["correct"] is False
-    assert E.score_item(dict(answer="CT", answer_type="closed"), "ct.")["correct"] is True
-    assert E.score_item(dict(answer="CT", answer_type="closed"), "a CT scan")["correct"] is False
+    assert VM.score_item(dict(answer="CT", answer_type="closed"), "ct.")["correct"] is True
+    assert VM.score_item(dict(answer="CT", answer_type="closed"), "a CT scan")["correct"] is False
     mc = dict(answer="MRI", answer_type="closed", choices=["CT", "MRI"], answer_index=1)
-    assert E.score_item(mc, "B")["correct"] is True and E.score_item(mc, "A")["correct"] is False
-    assert E.score_item(dict(answer="left lung", answer_type="open"), "the left")["f1"] == pytest.approx(2 / 3)
+    assert VM.score_item(mc, "B")["correct"] is True and VM.score_item(mc, "A")["correct"] is False
+    assert VM.score_item(dict(answer="left lung", answer_type="open"), "the left")["f1"] == pytest.approx(2 / 3)
 
 
 def test_aggregate_by_hand():
@@ -130,7 +133,7 @@ def test_aggregate_by_hand():
                  correct=False),
             dict(benchmark="b", answer_type="closed", choices=None, matched=None, matched_by="exact", correct=True),
             dict(benchmark="b", answer_type="open", f1=0.5), dict(benchmark="b", answer_type="open", f1=0.0)]
-    m = E.aggregate(rows)["b"]
+    m = VM.aggregate(rows)["b"]
     assert m["closed_acc"] == pytest.approx(200 / 3) and m["n_closed"] == 3 and m["unmatched"] == 1
     assert m["mc_acc"] == 50.0 and m["n_mc"] == 2
     assert m["open_f1"] == 25.0 and m["n_open"] == 2
@@ -147,15 +150,15 @@ def test_matched_by_and_fallback_share_on_planted_predictions():
                "upper right": ("f1", 1, True), "kidney": ("none", None, False)}
     rows = []
     for pred, (by, idx, ok) in planted.items():
-        sc = E.score_item(item, pred)
+        sc = VM.score_item(item, pred)
         assert (sc["matched_by"], sc["matched"], sc["correct"]) == (by, idx, ok), pred
         rows.append(dict(item, benchmark="b", prediction=pred, **sc))
     yn = dict(answer="yes", answer_type="closed")
-    rows.append(dict(yn, benchmark="b", **E.score_item(yn, "Yes, it is.")))  # f1 on ["yes", "no"], no options
-    m = E.aggregate(rows)["b"]
+    rows.append(dict(yn, benchmark="b", **VM.score_item(yn, "Yes, it is.")))  # f1 on ["yes", "no"], no options
+    m = VM.aggregate(rows)["b"]
     assert m["matched_by"] == dict(letter=1, exact=1, f1=1, none=1) and m["n_mc"] == 4
     assert m["fallback_share"] == 50.0 and m["closed_acc"] == 80.0
-    assert "| Acc | 80.00 | 5 | 50.0% (1 / 1 of 4) |" in E.table_md({"b": m}, "VITAL")
+    assert "| Acc | 80.00 | 5 | 50.0% (1 / 1 of 4) |" in VM.table_md({"b": m}, "VITAL")
 
 
 def test_one_prompt_for_train_and_evaluate(tmp_path):
@@ -305,7 +308,7 @@ def test_evaluate_writes_outputs_that_agree_with_predictions(tiny):
     metrics = json.load(open(os.path.join(out, "metrics.json")))["benchmarks"]
     assert set(metrics) == {"in-domain/msd", "in-domain/biomedparse", "vqa-rad"}
     for r in rows:  # every stored score is what the scoring rule gives for the stored prediction
-        assert {k: r[k] for k in E.score_item(r, r["prediction"])} == E.score_item(r, r["prediction"])
+        assert {k: r[k] for k in VM.score_item(r, r["prediction"])} == VM.score_item(r, r["prediction"])
     for name, m in metrics.items():  # and the metrics are plain means over those rows
         rs = [r for r in rows if r["benchmark"] == name]
         closed = [r for r in rs if r["answer_type"] == "closed"]
@@ -319,7 +322,7 @@ def test_evaluate_writes_outputs_that_agree_with_predictions(tiny):
     assert json.load(open(os.path.join(out, "metrics.json")))["protocol"] == "options" and "fallback" in table
     for name, m in metrics.items():
         mc = [r for r in rows if r["benchmark"] == name and r.get("choices")]
-        assert m["matched_by"] == {by: sum(r["matched_by"] == by for r in mc) for by in E.MATCHED_BY}
+        assert m["matched_by"] == {by: sum(r["matched_by"] == by for r in mc) for by in VM.MATCHED_BY}
         assert m["fallback_share"] == pytest.approx(100 * np.mean([r["matched_by"] in ("f1", "none") for r in mc]))
 
 
@@ -352,12 +355,12 @@ def test_folded_model_answers_like_the_unmerged_lora(tiny):
     M.add_lora(backbone, R, ALPHA, 0.0)
     IO.load_checkpoint(tiny["ckpt"], M.VITAL(backbone), scaffolds=False)
     backbone.eval()
-    items = E.read_test_split(tiny["data"])
-    preds = E.predict(backbone, processor, items, 4, 8, 6, torch.device("cpu"))
+    items, run = E.read_test_split(tiny["data"]), SimpleNamespace(batch_size=8, max_new_tokens=6)
+    preds = E.predict(backbone, processor, items, 4, run, torch.device("cpu"))
     rows = [json.loads(l) for l in open(os.path.join(tiny["out"], "predictions.jsonl"))][:len(items)]
     assert preds == [r["prediction"] for r in rows]
     plain, _ = IO.load_backbone(os.path.join(tiny["models"], "backbone"))
-    assert E.predict(plain, processor, items, 4, 8, 6, torch.device("cpu")) != preds  # the LoRA matters
+    assert E.predict(plain, processor, items, 4, run, torch.device("cpu")) != preds  # the LoRA matters
 
 
 def test_latency_and_collapse_numbers(tiny):
@@ -510,8 +513,8 @@ def test_shuffled_feeds_the_other_items_chain(tiny):
 def test_probe_batches_and_mcnemar():
     assert [len(c) for c in E.probe_batches(list(range(5)), 2)] == [2, 3]   # no batch of one
     assert [len(c) for c in E.probe_batches(list(range(6)), 4)] == [4, 2]
-    assert E.mcnemar_p(0, 0) == 1.0 and E.mcnemar_p(3, 3) == 1.0
-    assert E.mcnemar_p(0, 5) == pytest.approx(2 / 32) and E.mcnemar_p(1, 5) == pytest.approx(2 * 7 / 64)
+    assert VM.mcnemar_p(0, 0) == 1.0 and VM.mcnemar_p(3, 3) == 1.0
+    assert VM.mcnemar_p(0, 5) == pytest.approx(2 / 32) and VM.mcnemar_p(1, 5) == pytest.approx(2 * 7 / 64)
 
 
 def test_probe_writes_every_probe_and_k_in_strict_json(tiny, capsys):
@@ -533,7 +536,7 @@ def test_probe_writes_every_probe_and_k_in_strict_json(tiny, capsys):
         assert r["n"] == 4 and all(math.isfinite(r[k]) for k in ("accuracy", "change_vs_normal", "p_mcnemar"))
     for name, r in list(res["probes"].items()) + [("normal", r) for r in res["k_sweep"].values()]:
         key = f"{name} K={r['K']}"
-        ok = [E.score_item(items[row["id"]], row["predictions"][key])["correct"] for row in rows]
+        ok = [VM.score_item(items[row["id"]], row["predictions"][key])["correct"] for row in rows]
         assert r["accuracy"] == pytest.approx(100 * np.mean(ok))      # recomputed from the stored answers
     main = {r["id"]: r["prediction"] for r in map(json.loads, open(os.path.join(out, "predictions.jsonl")))}
     assert all(row["predictions"]["normal K=4"] == main[row["id"]] for row in rows)  # normal = the evaluation
@@ -574,7 +577,6 @@ def test_pointing_game_counts_hits_and_chance(tiny, monkeypatch):
     """Masks on the test images; a visual projector that points at the target's patch must score 100%, one
     that points at a far corner 0%; chance is the hit area's share, recomputed here."""
     import shutil
-    import explain as X
     data = os.path.join(tiny["root"], "data_masks")
     shutil.copytree(tiny["data"], data)
     rows = [json.loads(l) for l in open(os.path.join(data, "samples.jsonl"))]
@@ -588,7 +590,7 @@ def test_pointing_game_counts_hits_and_chance(tiny, monkeypatch):
     chance = 100 * target[valid].float().mean().item()
     inside = int(torch.nonzero(target & valid)[0])
     far = int(torch.nonzero(valid & ~target)[-1])
-    real_heat = X.heatmaps
+    real_heat = RE.heatmaps
 
     def pointing_at(index):
         def heat(f, v, grid):  # the real heatmap, then the chosen patch made the maximum
@@ -597,7 +599,7 @@ def test_pointing_game_counts_hits_and_chance(tiny, monkeypatch):
             return h.view(-1, grid, grid)
         return heat
     for index, expected in ((inside, 100.0), (far, 0.0)):
-        monkeypatch.setattr(X, "heatmaps", pointing_at(index))
+        monkeypatch.setattr(RE, "heatmaps", pointing_at(index))
         out = os.path.join(tiny["root"], f"ev_point_{index}")
         E.main(["--ckpt", tiny["ckpt"], "--data", data, "--out", out, "--max-new-tokens", "2", "--pointing"])
         res = json.loads(open(os.path.join(out, "pointing.json")).read(),
@@ -607,7 +609,7 @@ def test_pointing_game_counts_hits_and_chance(tiny, monkeypatch):
         assert res["chance"] == pytest.approx(chance) and 0 < chance < 100
         # the tiny data has no ROI bank: no ceiling, and the reason names the file
         assert res["ceiling"] is None and "roi.safetensors: no such file" in res["ceiling_missing"]
-    monkeypatch.setattr(X, "heatmaps", real_heat)
+    monkeypatch.setattr(RE, "heatmaps", real_heat)
     # the ceiling's queries are the items' own ROI rows (the heatmap below reads only the query): plant a row
     # that points inside for the items at even positions of the test split and one that points far outside
     # for the others -> 50%, whatever the batch
@@ -623,7 +625,7 @@ def test_pointing_game_counts_hits_and_chance(tiny, monkeypatch):
         for q in range(len(v)):
             h[q, inside if torch.allclose(v[q].float(), good) else far] = 1.0
         return h.view(-1, grid, grid)
-    monkeypatch.setattr(X, "heatmaps", by_query)
+    monkeypatch.setattr(RE, "heatmaps", by_query)
     roi_path = os.path.join(data, "roi.safetensors")
 
     def play(*flags):
@@ -646,7 +648,7 @@ def test_pointing_game_counts_hits_and_chance(tiny, monkeypatch):
     bank(torch.ones(len(items), d_v + 1), ids)  # a bank from another encoder
     res = play()
     assert res["ceiling"] is None and f"{d_v + 1}-d features, the checkpoint's are {d_v}-d" in res["ceiling_missing"]
-    monkeypatch.setattr(X, "heatmaps", real_heat)
+    monkeypatch.setattr(RE, "heatmaps", real_heat)
     with pytest.raises(E.EvalError, match="with a mask"):  # the tiny data has no masks
         E.pointing_game(tiny["ckpt"], E.read_test_split(tiny["data"]), 4,
                         E.get_args(["--ckpt", "x", "--data", tiny["data"], "--out", "o", "--pointing"]),

@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 
 import explain as X
 import model as M
-from extract_roi import SiglipPatches
 from pipeline_io import load_image
+from roi_encoder import SiglipPatches, patch_features
 from test_evaluate import make_ckpt, write_image
 
 K = 3
@@ -78,7 +78,7 @@ def test_planted_heatmap_peaks_on_the_planted_patch(tiny, tmp_path, capsys):
     shutil.copytree(os.path.join(tiny["root"], "models"), os.path.join(root, "models"))
     img_path = write_image(os.path.join(root, "planted.png"), 96, 64, seed=3)
     enc = SiglipPatches(os.path.join(root, "models", "encoder"))
-    f, box, s = X.patch_features(enc, load_image(img_path))
+    f, box, s = patch_features(enc, load_image(img_path))
     assert box == (0, 16, 96, 80) and s == 96  # 96x64 centred on a 96x96 square
     p = 4 * 8 + 6
 

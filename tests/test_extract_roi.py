@@ -12,6 +12,7 @@ from safetensors import safe_open
 
 import extract_roi as er
 import model
+import roi_encoder as RE
 from embedded.tiny import make_tiny
 
 
@@ -25,7 +26,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def siglip(tiny):
-    return er.SiglipPatches(os.path.join(tiny, "encoder"))
+    return RE.SiglipPatches(os.path.join(tiny, "encoder"))
 
 
 def args_for(*extra):
@@ -65,7 +66,7 @@ def read(path):
         return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
 
 
-class Stub(er.SiglipPatches):
+class Stub(RE.SiglipPatches):
     """Known patch features: [one-hot of the patch index (g*g), 4 * (brightness + 1)], on an 8x8 grid of
     112 px. The one-hot part shows exactly which patches were pooled; the brightness part makes a bright
     target's patches the most similar to its ROI feature."""
@@ -94,7 +95,7 @@ def ids_of(meta):
 def test_mask_to_grid_is_area_interpolation_plus_threshold():
     rng = np.random.default_rng(0)
     m = rng.random((70, 100)) > 0.6  # non-square: padded to 100x100, content rows 15..85
-    frac = er.grid_fraction(er.square_pad(m), 8)
+    frac = RE.grid_fraction(RE.square_pad(m), 8)
     padded = torch.zeros(100, 100)
     padded[15:85] = torch.tensor(m, dtype=torch.float32)
     ref = F.interpolate(padded[None, None], size=(8, 8), mode="area")[0, 0].flatten()
@@ -108,14 +109,14 @@ def test_mask_to_grid_is_area_interpolation_plus_threshold():
 def test_mask_threshold_boundary_and_fallback():
     m = np.zeros((112, 112), bool)
     m[28:84, 42:102] = True  # column patch 7 (98..112) covered 4/14 = 0.29 < 0.3
-    keep = er.binarise(er.grid_fraction(er.square_pad(m), 8), 0.3)[0].view(8, 8)
+    keep = er.binarise(RE.grid_fraction(RE.square_pad(m), 8), 0.3)[0].view(8, 8)
     assert keep[2:6, 3:7].all() and keep.sum() == 16
     m[28:84, 102] = True  # now 5/14 = 0.36 >= 0.3
-    keep = er.binarise(er.grid_fraction(er.square_pad(m), 8), 0.3)[0].view(8, 8)
+    keep = er.binarise(RE.grid_fraction(RE.square_pad(m), 8), 0.3)[0].view(8, 8)
     assert keep[2:6, 3:8].all() and keep.sum() == 20
     line = np.zeros((112, 112), bool)
     line[50, :] = True  # 1/14 of each patch of row 3: nothing reaches 0.3 -> the most-covered patches
-    keep, fell = er.binarise(er.grid_fraction(er.square_pad(line), 8), 0.3)
+    keep, fell = er.binarise(RE.grid_fraction(RE.square_pad(line), 8), 0.3)
     assert fell and keep.view(8, 8)[3].all() and keep.sum() == 8
 
 
@@ -148,7 +149,7 @@ def test_crop_validity_mask_by_hand():
     valid = er.binarise(content, er.VALID_THRESHOLD)[0].view(8, 8)
     assert valid[3:5].all() and valid.sum() == 16
     assert torch.isclose(content.view(8, 8)[2, 0], torch.tensor(7 / 15))
-    sq = er.pad_image(Image.fromarray(np.full((200, 200), 255, np.uint8)).convert("RGB"), box)
+    sq = RE.pad_image(Image.fromarray(np.full((200, 200), 255, np.uint8)).convert("RGB"), box)
     a = np.asarray(sq)[..., 0]
     assert sq.size == (120, 120) and a[38:82].min() == 255 and a[:38].max() == 0 and a[82:].max() == 0
 
@@ -183,7 +184,7 @@ def test_pooled_feature_is_mean_of_expected_patches(tmp_path, case):
     assert int(t["pathway"][0]) == pathway
     assert torch.nonzero(roi[:64]).flatten().tolist() == expect  # exactly these patches were pooled
     # and the value is their mean, L2-normalised: recompute from the stub's features of the same view
-    x = enc.preprocess(er.pad_image(Image.fromarray(img.astype(np.uint8)).convert("RGB"), tuple(t["box"][0].tolist())))
+    x = enc.preprocess(RE.pad_image(Image.fromarray(img.astype(np.uint8)).convert("RGB"), tuple(t["box"][0].tolist())))
     f = enc.encode(x[None])[0]
     assert torch.allclose(roi, F.normalize(f[expect].mean(0), dim=0), atol=1e-6)
     assert abs(float(roi.norm()) - 1) < 1e-5 and abs(float(t["global"][0].norm()) - 1) < 1e-5
@@ -350,11 +351,11 @@ def test_self_encoder_pools_backbone_vision_tokens(tmp_path, tiny):
     t, meta = read(out)
     assert meta["encoder_kind"] == "self" and meta["grid"] == "7" and meta["d_v"] == "64"  # 224/32, out_hidden
     assert t["roi"].shape == (len(ids), 64) and torch.allclose(t["roi"].norm(dim=-1), torch.ones(len(ids)), atol=1e-5)
-    enc = er.QwenSelfPatches(os.path.join(tiny, "backbone"), 224)
+    enc = RE.QwenSelfPatches(os.path.join(tiny, "backbone"), 224)
     x = enc.preprocess(Image.new("RGB", (224, 224), (90, 90, 90)))
     assert enc.encode(x[None]).shape == (1, 49, 64)
     with pytest.raises(ValueError, match="multiple of 32"):
-        er.QwenSelfPatches(os.path.join(tiny, "backbone"), 200)
+        RE.QwenSelfPatches(os.path.join(tiny, "backbone"), 200)
 
 
 def test_grid_search_writes_report(tmp_path, siglip):

@@ -1,9 +1,10 @@
-"""Loading (issue 13): the chat template from chat_template.json when the tokenizer has none, the pixel cap,
-and ONE image loader (model.load_image) behind every stage: train.py, evaluate.py, explain.py and
+"""Loading: the chat template from chat_template.json when the tokenizer has none, the pixel cap,
+and ONE image loader (pipeline_io.load_image) behind every stage: train.py, evaluate.py, explain.py and
 extract_roi.py see the same pixels for the same picture stored as 8-bit grey, 16-bit grey, RGB and RGBA."""
 import json
 import os
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -92,7 +93,7 @@ def test_train_sees_load_images_pixels(tiny, tmp_path):
 
 def test_evaluate_and_explain_see_load_images_pixels(tiny, tmp_path, spy):
     paths, _ = write_variants(str(tmp_path))
-    assert X.open_image is E.open_image  # explain.py reads through evaluate.py's, which calls load_image
+    assert X.open_image is E.open_image  # both stages read through pipeline_io.open_image, which calls load_image
     ref = np.asarray(IO.load_image(paths["grey8"]))
     spy.clear()
     for kind in KINDS:
@@ -102,7 +103,7 @@ def test_evaluate_and_explain_see_load_images_pixels(tiny, tmp_path, spy):
     backbone, processor, _, _ = E.load_inference_model(tiny["ckpt"])
     items = [E.set_prompt(dict(image_path=paths[k], question="Where is the lesion?"), "options") for k in KINDS]
     spy.clear()
-    preds = E.predict(backbone, processor, items, 2, 4, 4, "cpu")
+    preds = E.predict(backbone, processor, items, 2, SimpleNamespace(batch_size=4, max_new_tokens=4), "cpu")
     assert spy == [os.path.abspath(paths[k]) for k in KINDS] and len(set(preds)) == 1
     heat = []
     for kind in KINDS:

@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import image_facts as F
 import prepare_data as P
+import quality_gate as G
 from embedded.phantom import phantom_case
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -230,7 +232,7 @@ def test_phantom_answers_match_the_pixels(tmp_path):
         brighter = lum[mask].mean() > lum[band].mean()
         drawn = case["meta"]["drawn"]
         assert brighter == (drawn["brightness"] == "brighter")
-        facts = P.measure(case["image"], mask)
+        facts = F.measure(case["image"], mask)
         for s in P.samples_for(case, args):
             out = json.loads(P.geometry_teacher(case, s, facts, [], args))
             ans = out["final_answer"]
@@ -252,7 +254,7 @@ def test_phantom_answers_match_the_pixels(tmp_path):
                 assert ans.startswith("No") == s["negative"]
                 if s["negative"]:  # negatives ask about a target of that modality that is absent
                     assert s["target"] != case["target"] and s["target"] in [t for t, _ in case["others"]]
-            assert P.gate(json.dumps(out), s, facts)[1] == []
+            assert G.gate(json.dumps(out), s, facts)[1] == []
     # describe answers need several facts at once: many different attribute combinations occur
     assert len(combos) >= 8
 
@@ -265,7 +267,7 @@ def test_grading_rule_needs_every_finding(tmp_path):
     totals = set()
     for i in range(40):
         case = phantom_case(i, 11, 96)
-        facts = P.measure(case["image"], case["mask"])
+        facts = F.measure(case["image"], case["mask"])
         (s,) = list(P.samples_for(case, args))
         assert s["question_type"] == "reasoning" and "one point each" in s["question"]
         out = json.loads(P.geometry_teacher(case, s, facts, [], args))
@@ -277,7 +279,7 @@ def test_grading_rule_needs_every_finding(tmp_path):
         chain = out["reasoning_chain"]
         assert len(chain) in (3, 4) and f"{n} point" in chain[-1] and grade[n].lower() in chain[-1]
         assert chain[0].startswith("Its shape is " + f["shape"]) and f"in the {f['v']} part" in chain[1]
-        assert P.gate(json.dumps(out), s, facts)[1] == []
+        assert G.gate(json.dumps(out), s, facts)[1] == []
         choices, k = P.closed_form(s, facts, case, s["rng"])
         assert sorted(choices) == sorted(f"{grade[m]} grade: {m} of 4 points." for m in range(5))
         assert choices[k] == out["final_answer"]
@@ -290,11 +292,11 @@ def test_phantom_run_schema_splits_and_choices(tmp_path):
     keys = {"id", "source", "subset", "modality", "target", "target_type", "image", "mask", "overlay", "question",
             "question_type", "answer", "reasoning_chain", "latent_steps", "split", "meta"}
     assert len(rows) == 720 and stats["samples"] == 720 and stats["rejects"] == 0
-    assert stats["by_question_type"] == {q: 120 for q in sorted(P.QUESTION_TYPES)}
+    assert stats["by_question_type"] == {q: 120 for q in sorted(G.QUESTION_TYPES)}
     assert stats["yesno_negative"] == 60  # balanced yes/no
     for r in rows:  # the closed form in every split (train.py --options-rate asks with it too)
         assert set(r) == keys | {"choices", "answer_index"}
-        lo, hi = P.STEP_RANGE[r["question_type"]]
+        lo, hi = G.STEP_RANGE[r["question_type"]]
         assert r["latent_steps"] == len(r["reasoning_chain"]) and lo <= r["latent_steps"] <= hi
         assert r["answer"].endswith(".") and os.path.exists(tmp_path / r["overlay"])
         assert len(r["choices"]) >= 2 and len(set(r["choices"])) == len(r["choices"])
@@ -343,7 +345,7 @@ def sample(qtype="describe", target="liver", ttype="organ", negative=False):
 
 
 def gate(answer, chain, **kw):
-    return P.gate(json.dumps({"final_answer": answer, "reasoning_chain": chain}), sample(**kw), FACTS_LEFT)
+    return G.gate(json.dumps({"final_answer": answer, "reasoning_chain": chain}), sample(**kw), FACTS_LEFT)
 
 
 def test_gate_rules_accept_good_and_reject_bad():
@@ -351,8 +353,8 @@ def test_gate_rules_accept_good_and_reject_bad():
                 ["A large homogeneous structure fills the lower left part of the image.", "Its edges are smooth."])
     assert good[1] == [] and good[0]["final_answer"].endswith("image.")
     # round 1: JSON schema
-    assert P.gate("```json {}```", sample(), FACTS_LEFT)[1][0].startswith("json")
-    assert P.gate(json.dumps({"final_answer": "x", "reasoning_chain": ["a"], "note": 1}), sample(), FACTS_LEFT)[1][0].startswith("json")
+    assert G.gate("```json {}```", sample(), FACTS_LEFT)[1][0].startswith("json")
+    assert G.gate(json.dumps({"final_answer": "x", "reasoning_chain": ["a"], "note": 1}), sample(), FACTS_LEFT)[1][0].startswith("json")
     assert gate("x", "not a list")[1][0].startswith("json")
     # round 2: forbidden annotation terms, on word boundaries
     assert gate("The masked area is liver.", ["The red overlay shows it.", "ok"])[1][:2] == \
@@ -450,7 +452,7 @@ def test_openai_teacher_against_loopback_server(tmp_path, monkeypatch):
     # identify: leaked once, fixed after a strict retry, short answer normalised into a sentence
     ident = by_type["identify"]
     assert ident["meta"]["gate_retries"] == ["leak: forbidden term 'mask'"]
-    assert ident["answer"] == f"The structure shown is {P.article(ident['target'], ident['target_type'])} {ident['target']}."
+    assert ident["answer"] == f"The structure shown is {G.article(ident['target'], ident['target_type'])} {ident['target']}."
     reqs = {q: [r for r in FakeTeacher.requests if r["qtype"] == q] for q in FakeTeacher.script}
     assert "STRICT RULES" not in reqs["identify"][0]["text"]
     assert "STRICT RULES" in reqs["identify"][1]["text"] and "leak: forbidden term 'mask'" in reqs["identify"][1]["text"]
@@ -510,7 +512,7 @@ class KeyedTeacher(BaseHTTPRequestHandler):
             return self.reply(400, {"error": {"message": "image too large for this model"}})
         final = ("No, it is not visible." if "correct answer is No" in text else "Yes, it is visible.") \
             if qtype == "yesno" else "It is seen in the image."
-        content = answer(final, ["A distinct structure is seen."] * P.STEP_RANGE[qtype][0])
+        content = answer(final, ["A distinct structure is seen."] * G.STEP_RANGE[qtype][0])
         self.reply(200, {"choices": [{"message": {"role": "assistant", "content": content}}]})
 
 

@@ -6,10 +6,10 @@ import os
 import torch
 from safetensors.torch import load_file
 
-import extract_roi as ER
 import prepare_data as P
 from demo import pretrain_encoder as PE
 from embedded.tiny import make_tiny
+from roi_encoder import SiglipPatches
 
 
 def test_pretrained_encoder_loads_like_medsiglip(tmp_path, capsys):
@@ -25,7 +25,7 @@ def test_pretrained_encoder_loads_like_medsiglip(tmp_path, capsys):
                      parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
     assert [e["epoch"] for e in log["epochs"]] == [1, 2] and log["n_train"] == 32 and log["n_heldout"] == 8
     assert all(e["loss"] > 0 for e in log["epochs"])
-    enc = ER.SiglipPatches(out)  # the folder extract_roi.py and explain.py read
+    enc = SiglipPatches(out)  # the folder extract_roi.py and explain.py read
     assert (enc.grid, enc.dim) == (8, 48)
     trained = load_file(os.path.join(out, "model.safetensors"))
     random = load_file(os.path.join(models, "encoder", "model.safetensors"))

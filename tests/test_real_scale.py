@@ -1,4 +1,4 @@
-"""Real dimensions on CPU (issue 13): the paper's Qwen3-VL-8B, Qwen3-1.7B and SigLIP-448 shapes with one block
+"""Real dimensions on CPU: the paper's Qwen3-VL-8B, Qwen3-1.7B and SigLIP-448 shapes with one block
 per LLM / encoder and random weights (bench/real.py) go through train.py (one optimizer step at K = 4 on
 448-px images, bf16 autocast, AdamW), evaluate.py (two closed-ended items at K = 4) and explain.py (one
 image, four steps, 32 x 32 heatmaps), all in bf16 as on a GPU: hidden 4096, head_dim 128, M-RoPE sections

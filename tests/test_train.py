@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import run_log
 import train
+import training_data
 from embedded.tiny import make_tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -95,8 +97,9 @@ def read_log(out):
 # ---------------------------------------------------------------------------------------------- sampler
 def test_sampler_buckets_by_k_and_splits_evenly_over_ranks():
     ks = [1] * 7 + [2] * 5 + [3] * 2
-    one = train.KBucketSampler(ks, batch_size=2, world=1, rank=0, accum=4, seed=3)
-    ranks = [train.KBucketSampler(ks, batch_size=2, world=2, rank=r, accum=2, seed=3) for r in range(2)]
+    one = train.KBucketSampler(ks, batch_size=2, split=train.Split(world=1, rank=0, accum=4), seed=3)
+    ranks = [train.KBucketSampler(ks, batch_size=2, split=train.Split(world=2, rank=r, accum=2), seed=3)
+             for r in range(2)]
     assert len(ranks[0]) == len(ranks[1]) == len(one) // 2  # same count on every rank: no DDP hang
     batches = list(one)
     assert all(len({ks[i] for i in b}) == 1 for b in batches)  # one K per micro-batch
@@ -113,7 +116,7 @@ def test_sampler_buckets_by_k_and_splits_evenly_over_ranks():
 
 
 def _epoch(ks, epoch):
-    s = train.KBucketSampler(ks, 2, 1, 0, 4, seed=3)
+    s = train.KBucketSampler(ks, 2, train.Split(1, 0, 4), seed=3)
     s.set_epoch(epoch)
     return list(s)
 
@@ -178,8 +181,8 @@ def test_options_rate_shows_options_per_item_and_epoch(env, tmp_path, monkeypatc
     assert shown[0] and shown[0] < with_choices and shown[0] != shown[1]   # some, not all, and not the same
     # buckets by the prompt shown: its options' tokens count (here they move an item to another length group)
     _, processor = IO.load_backbone(f"{env['models']}/backbone")
-    records = train.read_samples(str(data / "samples.jsonl"))
-    vis, extra = train.image_tokens(records, processor), train.option_tokens(records, processor.tokenizer)
+    records = training_data.read_samples(str(data / "samples.jsonl"))
+    vis, extra = training_data.image_tokens(records, processor), train.option_tokens(records, processor.tokenizer)
     for b in half:
         assert len({train.length_group(vis[int(i[1:])] + extra[int(i[1:])] * s) for i, s in b}) == 1
     assert train.length_group(vis[0]) != train.length_group(vis[0] + extra[0])   # 4 image tokens, +36 options
@@ -198,7 +201,7 @@ def test_lr_schedule_warmup_then_cosine():
 
 # ---------------------------------------------------------------------------------------------- data
 def test_phase_filter_caps_and_train_split(env):
-    records = train.read_samples(f"{env['data']}/samples.jsonl")
+    records = training_data.read_samples(f"{env['data']}/samples.jsonl")
     for phase, allowed in ((1, {1}), (2, {1, 2}), (3, {1, 2, 3})):
         args = train.get_args(flags(env, "x", "--phase", phase))
         sel = train.select_phase(records, args, "samples.jsonl")
@@ -348,7 +351,7 @@ def test_loss_png(tmp_path):
     rows = [dict(step=s, phase=p, L_task=2 / s, L_sem=3 / s, L_vis=0.0, loss=5 / s)
             for p in (1, 2) for s in range(1, 31)]
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 31, "ph')
-    train.plot_losses(tmp_path / "log.jsonl", tmp_path / "loss.png", W=400, H=200)
+    run_log.plot_losses(tmp_path / "log.jsonl", tmp_path / "loss.png", W=400, H=200)
     _check_loss_png(tmp_path / "loss.png", (400, 200), ("L_task", "L_sem", "loss"))
 
 
@@ -358,7 +361,7 @@ def _check_loss_png(path, size, keys):
     # the plot area (inside the margins of plot_losses): not all background, each term's bold colour present
     plot = np.asarray(im)[30:size[1] - 30, 70:size[0] - 20].reshape(-1, 3)
     colours = {tuple(c) for c in np.unique(plot, axis=0)}
-    assert len(colours) > 1 and all(train.LOSS_COLORS[k] in colours for k in keys), colours
+    assert len(colours) > 1 and all(run_log.LOSS_COLORS[k] in colours for k in keys), colours
 
 
 # ---------------------------------------------------------------------------------------------- resume
@@ -486,7 +489,7 @@ def test_pretrain_trains_whole_backbone_resumes_exactly_and_feeds_vital(env, tmp
         train.get_args(["--pretrain", "--data", env["data"], "--backbone", "x", "--decoder", "y"])
 
 
-# ------------------------------------------------------------------------------------ memory (issue 13)
+# ---------------------------------------------------------------------------------------------- memory
 def test_grad_ckpt_trains_the_same_weights_and_resumes_without_it(env, tmp_path):
     """--grad-ckpt changes memory, not results (dropout on): 3 steps with it, or 2 with it and a resume
     without it, give the weights of 3 steps without it."""
@@ -504,7 +507,7 @@ def test_grad_ckpt_trains_the_same_weights_and_resumes_without_it(env, tmp_path)
 def test_sampler_groups_by_k_and_image_length():
     ks = [1] * 10 + [2] * 6
     lengths = [196, 64] * 5 + [196, 196, 1024, 1024, 64, 64]  # visual tokens of each sample's image
-    s = train.KBucketSampler(ks, batch_size=2, accum=1, seed=0, lengths=lengths)
+    s = train.KBucketSampler(ks, batch_size=2, split=train.Split(accum=1), seed=0, lengths=lengths)
     batches = list(s)
     assert s.n_groups == 5 and {i for b in batches for i in b} == set(range(len(ks)))
     for b in batches:  # one K and one length group per micro-batch: no large image pads small ones

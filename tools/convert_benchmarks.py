@@ -43,7 +43,9 @@ from collections import Counter
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-from evaluate import EvalError, normalize, read_jsonl  # noqa: E402
+import pipeline_io as IO  # noqa: E402
+from evaluate import EvalError  # noqa: E402
+from vqa_metrics import normalize  # noqa: E402
 
 FORMATS = ["vqa-rad", "pathvqa", "slake", "pmc-vqa", "gemex"]
 
@@ -68,7 +70,7 @@ def read_records(src):
         with open(src, newline="", encoding="utf-8-sig") as f:
             return list(csv.DictReader(f))
     if ext == ".jsonl":
-        return [r for _, r in read_jsonl(src)]
+        return [r for _, r in IO.read_jsonl(src, EvalError)]
     with open(src) as f:
         try:
             data = json.load(f)

@@ -1,0 +1,104 @@
+"""
+The inputs of the training stage (train.py), read and checked: the five-tuples of samples.jsonl (written by
+prepare_data.py), their L_vis targets in roi.safetensors (extract_roi.py), aligned with the records, and the
+visual tokens of each record's image (its header only). Every problem is one `error` (the caller's own error
+class) naming the file, line and field.
+"""
+import json
+import os
+
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from pipeline_io import InputError, choices_problem
+
+# the fields every record needs, and their types (prepare_data.py writes more)
+REQUIRED = {"id": str, "image": str, "question": str, "answer": str, "reasoning_chain": list,
+            "latent_steps": int, "split": str}
+
+
+def read_samples(path, error=InputError):
+    """All records of a samples.jsonl, validated; each gets `line` and an absolute `image_path`."""
+    if not os.path.isfile(path):
+        raise error(f"{path}: no such file (run prepare_data.py first)")
+    records, seen = [], {}
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise error(f"{path} line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(r, dict):
+                raise error(f"{path} line {n}: expected a JSON object, got {type(r).__name__}")
+            for field, typ in REQUIRED.items():
+                if field not in r:
+                    raise error(f"{path} line {n}: missing field '{field}'")
+                if not isinstance(r[field], typ) or (typ is int and isinstance(r[field], bool)):
+                    raise error(f"{path} line {n}: field '{field}' should be {typ.__name__}, "
+                                f"got {type(r[field]).__name__}")
+            problem = choices_problem(r)
+            if problem:
+                raise error(f"{path} line {n}: {problem}")
+            if r["latent_steps"] != len(r["reasoning_chain"]):
+                raise error(f"{path} line {n}: latent_steps = {r['latent_steps']} "
+                            f"but reasoning_chain has {len(r['reasoning_chain'])} steps")
+            if r["id"] in seen:
+                raise error(f"{path} line {n}: id '{r['id']}' already used on line {seen[r['id']]}")
+            seen[r["id"]] = n
+            r["line"] = n
+            r["image_path"] = os.path.join(os.path.dirname(os.path.abspath(path)), r["image"])
+            records.append(r)
+    return records
+
+
+def read_roi(path, records, need_global, error=InputError):
+    """ROI targets (N, d_v) and global features in the order of `records`, and the file's metadata (which
+    encoder made them: explain.py re-attaches it); lists ids without a feature."""
+    if not os.path.isfile(path):
+        raise error(f"{path}: no such file (run extract_roi.py first, or train with --lambda-vis 0)")
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+        if "ids" not in meta:
+            raise error(f"{path}: metadata has no 'ids' list (row order of the features)")
+        ids = json.loads(meta["ids"])
+        names = set(f.keys())
+        for name in ["roi"] + (["global"] if need_global else []):
+            if name not in names:
+                raise error(f"{path}: no tensor '{name}'"
+                            + (" (needed by --visual-target per_step)" if name == "global" else ""))
+        roi = f.get_tensor("roi").float()
+        glob = f.get_tensor("global").float() if need_global else None
+    if roi.ndim != 2 or roi.shape[0] != len(ids):
+        raise error(f"{path}: 'roi' has shape {tuple(roi.shape)} but metadata lists {len(ids)} ids")
+    row = {i: n for n, i in enumerate(ids)}
+    missing = [r["id"] for r in records if r["id"] not in row]
+    if missing:
+        raise error(f"{path}: {len(missing)} training samples have no ROI feature: {missing[:20]}"
+                    + (" ..." if len(missing) > 20 else "")
+                    + " (re-run extract_roi.py, or --lambda-vis 0)")
+    rows = torch.tensor([row[r["id"]] for r in records])
+    roi, glob = roi[rows], (glob[rows] if glob is not None else None)
+    bad = [records[i]["id"] for i in range(len(records)) if not torch.isfinite(roi[i]).all()]
+    if bad:
+        raise error(f"{path}: non-finite ROI features for {bad[:20]}")
+    return roi, glob, meta
+
+
+def image_tokens(records, processor, error=InputError):
+    """Visual tokens of each record's image after the processor's resize (pixel cap included): the part of
+    the prefix length that varies from sample to sample (the question adds a few dozen tokens). Reads only
+    the image headers."""
+    ip = processor.image_processor
+    out = []
+    for r in records:
+        try:
+            with Image.open(r["image_path"]) as im:
+                w, h = im.size
+        except Exception as e:  # not an image, unknown format, decompression bomb
+            raise error(f"samples.jsonl line {r.get('line')}: image '{r['image_path']}' cannot be read "
+                        f"({type(e).__name__}: {e})") from None
+        out.append(ip.get_number_of_image_patches(h, w, {}) // ip.merge_size ** 2)
+    return out
