@@ -8,12 +8,12 @@ question runs the same latent loop as training (model.latent_loop) with ONE fixe
 and a greedy answer; `--k sample` (each test item's own latent_steps, batched by K) is a diagnostic.
 
 Protocol (§B.4: every QA pair is asked as a closed-ended question): with `--protocol options` (default) an
-item that has choices is asked with them in the prompt, pipeline_io.ask: the question, "(A) text" one option a
+item that has choices is asked with them in the prompt, pipeline.io.ask: the question, "(A) text" one option a
 line, then "Answer with one of the options." (the text train.py --options-rate shows); `--protocol free`
 asks the bare question. The same prompt serves the main evaluation, --latency, --collapse, --probe and
 --pointing.
 
-Metrics (§B.4; the rules in vqa_metrics.py): closed-ended accuracy (the prediction mapped to one choice by
+Metrics (§B.4; the rules in pipeline/vqa_metrics.py): closed-ended accuracy (the prediction mapped to one choice by
 its letter, its exact text, then token-F1: the fallback, whose share the report gives), open-ended token-F1,
 multiple-choice accuracy (closed accuracy over the items that have choices).
 
@@ -22,7 +22,7 @@ Benchmark JSONL schema (one object a line; what tools/convert_benchmarks.py writ
    "answer_type": "closed" | "open", "choices": [str, ...] (optional), "answer_index": int (with choices)}
 
 Reads:  a checkpoint folder runs/<name>/phase<p>/ (config.json + adapter.safetensors: the checkpoint
-        layout in pipeline_io.py section 5), DATA/samples.jsonl (test split: choices + answer_index),
+        layout in pipeline/io.py section 5), DATA/samples.jsonl (test split: choices + answer_index),
         benchmark JSONL files.
 Writes: OUT/predictions.jsonl (one line per item with its score and matched_by), OUT/metrics.json (with the
         protocol), OUT/table.md (shaped like a Table 1 row), with --latency OUT/latency.json, with --collapse
@@ -35,7 +35,7 @@ accuracy when what the loop feeds back as latent step k's input embedding is rep
 `feed`): normal (h_{k-1}, the method), zero (a zero vector), h0 (h_0 at every step: no recurrence), shuffled
 (the normal chain h_0..h_{K-1} of another item of the batch); and the normal loop at K = 0..4.
 
-Pointing game (--pointing; the checkpoint's visual projector re-attached by scaffolds.py, as for explain.py):
+Pointing game (--pointing; the checkpoint's visual projector re-attached by pipeline/scaffolds.py, as for explain.py):
 for each latent step, the share of test items whose heatmap cos(VP(h_k), patch feature) peaks on a patch
 that the target's mask touches, dilated by one patch; beside it the chance level, the share of the image's
 patches that count.
@@ -65,11 +65,11 @@ from PIL import Image, ImageDraw, ImageFont
 from safetensors import safe_open
 
 import model as M
-import pipeline_io as IO
-import roi_encoder as RE
-import scaffolds as SC
-from pipeline_io import open_image
-from vqa_metrics import aggregate, mcnemar_p, score_item, table_md
+from pipeline import io as IO
+from pipeline import roi_encoder as RE
+from pipeline import scaffolds as SC
+from pipeline.io import open_image
+from pipeline.vqa_metrics import aggregate, mcnemar_p, score_item, table_md
 
 
 class EvalError(Exception):
@@ -108,7 +108,7 @@ def check_item(path, n, it, need):
 
 def set_prompt(it, protocol):
     """it["prompt"]: what the model is asked (--protocol). `options`: an item that has choices with them
-    (pipeline_io.ask, the text train.py shows); `free`: the bare question (the choice mapping does the rest)."""
+    (pipeline.io.ask, the text train.py shows); `free`: the bare question (the choice mapping does the rest)."""
     it["prompt"] = IO.ask(it["question"], it.get("choices") if protocol == "options" else None)
     return it
 

@@ -6,7 +6,7 @@ The scaffolds dropped at inference are re-attached to read every latent state h_
     text window    the auxiliary decoder reads h_k out as a sentence: decoder([pj_in(h_k)]) greedy (§3.3)
     visual window  VP(h_k) lives in the frozen encoder's feature space (it was trained to regress the ROI
                    feature there), so its cosine similarity with every patch feature of the FULL image,
-                   encoded exactly as extract_roi.py does (the same roi_encoder.py), is a heatmap of
+                   encoded exactly as extract_roi.py does (the same pipeline/roi_encoder.py), is a heatmap of
                    where step k "looks" (§C.7); with --bank, the nearest training ROI features (§3.3
                    nearest-neighbour retrieval) with their ids, scores and thumbnails.
 The answer itself comes from the unchanged inference path (merged LoRA, latent loop, greedy), so the
@@ -14,7 +14,7 @@ explanation never alters what the model says. The readouts are approximations of
 a faithful account of the decision (paper, Limitations).
 
 Reads:  the newest checkpoint under runs/ (or --ckpt): config.json, adapter.safetensors,
-        scaffold.safetensors (pj_in, decoder, vp; the checkpoint layout in pipeline_io.py section 5); the
+        scaffold.safetensors (pj_in, decoder, vp; the checkpoint layout in pipeline/io.py section 5); the
         backbone and decoder folders named in its config.json; the SigLIP encoder folder (--encoder, else
         config.json's encoder_path, else the encoder recorded in the run's roi.safetensors, else the tiny
         preset's <models>/encoder); optionally --bank roi.safetensors.
@@ -45,10 +45,10 @@ from PIL import Image, ImageDraw, ImageFont
 from safetensors import safe_open
 
 import model as M
-import pipeline_io as IO
-import roi_encoder as RE
-import scaffolds as SC
-from pipeline_io import open_image, write_strict_json
+from pipeline import io as IO
+from pipeline import roi_encoder as RE
+from pipeline import scaffolds as SC
+from pipeline.io import open_image, write_strict_json
 
 
 class ExplainError(Exception):
@@ -61,7 +61,7 @@ HOW_TO_TRAIN = ("make one with `bash demo.sh` (the whole pipeline, ~15 min on 2 
 
 
 # ----------------------------------------------------------------------------------------------------
-# 1. Which checkpoint (scaffolds.py re-attaches its scaffolds and names its encoder).
+# 1. Which checkpoint (pipeline/scaffolds.py re-attaches its scaffolds and names its encoder).
 # ----------------------------------------------------------------------------------------------------
 def find_checkpoint(runs):
     """The newest checkpoint folder under `runs` (by config.json mtime) that has the scaffolds; .tmp/.old

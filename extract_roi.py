@@ -16,7 +16,7 @@ Features are L2-normalised; the top-5 patches by cosine similarity with the ROI 
 their indices in the grid of the image that was encoded (`pathway` says which: 0 full image, 1 crop;
 `box` gives that region in source pixels as x0, y0, x1, y1).
 
-Patch features (the encoders are in roi_encoder.py) = the output of the LAST encoder block, before
+Patch features (the encoders are in pipeline/roi_encoder.py) = the output of the LAST encoder block, before
 post_layernorm (`hidden_states[-1]` in transformers 5.24's SiglipVisionModel; a test pins this).
 Preprocessing as MedSigLIP was trained: grey -> 3 channels, pad to square with zeros (centred), bicubic
 resize to the encoder's image_size, normalise with the processor's mean/std. Grid size and width come
@@ -34,7 +34,7 @@ Writes: roi.safetensors: roi (N,d_v) f32, global (N,d_v), top5_index (N,5) i64, 
         roi_report.json: failed samples (id, line, reason; they get no row) and fallbacks used.
         A bad sample line or file is a failure in the report, never a crash; a user mistake (no such
         --samples or --encoder folder, every sample failing, an out-of-range number) is one error line
-        and exit status 1. JSON is written strict (pipeline_io.strict_json: no NaN anywhere).
+        and exit status 1. JSON is written strict (pipeline.io.strict_json: no NaN anywhere).
         roi_shards/ while running: finished rows, so that a rerun continues (deleted at the end).
         With --grid-search: roi_gridsearch.{json,md,png} (coverage, intensity, SNR of §A.5.3).
 
@@ -63,9 +63,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-import pipeline_io as IO
-from pipeline_io import strict_json, write_strict_json
-from roi_encoder import build_encoder, grid_fraction, pad_image, square_pad
+from pipeline import io as IO
+from pipeline.io import strict_json, write_strict_json
+from pipeline.roi_encoder import build_encoder, grid_fraction, pad_image, square_pad
 
 MASK_THRESHOLD = 0.3  # §A.5.2: a patch belongs to the ROI if >= 30% of it is mask (area interpolation)
 VALID_THRESHOLD = 0.5  # chosen: a crop patch is "valid" if at least half of it is real image, not padding
@@ -142,7 +142,7 @@ def load_mask(path, size):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 2. Geometry: mask -> patch grid (the square frame of roi_encoder.py), crop box, validity. Pure
+# 2. Geometry: mask -> patch grid (the square frame of pipeline/roi_encoder.py), crop box, validity. Pure
 #    functions, tested by hand.
 # ----------------------------------------------------------------------------------------------------
 def binarise(frac, threshold):

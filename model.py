@@ -13,7 +13,7 @@ Read top to bottom: 1. LoRA, 2. the latent loop (`latent_loop`, used by training
 explanation alike: no teacher forcing, no parallel shortcut), 3. the scaffolds, 4. VITAL's forward and
 joint loss, 5. reading a latent back out (the text and visual windows). This file imports torch and
 transformers only. Loading model folders, the prompt contract, batching and checkpoint files live in
-pipeline_io.py; the cache-safe activation checkpointing (train.py --grad-ckpt) in activation_checkpointing.py.
+pipeline/io.py; the cache-safe activation checkpointing (train.py --grad-ckpt) in pipeline/activation_checkpointing.py.
 """
 import math
 from dataclasses import dataclass

@@ -32,9 +32,10 @@ and flushed as soon as it is done, so a killed run loses only the samples in fli
 in flight); rerunning the same command skips decided ids.
 
 The file reads top to bottom as the flow: the sources give (image, target mask) cases (the phantom:
-embedded/phantom.py; MSD, BiomedParse: segmentation_sources.py), image_facts.measure turns a mask into facts,
-the questions are asked here, a teacher answers (the geometry teacher here, the OpenAI one in llm_teacher.py),
-quality_gate.py checks every answer (and holds Table 4's question types and K), and the records are written here.
+embedded/phantom.py; MSD, BiomedParse: pipeline/segmentation_sources.py), pipeline/image_facts.py's measure
+turns a mask into facts, the questions are asked here, a teacher answers (the geometry teacher here, the
+OpenAI-compatible one in pipeline/llm_teacher.py), pipeline/quality_gate.py checks every answer (and holds
+Table 4's question types and K), and the records are written here.
 
 Bad input never stops a run and is never dropped silently: every input file ends either in an accepted
 sample or in rejects.jsonl with a reason that names the file and says what is wrong (unreadable image,
@@ -71,11 +72,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from embedded.phantom import phantom_case  # the sources: the phantom, then MSD and BiomedParse (§A.1)
-from segmentation_sources import bmp_cases, bmp_work, msd_cases, read_msd_task
-from image_facts import measure, overlay_view, share_words  # what the pixels show about a target
-from quality_gate import QUESTION_TYPES, STEP_RANGE, article, gate  # Table 4 and the gate (§A.3)
-from llm_teacher import RequestRefused, TeacherUnavailable, openai_teacher  # §A.2
-from pipeline_io import slug, strict_json, strict_loads, write_strict_json
+from pipeline.image_facts import measure, overlay_view, share_words  # what the pixels show about a target
+from pipeline.io import slug, strict_json, strict_loads, write_strict_json
+from pipeline.llm_teacher import RequestRefused, TeacherUnavailable, openai_teacher  # §A.2
+from pipeline.quality_gate import QUESTION_TYPES, STEP_RANGE, article, gate  # Table 4 and the gate (§A.3)
+from pipeline.segmentation_sources import bmp_cases, bmp_work, msd_cases, read_msd_task
 
 # ----------------------------------------------------------------------------- questions (§A.1, Table 4)
 def stable_hash(text):
@@ -266,7 +267,7 @@ def assign_split(group, args, folder=None):
 
 
 # ----------------------------------------------------------------------------- teachers (§A.2)
-# the offline teacher (the OpenAI-compatible one is in llm_teacher.py); teach_case gates the output of either
+# the offline teacher (the OpenAI-compatible one is in pipeline/llm_teacher.py); teach_case gates the output of either
 def geometry_teacher(case, sample, facts, strict, args):
     """The offline teacher: answer and chain from the facts. K is drawn from the type's range with the
     sample's own RNG (one draw even for a fixed K: the closed-ended choices draw from it next)."""

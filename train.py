@@ -5,7 +5,7 @@ ablations §4.3, §C.1-C.5).
 Reads  DATA/samples.jsonl (train split only) + DATA/roi.safetensors (the L_vis targets, extract_roi.py).
 Writes runs/<name>/phase<p>/  adapter.safetensors, scaffold.safetensors, config.json, trainer/ (for --resume)
        runs/<name>/log.jsonl   one line per optimizer step (step, phase, losses, lr, grad norm, speed, memory)
-       runs/<name>/loss.png    the losses of every phase in the log, redrawn after each phase (run_log.py)
+       runs/<name>/loss.png    the losses of every phase in the log, redrawn after each phase (pipeline/run_log.py)
 
 Data first (stages 1-2), here the embedded phantom set with the tiny models:
     python embedded/tiny.py runs/tiny && python prepare_data.py --source phantom --out data/phantom --n 2000
@@ -24,9 +24,9 @@ Several nodes (run on every node, same rendezvous endpoint; global batch = batch
 Continue a killed run exactly where its last checkpoint left it:   add --resume to the same command.
 No --data: the embedded default (embedded/default.py), the demo's phantom data, tiny models and pretrained tiny
 backbone under runs/demo ($VITAL_DEMO_DIR moves it), made by the demo's own commands if absent.
-Memory per GPU at real size for a command's flags (README "Real scale"; memory_plan.py; nothing is loaded):
+Memory per GPU at real size for a command's flags (README "Real scale"; pipeline/memory_plan.py; nothing is loaded):
     python train.py --plan --phase 3            # the defaults: batch 8, images <= 448 x 448 px (--max-pixels,
-                                                # pipeline_io.MAX_PIXELS says why)
+                                                # pipeline.io.MAX_PIXELS says why)
     python train.py --plan --phase 3 --grad-ckpt --batch-size 32   # cache-safe activation checkpointing
 Phase p > 1 from scratch or from another run: --init none | --init runs/other/phase1. demo/pretrain.py (the
 tiny backbone's stand-in pretraining) reuses train_phase below with its own model builder.
@@ -36,7 +36,7 @@ Depth parity: --depth phase (default) runs every item of a phase at the phase's 
 longest chain for 'all K'; under --max-k), as inference runs one K for all; steps past an item's chain get L_vis
 (eq. 6) but no L_sem (eq. 4: valid steps). --depth own runs each item at its own K (demo/evidence.md compares).
 Closed-ended prompts (§B.4): --options-rate P (default 0.5) asks an item that has choices with its options
-(pipeline_io.ask, as evaluate.py asks it) in a share P of its epochs (a hash of seed, phase, id and epoch),
+(pipeline.io.ask, as evaluate.py asks it) in a share P of its epochs (a hash of seed, phase, id and epoch),
 its target then the chosen option's text.
 """
 import argparse
@@ -54,17 +54,17 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from activation_checkpointing import set_checkpointing
 from embedded.default import default_paths, make_default
 from embedded.tiny import make_tiny
-from memory_plan import print_plan
 from model import VITAL, add_lora
-from pipeline_io import (MAX_PIXELS, ask, batch_to, file_sha256, fingerprint, load_backbone, load_checkpoint,
+from pipeline.activation_checkpointing import set_checkpointing
+from pipeline.io import (MAX_PIXELS, ask, batch_to, file_sha256, fingerprint, load_backbone, load_checkpoint,
                          load_decoder, load_image, make_batch, save_checkpoint)
-from run_log import plot_losses, reset_log, write_log_line
-from trainer_state import gather_rng, load_trainer, trainer_writer
-from training_data import image_tokens, read_roi, read_samples
-from training_process import setup, wrap_ddp
+from pipeline.memory_plan import print_plan
+from pipeline.run_log import plot_losses, reset_log, write_log_line
+from pipeline.trainer_state import gather_rng, load_trainer, trainer_writer
+from pipeline.training_data import image_tokens, read_roi, read_samples
+from pipeline.training_process import setup, wrap_ddp
 
 # ----------------------------------------------------------------------------------------------------
 # Curriculum schedules (§3.5, §4.3 Table 3). Each phase = (highest latent_steps admitted, None = all K;
@@ -200,7 +200,7 @@ def make_tiny_models(args, env):
 
 # ----------------------------------------------------------------------------------------------------
 # Data: samples.jsonl (prepare_data.py) + roi.safetensors (extract_roi.py), read and checked by
-# training_data.py; this phase's items and their K.
+# pipeline/training_data.py; this phase's items and their K.
 # ----------------------------------------------------------------------------------------------------
 def select_phase(records, args, path):
     """Train split, phase filter on latent_steps, then each sample's K; an empty phase is an error."""
@@ -242,7 +242,7 @@ def load_data(args):
 
 # ----------------------------------------------------------------------------------------------------
 # Closed-ended prompts (§B.4): evaluate.py asks every item that has choices with its options in the prompt
-# (pipeline_io.ask), so training shows them too, on a share --options-rate of the items each epoch.
+# (pipeline.io.ask), so training shows them too, on a share --options-rate of the items each epoch.
 # ----------------------------------------------------------------------------------------------------
 def options_shown(record, phase, epoch, seed, rate):
     """Is this item asked with its options in this epoch of this phase? A hash of (seed, phase, id, epoch),
@@ -471,7 +471,7 @@ def lr_factor(step, total, warmup):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The run: main() sets up the process (training_process.py), train_phase() is the stage in named steps
+# The run: main() sets up the process (pipeline/training_process.py), train_phase() is the stage in named steps
 # (data, model, warm start or resume, optimizer and data order), train_loop() the loop itself.
 # ----------------------------------------------------------------------------------------------------
 def main(argv=None, build=None, extra_files=None):

@@ -1,5 +1,5 @@
 """
-Activation checkpointing (activation_checkpointing.py, train.py --grad-ckpt): what a VITAL training step keeps
+Activation checkpointing (pipeline/activation_checkpointing.py, train.py --grad-ckpt): what a VITAL training step keeps
 for backward at K = 4, with and without it, and that it changes nothing else.
 
 "Saved activations" are counted exactly: every tensor autograd saves for backward during one forward passes
@@ -11,7 +11,7 @@ forward + backward time ratio (the price: each checkpointed layer runs its forwa
 
     python bench/ckpt.py                                    # tiny models (embedded/tiny.py), fp32, CPU
     python bench/ckpt.py --real --layers 2 --dtype bf16     # real widths and vocabularies, 2 LLM layers each
-                                                            # (+ the full depth from memory_plan.py's model)
+                                                            # (+ the full depth from pipeline/memory_plan.py's model)
     python bench/ckpt.py --real --device cuda --dtype bf16 --batch 4   # the full 8B model on a GPU
 
 Target: saved activations at K = 4 reduced >= 3x.
@@ -30,9 +30,9 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import model as M  # noqa: E402
-import activation_checkpointing as AC  # noqa: E402
-import memory_plan as MP  # noqa: E402
-import pipeline_io as IO  # noqa: E402
+from pipeline import activation_checkpointing as AC  # noqa: E402
+from pipeline import memory_plan as MP  # noqa: E402
+from pipeline import io as IO  # noqa: E402
 from embedded.tiny import CHAT_TEMPLATE, make_tiny, make_tokenizer, real_configs  # noqa: E402
 
 QUESTION = "Analyze the visual findings of the liver in this CT image and describe its location."
@@ -187,7 +187,7 @@ def main(argv=None):
         kept = [sum(v for k, v in MP.activations(m, 1, P, args.K, T, L, c).items()
                     if k != "backward transient") for c in (False, True)]
         res["model_full_depth"] = kept
-        print(f"  at the full 36 + 28 layers (memory_plan.py's model): {mib(kept[0]):.0f} -> "
+        print(f"  at the full 36 + 28 layers (pipeline/memory_plan.py's model): {mib(kept[0]):.0f} -> "
               f"{mib(kept[1]):.0f} MiB per sample ({kept[0] / kept[1]:.1f} x)")
     return res
 

@@ -8,7 +8,7 @@ backbone in bf16 and the trainable decoder and heads in fp32 as train.py loads t
      fused AdamW) at K = 4: peak memory and samples/s for several batch sizes and image sizes;
   2. inference latency at batch 1 for K = 0..4 with the LoRA unmerged, merged, and folded (folded = the
      plain backbone's modules, what evaluate.py deploys), and one latent step vs one decode step;
-  3. one explanation (explain.py's and roi_encoder.py's functions: answer, decoded step sentences,
+  3. one explanation (explain.py's and pipeline/roi_encoder.py's functions: answer, decoded step sentences,
      heatmaps, the PNG panel).
 A training config ending in "c" (e.g. 16x448x4c) runs with activation checkpointing (train.py --grad-ckpt).
 
@@ -37,9 +37,9 @@ from transformers import (Qwen2VLImageProcessorPil, Qwen3ForCausalLM, Qwen3VLFor
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import explain  # noqa: E402
 import model as M  # noqa: E402
-import activation_checkpointing as AC  # noqa: E402
-import pipeline_io as IO  # noqa: E402
-import roi_encoder as RE  # noqa: E402
+from pipeline import activation_checkpointing as AC  # noqa: E402
+from pipeline import io as IO  # noqa: E402
+from pipeline import roi_encoder as RE  # noqa: E402
 from embedded.tiny import CHAT_TEMPLATE, make_tiny, make_tokenizer, real_configs  # noqa: E402
 
 

@@ -29,7 +29,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import model as M
-import pipeline_io as IO
+from pipeline import io as IO
 from embedded.tiny import CHAT_TEMPLATE, make_tiny, real_configs
 
 

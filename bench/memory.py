@@ -1,5 +1,5 @@
 """
-The memory model of one training step (memory_plan.py: what `train.py --plan` prints) checked against measured
+The memory model of one training step (pipeline/memory_plan.py: what `train.py --plan` prints) checked against measured
 peaks: this script, on CPU, with scaled-down configs of the real classes.
 
     python train.py --plan --phase 3                         # the model at the paper's setting
@@ -25,10 +25,10 @@ import transformers
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import model as M  # noqa: E402
-import activation_checkpointing as AC  # noqa: E402
-import pipeline_io as IO  # noqa: E402
+from pipeline import activation_checkpointing as AC  # noqa: E402
+from pipeline import io as IO  # noqa: E402
 from embedded.tiny import real_configs  # noqa: E402
-from memory_plan import activations, dims, param_counts, step_peak  # noqa: E402
+from pipeline.memory_plan import activations, dims, param_counts, step_peak  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------
 # The check: scaled-down configs of the real classes, a real training step, the peak measured on CPU.

@@ -23,7 +23,7 @@ from PIL import Image
 from transformers import SiglipImageProcessorPil, SiglipVisionConfig, SiglipVisionModel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-import roi_encoder as RE
+from pipeline import roi_encoder as RE
 from embedded.tiny import make_tiny
 
 

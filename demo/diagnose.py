@@ -26,9 +26,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import evaluate as E  # noqa: E402
 import model as M  # noqa: E402
-import pipeline_io as IO  # noqa: E402
+from pipeline import io as IO  # noqa: E402
 import prepare_data as P  # noqa: E402
-import scaffolds as SC  # noqa: E402
+from pipeline import scaffolds as SC  # noqa: E402
 
 FINDINGS = {"shape": ["round", "elongated", "irregular"], "boundary": ["sharp", "blurred"],
             "size": ["small", "large"], "brightness": ["brighter", "darker", "similar"],

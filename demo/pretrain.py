@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import model as M  # noqa: E402
-import pipeline_io as IO  # noqa: E402
+from pipeline import io as IO  # noqa: E402
 import train  # noqa: E402
 
 

@@ -30,8 +30,8 @@ from transformers import (AutoTokenizer, SiglipConfig, SiglipImageProcessorPil, 
                           SiglipVisionModel)
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-import pipeline_io as IO  # noqa: E402
-from roi_encoder import pad_image  # noqa: E402
+from pipeline import io as IO  # noqa: E402
+from pipeline.roi_encoder import pad_image  # noqa: E402
 
 
 def read_captions(data):

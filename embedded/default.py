@@ -119,7 +119,7 @@ def stand_in_done(name, paths):
 
 
 def sha256(path):
-    """pipeline_io.file_sha256's hash, written out here: importing pipeline_io would load torch into the demo's
+    """pipeline.io.file_sha256's hash, written out here: importing pipeline.io would load torch into the demo's
     orchestrator, which only starts subprocesses."""
     h = hashlib.sha256()
     with open(path, "rb") as f:

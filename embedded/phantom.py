@@ -6,14 +6,14 @@ Procedural images of five modalities (CT, X-ray, dermoscopy, fundus, ultrasound)
 and its exact mask; every attribute (modality, target, position, size, shape, boundary, brightness) is
 drawn from an RNG seeded by (seed, index), so a case is the same in every process and every run. It needs
 no download and stands in for the segmentation sources of the paper's §A.1 (MSD, BiomedParse), which
-prepare_data.py reads with --source msd / biomedparse (segmentation_sources.py). A case is the same dict
+prepare_data.py reads with --source msd / biomedparse (pipeline/segmentation_sources.py). A case is the same dict
 those readers make (image_key, group, source, subset, modality, target, target_type, image, mask, others, order,
 meta).
 """
 import numpy as np
 from PIL import Image
 
-from pipeline_io import slug, to_uint8
+from pipeline.io import slug, to_uint8
 
 
 def gaussian_blur(a, sigma):

@@ -20,9 +20,9 @@ from PIL import Image
 import evaluate as E
 import explain as X
 import extract_roi as ER
-import image_facts as F
+from pipeline import image_facts as F
 import model as M
-import pipeline_io as IO
+from pipeline import io as IO
 import prepare_data as P
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -589,7 +589,7 @@ def test_json_writers_refuse_nan(tmp_path):
     (evaluate's metrics, the checkpoint config) instead of landing in a file that strict readers reject."""
     import evaluate as E
     import model as M
-    import pipeline_io as IO
+    from pipeline import io as IO
     import torch
     for bad in (float("nan"), float("inf")):
         with pytest.raises(ValueError):

@@ -15,7 +15,7 @@ from PIL import Image
 import evaluate as E
 import explain as X
 import model as M
-import pipeline_io as IO
+from pipeline import io as IO
 import train
 from embedded.tiny import make_tiny
 from test_train import write_samples
@@ -52,7 +52,7 @@ def write_data(folder, d_v, px, n_train=4, n_test=2, seed=0):
 def bf16_everywhere(monkeypatch):
     """evaluate.py / explain.py pick bf16 weights on CUDA only: make the CPU look like a GPU to them."""
     pick = lambda name: (torch.device("cpu"), torch.bfloat16)
-    monkeypatch.setattr(IO, "device_and_dtype", pick)  # evaluate.py and explain.py both ask pipeline_io
+    monkeypatch.setattr(IO, "device_and_dtype", pick)  # evaluate.py and explain.py both ask pipeline.io
 
 
 def pipeline(models, root, monkeypatch, lora=(8, 16), px=64, batch=2, extra=()):

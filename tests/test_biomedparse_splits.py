@@ -2,7 +2,7 @@
 and BiomedParse's own test/ folder is the test split."""
 import numpy as np
 
-import segmentation_sources as S
+from pipeline import segmentation_sources as S
 from tests.test_prepare_data import png, read_jsonl, run
 
 

@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 import model as M
 
-import activation_checkpointing as AC
+from pipeline import activation_checkpointing as AC
 from embedded.tiny import make_tiny
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -11,7 +11,7 @@ import torch
 
 import model as M
 
-import pipeline_io as IO
+from pipeline import io as IO
 from demo import run as R
 from embedded import default as D
 

@@ -15,9 +15,9 @@ from PIL import Image
 
 import evaluate as E
 import model as M
-import pipeline_io as IO
-import roi_encoder as RE
-import vqa_metrics as VM
+from pipeline import io as IO
+from pipeline import roi_encoder as RE
+from pipeline import vqa_metrics as VM
 from embedded.tiny import make_tiny
 from tools import convert_benchmarks as CB
 

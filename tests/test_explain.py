@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 
 import explain as X
 import model as M
-from pipeline_io import load_image
-from roi_encoder import SiglipPatches, patch_features
+from pipeline.io import load_image
+from pipeline.roi_encoder import SiglipPatches, patch_features
 from test_evaluate import make_ckpt, write_image
 
 K = 3

@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 import extract_roi as er
 import model
-import roi_encoder as RE
+from pipeline import roi_encoder as RE
 from embedded.tiny import make_tiny
 
 

@@ -9,7 +9,7 @@ import torch
 
 import model as M
 
-import pipeline_io as IO
+from pipeline import io as IO
 from embedded.tiny import make_tiny
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))

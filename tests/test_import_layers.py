@@ -47,7 +47,7 @@ def floor(name):
         return 2
     if name.split(".")[0] in TOPS:
         return 3
-    return 1  # the plumbing and the embedded default: pipeline_io, activation_checkpointing, embedded/, ...
+    return 1  # the plumbing and the embedded default: pipeline/, embedded/
 
 
 def graph():
@@ -101,5 +101,5 @@ def test_no_import_circles():
 def test_the_graph_is_read_at_all():
     """The checks above would pass on an empty graph: make sure the parser sees the known edges."""
     g = graph()
-    assert "model" in g["train"] and "pipeline_io" in g["train"]
-    assert "model" in g["pipeline_io"]
+    assert "model" in g["train"] and "pipeline.io" in g["train"]
+    assert "model" in g["pipeline.io"]

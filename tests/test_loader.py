@@ -1,5 +1,5 @@
 """Loading: the chat template from chat_template.json when the tokenizer has none, the pixel cap,
-and ONE image loader (pipeline_io.load_image) behind every stage: train.py, evaluate.py, explain.py and
+and ONE image loader (pipeline.io.load_image) behind every stage: train.py, evaluate.py, explain.py and
 extract_roi.py see the same pixels for the same picture stored as 8-bit grey, 16-bit grey, RGB and RGBA."""
 import json
 import os
@@ -16,7 +16,7 @@ import evaluate as E
 import explain as X
 import extract_roi as R
 import model as M
-import pipeline_io as IO
+from pipeline import io as IO
 import train
 from test_evaluate import make_ckpt
 
@@ -93,7 +93,7 @@ def test_train_sees_load_images_pixels(tiny, tmp_path):
 
 def test_evaluate_and_explain_see_load_images_pixels(tiny, tmp_path, spy):
     paths, _ = write_variants(str(tmp_path))
-    assert X.open_image is E.open_image  # both stages read through pipeline_io.open_image, which calls load_image
+    assert X.open_image is E.open_image  # both stages read through pipeline.io.open_image, which calls load_image
     ref = np.asarray(IO.load_image(paths["grey8"]))
     spy.clear()
     for kind in KINDS:

@@ -12,7 +12,7 @@ from PIL import Image
 
 import model as M
 
-import pipeline_io as IO
+from pipeline import io as IO
 from embedded.tiny import make_tiny, real_configs
 
 TOL = 1e-5

@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-import pipeline_io as IO
+from pipeline import io as IO
 from embedded.tiny import make_tiny
 
 

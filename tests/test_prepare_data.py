@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import image_facts as F
+from pipeline import image_facts as F
 import prepare_data as P
-import quality_gate as G
+from pipeline import quality_gate as G
 from embedded.phantom import phantom_case
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 import prepare_data as P
 from demo import pretrain_encoder as PE
 from embedded.tiny import make_tiny
-from roi_encoder import SiglipPatches
+from pipeline.roi_encoder import SiglipPatches
 
 
 def test_pretrained_encoder_loads_like_medsiglip(tmp_path, capsys):

@@ -14,7 +14,7 @@ from PIL import Image
 
 import model as M
 
-import pipeline_io as IO
+from pipeline import io as IO
 import train
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -2,7 +2,7 @@
 of the target (in the answer, in a step that names it, or in an unnamed description) is rejected."""
 import json
 
-import quality_gate as G
+from pipeline import quality_gate as G
 
 FACTS = {"cx": 0.2, "cy": 0.8, "h": "left", "v": "lower"}  # the target: lower left
 

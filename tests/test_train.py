@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-import run_log
+from pipeline import run_log
 import train
-import training_data
+from pipeline import training_data
 from embedded.tiny import make_tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -140,7 +140,7 @@ def test_options_rate_shows_options_per_item_and_epoch(env, tmp_path, monkeypatc
     killed-and-resumed one, see the same batches; 0 shows none (the bare questions), 1 shows them on every
     item with choices; a micro-batch holds one length group of the prompts actually shown."""
     import model as M
-    import pipeline_io as IO
+    from pipeline import io as IO
     data = tmp_path / "d"
     rows = write_choice_fixture(str(data))
     asked = {r["question"]: (r, False) for r in rows}
@@ -323,7 +323,7 @@ def test_depth_phase_runs_every_item_at_the_phase_k(env, tmp_path, monkeypatch):
     1-step item's second step has no sentence (all padding) and L_vis is told to count it anyway;
     --depth own: each batch runs its items' own K. The flag is recorded and a resume must match it."""
     import model as M
-    import pipeline_io as IO
+    from pipeline import io as IO
     seen, forward = [], M.VITAL.forward
 
     def spy(self, batch, K, per_step_target=False, vis_all_steps=False):
@@ -461,7 +461,7 @@ def test_two_rank_resume_is_exact_with_dropout(env, tmp_path):
 # --------------------------------------------------------------------------- demo/pretrain.py (tiny only)
 def test_pretrain_trains_whole_backbone_resumes_exactly_and_feeds_vital(env, tmp_path):
     from demo import pretrain
-    from pipeline_io import load_backbone
+    from pipeline.io import load_backbone
     import evaluate
     pre = lambda out, *extra: ["--data", env["data"], "--models", env["models"], "--out", str(out),
                                "--batch-size", "4", "--epochs", "2", "--lr", "1e-3", *map(str, extra)]

@@ -43,9 +43,9 @@ from collections import Counter
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-import pipeline_io as IO  # noqa: E402
+from pipeline import io as IO  # noqa: E402
 from evaluate import EvalError  # noqa: E402
-from vqa_metrics import normalize  # noqa: E402
+from pipeline.vqa_metrics import normalize  # noqa: E402
 
 FORMATS = ["vqa-rad", "pathvqa", "slake", "pmc-vqa", "gemex"]
 

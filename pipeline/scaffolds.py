@@ -9,7 +9,7 @@ import os
 from safetensors import safe_open
 
 import model as M
-import pipeline_io as IO
+from pipeline import io as IO
 
 
 def has_scaffolds(folder):

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from pipeline_io import InputError, choices_problem
+from pipeline.io import InputError, choices_problem
 
 # the fields every record needs, and their types (prepare_data.py writes more)
 REQUIRED = {"id": str, "image": str, "question": str, "answer": str, "reasoning_chain": list,

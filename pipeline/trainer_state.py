@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from pipeline_io import CheckpointError
+from pipeline.io import CheckpointError
 
 
 def gather_rng(device, world):

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import pipeline_io as IO
+from pipeline import io as IO
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -54,7 +54,7 @@ def pad_image(img, box):
 # 2. Encoders: preprocess(square PIL) -> pixels; encode(pixels (B, ...)) -> patch features (B, g*g, d).
 # ----------------------------------------------------------------------------------------------------
 class SiglipPatches:
-    """Frozen SigLIP vision tower (MedSigLIP-448 in the paper), loaded with pipeline_io.load_encoder."""
+    """Frozen SigLIP vision tower (MedSigLIP-448 in the paper), loaded with pipeline.io.load_encoder."""
     kind = "siglip"
 
     def __init__(self, path, device="cpu", dtype=torch.float32):

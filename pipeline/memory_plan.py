@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 import transformers
 
-import model as M
 from embedded.tiny import real_configs
+import model as M
 
 GiB = 2 ** 30
 # Lengths the plan assumes besides the image (chosen, generous for the paper's data: the prompt template and

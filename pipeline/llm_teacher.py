@@ -1,7 +1,7 @@
 """
 The OpenAI-compatible LLM teacher of stage 1 (prepare_data.py --teacher openai, §A.2): one chat-completions
 request with the teacher-only overlay as a data URL and the prompt of §A.2; a retry after the quality gate
-(quality_gate.py) names every violation (§A.3). Network errors, 429 and 5xx are retried with exponential
+(pipeline/quality_gate.py) names every violation (§A.3). Network errors, 429 and 5xx are retried with exponential
 backoff. A refused key (401/403), a wrong URL (404) or an endpoint still down after the retries raise
 TeacherUnavailable (the run stops, the rerun asks again); another 4xx raises RequestRefused (this request only).
 """
@@ -15,8 +15,8 @@ import urllib.request
 
 from PIL import Image
 
-from image_facts import overlay_view
-from quality_gate import STEP_RANGE
+from pipeline.image_facts import overlay_view
+from pipeline.quality_gate import STEP_RANGE
 
 
 SYSTEM_PROMPT = """You are a teacher that writes supervision data for training a medical visual \

@@ -10,7 +10,7 @@ The plumbing every stage shares, between files on disk and the tensors model.py 
 Stages import this file and model.py, never each other. No pickle anywhere: safetensors and JSON only.
 
 Command:
-    python pipeline_io.py info runs/tiny      # parameter counts of a folder with backbone/, decoder/, encoder/
+    python -m pipeline.io info runs/tiny      # parameter counts of a folder with backbone/, decoder/, encoder/
 """
 import argparse
 import glob as globmod
@@ -256,7 +256,7 @@ def choices_problem(record):
             and type(record.get("answer_index")) is int and 0 <= record["answer_index"] < len(ch)):
         return None
     return (f"'choices' needs a list of >= 2 strings and an 'answer_index' into it (at most {len(LETTERS)}: "
-            "options A-Z, pipeline_io.ask)")
+            "options A-Z, pipeline.io.ask)")
 
 
 def build_prefix(processor, images, questions):

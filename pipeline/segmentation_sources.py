@@ -16,8 +16,8 @@ import re
 import numpy as np
 from PIL import Image
 
-from image_facts import target_problem
-from pipeline_io import slug, to_uint8
+from pipeline.image_facts import target_problem
+from pipeline.io import slug, to_uint8
 
 # ----------------------------------------------------------------------------- MSD reader (§A.1)
 CT_WINDOWS = {"abdomen": (-150, 250), "liver": (-25, 230), "lung": (-1000, 1000)}  # HU
