@@ -71,7 +71,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from embedded.phantom import phantom_case  # the sources: the phantom, then MSD and BiomedParse (§A.1)
+# the sources: the phantom (and its walk grids), then MSD and BiomedParse (§A.1)
+from embedded.phantom import CELLS, cell_name, phantom_case, phantom_walk_case
 from pipeline.image_facts import measure, overlay_view, share_words  # what the pixels show about a target
 from pipeline.io import slug, strict_json, strict_loads, write_strict_json
 from pipeline.llm_teacher import RequestRefused, TeacherUnavailable, openai_teacher  # §A.2
@@ -100,6 +101,10 @@ TEMPLATES = {
                             "What does the {t} in this {mp} look like?"],
                  "vessel": ["Describe the appearance and course of the {t} in this {mp}."]},
     # the grading rule (RULE below) is stated in the question: the model is told how, it must see what
+    # the walk (embedded/phantom.py, --walk-hops): the rule is stated, the moves must be followed in the image
+    "walk": {"*": ["Start at the lesion in the {start} cell of this {mp}. A darker lesion sends you one cell to "
+                   "the right, a brighter one one cell down, wrapping round at the edges. After {hops} moves, "
+                   "which cell are you in?"]},
     "reasoning": {"*": ["Grade the {t} in this {mp} by the points rule: one point each for an irregular shape, "
                         "lying in the upper part, a large size and being darker than its surroundings. What is the "
                         "grade?"],
@@ -135,7 +140,9 @@ def samples_for(case, args):
     types = args.types or QUESTION_TYPES
     rotated = types[r % len(types):] + types[:r % len(types)]
     mp = "fundus photograph" if case["modality"] == "fundus" else f"{case['modality']} image"
-    for qtype in ["caption"] if args.captions else rotated[:args.questions_per_image]:
+    drawn = case["meta"].get("drawn", {})  # a phantom's drawn attributes (the walk's grid, start and hops)
+    asked = ["caption"] if args.captions else ["walk"] if "grid" in drawn else rotated[:args.questions_per_image]
+    for qtype in asked:
         sid = f"{key}--{qtype}"
         rng = random.Random(stable_hash(sid))
         target, ttype, negative = case["target"], case["target_type"], False
@@ -144,7 +151,7 @@ def samples_for(case, args):
             negative = True  # ask about a target that is absent from this image
         # a tumor is asked about in the words of a lesion
         forms = TEMPLATES[qtype].get("lesion" if ttype == "tumor" else ttype, TEMPLATES[qtype]["*"])
-        question = rng.choice(forms).format(t=target, art=article(target, ttype), mp=mp)
+        question = rng.choice(forms).format(t=target, art=article(target, ttype), mp=mp, **drawn)
         yield {"id": sid, "target": target, "target_type": ttype, "negative": negative,
                "question": question, "question_type": qtype, "rng": rng}
 
@@ -218,12 +225,34 @@ def geometry_chain(sample, f, K):
     return chain if K == 3 else [chain[0], f"It is {f['size']} and {f['shape']}, with {w['margin']}."]
 
 
+def walk_answer(cell):
+    return f"The walk ends in the {cell} cell."
+
+
+def walk_chain(drawn):
+    """One step per move: the lesion the walk stands on, what it shows, where it sends the walk. The moves are
+    worded 'across' and 'down' (the gate judges left/right/upper/lower said of a lesion as its position)."""
+    grid, path = drawn["grid"], drawn["path"]
+    cells = {cell_name(c): c for c in CELLS}
+    steps = []
+    for here, there in zip(path, path[1:]):
+        r, c = cells[here]
+        move = "across" if grid[r][c] == "darker" else "down"
+        steps.append(f"The lesion in the {here} cell is {grid[r][c]} than its surroundings, so move one cell "
+                     f"{move} to the {there} cell.")
+    return steps
+
+
 def closed_form(sample, f, case, rng):
     """Choices (§B.4): the canonical answer and answers with one attribute changed; every split has them
     (training asks with options too, train.py --options-rate). Captions have none.
     choices[answer_index] is the canonical answer from the image-space facts (= `answer` with the
     geometry teacher; an LLM teacher's free-text answer may be worded differently)."""
     qtype, t, tt = sample["question_type"], sample["target"], sample["target_type"]
+    if qtype == "walk":  # the nine cells
+        true, choices = walk_answer(case["meta"]["drawn"]["path"][-1]), [walk_answer(cell_name(c)) for c in CELLS]
+        rng.shuffle(choices)
+        return choices, choices.index(true)
     sides, shapes = ("left", "central", "right"), ("round", "elongated", "irregular")
     true = canonical_answer(qtype, t, tt, f, sample["negative"])
     if qtype == "yesno":
@@ -273,6 +302,9 @@ def geometry_teacher(case, sample, facts, strict, args):
     sample's own RNG (one draw even for a fixed K: the closed-ended choices draw from it next)."""
     qtype, (lo, hi) = sample["question_type"], STEP_RANGE[sample["question_type"]]
     K = lo + sample["rng"].randint(0, 1) * (hi - lo)
+    if qtype == "walk":  # as many steps as moves
+        drawn = case["meta"]["drawn"]
+        return json.dumps({"final_answer": walk_answer(drawn["path"][-1]), "reasoning_chain": walk_chain(drawn)})
     answer = canonical_answer(qtype, sample["target"], sample["target_type"], facts, sample["negative"])
     return json.dumps({"final_answer": answer, "reasoning_chain": geometry_chain(sample, facts, K)})
 
@@ -294,7 +326,8 @@ def process(work):
     if STATE["stop"]:
         return outcomes
     try:
-        cases = [phantom_case(work[1], args.seed, args.image_size)] if work[0] == "phantom" else \
+        cases = [phantom_walk_case(work[1], args.seed, args.image_size, args.walk_hops) if args.walk_hops else
+                 phantom_case(work[1], args.seed, args.image_size)] if work[0] == "phantom" else \
             msd_cases(work, args) if work[0] == "msd" else bmp_cases(work, args)
         for case in cases:
             if "reasons" in case:  # the input itself is bad: a reject with its reason
@@ -441,6 +474,9 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=0,
                    help="phantom seed (part of the ids: other seeds append new samples)")
     p.add_argument("--image-size", type=int, default=128, help="phantom image side in pixels")
+    p.add_argument("--walk-hops", type=int, default=0, choices=range(0, 7),
+                   help="N > 0: every phantom is a 3 x 3 grid of lesions asked the walk question (1..N moves, "
+                        "one reasoning step each; embedded/phantom.py); 0: the six question types")
     # --- questions and splits
     p.add_argument("--questions-per-image", type=int, default=1, choices=range(1, 7),
                    help="question types per (image, target)")

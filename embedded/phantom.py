@@ -114,3 +114,58 @@ def phantom_case(index, seed, size):
     return {"image_key": key, "group": key, "source": "phantom", "subset": f"phantom-{slug(modality)}",
             "modality": modality, "target": target, "target_type": target_type, "image": to_uint8(img),
             "mask": mask, "others": others, "order": index, "meta": {"drawn": drawn}}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The walk: a question that needs several passes. Nine lesions sit on a 3 x 3 grid (one per merged visual
+# token of a 96-px image), each darker or brighter than its surroundings. The question states a start cell
+# and a rule: a darker lesion sends you one cell to the right, a brighter one one cell down, wrapping round
+# at the edges. Each move reads the lesion it stands on, so move k depends on where moves 1..k-1 led: a
+# pointer chase of `hops` data-dependent steps, which a 2-layer LLM cannot unroll in one pass.
+# ----------------------------------------------------------------------------------------------------
+ROWS, COLS = ("upper", "middle", "lower"), ("left", "middle", "right")
+CELLS = [(r, c) for r in range(3) for c in range(3)]
+
+
+def cell_name(cell):
+    """(row, column) -> 'upper left', 'middle right', ..., 'center'."""
+    r, c = cell
+    return "center" if cell == (1, 1) else f"{ROWS[r]} {COLS[c]}"
+
+
+def walk(grid, start, hops):
+    """The cells visited from `start` over `hops` moves: [start, cell after move 1, ...]. grid[r][c] is
+    'darker' or 'brighter'."""
+    path = [start]
+    for _ in range(hops):
+        r, c = path[-1]
+        path.append((r, (c + 1) % 3) if grid[r][c] == "darker" else ((r + 1) % 3, c))
+    return path
+
+
+def phantom_walk_case(index, seed, size, max_hops):
+    """One walk image: nine round lesions on a 3 x 3 grid, each drawn darker or brighter at random, a start
+    cell and a number of moves (1..max_hops) drawn from the same seeded RNG; the case's mask is the lesion
+    the walk ends on (the answer), the visited cells are in meta."""
+    rng = np.random.default_rng([seed, index, 1])  # a stream of its own: not phantom_case's
+    modality = sorted(PHANTOM_TARGETS)[rng.integers(len(PHANTOM_TARGETS))]
+    yy, xx = (np.mgrid[0:size, 0:size] + 0.5) / size
+    img = phantom_background(modality, rng, xx, yy)
+    grid = [["brighter" if b else "darker" for b in row] for row in rng.random((3, 3)) < 0.5]
+    start, hops = CELLS[rng.integers(len(CELLS))], int(rng.integers(1, max_hops + 1))
+    masks = {}
+    for r, c in CELLS:  # a lesion well inside its cell: one merged visual token sees one lesion
+        cx, cy = (c + 0.5 + rng.uniform(-0.06, 0.06)) / 3, (r + 0.5 + rng.uniform(-0.06, 0.06)) / 3
+        m = (xx - cx) ** 2 + (yy - cy) ** 2 <= rng.uniform(0.075, 0.09) ** 2
+        value = np.clip(img[m].mean(axis=0) + (0.3 if grid[r][c] == "brighter" else -0.3), 0.02, 0.98)
+        img = np.where(m[..., None] if img.ndim == 3 else m, value, img)
+        masks[(r, c)] = m
+    if modality == "ultrasound":
+        img = img * (1 + 0.15 * gaussian_blur(rng.normal(0, 1, (size, size)), 0.7))
+    img = img + rng.normal(0, 0.015, img.shape)
+    path = walk(grid, start, hops)
+    key = f"phantom-walk-s{seed}-{index:06d}"
+    drawn = {"grid": grid, "start": cell_name(start), "hops": hops, "path": [cell_name(p) for p in path]}
+    return {"image_key": key, "group": key, "source": "phantom", "subset": f"phantom-walk-{slug(modality)}",
+            "modality": modality, "target": "lesion", "target_type": "lesion", "image": to_uint8(img),
+            "mask": masks[path[-1]], "others": [], "order": index, "meta": {"drawn": drawn}}

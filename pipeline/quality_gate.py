@@ -10,7 +10,7 @@ import re
 
 # ----------------------------------------------------------------------------- question types and K (Table 4)
 QUESTION_TYPES = ["yesno", "identify", "location_choice", "location", "describe", "reasoning"]
-STEP_RANGE = {"yesno": (1, 1), "identify": (1, 1), "location_choice": (1, 1), "location": (2, 2),
+STEP_RANGE = {"walk": (1, 6), "yesno": (1, 1), "identify": (1, 1), "location_choice": (1, 1), "location": (2, 2),
               "describe": (2, 3), "reasoning": (3, 4),  # Table 4: the reasoning depth K of each type
               "caption": (1, 1)}  # --captions only: stand-in pretraining of the tiny backbone, no VITAL type
 

@@ -1,0 +1,56 @@
+"""The walk, the phantom's question that needs several passes (prepare_data.py --walk-hops): nine lesions on a
+3 x 3 grid, a stated start cell and rule; the image shows what the rule reads, the chain states one move per
+step, and the answer is the cell the moves end in."""
+import json
+import os
+
+import numpy as np
+from PIL import Image
+
+import prepare_data as P
+from embedded.phantom import CELLS, cell_name, phantom_walk_case, walk
+from pipeline.image_facts import measure
+
+
+def test_walk_follows_the_lesion_it_stands_on_and_wraps():
+    grid = [["darker", "darker", "brighter"],
+            ["brighter", "darker", "darker"],
+            ["darker", "brighter", "brighter"]]
+    # upper left dark -> across; upper middle dark -> across; upper right bright -> down;
+    # middle right dark -> across, wrapping to middle left; middle left bright -> down
+    assert [cell_name(c) for c in walk(grid, (0, 0), 5)] == [
+        "upper left", "upper middle", "upper right", "middle right", "middle left", "lower left"]
+    assert walk(grid, (2, 2), 1) == [(2, 2), (0, 2)]  # bright at the bottom edge wraps to the top row
+
+
+def test_the_pixels_show_every_lesion_as_drawn_and_the_mask_is_the_end():
+    for index in range(20):
+        case = phantom_walk_case(index, 7, 96, 4)
+        drawn = case["meta"]["drawn"]
+        assert 1 <= drawn["hops"] <= 4 and len(drawn["path"]) == drawn["hops"] + 1
+        assert drawn["path"][0] == drawn["start"]
+        facts = measure(case["image"], case["mask"])
+        r, c = {cell_name(x): x for x in CELLS}[drawn["path"][-1]]
+        assert facts["brightness"] == drawn["grid"][r][c]                 # what the last move's cell shows
+        assert abs(facts["cx"] - (c + 0.5) / 3) < 0.06 and abs(facts["cy"] - (r + 0.5) / 3) < 0.06
+
+
+def test_prepare_data_asks_the_walk_with_one_step_per_move(tmp_path):
+    out = str(tmp_path / "walk")
+    P.main(["--source", "phantom", "--out", out, "--n", "40", "--image-size", "96", "--walk-hops", "3",
+            "--workers", "1"])
+    with open(os.path.join(out, "samples.jsonl")) as f:
+        samples = [json.loads(line) for line in f]
+    assert len(samples) == 40 and {s["question_type"] for s in samples} == {"walk"}
+    assert {s["latent_steps"] for s in samples} == {1, 2, 3}
+    for s in samples:
+        drawn = s["meta"]["drawn"]
+        assert s["latent_steps"] == drawn["hops"] == len(s["reasoning_chain"])
+        assert f"the {drawn['start']} cell" in s["question"] and f"After {drawn['hops']} moves" in s["question"]
+        assert len(s["choices"]) == 9 and s["choices"][s["answer_index"]] == s["answer"]
+        assert s["answer"] == f"The walk ends in the {drawn['path'][-1]} cell."
+        for k, step in enumerate(s["reasoning_chain"]):  # step k reads the lesion of cell k, names cell k + 1
+            assert step.startswith(f"The lesion in the {drawn['path'][k]} cell")
+            assert step.endswith(f"to the {drawn['path'][k + 1]} cell.")
+    mask = np.asarray(Image.open(os.path.join(out, samples[0]["mask"])))
+    assert 100 < (mask > 0).sum() < 300  # one lesion, the one the walk ends on
