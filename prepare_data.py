@@ -51,6 +51,9 @@ JSON and JSONL file is strict JSON (no NaN or Infinity: strict_json refuses them
 
   python prepare_data.py --source phantom --out data/phantom --n 2000 --seed 0
   python prepare_data.py --source phantom --out data/captions --n 3000 --seed 1 --captions  # tiny pretraining
+  python prepare_data.py --source phantom --out data/walk --n 3000 --image-size 96 --walk-hops 4  # the walk:
+      # nine lesions on a 3 x 3 grid, 1..4 moves (one step each); add --types cell for "is the lesion in the
+      # <cell> cell darker or brighter?" (one hop's perception) or --types walk cell for both
   python prepare_data.py --source msd --msd-root /data/Task03_Liver /data/Task06_Lung --out data/vital
   python prepare_data.py --source biomedparse --bmp-root /data/BiomedParse/ISIC --out data/vital
   python prepare_data.py --source biomedparse --bmp-root /data/BiomedParse --out data/vital  # all subsets
@@ -80,6 +83,9 @@ from pipeline.quality_gate import QUESTION_TYPES, STEP_RANGE, article, gate  # T
 from pipeline.segmentation_sources import bmp_cases, bmp_work, msd_cases, read_msd_task
 
 # ----------------------------------------------------------------------------- questions (§A.1, Table 4)
+GRID_TYPES = ["walk", "cell"]  # the questions of a walk grid (--walk-hops): the walk, one cell's brightness
+
+
 def stable_hash(text):
     """A hash that is the same in every process and every run (Python's hash() is salted)."""
     return int(hashlib.sha1(text.encode()).hexdigest()[:12], 16)
@@ -105,6 +111,7 @@ TEMPLATES = {
     "walk": {"*": ["Start at the lesion in the {start} cell of this {mp}. A darker lesion sends you one cell to "
                    "the right, a brighter one one cell down, wrapping round at the edges. After {hops} moves, "
                    "which cell are you in?"]},
+    "cell": {"*": ["Is the lesion in the {cell} cell of this {mp} darker or brighter than its surroundings?"]},
     "reasoning": {"*": ["Grade the {t} in this {mp} by the points rule: one point each for an irregular shape, "
                         "lying in the upper part, a large size and being darker than its surroundings. What is the "
                         "grade?"],
@@ -141,7 +148,8 @@ def samples_for(case, args):
     rotated = types[r % len(types):] + types[:r % len(types)]
     mp = "fundus photograph" if case["modality"] == "fundus" else f"{case['modality']} image"
     drawn = case["meta"].get("drawn", {})  # a phantom's drawn attributes (the walk's grid, start and hops)
-    asked = ["caption"] if args.captions else ["walk"] if "grid" in drawn else rotated[:args.questions_per_image]
+    grid_types = [t for t in args.types or ["walk"] if t in GRID_TYPES]  # a walk grid is asked these only
+    asked = ["caption"] if args.captions else grid_types if "grid" in drawn else rotated[:args.questions_per_image]
     for qtype in asked:
         sid = f"{key}--{qtype}"
         rng = random.Random(stable_hash(sid))
@@ -151,9 +159,10 @@ def samples_for(case, args):
             negative = True  # ask about a target that is absent from this image
         # a tumor is asked about in the words of a lesion
         forms = TEMPLATES[qtype].get("lesion" if ttype == "tumor" else ttype, TEMPLATES[qtype]["*"])
-        question = rng.choice(forms).format(t=target, art=article(target, ttype), mp=mp, **drawn)
+        cell = drawn.get("path", [None])[-1]  # a "cell" question names the lesion of the case's mask
+        question = rng.choice(forms).format(t=target, art=article(target, ttype), mp=mp, cell=cell, **drawn)
         yield {"id": sid, "target": target, "target_type": ttype, "negative": negative,
-               "question": question, "question_type": qtype, "rng": rng}
+               "question": question, "question_type": qtype, "rng": rng, "cell": cell}
 
 
 def phrases(f):
@@ -225,6 +234,11 @@ def geometry_chain(sample, f, K):
     return chain if K == 3 else [chain[0], f"It is {f['size']} and {f['shape']}, with {w['margin']}."]
 
 
+def cell_answer(drawn, cell):
+    r, c = next(x for x in CELLS if cell_name(x) == cell)
+    return f"The lesion in the {cell} cell is {drawn['grid'][r][c]} than its surroundings."
+
+
 def walk_answer(cell):
     return f"The walk ends in the {cell} cell."
 
@@ -249,6 +263,10 @@ def closed_form(sample, f, case, rng):
     choices[answer_index] is the canonical answer from the image-space facts (= `answer` with the
     geometry teacher; an LLM teacher's free-text answer may be worded differently)."""
     qtype, t, tt = sample["question_type"], sample["target"], sample["target_type"]
+    if qtype == "cell":  # darker or brighter
+        drawn, cell = case["meta"]["drawn"], sample["cell"]
+        choices = [cell_answer(dict(drawn, grid=[[b] * 3] * 3), cell) for b in ("darker", "brighter")]
+        return choices, choices.index(cell_answer(drawn, cell))
     if qtype == "walk":  # the nine cells
         true, choices = walk_answer(case["meta"]["drawn"]["path"][-1]), [walk_answer(cell_name(c)) for c in CELLS]
         rng.shuffle(choices)
@@ -302,6 +320,9 @@ def geometry_teacher(case, sample, facts, strict, args):
     sample's own RNG (one draw even for a fixed K: the closed-ended choices draw from it next)."""
     qtype, (lo, hi) = sample["question_type"], STEP_RANGE[sample["question_type"]]
     K = lo + sample["rng"].randint(0, 1) * (hi - lo)
+    if qtype == "cell":  # one step: the answer itself
+        answer = cell_answer(case["meta"]["drawn"], sample["cell"])
+        return json.dumps({"final_answer": answer, "reasoning_chain": [answer]})
     if qtype == "walk":  # as many steps as moves
         drawn = case["meta"]["drawn"]
         return json.dumps({"final_answer": walk_answer(drawn["path"][-1]), "reasoning_chain": walk_chain(drawn)})
@@ -480,7 +501,7 @@ def get_args(argv=None):
     # --- questions and splits
     p.add_argument("--questions-per-image", type=int, default=1, choices=range(1, 7),
                    help="question types per (image, target)")
-    p.add_argument("--types", nargs="+", choices=QUESTION_TYPES, default=None,
+    p.add_argument("--types", nargs="+", choices=QUESTION_TYPES + GRID_TYPES, default=None,
                    help="ask only these question types (rotated like the six; default: all six)")
     p.add_argument("--captions", action="store_true",
                    help="instead of the six VITAL question types, one target-free caption per image: the "
@@ -533,6 +554,9 @@ def check_numbers(p, args):
             p.error(f"{flag} must be {need}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         p.error(f"--out {args.out} is a file, not a folder")
+    if bool(args.walk_hops) != bool(args.types and set(args.types) & set(GRID_TYPES)) and args.types:
+        p.error(f"--types {' '.join(GRID_TYPES)} are asked of walk grids only, and a walk grid only them: "
+                "give them together with --walk-hops N (and the six types without it)")
 
 
 def make_work(args):

@@ -5,6 +5,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 from PIL import Image
 
 import prepare_data as P
@@ -54,3 +55,26 @@ def test_prepare_data_asks_the_walk_with_one_step_per_move(tmp_path):
             assert step.endswith(f"to the {drawn['path'][k + 1]} cell.")
     mask = np.asarray(Image.open(os.path.join(out, samples[0]["mask"])))
     assert 100 < (mask > 0).sum() < 300  # one lesion, the one the walk ends on
+
+
+def test_a_cell_question_asks_the_brightness_of_the_lesion_its_mask_holds(tmp_path):
+    out = str(tmp_path / "cell")
+    P.main(["--source", "phantom", "--out", out, "--n", "12", "--image-size", "96", "--walk-hops", "2",
+            "--types", "cell", "--workers", "1"])
+    with open(os.path.join(out, "samples.jsonl")) as f:
+        samples = [json.loads(line) for line in f]
+    assert len(samples) == 12 and {s["question_type"] for s in samples} == {"cell"}
+    for s in samples:
+        cell = s["meta"]["drawn"]["path"][-1]
+        r, c = {cell_name(x): x for x in CELLS}[cell]
+        truth = s["meta"]["drawn"]["grid"][r][c]
+        assert f"the {cell} cell" in s["question"] and s["answer"].endswith(f"is {truth} than its surroundings.")
+        assert s["latent_steps"] == 1 and len(s["choices"]) == 2 and s["choices"][s["answer_index"]] == s["answer"]
+        assert s["meta"]["facts"]["brightness"] == truth  # measured from the mask's pixels: the asked lesion
+
+
+def test_grid_questions_need_walk_grids(tmp_path, capsys):
+    for argv in (["--types", "cell"], ["--walk-hops", "2", "--types", "yesno"]):
+        with pytest.raises(SystemExit):
+            P.get_args(["--source", "phantom", "--out", str(tmp_path / "x")] + argv)
+        assert "asked of walk grids only" in capsys.readouterr().err
