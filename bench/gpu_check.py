@@ -7,7 +7,9 @@ backbone in bf16 and the trainable decoder and heads in fp32 as train.py loads t
   1. a training step exactly as train.py makes it (bf16 autocast, all three losses, backward, grad clip,
      fused AdamW) at K = 4: peak memory and samples/s for several batch sizes and image sizes;
   2. inference latency at batch 1 for K = 0..4 with the LoRA unmerged, merged, and folded (folded = the
-     plain backbone's modules, what evaluate.py deploys), and one latent step vs one decode step;
+     plain backbone's modules, what evaluate.py deploys), then folded on the fast path
+     (pipeline/fast_inference.py: static cache, CUDA graphs), its time per token against the weight-read
+     limit (weight bytes / --bandwidth-gbs), and one latent step vs one decode step;
   3. one explanation (explain.py's and pipeline/roi_encoder.py's functions: answer, decoded step sentences,
      heatmaps, the PNG panel).
 A training config ending in "c" (e.g. 16x448x4c) runs with activation checkpointing (train.py --grad-ckpt).
@@ -38,6 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import explain  # noqa: E402
 import model as M  # noqa: E402
 from pipeline import activation_checkpointing as AC  # noqa: E402
+from pipeline import fast_inference as FI  # noqa: E402
 from pipeline import io as IO  # noqa: E402
 from pipeline import roi_encoder as RE  # noqa: E402
 from embedded.tiny import CHAT_TEMPLATE, make_tiny, make_tokenizer, real_configs  # noqa: E402
@@ -176,14 +179,14 @@ def train_rows(vital, processor, dec_tok, args, device, d_v):
 #    same number of tokens; medians of interleaved repeats.
 # ----------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def latency_rows(backbone, prefix, args, device, label):
+def latency_rows(backbone, prefix, args, device, label, generate=M.generate):
     Ks = list(range(5))
     for K in Ks:
-        M.generate(backbone, prefix, K, -1, args.answer_tokens)
+        generate(backbone, prefix, K, -1, args.answer_tokens)
     times = {K: [] for K in Ks}
     for _ in range(args.reps):
         for K in Ks:
-            times[K].append(timed_ms(lambda: M.generate(backbone, prefix, K, -1, args.answer_tokens),
+            times[K].append(timed_ms(lambda: generate(backbone, prefix, K, -1, args.answer_tokens),
                                      device)[0])
     return {K: dict(form=label, K=K, ms=statistics.median(times[K])) for K in Ks}
 
@@ -258,6 +261,8 @@ def get_args(argv=None):
     ap.add_argument("--px", type=int, help="image side for latency and explanation (default 448; --tiny 96)")
     ap.add_argument("--answer-tokens", type=int, default=16, help="answer tokens decoded per latency sample")
     ap.add_argument("--reps", type=int, default=5, help="timed repeats per latency figure")
+    ap.add_argument("--bandwidth-gbs", type=float, default=4800,
+                    help="the card's memory bandwidth in GB/s, for the weight-read limit (H200 4800, H100 SXM 3350)")
     ap.add_argument("--out", default="runs/gpu_check", help="folder for gpu_check.json and explain.png")
     args = ap.parse_args(argv)
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
@@ -313,7 +318,12 @@ def main(argv=None):
             M.fold_lora(backbone)
             lat_f = latency_rows(backbone, prefix, args, device,
                                  "LoRA folded = plain backbone modules (deployed)")
-        res["latency"] = [lat[K] for K in lat] + [lat_m[K] for K in lat_m] + [lat_f[K] for K in lat_f]
+            step = FI.make_step(device=device)  # CUDA graphs on a GPU, plain on the CPU
+            lat_x = latency_rows(backbone, prefix, args, device, "folded, fast path (static cache"
+                                 + (", CUDA graphs)" if device.type == "cuda" else ")"),
+                                 lambda *a: FI.fast_generate(*a, step=step))
+        res["latency"] = [r[K] for r in (lat, lat_m, lat_f, lat_x) for K in r]
+        res["weight_bytes"] = sum(t.numel() * t.element_size() for t in backbone.parameters())
         res["total_s"] = time.time() - t0
     with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
         json.dump(res, f, indent=1)
@@ -341,6 +351,11 @@ def report(res, args):
     for form in forms:
         ms = [r["ms"] for r in res["latency"] if r["form"] == form]
         print(f"{form:<50}" + "".join(f"{m:>7.1f}ms" for m in ms) + f"{ms[4] / ms[0]:>7.2f}")
+    limit = res["weight_bytes"] / (args.bandwidth_gbs * 1e9) * 1e3
+    fast = [r["ms"] for r in res["latency"] if "fast path" in r["form"]]
+    print(f"   weight-read limit: {res['weight_bytes'] / 2**30:.1f} GiB of weights / {args.bandwidth_gbs:g} GB/s = "
+          f"{limit:.2f} ms per token; fast path at K = 4: {fast[4] / (4 + args.answer_tokens):.2f} ms per latent "
+          f"or answer token, prefix included ({fast[4] / (4 + args.answer_tokens) / limit:.1f}x the limit)")
     print(f"   one latent step {res['latent_step_ms']:.2f} ms, "
           f"one greedy decode step {res['decode_step_ms']:.2f} ms "
           f"(ratio {res['latent_step_ms'] / res['decode_step_ms']:.2f})")

@@ -8,7 +8,8 @@ a noisy machine moves both sides together.
     # Qwen3-VL-8B / Qwen3-1.7B sizes, random init
     python bench/loop.py --real --device cuda --dtype bf16 --batch 1
 
-Targets: latent step / decode step <= 1.10; merged-LoRA inference / plain backbone <= 1.02;
+Targets: latent step / decode step <= 1.10; merged-LoRA inference / plain backbone <= 1.02; the fast
+inference path (pipeline/fast_inference.py) / model.generate <= 1.0;
 train step K=4 / K=0 <= 1.5; this loop / naive recompute-everything loop (K=4 train step) <= 0.5.
 """
 import argparse
@@ -29,6 +30,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import model as M
+from pipeline import fast_inference as FI
 from pipeline import io as IO
 from embedded.tiny import CHAT_TEMPLATE, make_tiny, real_configs
 
@@ -234,6 +236,15 @@ def main():
             row("inference merged LoRA (wrappers kept) / plain (K=4)", t_merged / t_plain, 1.02)
             row("  control: plain / a copy of plain (noise floor)", t_plain2 / t_plain)
             row("  inference K=4, 8 answer tokens", t_plain * 1e3, unit="ms")
+
+            # 2b. the fast path (pipeline/fast_inference.py: static cache, fixed-shape steps; compiled on a GPU)
+            # beside model.generate, on the plain backbone, K = 4 and 16 answer tokens
+            step = FI.make_step(device=args.device)
+            t_fast, t_gen = interleaved([lambda: FI.fast_generate(plain, b4["prefix"], 4, eos, 16, step),
+                                         lambda: M.generate(plain, b4["prefix"], 4, eos, 16)],
+                                        3 * args.reps, args.device)
+            row("inference fast path / model.generate (K=4, 16 tokens)", t_fast / t_gen, 1.0)
+            row("  fast path K=4, 16 answer tokens", t_fast * 1e3, unit="ms")
 
             # 3. training step K=4 vs K=0, all three losses, forward + backward
             vital.train()

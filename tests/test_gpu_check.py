@@ -27,7 +27,8 @@ def test_gpu_check_tiny_bf16_runs_every_part(tmp_path):
     assert all(torch.isfinite(torch.tensor(k4[k])) and k4[k] > 0 for k in ("L_task", "L_sem", "L_vis"))
     assert res["train"][0]["L_sem"] == 0 and k4["samples_per_s"] > 0 and k4["peak_gib"] > 0
     forms = {r["form"] for r in res["latency"]}
-    assert len(forms) == 3 and sorted(r["K"] for r in res["latency"]) == sorted(list(range(5)) * 3)
+    assert len(forms) == 4 and sorted(r["K"] for r in res["latency"]) == sorted(list(range(5)) * 4)
+    assert any("fast path" in f for f in forms) and res["weight_bytes"] > 0
     assert all(r["ms"] > 0 for r in res["latency"])
     e = res["explain"]
     assert len(e["sentences"]) == 4 and e["heat_shape"] == [4, 8, 8] and os.path.isfile(e["panel"])
