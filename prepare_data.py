@@ -347,7 +347,8 @@ def process(work):
     if STATE["stop"]:
         return outcomes
     try:
-        cases = [phantom_walk_case(work[1], args.seed, args.image_size, args.walk_hops) if args.walk_hops else
+        cases = [phantom_walk_case(work[1], args.seed, args.image_size, args.walk_hops, args.grid_lesions)
+                 if args.walk_hops else
                  phantom_case(work[1], args.seed, args.image_size)] if work[0] == "phantom" else \
             msd_cases(work, args) if work[0] == "msd" else bmp_cases(work, args)
         for case in cases:
@@ -498,6 +499,8 @@ def get_args(argv=None):
     p.add_argument("--walk-hops", type=int, default=0, choices=range(0, 7),
                    help="N > 0: every phantom is a 3 x 3 grid of lesions asked the walk question (1..N moves, "
                         "one reasoning step each; embedded/phantom.py); 0: the six question types")
+    p.add_argument("--grid-lesions", type=int, default=9, choices=range(1, 10),
+                   help="lesions on a walk grid (< 9: cells off the walk stay empty, a curriculum for --types cell)")
     # --- questions and splits
     p.add_argument("--questions-per-image", type=int, default=1, choices=range(1, 7),
                    help="question types per (image, target)")

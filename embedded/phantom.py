@@ -143,29 +143,35 @@ def walk(grid, start, hops):
     return path
 
 
-def phantom_walk_case(index, seed, size, max_hops):
+def phantom_walk_case(index, seed, size, max_hops, lesions=9):
     """One walk image: nine round lesions on a 3 x 3 grid, each drawn darker or brighter at random, a start
     cell and a number of moves (1..max_hops) drawn from the same seeded RNG; the case's mask is the lesion
-    the walk ends on (the answer), the visited cells are in meta."""
+    the walk ends on (the answer), the visited cells are in meta. lesions < 9 leaves cells empty (never
+    one the walk visits): fewer distractors, for a curriculum of the cell question."""
     rng = np.random.default_rng([seed, index, 1])  # a stream of its own: not phantom_case's
     modality = sorted(PHANTOM_TARGETS)[rng.integers(len(PHANTOM_TARGETS))]
     yy, xx = (np.mgrid[0:size, 0:size] + 0.5) / size
     img = phantom_background(modality, rng, xx, yy)
     grid = [["brighter" if b else "darker" for b in row] for row in rng.random((3, 3)) < 0.5]
     start, hops = CELLS[rng.integers(len(CELLS))], int(rng.integers(1, max_hops + 1))
+    path = walk(grid, start, hops)
+    others = [cell for cell in CELLS if cell not in path]
+    empty = set(map(tuple, np.random.default_rng([seed, index, 2]).permutation(others)[:max(0, 9 - lesions)]))
     masks = {}
     for r, c in CELLS:  # a lesion well inside its cell: one merged visual token sees one lesion
         cx, cy = (c + 0.5 + rng.uniform(-0.06, 0.06)) / 3, (r + 0.5 + rng.uniform(-0.06, 0.06)) / 3
         m = (xx - cx) ** 2 + (yy - cy) ** 2 <= rng.uniform(0.075, 0.09) ** 2
+        if (r, c) in empty:
+            continue
         value = np.clip(img[m].mean(axis=0) + (0.3 if grid[r][c] == "brighter" else -0.3), 0.02, 0.98)
         img = np.where(m[..., None] if img.ndim == 3 else m, value, img)
         masks[(r, c)] = m
     if modality == "ultrasound":
         img = img * (1 + 0.15 * gaussian_blur(rng.normal(0, 1, (size, size)), 0.7))
     img = img + rng.normal(0, 0.015, img.shape)
-    path = walk(grid, start, hops)
     key = f"phantom-walk-s{seed}-{index:06d}"
-    drawn = {"grid": grid, "start": cell_name(start), "hops": hops, "path": [cell_name(p) for p in path]}
+    drawn = {"grid": grid, "start": cell_name(start), "hops": hops, "path": [cell_name(p) for p in path],
+             "empty": sorted(cell_name(e) for e in empty)}
     return {"image_key": key, "group": key, "source": "phantom", "subset": f"phantom-walk-{slug(modality)}",
             "modality": modality, "target": "lesion", "target_type": "lesion", "image": to_uint8(img),
             "mask": masks[path[-1]], "others": [], "order": index, "meta": {"drawn": drawn}}

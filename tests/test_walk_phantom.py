@@ -78,3 +78,19 @@ def test_grid_questions_need_walk_grids(tmp_path, capsys):
         with pytest.raises(SystemExit):
             P.get_args(["--source", "phantom", "--out", str(tmp_path / "x")] + argv)
         assert "asked of walk grids only" in capsys.readouterr().err
+
+
+def test_sparse_grids_keep_every_cell_of_the_walk():
+    for lesions in (1, 3, 9):
+        for index in range(10):
+            case = phantom_walk_case(index, 5, 96, 4, lesions)
+            drawn = case["meta"]["drawn"]
+            empty = set(drawn["empty"])
+            assert not empty & set(drawn["path"])
+            assert len(empty) == min(9 - lesions, 9 - len(set(drawn["path"])))
+            img = case["image"].astype(float)
+            lum = img.mean(axis=2) if img.ndim == 3 else img
+            for name in empty:  # an empty cell's centre is background: close to its cell's median
+                r, c = {cell_name(x): x for x in CELLS}[name]
+                block = lum[r * 32:(r + 1) * 32, c * 32:(c + 1) * 32]
+                assert abs(float(block[12:20, 12:20].mean()) - float(np.median(block))) < 25
