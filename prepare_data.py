@@ -347,7 +347,8 @@ def process(work):
     if STATE["stop"]:
         return outcomes
     try:
-        cases = [phantom_walk_case(work[1], args.seed, args.image_size, args.walk_hops, args.grid_lesions)
+        cases = [phantom_walk_case(work[1], args.seed, args.image_size, args.walk_hops, args.grid_lesions,
+                                   args.grid_coded)
                  if args.walk_hops else
                  phantom_case(work[1], args.seed, args.image_size)] if work[0] == "phantom" else \
             msd_cases(work, args) if work[0] == "msd" else bmp_cases(work, args)
@@ -501,6 +502,8 @@ def get_args(argv=None):
                         "one reasoning step each; embedded/phantom.py); 0: the six question types")
     p.add_argument("--grid-lesions", type=int, default=9, choices=range(1, 10),
                    help="lesions on a walk grid (< 9: cells off the walk stay empty, a curriculum for --types cell)")
+    p.add_argument("--grid-coded", action="store_true",
+                   help="a walk grid's lesion shows its cell: size by row, shape by column (embedded/phantom.py)")
     # --- questions and splits
     p.add_argument("--questions-per-image", type=int, default=1, choices=range(1, 7),
                    help="question types per (image, target)")

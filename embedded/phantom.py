@@ -143,7 +143,19 @@ def walk(grid, start, hops):
     return path
 
 
-def phantom_walk_case(index, seed, size, max_hops, lesions=9):
+def coded_lesion(r, c, cx, cy, xx, yy):
+    """A lesion whose look names its cell: the row sets its size (upper small, middle medium, lower large), the
+    column its shape (left round, middle elongated across, right lobulated)."""
+    rad = (0.05, 0.07, 0.09)[r]
+    u, w = xx - cx, yy - cy
+    if c == 0:
+        return u ** 2 + w ** 2 <= rad ** 2
+    if c == 1:
+        return (u / (1.5 * rad)) ** 2 + (w / (0.55 * rad)) ** 2 <= 1
+    return np.hypot(u, w) <= rad * (1 + 0.35 * np.cos(4 * np.arctan2(w, u)))
+
+
+def phantom_walk_case(index, seed, size, max_hops, lesions=9, coded=False):
     """One walk image: nine round lesions on a 3 x 3 grid, each drawn darker or brighter at random, a start
     cell and a number of moves (1..max_hops) drawn from the same seeded RNG; the case's mask is the lesion
     the walk ends on (the answer), the visited cells are in meta. lesions < 9 leaves cells empty (never
@@ -161,6 +173,7 @@ def phantom_walk_case(index, seed, size, max_hops, lesions=9):
     for r, c in CELLS:  # a lesion well inside its cell: one merged visual token sees one lesion
         cx, cy = (c + 0.5 + rng.uniform(-0.06, 0.06)) / 3, (r + 0.5 + rng.uniform(-0.06, 0.06)) / 3
         m = (xx - cx) ** 2 + (yy - cy) ** 2 <= rng.uniform(0.075, 0.09) ** 2
+        m = coded_lesion(r, c, cx, cy, xx, yy) if coded else m
         if (r, c) in empty:
             continue
         value = np.clip(img[m].mean(axis=0) + (0.3 if grid[r][c] == "brighter" else -0.3), 0.02, 0.98)

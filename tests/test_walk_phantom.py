@@ -94,3 +94,12 @@ def test_sparse_grids_keep_every_cell_of_the_walk():
                 r, c = {cell_name(x): x for x in CELLS}[name]
                 block = lum[r * 32:(r + 1) * 32, c * 32:(c + 1) * 32]
                 assert abs(float(block[12:20, 12:20].mean()) - float(np.median(block))) < 25
+
+
+def test_coded_grids_size_lesions_by_row():
+    areas = {}
+    for index in range(30):
+        case = phantom_walk_case(index, 9, 96, 3, coded=True)
+        r, c = {cell_name(x): x for x in CELLS}[case["meta"]["drawn"]["path"][-1]]
+        areas.setdefault(r, []).append(int(case["mask"].sum()))
+    assert max(areas[0]) < min(areas[1]) and max(areas[1]) < min(areas[2])  # upper small ... lower large
