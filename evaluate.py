@@ -28,7 +28,8 @@ Writes: OUT/predictions.jsonl (one line per item with its score and matched_by),
         protocol), OUT/table.md (shaped like a Table 1 row), with --latency OUT/latency.json, with --collapse
         OUT/collapse.json + OUT/collapse.png (inter-step cosine similarity of h_1..h_K, eq. 9, over the
         in-domain test split only), with --probe OUT/probes.json + OUT/probe_predictions.jsonl ("do the
-        latents matter?": section 6), with --pointing OUT/pointing.json (section 7).
+        latents matter?": section 6), with --pointing OUT/pointing.json (section 7), with --text-window
+        OUT/text_window.json (section 8: the decoded step k against the chain's step k, pipeline/text_window.py).
 
 Probes (--probe; in-domain test items with choices, same checkpoint, same items, same batches), closed-ended
 accuracy when what the loop feeds back as latent step k's input embedding is replaced (model.latent_loop's
@@ -62,12 +63,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
+from safetensors.torch import load_file
 from safetensors import safe_open
 
 import model as M
 from pipeline import io as IO
 from pipeline import roi_encoder as RE
 from pipeline import scaffolds as SC
+from pipeline import text_window as TW
 from pipeline.io import open_image
 from pipeline.vqa_metrics import aggregate, mcnemar_p, score_item, table_md
 
@@ -170,7 +173,8 @@ def load_inference_model(ckpt, backbone_path=None, device="cpu", dtype=torch.flo
     if not pretrained:
         r, alpha = IO.ckpt_field(config, ckpt, "arch.lora")  # [r, alpha], as train.py checks warm starts
         M.add_lora(backbone, r, alpha, 0.0)
-        IO.load_checkpoint(ckpt, M.VITAL(backbone), scaffolds=False)  # VITAL without decoder/VP: no scaffolds
+        # VITAL without decoder/VP: no scaffolds (and the pause arm's constants, if it is one: latent_feed)
+        IO.load_checkpoint(ckpt, M.VITAL(backbone, pause_steps=IO.pause_rows(ckpt)), scaffolds=False)
         M.fold_lora(backbone)
     backbone.eval()
     deployed = dict(params=IO.count_params(backbone), bytes=weight_bytes(backbone))
@@ -184,6 +188,14 @@ def load_inference_model(ckpt, backbone_path=None, device="cpu", dtype=torch.flo
 # ----------------------------------------------------------------------------------------------------
 # 3. Prediction: batches of one K, greedy answers.
 # ----------------------------------------------------------------------------------------------------
+def latent_feed(ckpt, device):
+    """What latent step k is fed at inference: None (h_{k-1}, the method) or, for a checkpoint of the pause arm
+    (train.py --feedback pause), its learned constants."""
+    if not IO.pause_rows(ckpt):
+        return None
+    return M.pause_feed(load_file(os.path.join(ckpt, "adapter.safetensors"))["pause"].to(device))
+
+
 def predict(backbone, processor, items, K, args, device):
     """Greedy answers for items that all run at the same K, args.batch_size at a time -> list of strings."""
     eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -192,7 +204,7 @@ def predict(backbone, processor, items, K, args, device):
         chunk = items[i:i + args.batch_size]
         prefix = IO.build_prefix(processor, [open_image(r["image_path"], EvalError) for r in chunk],
                                 [r["prompt"] for r in chunk]).to(device)
-        ids, _ = M.generate(backbone, prefix, K, eos, args.max_new_tokens)
+        ids, _ = M.generate(backbone, prefix, K, eos, args.max_new_tokens, getattr(args, "feed", None))
         out += [s.strip() for s in processor.tokenizer.batch_decode(ids, skip_special_tokens=True)]
     return out
 
@@ -239,19 +251,19 @@ def latency(backbone, processor, items, args, device):
     eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     prefixes = [IO.build_prefix(processor, [open_image(r["image_path"], EvalError)], [r["prompt"]]).to(device)
                 for r in items]
-    Ks = range(0, 5)
+    Ks, feed = range(0, 5), getattr(args, "feed", None)
     total = {K: [[] for _ in prefixes] for K in Ks}
     loop = {K: [[] for _ in prefixes] for K in Ks}
     tokens = {K: [] for K in Ks}
     for s, p in enumerate(prefixes):
         for _ in range(args.warmup):
             for K in Ks:
-                M.generate(backbone, p, K, eos, args.max_new_tokens)
+                M.generate(backbone, p, K, eos, args.max_new_tokens, feed)
         for r in range(args.repeats):
             for K in Ks:
-                t, (ids, _) = timed(lambda: M.generate(backbone, p, K, eos, args.max_new_tokens), device)
+                t, (ids, _) = timed(lambda: M.generate(backbone, p, K, eos, args.max_new_tokens, feed), device)
                 total[K][s].append(t)
-                loop[K][s].append(timed(lambda: M.latent_loop(backbone, p, K), device)[0])
+                loop[K][s].append(timed(lambda: M.latent_loop(backbone, p, K, feed), device)[0])
                 if r == 0:  # answer tokens up to and including <|im_end|> (greedy: the same every repeat)
                     ids = ids[0].tolist()
                     tokens[K].append(ids.index(eos) + 1 if eos in ids else len(ids))
@@ -357,8 +369,10 @@ def probe_batch(backbone, processor, chunk, sweep, args, device):
                             [r["prompt"] for r in chunk]).to(device)
     K = args.k
 
-    def answer(k, feed=None):
-        ids, st = M.generate(backbone, prefix, k, eos, args.max_new_tokens, feed)
+    args_feed = getattr(args, "feed", None)
+
+    def answer(k, feed=None):  # None: what the checkpoint feeds (h_{k-1}; the pause arm: its constants)
+        ids, st = M.generate(backbone, prefix, k, eos, args.max_new_tokens, feed or args_feed)
         return [s.strip() for s in processor.tokenizer.batch_decode(ids, skip_special_tokens=True)], st
 
     out = {}
@@ -480,7 +494,7 @@ def pointing_game(ckpt, items, K, args, device, dtype):
         chunk = items[i:i + args.batch_size]
         images = [open_image(it["image_path"], EvalError) for it in chunk]
         prefix = IO.build_prefix(processor, images, [it["prompt"] for it in chunk]).to(device)
-        h = torch.cat(M.latent_loop(vital.backbone, prefix, K).h[1:], dim=1)               # (B, K, d)
+        h = torch.cat(M.latent_loop(vital.backbone, prefix, K, vital.feed()).h[1:], dim=1)  # (B, K, d)
         v = M.project_latent(vital.vp, h).cpu()                                             # (B, K, d_v)
         for b, it in enumerate(chunk):
             f, _, _ = RE.patch_features(enc, images[b])
@@ -518,7 +532,40 @@ def pointing_table(res):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 8. Command line.
+# 8. The text window (--text-window): does the sentence decoded from h_k state step k's finding?
+#    (the scoring rules: pipeline/text_window.py)
+# ----------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def text_window(ckpt, items, K, args, device, dtype):
+    """Greedy sentences of latent steps 1..min(K, chain length) for every in-domain test item with a reasoning
+    chain, as explain.py decodes them, scored against the chain's step k. -> text_window.json object."""
+    items = [it for it in items if it["benchmark"].startswith("in-domain/") and it.get("reasoning_chain")]
+    if not items:
+        raise EvalError("--text-window needs in-domain test items with a reasoning_chain (samples.jsonl)")
+    try:
+        vital, processor, dec_tok, _ = SC.load_explainer(ckpt, device, dtype)
+    except IO.InputError as e:
+        raise EvalError(f"--text-window: {e}") from e
+    if vital.decoder is None:
+        raise EvalError(f"--text-window: {ckpt} has no auxiliary decoder (trained with --lambda-sem 0)")
+    steps = []
+    for i in range(0, len(items), args.batch_size):
+        chunk = items[i:i + args.batch_size]
+        prefix = IO.build_prefix(processor, [open_image(it["image_path"], EvalError) for it in chunk],
+                                [it["prompt"] for it in chunk]).to(device)
+        h = torch.cat(M.latent_loop(vital.backbone, prefix, K, vital.feed()).h[1:], dim=1)  # (B, K, d)
+        text = M.decode_latent(vital.decoder, vital.pj_in, dec_tok, h.reshape(-1, h.shape[-1]))
+        for b, it in enumerate(chunk):
+            chain = it["reasoning_chain"]
+            steps += [dict(id=it["id"], question_type=it.get("question_type", "unknown"), k=k + 1, ref=chain[k],
+                           decoded=text[b * K + k]) for k in range(min(K, len(chain)))]
+    res = TW.score(steps)
+    return dict(K=K, n_items=len(items), rows=res["rows"], steps=res["steps"], items=res["items"],
+                definition=TW.__doc__.strip())
+
+
+# ----------------------------------------------------------------------------------------------------
+# 9. Command line.
 # ----------------------------------------------------------------------------------------------------
 def get_args(argv=None):
     ap = argparse.ArgumentParser(description="VITAL evaluation (§4, §B.4, §C.6); benchmark files: "
@@ -550,6 +597,9 @@ def get_args(argv=None):
     ap.add_argument("--pointing", action="store_true",
                     help="also the pointing game of the visual window (in-domain items with masks) -> pointing.json")
     ap.add_argument("--encoder", help="--pointing: the encoder folder (default: the one the checkpoint names)")
+    ap.add_argument("--text-window", action="store_true",
+                    help="also decode every test item's steps and score whether step k states its finding "
+                         "(pipeline/text_window.py) -> text_window.json")
     args = ap.parse_args(argv)
     if args.k != "sample":
         try:
@@ -562,6 +612,8 @@ def get_args(argv=None):
         ap.error("give --data (in-domain test split) and/or --bench files")
     if args.pointing and (args.k in ("sample", 0) or not args.data):
         ap.error("--pointing needs --k >= 1 and --data (it scores the in-domain test split's masks)")
+    if args.text_window and (args.k in ("sample", 0) or not args.data):
+        ap.error("--text-window needs --k >= 1 and --data (it scores the in-domain test split's chains)")
     if args.probe and (args.k == "sample" or not args.data):
         ap.error("--probe needs an integer --k and --data (it probes the in-domain test split)")
     if args.collapse and args.collapse_k < 2:
@@ -648,6 +700,7 @@ def main(argv=None):
     device, dtype = IO.device_and_dtype(args.device)
     items = check_inputs(args)  # every input file, before the model is loaded
     backbone, processor, config, overhead = load_inference_model(args.ckpt, args.backbone, device, dtype)
+    args.feed = latent_feed(args.ckpt, device)  # the pause arm's constants, else None (h_{k-1})
     print(f"deployed model: {overhead['deployed']['params']:,} parameters = plain backbone "
           f"{overhead['plain_backbone']['params']:,} (+{overhead['extra_params']}), weights "
           f"{overhead['deployed']['bytes'] / 2**20:.1f} MiB (+{overhead['extra_bytes']} B); scaffolds left "
@@ -683,6 +736,11 @@ def main(argv=None):
         result["pointing"] = pointing_game(args.ckpt, items, args.k, args, device, dtype)
         write_json(result["pointing"], os.path.join(args.out, "pointing.json"))
         print(pointing_table(result["pointing"]) + f"wrote {args.out}/pointing.json")
+    if args.text_window:
+        tw = text_window(args.ckpt, items, args.k, args, device, dtype)
+        write_json(tw, os.path.join(args.out, "text_window.json"))  # with every decoded step
+        result["text_window"] = {k: v for k, v in tw.items() if k != "items"}
+        print(TW.table(tw) + f"wrote {args.out}/text_window.json")
     write_json(result, os.path.join(args.out, "metrics.json"))
     table = table_md(metrics, label)
     with open(os.path.join(args.out, "table.md"), "w") as f:

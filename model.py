@@ -266,10 +266,15 @@ def visual_targets(roi, glob, K, per_step=False):
 # ----------------------------------------------------------------------------------------------------
 class VITAL(nn.Module):
     def __init__(self, backbone, decoder=None, d_v=None, projector="res_mlp_ln", lambda_sem=1.0,
-                 lambda_vis=0.1, vp_dropout=0.1):
+                 lambda_vis=0.1, vp_dropout=0.1, pause_steps=0):
         super().__init__()
         self.backbone = backbone
         d = backbone.config.text_config.hidden_size
+        # The pause arm (an ablation, not the method; train.py --feedback pause): latent step k is fed a learned
+        # constant pause[k-1] instead of h_{k-1}: the same K positions and curriculum, no recurrence through the
+        # state. Inference needs it too, so it is saved with the adapter.
+        self.pause = (nn.Parameter(torch.randn(pause_steps, d) * backbone.get_input_embeddings().weight.float().std())
+                      if pause_steps else None)  # at the scale of the token embeddings
         # A scaffold whose weight is 0 is not built at all (nothing to train, nothing to synchronise).
         self.decoder = decoder if (decoder is not None and lambda_sem > 0) else None
         self.pj_in = nn.Linear(d, self.decoder.config.hidden_size) if self.decoder is not None else None
@@ -278,18 +283,19 @@ class VITAL(nn.Module):
 
     def forward(self, batch, K, per_step_target=False, vis_all_steps=False):
         """batch: prefix (BatchFeature), answer_ids/mask (B,T), step_ids/mask (B,K,L), roi/global (B,d_v).
-        Returns dict(loss, L_task, L_sem, L_vis, h) with h = (B, K, d) latent states h_1..h_K.
+        Returns dict(loss, L_task, L_sem, L_vis, cos_vis, h) with h = (B, K, d) latent states h_1..h_K and
+        cos_vis the mean cosine of VP(h_k) to its target (logged, not trained).
         L_sem (eq. 4) averages the valid steps only: a step without a sentence (all-padding step_mask) has
         nothing to decode. L_vis (eq. 6) averages the same valid steps by default; vis_all_steps=True counts
         all K steps of every sample, since its target needs no sentence (train.py --depth phase: a chain
         shorter than the batch's K still regresses v_roi at its later steps)."""
-        st = latent_loop(self.backbone, batch["prefix"], K)
+        st = latent_loop(self.backbone, batch["prefix"], K, self.feed())
         logits = answer_logits(self.backbone, st, batch["answer_ids"], batch["answer_mask"]).float()
         tgt = batch["answer_ids"].masked_fill(batch["answer_mask"] == 0, -100)          # padding never counts
         L_task = F.cross_entropy(logits.transpose(1, 2), tgt, ignore_index=-100)
         zero = logits.new_zeros(())
         h = torch.cat(st.h[1:], dim=1) if K > 0 else logits.new_zeros(logits.shape[0], 0, 1)  # (B, K, d)
-        L_sem = L_vis = zero
+        L_sem = L_vis = cos_vis = zero
         if K > 0 and self.decoder is not None:
             L_sem = decoder_loss(self.decoder, self.pj_in, h, batch["step_ids"], batch["step_mask"])
         if K > 0 and self.vp is not None:
@@ -297,16 +303,37 @@ class VITAL(nn.Module):
                      else h.new_ones(h.shape[:2]))                                        # (B, K) weights
             tgt_v = visual_targets(batch["roi"].float(), batch.get("global", batch["roi"]).float(), K,
                                    per_step_target)
-            l1 = (self.vp(h).float() - tgt_v).abs().mean(-1)                              # (B, K), L1 (eq. 6)
+            v = self.vp(h).float()
+            l1 = (v - tgt_v).abs().mean(-1)                                               # (B, K), L1 (eq. 6)
             L_vis = (l1 * valid).sum() / valid.sum().clamp(min=1)
+            with torch.no_grad():  # for the log only: how well VP(h_k) points at its target
+                cos_vis = (F.cosine_similarity(v, tgt_v, dim=-1) * valid).sum() / valid.sum().clamp(min=1)
         loss = L_task + self.lambda_sem * L_sem + self.lambda_vis * L_vis
-        return dict(loss=loss, L_task=L_task, L_sem=L_sem, L_vis=L_vis, h=h)
+        return dict(loss=loss, L_task=L_task, L_sem=L_sem, L_vis=L_vis, cos_vis=cos_vis, h=h)
+
+    def feed(self):
+        """latent_loop's input for step k: None (h_{k-1}, the method) or the pause arm's constants."""
+        return None if self.pause is None else pause_feed(self.pause)
 
     def trainable_state_dict(self):
-        """Only what training changes: LoRA A/B (adapter) and the scaffolds, keys without wrappers."""
+        """Only what training changes: LoRA A/B (+ the pause arm's constants: the adapter, what inference
+        loads) and the scaffolds, keys without wrappers."""
         adapter = {n: p.detach() for n, p in self.backbone.named_parameters() if ".lora_" in n}
-        scaffold = {n: p.detach() for n, p in self.named_parameters() if not n.startswith("backbone.")}
+        if self.pause is not None:
+            adapter["pause"] = self.pause.detach()
+        scaffold = {n: p.detach() for n, p in self.named_parameters()
+                    if not n.startswith("backbone.") and n != "pause"}
         return adapter, scaffold
+
+
+def pause_feed(pause):
+    """latent_loop's `feed` of the pause arm: step k's input embedding is the learned constant pause[k-1]."""
+    def feed(k, st):
+        if k > pause.shape[0]:
+            raise ValueError(f"the pause arm learned {pause.shape[0]} step embeddings; K = {k} needs more "
+                             "(train with --feedback pause --max-k K)")
+        return pause[k - 1].to(st.h[-1].dtype).expand(st.h[-1].shape[0], 1, -1)
+    return feed
 
 
 # ----------------------------------------------------------------------------------------------------

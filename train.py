@@ -61,7 +61,7 @@ from pipeline.activation_checkpointing import set_checkpointing
 from pipeline.io import (MAX_PIXELS, ask, batch_to, file_sha256, fingerprint, load_backbone, load_checkpoint,
                          load_decoder, load_image, make_batch, save_checkpoint)
 from pipeline.memory_plan import print_plan
-from pipeline.run_log import plot_losses, reset_log, write_log_line
+from pipeline.run_log import lvis_baselines, plot_losses, reset_log, tail_means, write_log_line
 from pipeline.trainer_state import gather_rng, load_trainer, trainer_writer
 from pipeline.training_data import image_tokens, read_roi, read_samples
 from pipeline.training_process import setup, wrap_ddp
@@ -121,6 +121,9 @@ def get_args(argv=None):
     g.add_argument("--lambda-sem", type=float, default=1.0, help="weight of L_sem; 0 removes the decoder")
     g.add_argument("--lambda-vis", type=float, default=0.1, help="weight of L_vis; 0 removes the visual projector")
     g.add_argument("--visual-target", default="shared", choices=["shared", "per_step"], help="L_vis target (§C.5)")
+    g.add_argument("--feedback", default="state", choices=["state", "pause"],
+                   help="latent step k's input: h_{k-1} (the method) or a learned constant (the pause arm, "
+                        "an ablation: same K and curriculum, no recurrence; --max-k or 8 of them)")
     g = ap.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=8, help="samples per micro-batch per device")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step per device")
@@ -375,9 +378,10 @@ def data_order(args, env, records, processor):
 # Warm start and resume: never across models (backbone, decoder, LoRA shape), resume only exactly.
 # ----------------------------------------------------------------------------------------------------
 def check_compatible(init, cfg, arch):
-    """Refuse a warm start whose backbone, decoder or LoRA shape differs from this run's."""
-    old = cfg.get("arch", {})
-    for key, what in (("backbone", "backbone"), ("decoder", "decoder"), ("lora", "LoRA shape (r, alpha)")):
+    """Refuse a warm start whose backbone, decoder, LoRA shape or latent input differs from this run's."""
+    old, arch = dict(dict(pause=0), **cfg.get("arch", {})), dict(dict(pause=0), **arch)
+    for key, what in (("backbone", "backbone"), ("decoder", "decoder"), ("lora", "LoRA shape (r, alpha)"),
+                      ("pause", "pause embeddings (--feedback pause)")):
         if key == "decoder" and (old.get(key) is None or arch[key] is None):
             continue  # one side trains without the decoder scaffold: nothing to compare
         if old.get(key) != arch[key]:
@@ -497,9 +501,10 @@ def build_vital(args, env, resume_dir, d_v):
     with_decoder = args.lambda_sem > 0 and args.max_k != 0
     decoder, dec_tokenizer = (load_decoder(args.decoder, torch.float32, env.device) if with_decoder
                               else (None, None))
-    vital = VITAL(backbone, decoder, d_v, args.projector, args.lambda_sem, args.lambda_vis, args.vp_dropout)
+    pause = (args.max_k or 8) if args.feedback == "pause" else 0
+    vital = VITAL(backbone, decoder, d_v, args.projector, args.lambda_sem, args.lambda_vis, args.vp_dropout, pause)
     arch = dict(backbone=fingerprint(args.backbone), lora=[args.lora_r, args.lora_alpha],
-                decoder=fingerprint(args.decoder) if decoder is not None else None)
+                decoder=fingerprint(args.decoder) if decoder is not None else None, pause=pause)
     return vital.to(env.device), processor, dec_tokenizer, arch
 
 
@@ -550,6 +555,11 @@ def train_phase(args, env, build=build_vital, extra_files=None):
     steps_per_epoch = len(sampler) // args.grad_accum
     total, global_batch = max(1, round(args.epochs * steps_per_epoch)), args.batch_size * args.grad_accum * env.world
     log_phase(args, env, records, raw, sampler, total)
+    vis_floor = lvis_baselines(roi) if roi is not None else None
+    if vis_floor:
+        env.log(f"L_vis of a constant on these {len(roi)} targets: the zero vector {vis_floor['zero']:.4f}, their "
+                f"mean {vis_floor['mean']:.4f} (below the mean, VP(h_k) reads the item); cosine of the mean "
+                f"{vis_floor['mean_cos']:.3f}")
     step = 0
     if resume_dir:
         if src_cfg.get("finished"):
@@ -562,7 +572,7 @@ def train_phase(args, env, build=build_vital, extra_files=None):
     config = dict(args=vars(args), phase=args.phase, arch=arch, world_size=env.world, global_batch=global_batch,
                   total_steps=total, backbone_path=os.path.abspath(args.backbone), init=init,
                   decoder_path=os.path.abspath(args.decoder) if raw.decoder is not None else None,
-                  **data_config(args, records, roi, roi_meta))
+                  lvis_baselines=vis_floor, **data_config(args, records, roi, roi_meta))
     log_path = os.path.join(args.out, "log.jsonl")
     if env.master:
         reset_log(log_path, args.phase, step)
@@ -581,6 +591,12 @@ def train_phase(args, env, build=build_vital, extra_files=None):
     loop = Loop(model, opt, sampler, batches, total, steps_per_epoch, save, log_path, step if resume_dir else None)
     step = train_loop(args, env, loop, step)
     env.log(f"phase {args.phase}: step {step}/{total}, checkpoint in {phase_dir}")
+    if vis_floor and env.master:
+        last = tail_means(log_path, args.phase, ("L_vis", "cos_vis"))
+        if last:
+            env.log(f"phase {args.phase}, last {last['n']} steps: L_vis {last['L_vis']:.4f} (zero vector "
+                    f"{vis_floor['zero']:.4f}, mean target {vis_floor['mean']:.4f}), cosine of VP(h_k) to its "
+                    f"target {last['cos_vis']:.3f} (the mean target's {vis_floor['mean_cos']:.3f})")
     return phase_dir
 
 
@@ -624,7 +640,8 @@ def train_loop(args, env, loop, step):
                 dt = time.time() - t0
                 write_log_line(loop.log_path, bar, dict(
                     step=step, phase=args.phase, epoch=epoch, L_task=stats[0].item(), L_sem=stats[1].item(),
-                    L_vis=stats[2].item(), loss=stats[3].item(), lr=loop.opt.param_groups[0]["lr"],
+                    L_vis=stats[2].item(), cos_vis=stats[6].item(), loss=stats[3].item(),
+                    lr=loop.opt.param_groups[0]["lr"],
                     grad_norm=gnorm.item(), samples_per_s=stats[4].item() / dt,
                     tokens_per_s=stats[5].item() / dt, peak_mem_mib=round(peak_mib(device), 1)))
             if step % args.save_every == 0 or step == stop:
@@ -639,9 +656,9 @@ def train_loop(args, env, loop, step):
 def optimizer_step(args, env, loop, it, step):
     """One optimizer step over the next --grad-accum micro-batches of `it`: one all-reduce, grad clipping, the
     lr of `step` (0-based). -> (stats: L_task, L_sem, L_vis, loss as means over micro-batches and ranks,
-    samples, tokens; the grad norm). A non-finite loss or gradient stops the run before the update."""
+    samples, tokens, cos_vis (mean); the grad norm). A non-finite loss or gradient stops the run before the update."""
     device, model = env.device, loop.model
-    stats = torch.zeros(6, device=device, dtype=torch.float64)
+    stats = torch.zeros(7, device=device, dtype=torch.float64)
     for micro in range(args.grad_accum):
         batch, K, tokens = loop.batches(next(it))
         batch = batch_to(batch, device)
@@ -658,9 +675,11 @@ def optimizer_step(args, env, loop, it, step):
         stats[:4] += terms / args.grad_accum
         stats[4] += len(batch["answer_ids"])
         stats[5] += tokens
+        stats[6] += out["cos_vis"].double() / args.grad_accum
     if env.world > 1:  # every rank's losses, not rank 0's last micro-batch
         dist.all_reduce(stats)
         stats[:4] /= env.world
+        stats[6] /= env.world
     params = [p for p in model.parameters() if p.requires_grad]
     gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
     if not (torch.isfinite(stats[:4]).all() and torch.isfinite(gnorm)):

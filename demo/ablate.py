@@ -17,8 +17,9 @@ demo/ablations.md (the tables with the command and date that produced them).
 
 --suite evidence runs the demo's own configuration (epochs 4/2/3, every train sample, the demo's
 models, data, pretrained backbone and encoder) for each seed: VITAL (evaluated with the probes, the pointing
-game and §C.6), VITAL with --depth phase, the K = 0 model, task-only, and VITAL with L_vis from the random
-encoder (a copy of the data with its ROI features); plus the backbone alone once. -> runs/evidence/,
+game and §C.6), VITAL with --depth phase, the K = 0 model, the pause arm (--feedback pause), task-only, and
+VITAL with L_vis from the random encoder (a copy of the data with its ROI features); plus the backbone alone
+once. -> runs/evidence/,
 demo/evidence.md. Seed 0 of VITAL and K = 0 repeats the demo's own runs (bit-identical on one machine).
 
     python demo/ablate.py                             # the README's budget (reuses runs/demo's models + data)
@@ -91,6 +92,8 @@ DEMO_EPOCHS = [4, 2, 3]
 EVIDENCE = {"VITAL": (["--depth", "phase"], ["--k", "4", "--probe", "--pointing", "--collapse"], "data"),
             "VITAL depth=own": (["--depth", "own"], ["--k", "4", "--probe", "--pointing", "--collapse"], "data"),
             "K=0": (["--max-k", "0"], ["--k", "0"], "data"),
+            # the same K and curriculum, a learned constant fed at each step instead of h_{k-1} (Coconut's pause)
+            "pause": (["--depth", "phase", "--feedback", "pause"], ["--k", "4", "--collapse"], "data"),
             # the two comparison rows keep --depth own: they are read against "VITAL depth=own"
             "task-only": (LOSSES["task-only"] + ["--depth", "own"], ["--k", "4", "--collapse"], "data"),
             "VITAL random encoder": (["--depth", "own"], ["--k", "4", "--pointing"], "data_random")}
@@ -264,11 +267,13 @@ def evidence_tables(args, res, backbone_alone):
         out.append("| backbone alone (no LoRA, K = 0; one evaluation) | " +
                    " | ".join(f"{backbone_alone.get(t, float('nan')):.1f}" for t in types) + " | |")
     out.append(f"| chance | {chance(args.data, 0):.1f} | | " + "| " * (len(types) - 2) + "|")
-    if "VITAL" in res and "K=0" in res:
-        out += ["", "**VITAL (K = 4) minus the K = 0 model** (points; pooled std = sqrt((s1² + s2²) / 2))", "",
+    for other, what in (("K=0", "the K = 0 model"), ("pause", "the pause arm (same K, constants fed back)")):
+        if "VITAL" not in res or other not in res:
+            continue
+        out += ["", f"**VITAL (K = 4) minus {what}** (points; pooled std = sqrt((s1² + s2²) / 2))", "",
                 "| question type | difference of means | pooled std | per seed |", "|---|---:|---:|---|"]
         for t in types:
-            a, b = typ("VITAL", t), typ("K=0", t)
+            a, b = typ("VITAL", t), typ(other, t)
             sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0
             out.append(f"| {t} | {statistics.mean(a) - statistics.mean(b):+.1f} | "
                        f"{((sd(a) ** 2 + sd(b) ** 2) / 2) ** 0.5:.1f} | "

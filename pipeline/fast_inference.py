@@ -8,7 +8,9 @@ step is then one call of one fixed shape:
     positions (3, B, 1)    the next M-RoPE position, the same on all three axes for text
 
 so that on a GPU torch.compile can capture the step once (mode "reduce-overhead": CUDA graphs) and replay
-it for every latent and decode step; on the CPU the step runs as it is. The cached unused slots are masked,
+it for every latent and decode step. On the CPU nothing is compiled, and there a static cache only costs (every
+step attends over all its slots: 1.04x model.generate in bench/loop.py), so by default the CPU falls back to
+model.generate itself (`static=True` forces the static cache anywhere). The cached unused slots are masked,
 so the tokens are model.generate's (tests/test_fast_inference.py: identical ids, states within 1e-5, for
 K = 0..4, one prompt and a left-padded batch). bench/loop.py and bench/gpu_check.py time it beside
 model.generate.
@@ -16,6 +18,7 @@ model.generate.
 import torch
 from transformers import StaticCache
 
+import model as M
 from model import LoopState
 
 
@@ -34,9 +37,11 @@ def make_step(compile=None, device=None):
 
 
 @torch.no_grad()
-def fast_generate(backbone, prefix, K, eos_id, max_new_tokens=32, step=text_step):
+def fast_generate(backbone, prefix, K, eos_id, max_new_tokens=32, step=text_step, static=None):
     """model.generate on a pre-allocated cache. -> (token ids (B, <= max_new_tokens), LoopState whose mask
-    covers the whole static cache)."""
+    covers the whole static cache). static None: the static cache on a CUDA device, model.generate elsewhere."""
+    if not (static if static is not None else prefix["input_ids"].device.type == "cuda"):
+        return M.generate(backbone, prefix, K, eos_id, max_new_tokens)
     inner = backbone.model
     B, P = prefix["input_ids"].shape
     cache = StaticCache(config=backbone.config.text_config, max_cache_len=P + K + max_new_tokens)

@@ -23,6 +23,7 @@ import shutil
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import (AutoTokenizer, Qwen2VLImageProcessorPil, Qwen3ForCausalLM,
                           Qwen3VLForConditionalGeneration, Qwen3VLProcessor, SiglipImageProcessorPil,
@@ -395,6 +396,13 @@ def load_checkpoint(folder, vital, scaffolds=True):
     with open(cfg_path) as f:
         config = json.load(f)
     adapter = load_file(os.path.join(folder, "adapter.safetensors"))
+    pause = adapter.pop("pause", None)  # the pause arm's constants (train.py --feedback pause)
+    if (pause is None) != (vital.pause is None):
+        raise ValueError(f"{folder}/adapter.safetensors " + ("holds the pause arm's step embeddings; build VITAL "
+                         "with pause_steps=pause_rows(folder)" if vital.pause is None else
+                         "has no pause embeddings, but this VITAL was built for the pause arm"))
+    if pause is not None:
+        _load_into(vital, {"pause": pause}, f"{folder}/adapter.safetensors")
     expected = {n for n, _ in vital.backbone.named_parameters() if ".lora_" in n}
     if set(adapter) != expected:
         missing = sorted(expected - set(adapter))[:3] or sorted(set(adapter) - expected)[:3]
@@ -405,6 +413,12 @@ def load_checkpoint(folder, vital, scaffolds=True):
     if scaffolds and os.path.isfile(sc_path):
         _load_into(vital, load_file(sc_path), sc_path)
     return config
+
+
+def pause_rows(folder):
+    """How many pause embeddings a checkpoint's adapter holds (0: the method itself, h_{k-1} fed back)."""
+    with safe_open(os.path.join(folder, "adapter.safetensors"), "pt") as f:
+        return f.get_slice("pause").get_shape()[0] if "pause" in f.keys() else 0
 
 
 def export_peft(folder, vital, base_model_path=""):

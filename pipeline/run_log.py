@@ -1,12 +1,14 @@
 """
 The log of a training run: <out>/log.jsonl, one strict-JSON line per optimizer step (losses, lr, grad norm,
 speed, peak memory; trimmed back to the checkpoint a phase starts from), and <out>/loss.png drawn from it
-(PIL only: no plotting library to install). train.py writes both.
+(PIL only: no plotting library to install). train.py writes both, and prints L_vis beside what a projector
+that ignores the item would score (lvis_baselines).
 """
 import json
 import math
 import os
 
+import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 
@@ -29,6 +31,22 @@ def write_log_line(log_path, bar, entry):
     bar.update(1)
     bar.set_postfix(L_task=f"{entry['L_task']:.3f}", L_sem=f"{entry['L_sem']:.3f}",
                     L_vis=f"{entry['L_vis']:.3f}", lr=f"{entry['lr']:.2e}")
+
+
+def lvis_baselines(roi):
+    """What eq. 6's L1 gives a projector that ignores the item (issue 25): always the zero vector, always the
+    mean target; and the mean target's cosine to the targets. roi: (N, d_v) this phase's targets."""
+    mean = roi.mean(0, keepdim=True)
+    return dict(zero=roi.abs().mean().item(), mean=(roi - mean).abs().mean().item(),
+                mean_cos=F.cosine_similarity(roi, mean.expand_as(roi), dim=-1).mean().item())
+
+
+def tail_means(log_path, phase, keys, n=50):
+    """Means of `keys` over the last n log.jsonl lines of `phase` -> dict(n=lines used, key=mean), {} if none."""
+    with open(log_path) as f:
+        rows = [json.loads(l) for l in f if l.endswith("\n")]
+    rows = [r for r in rows if r.get("phase") == phase and all(k in r for k in keys)][-n:]
+    return dict(n=len(rows), **{k: sum(r[k] for r in rows) / len(rows) for k in keys}) if rows else {}
 
 
 LOSS_COLORS = {"L_task": (31, 119, 180), "L_sem": (44, 160, 44), "L_vis": (214, 39, 40), "loss": (0, 0, 0)}

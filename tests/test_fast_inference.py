@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers import DynamicCache, StaticCache
 
 import model as M
 from embedded.tiny import make_tiny
@@ -39,8 +40,19 @@ def test_fast_generate_gives_model_generates_tokens(backbone, K):
     for n in (1, 2):  # one prompt, then a left-padded batch
         prefix = IO.build_prefix(proc, imgs[:n], questions[:n])
         ref, st = M.generate(bb, prefix, K, eos, 12)
-        fast, fst = FI.fast_generate(bb, prefix, K, eos, 12)
+        fast, fst = FI.fast_generate(bb, prefix, K, eos, 12, static=True)  # what a GPU runs
         assert torch.equal(ref, fast)
+        assert isinstance(fst.cache, StaticCache) and fst.mask.shape[1] == prefix["input_ids"].shape[1] + K + 12
         assert len(fst.h) == K + 1
         assert max((a - b).abs().max().item() for a, b in zip(st.h, fst.h)) < 1e-5
         assert torch.equal(fst.next_pos, st.next_pos)
+
+
+def test_the_cpu_default_is_model_generate(backbone):
+    """Uncompiled, a static cache only costs (bench/loop.py), so on the CPU fast_generate is model.generate."""
+    bb, proc, imgs = backbone
+    eos = proc.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    prefix = IO.build_prefix(proc, imgs[:1], ["Describe this image."])
+    ids, st = FI.fast_generate(bb, prefix, 2, eos, 8)
+    assert isinstance(st.cache, DynamicCache) and not isinstance(st.cache, StaticCache)
+    assert torch.equal(ids, M.generate(bb, prefix, 2, eos, 8)[0])

@@ -440,6 +440,18 @@ def test_three_phases_on_prepare_data_and_extract_roi(env, tmp_path):
         assert cfg["step"] == 2 and cfg["init"] == (str(out / f"phase{p - 1}") if p > 1 else None)
     assert [e["phase"] for e in read_log(out)] == [1, 1, 2, 2, 3, 3]
     _check_loss_png(out / "loss.png", (800, 400), ("L_task", "L_sem", "L_vis", "loss"))  # all 3 phases
+    # L_vis beside what an item-blind projector scores, and how well VP(h_k) points (issue 25)
+    floor = cfg["lvis_baselines"]
+    assert 0 < floor["mean"] < floor["zero"] and -1 <= floor["mean_cos"] <= 1
+    assert all(-1 <= e["cos_vis"] <= 1 and e["cos_vis"] != 0 for e in read_log(out))
+
+
+def test_lvis_baselines_by_hand():
+    """Targets [1, 0] and [0, 1]: |t| averages 0.5, their mean [.5, .5] is 0.5 from each, at cosine 1/sqrt(2)."""
+    b = run_log.lvis_baselines(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    assert b["zero"] == 0.5 and b["mean"] == 0.5 and abs(b["mean_cos"] - 2 ** -0.5) < 1e-6
+    b = run_log.lvis_baselines(torch.tensor([[0.6, 0.8], [0.8, 0.6]]))  # mean [.7, .7]: L1 0.1 < zero's 0.7
+    assert abs(b["zero"] - 0.7) < 1e-6 and abs(b["mean"] - 0.1) < 1e-6
 
 
 def test_two_rank_resume_is_exact_with_dropout(env, tmp_path):

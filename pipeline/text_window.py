@@ -1,0 +1,73 @@
+"""
+The text window, measured (evaluate.py --text-window; issue 25): does the sentence decoded from latent step k
+state that step's finding, and do different items get different sentences?
+
+A reasoning step is a template plus the finding ("The lesion in the <upper left> cell is <darker> than its
+surroundings, so move one cell <across> to the <upper middle> cell."). The template of step k of a question type
+is every word that at least 90% of that step's reference sentences share (a finding that nearly every item
+shares tells nothing about the item); the rest of a sentence is its content (words as the VQA metrics normalise them: lower case, no punctuation or articles, numbers as digits). A
+decoded step is RIGHT when its content words are the reference's (as sets). Beside it:
+  prior     what a decoder that ignores the item scores: the share of items whose reference content is the most
+            common one at that step (a window that always says the same thing scores about this);
+  distinct  how many different sentences the window produced at that step, against the references' count.
+Steps whose reference has no content word (all template) state no finding and are not scored.
+"""
+from collections import Counter, defaultdict
+
+from pipeline.vqa_metrics import normalize
+
+
+def words(sentence):
+    return normalize(sentence).split()
+
+
+def template(refs, share=0.9):
+    """Words present in at least `share` of `refs` (each sentence counts a word once)."""
+    counts = Counter(w for r in refs for w in set(words(r)))
+    return {w for w, c in counts.items() if c >= share * len(refs)}
+
+
+def score(steps):
+    """steps: dicts with question_type, k (1-based), ref (the reference sentence), decoded. -> the text_window
+    object: one row per (question type, step) and per step over all types, with n, right, prior (%),
+    distinct decoded and distinct reference sentences; items: every step with right True/False (None: not
+    scored)."""
+    groups = defaultdict(list)
+    for s in steps:
+        groups[(s["question_type"], s["k"])].append(s)
+    rows, per_item = [], []
+    for (qtype, k), group in sorted(groups.items()):
+        tpl = template([s["ref"] for s in group])
+        content = lambda text: frozenset(w for w in words(text) if w not in tpl)
+        scored = [s for s in group if content(s["ref"])]
+        per_item += [dict(s, right=content(s["decoded"]) == content(s["ref"]) if content(s["ref"]) else None)
+                     for s in group]
+        if not scored:
+            continue
+        refs = Counter(content(s["ref"]) for s in scored)
+        right = [content(s["decoded"]) == content(s["ref"]) for s in scored]
+        rows.append(dict(question_type=qtype, k=k, n=len(scored), right=100 * sum(right) / len(scored),
+                         prior=100 * refs.most_common(1)[0][1] / len(scored),
+                         distinct_decoded=len({s["decoded"] for s in scored}),
+                         distinct_refs=len({s["ref"] for s in scored}), template=sorted(tpl)))
+    overall = []
+    for k in sorted({r["k"] for r in rows}):
+        at = [r for r in rows if r["k"] == k]
+        n = sum(r["n"] for r in at)
+        overall.append(dict(k=k, n=n, right=sum(r["right"] * r["n"] for r in at) / n,
+                            prior=sum(r["prior"] * r["n"] for r in at) / n,
+                            distinct_decoded=sum(r["distinct_decoded"] for r in at),
+                            distinct_refs=sum(r["distinct_refs"] for r in at)))
+    return dict(rows=rows, steps=overall, items=per_item)
+
+
+def table(res):
+    lines = ["| text window | question type | n | states the step's finding (%) | prior (%) | distinct sentences "
+             "(decoded / references) |", "|---|---|---:|---:|---:|---|"]
+    for r in res["rows"]:
+        lines.append(f"| step {r['k']} | {r['question_type']} | {r['n']} | {r['right']:.1f} | {r['prior']:.1f} | "
+                     f"{r['distinct_decoded']} / {r['distinct_refs']} |")
+    for r in res["steps"]:
+        lines.append(f"| step {r['k']} | all | {r['n']} | {r['right']:.1f} | {r['prior']:.1f} | "
+                     f"{r['distinct_decoded']} / {r['distinct_refs']} |")
+    return "\n".join(lines) + "\n"
