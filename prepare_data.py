@@ -53,7 +53,8 @@ JSON and JSONL file is strict JSON (no NaN or Infinity: strict_json refuses them
   python prepare_data.py --source phantom --out data/captions --n 3000 --seed 1 --captions  # tiny pretraining
   python prepare_data.py --source phantom --out data/walk --n 3000 --image-size 96 --walk-hops 4  # the walk:
       # nine lesions on a 3 x 3 grid, 1..4 moves (one step each); add --types cell for "is the lesion in the
-      # <cell> cell darker or brighter?" (one hop's perception) or --types walk cell for both
+      # <cell> cell darker or brighter?" (one hop's perception) or --types walk cell for both; --walk-start
+      # 'upper left' starts every walk there (the variant whose hops the tiny backbone reads: tuning log)
   python prepare_data.py --source msd --msd-root /data/Task03_Liver /data/Task06_Lung --out data/vital
   python prepare_data.py --source biomedparse --bmp-root /data/BiomedParse/ISIC --out data/vital
   python prepare_data.py --source biomedparse --bmp-root /data/BiomedParse --out data/vital  # all subsets
@@ -348,7 +349,7 @@ def process(work):
         return outcomes
     try:
         cases = [phantom_walk_case(work[1], args.seed, args.image_size, args.walk_hops, args.grid_lesions,
-                                   args.grid_coded)
+                                   args.grid_coded, args.walk_start)
                  if args.walk_hops else
                  phantom_case(work[1], args.seed, args.image_size)] if work[0] == "phantom" else \
             msd_cases(work, args) if work[0] == "msd" else bmp_cases(work, args)
@@ -502,6 +503,10 @@ def get_args(argv=None):
                         "one reasoning step each; embedded/phantom.py); 0: the six question types")
     p.add_argument("--grid-lesions", type=int, default=9, choices=range(1, 10),
                    help="lesions on a walk grid (< 9: cells off the walk stay empty, a curriculum for --types cell)")
+    p.add_argument("--walk-start", choices=[cell_name(c) for c in CELLS], metavar="CELL",
+                   help="every walk starts in this cell, e.g. 'upper left' (default: a random one per image); "
+                        "the first move then reads a fixed cell and each later one picks among the few cells "
+                        "the walk can have reached")
     p.add_argument("--grid-coded", action="store_true",
                    help="a walk grid's lesion shows its cell: size by row, shape by column (embedded/phantom.py)")
     # --- questions and splits
@@ -560,6 +565,8 @@ def check_numbers(p, args):
             p.error(f"{flag} must be {need}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         p.error(f"--out {args.out} is a file, not a folder")
+    if args.walk_start and not args.walk_hops:
+        p.error("--walk-start needs --walk-hops N (it is where every walk begins)")
     if bool(args.walk_hops) != bool(args.types and set(args.types) & set(GRID_TYPES)) and args.types:
         p.error(f"--types {' '.join(GRID_TYPES)} are asked of walk grids only, and a walk grid only them: "
                 "give them together with --walk-hops N (and the six types without it)")

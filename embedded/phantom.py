@@ -155,17 +155,19 @@ def coded_lesion(r, c, cx, cy, xx, yy):
     return np.hypot(u, w) <= rad * (1 + 0.35 * np.cos(4 * np.arctan2(w, u)))
 
 
-def phantom_walk_case(index, seed, size, max_hops, lesions=9, coded=False):
+def phantom_walk_case(index, seed, size, max_hops, lesions=9, coded=False, fixed_start=None):
     """One walk image: nine round lesions on a 3 x 3 grid, each drawn darker or brighter at random, a start
     cell and a number of moves (1..max_hops) drawn from the same seeded RNG; the case's mask is the lesion
     the walk ends on (the answer), the visited cells are in meta. lesions < 9 leaves cells empty (never
-    one the walk visits): fewer distractors, for a curriculum of the cell question."""
+    one the walk visits): fewer distractors, for a curriculum of the cell question. fixed_start (a cell name): every
+    walk starts there (the first move then reads a fixed cell; the images are those of a random start)."""
     rng = np.random.default_rng([seed, index, 1])  # a stream of its own: not phantom_case's
     modality = sorted(PHANTOM_TARGETS)[rng.integers(len(PHANTOM_TARGETS))]
     yy, xx = (np.mgrid[0:size, 0:size] + 0.5) / size
     img = phantom_background(modality, rng, xx, yy)
     grid = [["brighter" if b else "darker" for b in row] for row in rng.random((3, 3)) < 0.5]
     start, hops = CELLS[rng.integers(len(CELLS))], int(rng.integers(1, max_hops + 1))
+    start = start if fixed_start is None else next(c for c in CELLS if cell_name(c) == fixed_start)
     path = walk(grid, start, hops)
     others = [cell for cell in CELLS if cell not in path]
     empty = set(map(tuple, np.random.default_rng([seed, index, 2]).permutation(others)[:max(0, 9 - lesions)]))

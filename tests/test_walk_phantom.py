@@ -103,3 +103,22 @@ def test_coded_grids_size_lesions_by_row():
         r, c = {cell_name(x): x for x in CELLS}[case["meta"]["drawn"]["path"][-1]]
         areas.setdefault(r, []).append(int(case["mask"].sum()))
     assert max(areas[0]) < min(areas[1]) and max(areas[1]) < min(areas[2])  # upper small ... lower large
+
+
+def test_a_fixed_start_keeps_the_images_and_moves_the_walk(tmp_path):
+    """--walk-start: the same grids (the RNG draws the random start all the same), every walk from that cell."""
+    for index in range(10):
+        free, fixed = phantom_walk_case(index, 3, 96, 4), phantom_walk_case(index, 3, 96, 4, fixed_start="upper left")
+        assert free["meta"]["drawn"]["grid"] == fixed["meta"]["drawn"]["grid"]
+        assert free["meta"]["drawn"]["hops"] == fixed["meta"]["drawn"]["hops"]
+        assert np.array_equal(free["image"], fixed["image"])
+        drawn = fixed["meta"]["drawn"]
+        assert drawn["start"] == "upper left"
+        assert drawn["path"] == [cell_name(c) for c in walk(drawn["grid"], (0, 0), drawn["hops"])]
+    out = str(tmp_path / "fixed")
+    P.main(["--source", "phantom", "--out", out, "--n", "12", "--image-size", "96", "--walk-hops", "2",
+            "--walk-start", "upper left", "--workers", "1"])
+    with open(os.path.join(out, "samples.jsonl")) as f:
+        assert all("Start at the lesion in the upper left cell" in json.loads(line)["question"] for line in f)
+    with pytest.raises(SystemExit):
+        P.main(["--source", "phantom", "--out", out, "--n", "12", "--walk-start", "upper left"])
