@@ -473,7 +473,8 @@ def pointing_game(ckpt, items, K, args, device, dtype):
     (dilated by one patch), beside its chance level (the share of the image's patches that count as a hit)
     and its ceiling: the same game played by the ROI feature itself (what L_vis regresses VP(h_k) to), i.e.
     what a perfect visual projector would score with these targets. The model is explain.py's: the same
-    checkpoint with its visual projector, and the encoder of the ROI targets. -> pointing.json object."""
+    checkpoint with its visual projector, and the encoder of the ROI targets. An item with step_masks (the
+    walk) scores step k against the lesion move k lands on. -> pointing.json object."""
     items = [it for it in items if it["benchmark"].startswith("in-domain/") and it.get("mask")]
     if not items:
         raise EvalError("--pointing needs in-domain test items with a mask (samples.jsonl 'mask')")
@@ -489,7 +490,7 @@ def pointing_game(ckpt, items, K, args, device, dtype):
     d_v = vital.vp.out.out_features
     if roi is not None and roi.shape[1] != d_v:
         roi, roi_src = None, f"{roi_src}: {roi.shape[1]}-d features, the checkpoint's are {d_v}-d"
-    hits, ceiling, chance = torch.zeros(K), 0.0, []
+    hits, ceiling, chance, per_step = torch.zeros(K), 0.0, [], 0
     for i in range(0, len(items), args.batch_size):
         chunk = items[i:i + args.batch_size]
         images = [open_image(it["image_path"], EvalError) for it in chunk]
@@ -498,18 +499,24 @@ def pointing_game(ckpt, items, K, args, device, dtype):
         v = M.project_latent(vital.vp, h).cpu()                                             # (B, K, d_v)
         for b, it in enumerate(chunk):
             f, _, _ = RE.patch_features(enc, images[b])
-            target, valid = target_patches(os.path.join(args.data, it["mask"]), enc.grid)
+            # step k's target: the item's mask, or (a walk) the lesion move k lands on; past the last, the mask
+            masks = [os.path.join(args.data, m) for m in it.get("step_masks", [])[:K]]
+            masks += [os.path.join(args.data, it["mask"])] * (K + 1 - len(masks))                # (K + 1,)
+            read = {m: target_patches(m, enc.grid) for m in set(masks)}
+            target, valid = torch.stack([read[m][0] for m in masks]), read[masks[-1]][1]        # (K + 1, g*g)
             # one heatmap per query: the K latent steps, then (for the ceiling) the item's own ROI target
             queries = v[b] if roi is None else torch.cat([v[b], F.normalize(roi[i + b:i + b + 1], dim=-1)])
             heat = RE.heatmaps(f.cpu(), queries, enc.grid).flatten(1)                        # (K [+ 1], g*g)
-            hit = target[heat.masked_fill(~valid, -2).argmax(1)].float()
+            peak = heat.masked_fill(~valid, -2).argmax(1)
+            hit = target[torch.arange(len(peak)), peak].float()
             hits += hit[:K]
             ceiling += hit[K:].sum().item()
-            chance.append(target[valid].float().mean().item())
+            chance.append(target[:K, valid].float().mean().item())
+            per_step += bool(it.get("step_masks"))
     n = len(items)
     steps = [dict(k=k + 1, hit_rate=100 * hits[k].item() / n) for k in range(K)]
     best = max(steps, key=lambda r: r["hit_rate"])
-    return dict(K=K, n=n, encoder=os.path.abspath(path), encoder_from=src, grid=enc.grid,
+    return dict(K=K, n=n, n_step_masks=per_step, encoder=os.path.abspath(path), encoder_from=src, grid=enc.grid,
                 chance=100 * statistics.mean(chance), steps=steps, best_step=best["k"],
                 best_hit_rate=best["hit_rate"],
                 ceiling=100 * ceiling / n if roi is not None else None,
@@ -518,7 +525,9 @@ def pointing_game(ckpt, items, K, args, device, dtype):
                 definition="hit: the heatmap's maximum patch is one the target's mask touches, or a neighbour "
                            "of one (dilated by one patch); chance: the share of the image's patches that "
                            "count as a hit, averaged over items; ceiling: the hit rate of the heatmap of the "
-                           "ROI feature itself (the L_vis target), what a perfect visual projector scores")
+                           "ROI feature itself (the L_vis target), what a perfect visual projector scores; "
+                           "n_step_masks items (the walk) score step k against the lesion move k lands on "
+                           "(samples.jsonl step_masks; past the last move, and for the ceiling, the mask)")
 
 
 def pointing_table(res):
@@ -528,6 +537,8 @@ def pointing_table(res):
              "|---|" + "---:|" * (len(res["steps"]) + 3)]
     lines.append("| hit rate (%) | " + " | ".join(f"{r['hit_rate']:.1f}" for r in res["steps"]) +
                  f" | {res['chance']:.1f} | {ceiling} | {res['n']} |")
+    if res.get("n_step_masks"):
+        lines.append(f"({res['n_step_masks']} walk items: step k scored against the lesion move k lands on)")
     return "\n".join(lines) + "\n"
 
 

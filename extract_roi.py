@@ -30,7 +30,9 @@ image tokens the LLM receives, on a (size/32) x (size/32) grid.
 Reads:  samples.jsonl (the schema in prepare_data.py's docstring; image/mask paths relative to the
         JSONL), its images and masks.
 Writes: roi.safetensors: roi (N,d_v) f32, global (N,d_v), top5_index (N,5) i64, top5_score (N,5),
-        pathway (N,) i64, box (N,4) i64, mask_ratio (N,); metadata ids (JSON list, row order) + settings.
+        pathway (N,) i64, box (N,4) i64, mask_ratio (N,); metadata ids (JSON list, row order) + settings;
+        when samples have `step_masks` (the walk) also roi_steps (N,S,d_v) and n_steps (N,) i64: step k's
+        own target (train.py --visual-target hop), padded with `roi` after a sample's last step.
         roi_report.json: failed samples (id, line, reason; they get no row) and fallbacks used.
         A bad sample line or file is a failure in the report, never a crash; a user mistake (no such
         --samples or --encoder folder, every sample failing, an out-of-range number) is one error line
@@ -90,7 +92,8 @@ class Unit:
 
 
 def read_units(path):
-    """-> (samples in file order as (line, id, Unit key), units by key, failures [{id, line, reason}])."""
+    """-> (samples in file order as (line, id, Unit key, step Unit keys), units by key, failures [{id, line,
+    reason}]). A walk's `step_masks` (one mask per chain step) are units of their own on the same image."""
     root = os.path.dirname(os.path.abspath(path))
     rows, units, failed, seen = [], {}, [], set()
     try:
@@ -115,12 +118,18 @@ def read_units(path):
             why = f"missing or non-text field(s) {missing}" if missing else f"duplicate id {sid!r}"
             failed.append(dict(id=sid, line=line_no, reason=f"{path}:{line_no}: {why}"))
             continue
+        steps = s.get("step_masks", [])
+        if not isinstance(steps, list) or not all(isinstance(m, str) and m for m in steps):
+            failed.append(dict(id=sid, line=line_no, reason=f"{path}:{line_no}: 'step_masks' must be a list of "
+                                                           "mask paths (one per chain step)"))
+            continue
         seen.add(sid)
-        key = f"{s['image']}|{s['mask']}"
-        if key not in units:
-            units[key] = Unit(key, os.path.join(root, s["image"]), os.path.join(root, s["mask"]))
-        units[key].ids.append(sid)
-        rows.append((line_no, sid, key))
+        keys = [f"{s['image']}|{m}" for m in [s["mask"]] + steps]
+        for key, m in zip(keys, [s["mask"]] + steps):
+            if key not in units:
+                units[key] = Unit(key, os.path.join(root, s["image"]), os.path.join(root, m))
+            units[key].ids.append(sid)
+        rows.append((line_no, sid, keys[0], keys[1:]))
     return rows, units, failed
 
 
@@ -298,6 +307,19 @@ def stack_rows(rows, keys):
             for k, dt in ROW_TENSORS.items()}
 
 
+def step_rows(rows, keys, step_keys):
+    """The walk's per-step targets: roi_steps (N, S, d_v), row i's step k = the ROI feature of its k-th step
+    mask, padded after its last step with its own `roi` (a sample without step masks: `roi` at every step),
+    and n_steps (N,) = how many step masks row i has. {} when no sample has step masks."""
+    S = max(map(len, step_keys), default=0)
+    if not S:
+        return {}
+    per = [[rows[k]["roi"] for k in steps] + [rows[key]["roi"]] * (S - len(steps))
+           for key, steps in zip(keys, step_keys)]
+    return {"roi_steps": torch.stack([torch.stack(p) for p in per]).float().contiguous(),
+            "n_steps": torch.tensor([len(st) for st in step_keys], dtype=torch.int64)}
+
+
 def atomic_save(tensors, path, metadata):
     tmp = path + ".tmp"
     save_file(tensors, tmp, metadata=metadata)
@@ -352,13 +374,15 @@ def extract(samples_path, out, enc, args):
         bar.update(len(chunk))
     bar.close()
 
-    ids, keys = [], []
-    for line_no, sid, key in rows_in_order:
-        if key in rows:
+    ids, keys, step_keys = [], [], []
+    for line_no, sid, key, steps in rows_in_order:
+        lost = [k for k in [key] + steps if k not in rows]
+        if not lost:
             ids.append(sid)
             keys.append(key)
+            step_keys.append(steps)
         else:
-            failed.append(dict(id=sid, line=line_no, reason=failures.get(key, "not extracted")))
+            failed.append(dict(id=sid, line=line_no, reason=failures.get(lost[0], "not extracted")))
     if not keys:  # the report still says why, sample by sample
         write_strict_json(dict(samples=samples_path, out=None, n_samples=n_samples, n_rows=0, failed=failed,
                                settings=settings), stem + "_report.json")
@@ -368,7 +392,7 @@ def extract(samples_path, out, enc, args):
     meta = {k: str(v) for k, v in settings.items()}
     meta.update(ids=strict_json(ids), samples=os.path.abspath(samples_path), n_failed=str(len(failed)),
                 pathway="0 = full image, 1 = crop; top5_index is into the grid of the encoded view")
-    atomic_save(stack_rows(rows, keys), out, meta)
+    atomic_save(dict(stack_rows(rows, keys), **step_rows(rows, keys, step_keys)), out, meta)
     report = dict(samples=samples_path, out=out, n_samples=n_samples,
                   n_rows=len(ids), n_unique_pairs=len({k for k in keys}), failed=failed,
                   fallbacks=[dict(id=sid, note=notes[k]) for sid, k in zip(ids, keys) if k in notes],

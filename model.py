@@ -254,7 +254,11 @@ def decoder_loss(decoder, pj_in, h, step_ids, step_mask):
 
 def visual_targets(roi, glob, K, per_step=False):
     """Shared target (default, §3.3): every step regresses v_roi. Per-step ablation (§C.5, eq. 8):
-    v_k = (1 - a_k) v_global + a_k v_roi with a_k = k / K, coarse-to-fine. -> (B, K, d_v)."""
+    v_k = (1 - a_k) v_global + a_k v_roi with a_k = k / K, coarse-to-fine. -> (B, K, d_v).
+    roi (B, S, d_v) instead of (B, d_v): a target per step (the walk's hops: the lesion move k lands on,
+    train.py --visual-target hop); steps past S keep the last one."""
+    if roi.ndim == 3:
+        return torch.cat([roi[:, :K], roi[:, -1:].expand(-1, max(0, K - roi.shape[1]), -1)], dim=1)
     if not per_step:
         return roi[:, None].expand(-1, K, -1)
     a = torch.arange(1, K + 1, device=roi.device, dtype=roi.dtype)[None, :, None] / K
@@ -282,7 +286,8 @@ class VITAL(nn.Module):
         self.lambda_sem, self.lambda_vis = lambda_sem, lambda_vis
 
     def forward(self, batch, K, per_step_target=False, vis_all_steps=False):
-        """batch: prefix (BatchFeature), answer_ids/mask (B,T), step_ids/mask (B,K,L), roi/global (B,d_v).
+        """batch: prefix (BatchFeature), answer_ids/mask (B,T), step_ids/mask (B,K,L), roi/global (B,d_v) (roi
+        (B,S,d_v): a target per step, visual_targets).
         Returns dict(loss, L_task, L_sem, L_vis, cos_vis, h) with h = (B, K, d) latent states h_1..h_K and
         cos_vis the mean cosine of VP(h_k) to its target (logged, not trained).
         L_sem (eq. 4) averages the valid steps only: a step without a sentence (all-padding step_mask) has

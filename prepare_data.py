@@ -23,7 +23,9 @@ keyed by `id`): `id` (unique, stable across reruns), `source` (phantom|msd|biome
 location|describe|reasoning; caption with --captions), `answer`, `reasoning_chain` (the K step
 sentences), `latent_steps` (= K), `split` (train|val|test), the closed-ended form `choices` +
 `answer_index` (§B.4; every item but captions, in every split), and `meta` (everything else: the measured
-facts, negative, gate retries, where the image came from).
+facts, negative, gate retries, where the image came from). A walk item also has `step_masks`: one mask path
+per chain step, the lesion that move lands on (step k's own L_vis target with train.py --visual-target hop;
+the last is `mask`).
 
 Teachers: `geometry` (default) writes chains from the mask and the pixels (offline, leak-free by
 construction); `openai` asks any OpenAI-compatible chat-completions endpoint with the prompt of §A.2.
@@ -379,6 +381,10 @@ def teach_case(case, todo, args):
     for kind, array in (("image", case["image"]), ("mask", case["mask"].astype(np.uint8) * 255),
                         ("overlay", overlay_view(case["image"], case["mask"]))):
         save_png(array, os.path.join(args.out, paths[kind]))
+    moves = case.get("step_masks", [])  # a walk: the lesion each move lands on; the last is the case's mask
+    step_paths = [f"masks/{stem}--move{k}.png" for k in range(1, len(moves))] + [paths["mask"]] * bool(moves)
+    for path, m in zip(step_paths[:-1], moves):
+        save_png(m.astype(np.uint8) * 255, os.path.join(args.out, path))
     teacher = openai_teacher if args.teacher == "openai" else geometry_teacher
     outcomes = []
     for sample in todo:
@@ -410,6 +416,9 @@ def teach_case(case, todo, args):
         chain = out["reasoning_chain"]
         record = dict(head, **paths, **asked, answer=out["final_answer"], reasoning_chain=chain,
                       latent_steps=len(chain), split=assign_split(case["group"], args, case.get("folder_split")))
+        if sample["question_type"] == "walk":  # the lesion each move lands on: step k's own visual target
+            record["step_masks"] = step_paths
+
         if sample["question_type"] != "caption":  # every split (train.py --options-rate, evaluate.py); the
             # sample's own RNG, drawn last: test items keep the choices they had when only they got them
             record["choices"], record["answer_index"] = closed_form(sample, facts, case, sample["rng"])

@@ -31,7 +31,8 @@ Memory per GPU at real size for a command's flags (README "Real scale"; pipeline
 Phase p > 1 from scratch or from another run: --init none | --init runs/other/phase1. demo/pretrain.py (the
 tiny backbone's stand-in pretraining) reuses train_phase below with its own model builder.
 Ablations: --curriculum {3-phase,2-phase,full-mix,reverse}  --lambda-sem 0  --lambda-vis 0  --projector linear
-           --visual-target per_step  --max-k 0 (direct-answer baseline) ... --max-k 4.
+           --visual-target per_step  --max-k 0 (direct-answer baseline) ... --max-k 4  --feedback pause.
+The walk (prepare_data.py --walk-hops N): --visual-target hop, step k regresses the lesion move k lands on.
 Depth parity: --depth phase (default) runs every item of a phase at the phase's largest K (its cap, or its
 longest chain for 'all K'; under --max-k), as inference runs one K for all; steps past an item's chain get L_vis
 (eq. 6) but no L_sem (eq. 4: valid steps). --depth own runs each item at its own K (demo/evidence.md compares).
@@ -120,7 +121,9 @@ def get_args(argv=None):
     g = ap.add_argument_group("losses (eq. 7)")
     g.add_argument("--lambda-sem", type=float, default=1.0, help="weight of L_sem; 0 removes the decoder")
     g.add_argument("--lambda-vis", type=float, default=0.1, help="weight of L_vis; 0 removes the visual projector")
-    g.add_argument("--visual-target", default="shared", choices=["shared", "per_step"], help="L_vis target (§C.5)")
+    g.add_argument("--visual-target", default="shared", choices=["shared", "per_step", "hop"],
+                   help="L_vis target: shared (the paper's), per_step (global -> ROI, §C.5), hop (the walk: the lesion "
+                        "move k lands on, extract_roi.py's roi_steps)")
     g.add_argument("--feedback", default="state", choices=["state", "pause"],
                    help="latent step k's input: h_{k-1} (the method) or a learned constant (the pause arm, "
                         "an ablation: same K and curriculum, no recurrence; --max-k or 8 of them)")
@@ -239,7 +242,7 @@ def load_data(args):
     if not (args.lambda_vis > 0 and args.max_k != 0):  # K = 0 everywhere: no step to supervise
         return records, None, None, {}
     roi_path = os.path.join(args.data, "roi.safetensors")
-    roi, glob, meta = read_roi(roi_path, records, args.visual_target == "per_step", TrainError)
+    roi, glob, meta = read_roi(roi_path, records, args.visual_target, TrainError)
     return records, roi, glob, meta
 
 
@@ -515,7 +518,7 @@ def data_config(args, records, roi, meta):
                               os.path.join(args.data, "roi.safetensors"))
     return dict(encoder_path=meta.get("encoder_path"), encoder_kind=meta.get("encoder_kind"),
                 encoder_image_size=int(meta["image_size"]) if "image_size" in meta else None,
-                d_v=roi.shape[1] if roi is not None else None,
+                d_v=roi.shape[-1] if roi is not None else None,
                 data=dict(samples_sha256=file_sha256(samples_path), n_train=len(records),
                           roi_sha256=file_sha256(roi_path) if roi is not None else None))
 
@@ -543,7 +546,7 @@ def train_phase(args, env, build=build_vital, extra_files=None):
     resume_dir = find_resume(args, phase_dir)
     make_tiny_models(args, env)
     torch.manual_seed(args.seed)  # same init on every rank (DDP also broadcasts rank 0's)
-    raw, processor, dec_tokenizer, arch = build(args, env, resume_dir, roi.shape[1] if roi is not None else None)
+    raw, processor, dec_tokenizer, arch = build(args, env, resume_dir, roi.shape[-1] if roi is not None else None)
     src_cfg, init = warm_start(args, raw, arch, resume_dir, env.log)
     if args.grad_ckpt:  # the same gradients (tests/test_ckpt.py), a fraction of the saved activations
         set_checkpointing(raw, True)
@@ -557,8 +560,9 @@ def train_phase(args, env, build=build_vital, extra_files=None):
     log_phase(args, env, records, raw, sampler, total)
     vis_floor = lvis_baselines(roi) if roi is not None else None
     if vis_floor:
-        env.log(f"L_vis of a constant on these {len(roi)} targets: the zero vector {vis_floor['zero']:.4f}, their "
-                f"mean {vis_floor['mean']:.4f} (below the mean, VP(h_k) reads the item); cosine of the mean "
+        env.log(f"L_vis of a constant on these {len(roi)} samples' targets: the zero vector {vis_floor['zero']:.4f}, "
+                f"their mean{' per step' * (roi.ndim == 3)} {vis_floor['mean']:.4f} (below the mean, VP(h_k) reads the "
+                f"item); cosine of the mean "
                 f"{vis_floor['mean_cos']:.3f}")
     step = 0
     if resume_dir:

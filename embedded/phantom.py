@@ -158,7 +158,8 @@ def coded_lesion(r, c, cx, cy, xx, yy):
 def phantom_walk_case(index, seed, size, max_hops, lesions=9, coded=False, fixed_start=None):
     """One walk image: nine round lesions on a 3 x 3 grid, each drawn darker or brighter at random, a start
     cell and a number of moves (1..max_hops) drawn from the same seeded RNG; the case's mask is the lesion
-    the walk ends on (the answer), the visited cells are in meta. lesions < 9 leaves cells empty (never
+    the walk ends on (the answer), the visited cells are in meta and step_masks holds the lesion each move
+    lands on (move k -> step k's own visual target; the last is the case's mask). lesions < 9 leaves cells empty (never
     one the walk visits): fewer distractors, for a curriculum of the cell question. fixed_start (a cell name): every
     walk starts there (the first move then reads a fixed cell; the images are those of a random start)."""
     rng = np.random.default_rng([seed, index, 1])  # a stream of its own: not phantom_case's
@@ -189,4 +190,5 @@ def phantom_walk_case(index, seed, size, max_hops, lesions=9, coded=False, fixed
              "empty": sorted(cell_name(e) for e in empty)}
     return {"image_key": key, "group": key, "source": "phantom", "subset": f"phantom-walk-{slug(modality)}",
             "modality": modality, "target": "lesion", "target_type": "lesion", "image": to_uint8(img),
-            "mask": masks[path[-1]], "others": [], "order": index, "meta": {"drawn": drawn}}
+            "mask": masks[path[-1]], "step_masks": [masks[p] for p in path[1:]], "others": [], "order": index,
+            "meta": {"drawn": drawn}}

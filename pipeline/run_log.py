@@ -35,7 +35,8 @@ def write_log_line(log_path, bar, entry):
 
 def lvis_baselines(roi):
     """What eq. 6's L1 gives a projector that ignores the item (issue 25): always the zero vector, always the
-    mean target; and the mean target's cosine to the targets. roi: (N, d_v) this phase's targets."""
+    mean target; and the mean target's cosine to the targets. roi: (N, d_v) this phase's targets, or (N, S, d_v)
+    a target per step (then the mean is each step's own)."""
     mean = roi.mean(0, keepdim=True)
     return dict(zero=roi.abs().mean().item(), mean=(roi - mean).abs().mean().item(),
                 mean_cos=F.cosine_similarity(roi, mean.expand_as(roi), dim=-1).mean().item())

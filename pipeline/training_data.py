@@ -54,9 +54,12 @@ def read_samples(path, error=InputError):
     return records
 
 
-def read_roi(path, records, need_global, error=InputError):
-    """ROI targets (N, d_v) and global features in the order of `records`, and the file's metadata (which
-    encoder made them: explain.py re-attaches it); lists ids without a feature."""
+def read_roi(path, records, target="shared", error=InputError):
+    """L_vis targets in the order of `records` -> (roi, glob, the file's metadata: which encoder made them,
+    explain.py re-attaches it); lists ids without a feature. target (train.py --visual-target): shared -> roi
+    (N, d_v), glob None; per_step -> glob (N, d_v) too; hop -> roi (N, S, d_v), step k's own target
+    (extract_roi.py's roi_steps, from the walk's step_masks)."""
+    need_global = target == "per_step"
     if not os.path.isfile(path):
         raise error(f"{path}: no such file (run extract_roi.py first, or train with --lambda-vis 0)")
     with safe_open(path, "pt") as f:
@@ -65,14 +68,17 @@ def read_roi(path, records, need_global, error=InputError):
             raise error(f"{path}: metadata has no 'ids' list (row order of the features)")
         ids = json.loads(meta["ids"])
         names = set(f.keys())
-        for name in ["roi"] + (["global"] if need_global else []):
+        wanted = "roi_steps" if target == "hop" else "roi"
+        for name in [wanted] + (["global"] if need_global else []):
             if name not in names:
-                raise error(f"{path}: no tensor '{name}'"
-                            + (" (needed by --visual-target per_step)" if name == "global" else ""))
-        roi = f.get_tensor("roi").float()
+                why = {"global": " (needed by --visual-target per_step)",
+                       "roi_steps": " (needed by --visual-target hop: only samples with step_masks, the walk's, "
+                                    "have a target per hop)"}.get(name, "")
+                raise error(f"{path}: no tensor '{name}'{why}")
+        roi = f.get_tensor(wanted).float()
         glob = f.get_tensor("global").float() if need_global else None
-    if roi.ndim != 2 or roi.shape[0] != len(ids):
-        raise error(f"{path}: 'roi' has shape {tuple(roi.shape)} but metadata lists {len(ids)} ids")
+    if roi.ndim != (3 if target == "hop" else 2) or roi.shape[0] != len(ids):
+        raise error(f"{path}: '{wanted}' has shape {tuple(roi.shape)} but metadata lists {len(ids)} ids")
     row = {i: n for n, i in enumerate(ids)}
     missing = [r["id"] for r in records if r["id"] not in row]
     if missing:

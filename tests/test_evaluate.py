@@ -655,3 +655,38 @@ def test_pointing_game_counts_hits_and_chance(tiny, monkeypatch):
                         torch.device("cpu"), torch.float32)
     with pytest.raises(SystemExit):
         E.get_args(["--ckpt", "x", "--data", "d", "--out", "o", "--k", "0", "--pointing"])
+
+
+def test_pointing_game_scores_a_walk_step_against_its_own_lesion(tiny, monkeypatch):
+    """An item with step_masks (the walk): step k's hit counts against the lesion move k lands on; past its
+    last move, the item's mask. Step 1's lesion is far from the mask's; a heatmap that peaks on the mask's
+    patch misses at step 1 and hits at steps 2-4, and one that peaks on step 1's lesion the other way round."""
+    import shutil
+    data = os.path.join(tiny["root"], "data_steps")
+    shutil.copytree(tiny["data"], data)
+    rows = [json.loads(l) for l in open(os.path.join(data, "samples.jsonl"))]
+    for r in rows:  # 64 x 48 images: the mask in the right half, move 1's lesion in the upper left corner
+        stem = "masks/" + os.path.splitext(os.path.basename(r["image"]))[0]
+        r["mask"], r["step_masks"] = stem + ".png", [stem + "-move1.png", stem + ".png"]
+        _mask(os.path.join(data, r["mask"]), 64, 48, (32, 12, 48, 24))
+        _mask(os.path.join(data, r["step_masks"][0]), 64, 48, (0, 0, 8, 8))
+    with open(os.path.join(data, "samples.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    target, valid = E.target_patches(os.path.join(data, rows[0]["mask"]), 8)
+    first, _ = E.target_patches(os.path.join(data, rows[0]["step_masks"][0]), 8)
+    assert not (target & first).any()
+    real_heat = RE.heatmaps
+    for index, expected in ((int(torch.nonzero(target & valid)[0]), [0.0, 100.0, 100.0, 100.0]),
+                            (int(torch.nonzero(first & valid)[0]), [100.0, 0.0, 0.0, 0.0])):
+        def heat(f, v, grid):
+            h = real_heat(f, v, grid).clone().flatten(1)
+            h[:, index] = 2.0
+            return h.view(-1, grid, grid)
+        monkeypatch.setattr(RE, "heatmaps", heat)
+        res = E.pointing_game(tiny["ckpt"], E.read_test_split(data), 4,
+                              E.get_args(["--ckpt", "x", "--data", data, "--out", "o", "--pointing"]),
+                              torch.device("cpu"), torch.float32)
+        assert [s["hit_rate"] for s in res["steps"]] == expected and res["n_step_masks"] == res["n"] == 4
+        chance = (target[valid].float().mean() * 3 + first[valid].float().mean()) / 4  # steps 1-4's own targets
+        assert res["chance"] == pytest.approx(100 * chance.item())
+        assert "4 walk items: step k scored against the lesion move k lands on" in E.pointing_table(res)
