@@ -257,12 +257,11 @@ def visual_targets(roi, glob, K, per_step=False):
     v_k = (1 - a_k) v_global + a_k v_roi with a_k = k / K, coarse-to-fine. -> (B, K, d_v).
     roi (B, S, d_v) instead of (B, d_v): a target per step (the walk's hops: the lesion move k lands on,
     train.py --visual-target hop); steps past S keep the last one."""
-    if roi.ndim == 3:
-        return torch.cat([roi[:, :K], roi[:, -1:].expand(-1, max(0, K - roi.shape[1]), -1)], dim=1)
-    if not per_step:
-        return roi[:, None].expand(-1, K, -1)
-    a = torch.arange(1, K + 1, device=roi.device, dtype=roi.dtype)[None, :, None] / K
-    return (1 - a) * glob[:, None] + a * roi[:, None]
+    if per_step and roi.ndim == 2:
+        a = torch.arange(1, K + 1, device=roi.device, dtype=roi.dtype)[None, :, None] / K
+        return (1 - a) * glob[:, None] + a * roi[:, None]
+    steps = roi if roi.ndim == 3 else roi[:, None]  # the shared target: one step that every step keeps
+    return torch.cat([steps[:, :K], steps[:, -1:].expand(-1, max(0, K - steps.shape[1]), -1)], dim=1)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -418,7 +418,6 @@ def teach_case(case, todo, args):
                       latent_steps=len(chain), split=assign_split(case["group"], args, case.get("folder_split")))
         if sample["question_type"] == "walk":  # the lesion each move lands on: step k's own visual target
             record["step_masks"] = step_paths
-
         if sample["question_type"] != "caption":  # every split (train.py --options-rate, evaluate.py); the
             # sample's own RNG, drawn last: test items keep the choices they had when only they got them
             record["choices"], record["answer_index"] = closed_form(sample, facts, case, sample["rng"])

@@ -561,9 +561,8 @@ def train_phase(args, env, build=build_vital, extra_files=None):
     vis_floor = lvis_baselines(roi) if roi is not None else None
     if vis_floor:
         env.log(f"L_vis of a constant on these {len(roi)} samples' targets: the zero vector {vis_floor['zero']:.4f}, "
-                f"their mean{' per step' * (roi.ndim == 3)} {vis_floor['mean']:.4f} (below the mean, VP(h_k) reads the "
-                f"item); cosine of the mean "
-                f"{vis_floor['mean_cos']:.3f}")
+                f"their mean{' per step' * (roi.ndim == 3)} {vis_floor['mean']:.4f} (below the mean, VP(h_k) reads "
+                f"the item); cosine of the mean {vis_floor['mean_cos']:.3f}")
     step = 0
     if resume_dir:
         if src_cfg.get("finished"):

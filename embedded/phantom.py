@@ -159,8 +159,8 @@ def phantom_walk_case(index, seed, size, max_hops, lesions=9, coded=False, fixed
     """One walk image: nine round lesions on a 3 x 3 grid, each drawn darker or brighter at random, a start
     cell and a number of moves (1..max_hops) drawn from the same seeded RNG; the case's mask is the lesion
     the walk ends on (the answer), the visited cells are in meta and step_masks holds the lesion each move
-    lands on (move k -> step k's own visual target; the last is the case's mask). lesions < 9 leaves cells empty (never
-    one the walk visits): fewer distractors, for a curriculum of the cell question. fixed_start (a cell name): every
+    lands on (move k -> step k's own visual target; the last is the case's mask). lesions < 9 leaves cells
+    empty (never one the walk visits): fewer distractors, for a curriculum of the cell question. fixed_start (a cell name): every
     walk starts there (the first move then reads a fixed cell; the images are those of a random start)."""
     rng = np.random.default_rng([seed, index, 1])  # a stream of its own: not phantom_case's
     modality = sorted(PHANTOM_TARGETS)[rng.integers(len(PHANTOM_TARGETS))]
