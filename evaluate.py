@@ -362,12 +362,11 @@ def probe_batches(items, batch_size):
 
 
 @torch.no_grad()
-def probe_batch(backbone, processor, chunk, sweep, args, device):
-    """-> {(probe, K): [prediction per item]}: every probe at K = --k, and the normal loop at each K of sweep."""
+def probe_batch(backbone, processor, chunk, K, sweep, args, device):
+    """-> {(probe, K): [prediction per item]}: every probe at K, and the normal loop at each K of sweep."""
     eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     prefix = IO.build_prefix(processor, [open_image(r["image_path"], EvalError) for r in chunk],
                             [r["prompt"] for r in chunk]).to(device)
-    K = args.k
 
     args_feed = getattr(args, "feed", None)
 
@@ -405,11 +404,25 @@ def run_probes(backbone, processor, items, args, device):
     if len(items) < 2:
         raise EvalError(f"--probe needs >= 2 in-domain test items with choices (shuffled pairs items), "
                         f"got {len(items)}")
-    K, sweep, bs = args.k, sorted(set(range(5)) | {args.k}), max(2, args.batch_size)
+    K, bs = args.k, max(2, args.batch_size)
+    if K == "sample":  # each item at its own latent_steps, probed among items of the same K; sweep: K = 0
+        groups = [(k, [it for it in items if it["latent_steps"] == k])
+                  for k in sorted({it["latent_steps"] for it in items})]
+        lone = [k for k, group in groups if len(group) < 2]
+        if lone:
+            raise EvalError(f"--probe --k sample pairs items of the same K (shuffled): latent_steps {lone[0]} "
+                            "has one test item; probe at a fixed --k instead")
+        sweep = [0]
+    else:
+        groups, sweep = [(K, items)], sorted(set(range(5)) | {K})
+    items = [it for _, group in groups for it in group]  # the order of the predictions
     preds = {}
-    for chunk in probe_batches(items, bs):
-        for key, p in probe_batch(backbone, processor, chunk, sweep, args, device).items():
-            preds.setdefault(key, []).extend(p)
+    for k_items, group in groups:
+        for chunk in probe_batches(group, bs):
+            for (name, k), p in probe_batch(backbone, processor, chunk, k_items, sweep, args, device).items():
+                preds.setdefault((name, K if k == k_items else k), []).extend(p)
+                if K == "sample" and name == "normal" and k == k_items and k in sweep:  # items of latent_steps 0
+                    preds.setdefault((name, k), []).extend(p)
     base = preds[("normal", K)]
     res = dict(K=K, n=len(items), chance=100 * statistics.mean(1 / len(it["choices"]) for it in items),
                batch_size=bs, batching="consecutive items; a last batch of one joins the previous batch",
@@ -625,8 +638,8 @@ def get_args(argv=None):
         ap.error("--pointing needs --k >= 1 and --data (it scores the in-domain test split's masks)")
     if args.text_window and (args.k in ("sample", 0) or not args.data):
         ap.error("--text-window needs --k >= 1 and --data (it scores the in-domain test split's chains)")
-    if args.probe and (args.k == "sample" or not args.data):
-        ap.error("--probe needs an integer --k and --data (it probes the in-domain test split)")
+    if args.probe and not args.data:
+        ap.error("--probe needs --data (it probes the in-domain test split)")
     if args.collapse and args.collapse_k < 2:
         ap.error("--collapse-k must be >= 2 (a similarity between steps needs two steps)")
     return args

@@ -546,7 +546,29 @@ def test_probe_writes_every_probe_and_k_in_strict_json(tiny, capsys):
         args = E.get_args(["--ckpt", "x", "--data", "d", "--out", "o", "--probe"])
         E.run_probes(None, None, list(items.values())[:1], args, torch.device("cpu"))
     with pytest.raises(SystemExit):
-        E.get_args(["--ckpt", "x", "--data", "d", "--out", "o", "--k", "sample", "--probe"])
+        E.get_args(["--ckpt", "x", "--out", "o", "--bench", "b.jsonl", "--probe"])   # no in-domain split
+
+
+def test_probe_at_each_items_own_k(tiny, capsys):
+    """--k sample --probe: every item runs its own latent_steps, shuffled pairs items of the same K, and
+    'normal' is the evaluation's own answer; a K with one item (no partner) is refused."""
+    data = write_data(os.path.join(tiny["root"], "data6"), n_test=6)     # latent_steps 2, 3, 1, 2, 3, 1
+    out = os.path.join(tiny["root"], "ev_probe_sample")
+    E.main(["--ckpt", tiny["ckpt"], "--data", data, "--out", out, "--max-new-tokens", "6", "--batch-size", "3",
+            "--k", "sample", "--probe"])
+    res = json.load(open(os.path.join(out, "probes.json")))
+    assert res["K"] == "sample" and set(res["probes"]) == {"normal", "zero", "h0", "shuffled"}
+    assert list(res["k_sweep"]) == ["0"] and res["n"] == 6
+    main = {r["id"]: r for r in map(json.loads, open(os.path.join(out, "predictions.jsonl")))}
+    assert sorted(r["K"] for r in main.values()) == [1, 1, 2, 2, 3, 3]
+    rows = [json.loads(l) for l in open(os.path.join(out, "probe_predictions.jsonl"))]
+    assert all(row["predictions"]["normal K=sample"] == main[row["id"]]["prediction"] for row in rows)
+    assert res["probes"]["normal"]["accuracy"] == pytest.approx(100 * np.mean([r["correct"] for r in main.values()]))
+    assert "| shuffled | sample |" in capsys.readouterr().out
+    items = E.read_test_split(tiny["data"])                               # latent_steps 2, 3, 1, 2: K = 1 alone
+    args = E.get_args(["--ckpt", "x", "--data", "d", "--out", "o", "--k", "sample", "--probe"])
+    with pytest.raises(E.EvalError, match="latent_steps 1 has one test item"):
+        E.run_probes(None, None, items, args, torch.device("cpu"))
 
 
 # ----------------------------------------------------------------------------------------------------
