@@ -209,16 +209,20 @@ def predict(backbone, processor, items, K, args, device):
     return out
 
 
-def run_items(backbone, processor, items, k, args, device):
-    """Score every item; `k` is an int (the same K for all) or 'sample' (grouped by latent_steps)."""
+def k_groups(items, k):
+    """-> [(K, [item index])]: one group at K = k, or with k = 'sample' one group per latent_steps."""
     ks = [k] * len(items) if k != "sample" else [r.get("latent_steps") for r in items]
     if None in ks:
         bad = items[ks.index(None)]
         raise EvalError(f"--k sample needs latent_steps on every item; {bad['benchmark']} item "
                         f"{bad['id']} has none (benchmark files do not): evaluate them with a fixed --k")
+    return [(K, [i for i, kk in enumerate(ks) if kk == K]) for K in sorted(set(ks))]
+
+
+def run_items(backbone, processor, items, k, args, device):
+    """Score every item; `k` is an int (the same K for all) or 'sample' (grouped by latent_steps)."""
     rows = [None] * len(items)
-    for K in sorted(set(ks)):
-        idx = [i for i, kk in enumerate(ks) if kk == K]
+    for K, idx in k_groups(items, k):
         preds = predict(backbone, processor, [items[i] for i in idx], K, args, device)
         for i, p in zip(idx, preds):
             it = items[i]
@@ -363,7 +367,7 @@ def probe_batches(items, batch_size):
 
 @torch.no_grad()
 def probe_batch(backbone, processor, chunk, K, sweep, args, device):
-    """-> {(probe, K): [prediction per item]}: every probe at K, and the normal loop at each K of sweep."""
+    """-> ({probe: [prediction per item]} at K, {k: [prediction per item]}: the normal loop at each k of sweep)."""
     eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     prefix = IO.build_prefix(processor, [open_image(r["image_path"], EvalError) for r in chunk],
                             [r["prompt"] for r in chunk]).to(device)
@@ -374,15 +378,12 @@ def probe_batch(backbone, processor, chunk, K, sweep, args, device):
         ids, st = M.generate(backbone, prefix, k, eos, args.max_new_tokens, feed or args_feed)
         return [s.strip() for s in processor.tokenizer.batch_decode(ids, skip_special_tokens=True)], st
 
-    out = {}
-    out[("normal", K)], ref = answer(K)  # ref.h = [h_0, ..., h_K] of the normal loop: what shuffled feeds
+    probes = {}
+    probes["normal"], ref = answer(K)  # ref.h = [h_0, ..., h_K] of the normal loop: what shuffled feeds
     for name, feed in probe_feeds(ref).items():
         if feed is not None:
-            out[(name, K)] = answer(K, feed)[0]
-    for k in sweep:
-        if k != K:
-            out[("normal", k)] = answer(k)[0]
-    return out
+            probes[name] = answer(K, feed)[0]
+    return probes, {k: probes["normal"] if k == K else answer(k)[0] for k in sweep}
 
 
 def probe_row(items, preds, base):
@@ -405,24 +406,22 @@ def run_probes(backbone, processor, items, args, device):
         raise EvalError(f"--probe needs >= 2 in-domain test items with choices (shuffled pairs items), "
                         f"got {len(items)}")
     K, bs = args.k, max(2, args.batch_size)
-    if K == "sample":  # each item at its own latent_steps, probed among items of the same K; sweep: K = 0
-        groups = [(k, [it for it in items if it["latent_steps"] == k])
-                  for k in sorted({it["latent_steps"] for it in items})]
-        lone = [k for k, group in groups if len(group) < 2]
-        if lone:
-            raise EvalError(f"--probe --k sample pairs items of the same K (shuffled): latent_steps {lone[0]} "
-                            "has one test item; probe at a fixed --k instead")
-        sweep = [0]
-    else:
-        groups, sweep = [(K, items)], sorted(set(range(5)) | {K})
+    # --k sample: each item at its own latent_steps, shuffled among items of the same K; the sweep is K = 0
+    groups, sweep = k_groups(items, K), [0] if K == "sample" else sorted(set(range(5)) | {K})
+    lone = [k for k, idx in groups if len(idx) < 2]
+    if lone:
+        raise EvalError(f"--probe --k sample pairs items of the same K (shuffled): latent_steps {lone[0]} "
+                        "has one test item; probe at a fixed --k instead")
+    groups = [(k, [items[i] for i in idx]) for k, idx in groups]
     items = [it for _, group in groups for it in group]  # the order of the predictions
     preds = {}
-    for k_items, group in groups:
+    for k_group, group in groups:
         for chunk in probe_batches(group, bs):
-            for (name, k), p in probe_batch(backbone, processor, chunk, k_items, sweep, args, device).items():
-                preds.setdefault((name, K if k == k_items else k), []).extend(p)
-                if K == "sample" and name == "normal" and k == k_items and k in sweep:  # items of latent_steps 0
-                    preds.setdefault((name, k), []).extend(p)
+            probes, swept = probe_batch(backbone, processor, chunk, k_group, sweep, args, device)
+            for name, p in probes.items():
+                preds.setdefault((name, K), []).extend(p)
+            for k, p in swept.items():
+                preds.setdefault(("normal", k), []).extend(p)
     base = preds[("normal", K)]
     res = dict(K=K, n=len(items), chance=100 * statistics.mean(1 / len(it["choices"]) for it in items),
                batch_size=bs, batching="consecutive items; a last batch of one joins the previous batch",

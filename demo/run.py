@@ -136,9 +136,9 @@ def read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def accuracy_by_type(pred_path, samples):
-    """-> {type: (correct, n)} from evaluate.py's predictions.jsonl, typed via samples.jsonl."""
-    qtype = {s["id"]: s.get("question_type", "?") for s in samples}
+def accuracy_by_type(pred_path, samples, field="question_type"):
+    """-> {type: (correct, n)} from evaluate.py's predictions.jsonl, typed via samples.jsonl's `field`."""
+    qtype = {s["id"]: s.get(field, "?") for s in samples}
     out = defaultdict(lambda: [0, 0])
     for r in read_jsonl(pred_path):
         if r.get("answer_type") != "closed" and "correct" not in r:

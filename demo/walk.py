@@ -38,6 +38,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 from demo.ablate import fmt, sh  # noqa: E402
+from demo.run import accuracy_by_type  # noqa: E402
 from embedded.default import phase_finished  # noqa: E402
 PY = sys.executable
 EPOCHS = [4, 2, 3]  # the demo's phases
@@ -86,14 +87,7 @@ def stages(args):
 
 def by_moves(pred_path, samples):
     """-> {moves (1..4) and 'all': accuracy %} from evaluate.py's predictions.jsonl."""
-    moves = {s["id"]: s["latent_steps"] for s in samples}
-    hits = defaultdict(list)
-    for line in open(pred_path):
-        if line.strip():
-            r = json.loads(line)
-            for key in (moves[r["id"]], "all"):
-                hits[key].append(bool(r["correct"]))
-    return {k: 100 * sum(v) / len(v) for k, v in hits.items()}
+    return {k: 100 * c / n for k, (c, n) in accuracy_by_type(pred_path, samples, "latent_steps").items()}
 
 
 def blind(samples):
