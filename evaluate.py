@@ -561,7 +561,8 @@ def pointing_table(res):
 @torch.no_grad()
 def text_window(ckpt, items, K, args, device, dtype):
     """Greedy sentences of latent steps 1..min(K, chain length) for every in-domain test item with a reasoning
-    chain, as explain.py decodes them, scored against the chain's step k. -> text_window.json object."""
+    chain, as explain.py decodes them, scored against the chain's step k (K = 'sample': the item's own
+    latent_steps, as the walk is trained with --depth own). -> text_window.json object."""
     items = [it for it in items if it["benchmark"].startswith("in-domain/") and it.get("reasoning_chain")]
     if not items:
         raise EvalError("--text-window needs in-domain test items with a reasoning_chain (samples.jsonl)")
@@ -572,19 +573,21 @@ def text_window(ckpt, items, K, args, device, dtype):
     if vital.decoder is None:
         raise EvalError(f"--text-window: {ckpt} has no auxiliary decoder (trained with --lambda-sem 0)")
     steps = []
-    for i in range(0, len(items), args.batch_size):
-        chunk = items[i:i + args.batch_size]
-        prefix = IO.build_prefix(processor, [open_image(it["image_path"], EvalError) for it in chunk],
-                                [it["prompt"] for it in chunk]).to(device)
-        h = torch.cat(M.latent_loop(vital.backbone, prefix, K, vital.feed()).h[1:], dim=1)  # (B, K, d)
-        text = M.decode_latent(vital.decoder, vital.pj_in, dec_tok, h.reshape(-1, h.shape[-1]))
-        for b, it in enumerate(chunk):
-            chain = it["reasoning_chain"]
-            steps += [dict(id=it["id"], question_type=it.get("question_type", "unknown"), k=k + 1, ref=chain[k],
-                           decoded=text[b * K + k]) for k in range(min(K, len(chain)))]
+    for Kg, idx in k_groups(items, K):  # K = 'sample': each item at its own latent_steps
+        group = [items[i] for i in idx]
+        for i in range(0, len(group), args.batch_size):
+            chunk = group[i:i + args.batch_size]
+            prefix = IO.build_prefix(processor, [open_image(it["image_path"], EvalError) for it in chunk],
+                                    [it["prompt"] for it in chunk]).to(device)
+            h = torch.cat(M.latent_loop(vital.backbone, prefix, Kg, vital.feed()).h[1:], dim=1)  # (B, K, d)
+            text = M.decode_latent(vital.decoder, vital.pj_in, dec_tok, h.reshape(-1, h.shape[-1]))
+            for b, it in enumerate(chunk):
+                chain = it["reasoning_chain"]
+                steps += [dict(id=it["id"], question_type=it.get("question_type", "unknown"), K=Kg, k=k + 1,
+                               ref=chain[k], decoded=text[b * Kg + k]) for k in range(min(Kg, len(chain)))]
     res = TW.score(steps)
-    return dict(K=K, n_items=len(items), rows=res["rows"], steps=res["steps"], items=res["items"],
-                definition=TW.__doc__.strip())
+    return dict(K=K, n_items=len(items), rows=res["rows"], steps=res["steps"], per_type=res["per_type"],
+                items=res["items"], definition=TW.__doc__.strip())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -635,8 +638,9 @@ def get_args(argv=None):
         ap.error("give --data (in-domain test split) and/or --bench files")
     if args.pointing and (args.k in ("sample", 0) or not args.data):
         ap.error("--pointing needs --k >= 1 and --data (it scores the in-domain test split's masks)")
-    if args.text_window and (args.k in ("sample", 0) or not args.data):
-        ap.error("--text-window needs --k >= 1 and --data (it scores the in-domain test split's chains)")
+    if args.text_window and (args.k == 0 or not args.data):
+        ap.error("--text-window needs --k >= 1 or 'sample', and --data (it scores the in-domain test split's "
+                 "chains)")
     if args.probe and not args.data:
         ap.error("--probe needs --data (it probes the in-domain test split)")
     if args.collapse and args.collapse_k < 2:

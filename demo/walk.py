@@ -3,11 +3,12 @@ The walk's evidence (issue 25): on a question that needs several passes, does VI
 own K = 0 model and the pause arm, over several training seeds?
 
 The task: 3 x 3 grids of lesions; "start at the lesion in the upper left cell; a darker lesion sends you one
-cell right, a brighter one one cell down, wrapping round; after N moves, which cell are you in?", N = 1..4.
-One pass of the tiny 2-layer LLM unrolls about two moves (docs/tuning-log.md), so 3-4 moves need the loop.
+cell right, a brighter one one cell down, wrapping round; after N moves, which cell are you in?", N = 1..--moves
+(4 by default, at most 6). One pass of the tiny 2-layer LLM unrolls about two moves (docs/tuning-log.md), so
+3 or more moves need the loop.
 Every stage is a documented command, run as a subprocess and skipped when its output is there (re-running
 resumes; a phase killed half-way continues with --resume):
-  1. data: 6,000 fixed-start walks of 1-4 moves (seed 0) with a mask per move, and their ROI features
+  1. data: 6,000 fixed-start walks of 1 to --moves moves (seed 0) with a mask per move, and their ROI features
      (the shipped pretrained encoder, --tau 0: the lesion's own box);
   2. the stand-in backbone (a real run starts from a pretrained Qwen3-VL): the whole tiny backbone trained
      from its random init on 6,000 walks of 1-2 moves of another seed (images and walks unseen by step 1),
@@ -16,12 +17,16 @@ resumes; a phase killed half-way continues with --resume):
        VITAL  K = the item's moves (--depth own), a visual target per move (--visual-target hop, λ_vis 1)
        K=0    the same LoRA and curriculum, answering directly (--max-k 0)
        pause  VITAL with a learned constant fed back at each step instead of h_{k-1} (--feedback pause)
-     each evaluated on the 921 test items (VITAL and pause at K = the item's moves: --k sample; VITAL also
-     with the probes: zeros, h_0 or another item's latents fed back);
+       task-only  VITAL without its scaffolds (--lambda-sem 0 --lambda-vis 0; not run unless --arms names it)
+     each evaluated on the 921 test items (VITAL, pause and task-only at K = the item's moves: --k sample;
+     VITAL also with the probes, zeros, h_0 or another item's latents fed back, and its text window: does
+     decoded step k state move k?);
   4. accuracy by number of moves, mean ± sample std over seeds, VITAL minus each baseline against twice the
-     pooled std (the issue's test), to OUT/results.md, OUT/results.json and demo/walk.md.
+     pooled std (the issue's test), to OUT/results.md, OUT/results.json and demo/walk.md (--moves 6:
+     demo/walk_6_moves.md).
 
-    python demo/walk.py --seeds 0 1 2 3 4          # ~2.5 h on 2 cores (--jobs 2)
+    python demo/walk.py --seeds 0 1 2 3 4                                    # ~2.5 h on 2 cores (--jobs 2)
+    python demo/walk.py --moves 6 --out runs/walk6 --arms VITAL K=0        # 1-6 moves: the K = 0 model's bound
 """
 import argparse
 import json
@@ -44,11 +49,11 @@ PY = sys.executable
 EPOCHS = [4, 2, 3]  # the demo's phases
 HOP = ["--depth", "own", "--visual-target", "hop", "--lambda-vis", "1"]
 # name -> (extra train args, evaluate.py's flags); VITAL's probes feed zeros, h_0 or another item's h_{k-1}
-ARMS = {"VITAL": (HOP, ["--k", "sample", "--probe"]),
+ARMS = {"VITAL": (HOP, ["--k", "sample", "--probe", "--text-window"]),
         "K=0": (["--max-k", "0"], ["--k", "0"]),
-        "pause": (HOP + ["--feedback", "pause"], ["--k", "sample"])}
+        "pause": (HOP + ["--feedback", "pause"], ["--k", "sample"]),
+        "task-only": (["--depth", "own", "--lambda-sem", "0", "--lambda-vis", "0"], ["--k", "sample"])}
 PROBES = ["normal", "zero", "h0", "shuffled"]
-MOVES = [1, 2, 3, 4]
 
 
 def get_args(argv=None):
@@ -56,7 +61,9 @@ def get_args(argv=None):
     ap.add_argument("--out", default="runs/walk", help="data, stand-in, run folders and results")
     ap.add_argument("--models", default="runs/walk/models", help="tiny models (embedded/tiny.py; made if absent)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="training seeds")
-    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    ap.add_argument("--moves", type=int, default=4, choices=range(1, 7), help="the longest walk (walks of 1 to "
+                                                                               "--moves moves, equally many)")
+    ap.add_argument("--arms", nargs="+", default=["VITAL", "K=0", "pause"], choices=list(ARMS))
     ap.add_argument("--lr", type=float, default=1e-3, help="peak lr of every arm (3e-3 wrecks the stand-in's "
                                                            "two-move path: docs/tuning-log.md)")
     ap.add_argument("--lr-k0", type=float, help="the K = 0 arm's own lr (default --lr)")
@@ -69,7 +76,7 @@ def stages(args):
     d, pre = os.path.join(args.out, "data"), os.path.join(args.out, "pretrain_data")
     walk = ["--source", "phantom", "--image-size", "96", "--walk-start", "upper left"]
     return [([PY, "embedded/tiny.py", args.models], os.path.join(args.models, "encoder", "config.json")),
-            ([PY, "prepare_data.py", "--out", d, "--n", "6000", "--seed", "0", "--walk-hops", "4"] + walk,
+            ([PY, "prepare_data.py", "--out", d, "--n", "6000", "--seed", "0", "--walk-hops", str(args.moves)] + walk,
              os.path.join(d, "stats.json")),
             ([PY, "extract_roi.py", "--samples", os.path.join(d, "samples.jsonl"), "--out",
               os.path.join(d, "roi.safetensors"), "--encoder", "embedded/pretrained/encoder_pretrained",
@@ -85,9 +92,34 @@ def stages(args):
              os.path.join(args.out, "stand_in_alone", "metrics.json"))]
 
 
+DEEP = 4  # the issue's multi-hop questions: p >= 4 hops, more than a 2-layer LLM unrolls in one pass
+
+
+def with_deep(counts):
+    """{moves or 'all': (right, n)} -> {...: %}, plus 'deep': the items of DEEP or more moves pooled (when any)."""
+    deep = [cn for m, cn in counts.items() if m != "all" and m >= DEEP]
+    pooled = {"deep": (sum(c for c, _ in deep), sum(n for _, n in deep))} if deep else {}
+    return {k: 100 * c / n for k, (c, n) in {**counts, **pooled}.items()}
+
+
 def by_moves(pred_path, samples):
-    """-> {moves (1..4) and 'all': accuracy %} from evaluate.py's predictions.jsonl."""
-    return {k: 100 * c / n for k, (c, n) in accuracy_by_type(pred_path, samples, "latent_steps").items()}
+    """-> {moves (1..--moves), 'deep' and 'all': accuracy %} from evaluate.py's predictions.jsonl."""
+    return with_deep(accuracy_by_type(pred_path, samples, "latent_steps"))
+
+
+def window_by_moves(tw_path, samples):
+    """-> {'window <moves>', 'window deep' and 'window all': % of test items whose decoded steps state every
+    move} from evaluate.py's text_window.json (an item with no scored step counts as stating none)."""
+    moves = {s["id"]: s["latent_steps"] for s in samples if s["split"] == "test"}
+    steps = defaultdict(list)
+    for st in json.load(open(tw_path))["items"]:
+        if st["right"] is not None:
+            steps[st["id"]].append(st["right"])
+    right = defaultdict(list)
+    for i, m in moves.items():
+        right[m].append(bool(steps[i]) and all(steps[i]))
+    right["all"] = [r for m in list(right) for r in right[m]]
+    return {f"window {m}": v for m, v in with_deep({m: (sum(v), len(v)) for m, v in right.items()}).items()}
 
 
 def blind(samples):
@@ -106,7 +138,9 @@ def one_run(args, arm, seed, env):
     data = os.path.join(args.out, "data")
     run_dir = os.path.join(args.out, f"{arm.replace('=', '')}_lr{lr:g}", f"s{seed}")  # a new lr: new runs
     ev = os.path.join(run_dir, "eval")
-    if not os.path.isfile(os.path.join(ev, "probes.json" if "--probe" in flags else "metrics.json")):
+    wants = ["metrics.json"] + [f for flag, f in (("--probe", "probes.json"), ("--text-window", "text_window.json"))
+                                if flag in flags]
+    if not all(os.path.isfile(os.path.join(ev, f)) for f in wants):
         os.makedirs(run_dir, exist_ok=True)
         log, t0 = os.path.join(run_dir, "commands.log"), time.time()
         for p, ep in enumerate(EPOCHS, 1):
@@ -125,13 +159,16 @@ def one_run(args, arm, seed, env):
 def tables(res, blind_pct, alone, args):
     """res: arm -> seed -> {moves or 'all': %}. Markdown: accuracy by moves per arm, then VITAL minus each
     baseline with the issue's test (>= 15 points and > 2 pooled std)."""
-    cols = MOVES + ["all"]
+    moves = list(range(1, args.moves + 1))
+    cols = moves + (["deep"] if args.moves > DEEP else []) + ["all"]
+    label = lambda c: f"{DEEP}-{args.moves}" if c == "deep" else c  # a row of the difference tables
+    name = lambda c: "all" if c == "all" else f"{label(c)} move{'s' if c != 1 else ''}"  # a column
     get = lambda arm, c: [res[arm][s][c] for s in sorted(res.get(arm, {}))]
     sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0
     out = ["Accuracy (%) on the walk's test items by number of moves, mean ± sample std over training seeds "
            f"{', '.join(map(str, sorted({s for v in res.values() for s in v})))} (per seed after); lr "
            f"{args.lr:g}" + (f", K = 0 arm {args.lr_k0:g}" if args.lr_k0 else "") + ".", "",
-           "| arm | " + " | ".join(f"{m} move{'s' if m > 1 else ''}" for m in MOVES) + " | all | all, per seed |",
+           "| arm | " + " | ".join(name(c) for c in cols) + " | all, per seed |",
            "|---|" + "---:|" * len(cols) + "---|"]
     for arm in ARMS:
         if arm in res:
@@ -140,9 +177,9 @@ def tables(res, blind_pct, alone, args):
     if alone:
         out.append("| stand-in alone (no LoRA, K = 0) | " + " | ".join(f"{alone.get(c, 0):.1f}" for c in cols)
                    + " | |")
-    out.append("| blind (the most common end cell) | " + " | ".join(f"{blind_pct[m]:.1f}" for m in MOVES)
-               + " | | |")
-    for other in ("K=0", "pause"):
+    out.append("| blind (the most common end cell) | " + " | ".join(f"{blind_pct[m]:.1f}" for m in moves)
+               + " |" * (len(cols) - len(moves) + 2))
+    for other in ("K=0", "pause", "task-only"):
         if "VITAL" not in res or other not in res:
             continue
         out += ["", f"**VITAL minus {other}** (points; pooled std = sqrt((s1² + s2²) / 2); the issue asks > 2 "
@@ -154,7 +191,7 @@ def tables(res, blind_pct, alone, args):
             diff, pooled = statistics.mean(a) - statistics.mean(b), ((sd(a) ** 2 + sd(b) ** 2) / 2) ** 0.5
             paired = [res["VITAL"][s][c] - res[other][s][c] for s in sorted(res["VITAL"]) if s in res[other]]
             two = diff > 2 * pooled
-            out.append(f"| {c} | {diff:+.1f} | {pooled:.1f} | {'yes' if two else 'no'} | "
+            out.append(f"| {label(c)} | {diff:+.1f} | {pooled:.1f} | {'yes' if two else 'no'} | "
                        f"{'yes' if two and diff >= 15 else 'no'} | " + " / ".join(f"{x:+.1f}" for x in paired) + " |")
     if "VITAL" in res and all("probe normal" in r for r in res["VITAL"].values()):
         base = statistics.mean(get("VITAL", "probe normal"))
@@ -165,6 +202,12 @@ def tables(res, blind_pct, alone, args):
                 " | " + " / ".join(f"{v:.1f}" for v in get("VITAL", "probe " + n)) + " |" for n in PROBES]
         out.append("McNemar's p of shuffled against normal, per seed: "
                    + " / ".join(f"{v:.2g}" for v in get("VITAL", "p shuffled")) + ".")
+    if "VITAL" in res and all("window all" in r for r in res["VITAL"].values()):
+        out += ["", "**Does VITAL's text window state each move?** (evaluate.py --text-window at K = the item's "
+                "moves: the share of test items whose decoded step k states move k's finding and cell, for every "
+                "k; pipeline/text_window.py)", "", "| moves | every move stated (%) | per seed |", "|---|---:|---|"]
+        out += [f"| {label(c)} | {fmt(get('VITAL', f'window {c}'))} | "
+                + " / ".join(f"{v:.1f}" for v in get("VITAL", f"window {c}")) + " |" for c in cols]
     return "\n".join(out) + "\n"
 
 
@@ -190,6 +233,8 @@ def main(argv=None):
                     probes = json.load(open(os.path.join(ev, "probes.json")))["probes"]
                     res[arm][seed].update({f"probe {n}": probes[n]["accuracy"] for n in PROBES})
                     res[arm][seed]["p shuffled"] = probes["shuffled"]["p_mcnemar"]
+                if os.path.isfile(os.path.join(ev, "text_window.json")):
+                    res[arm][seed].update(window_by_moves(os.path.join(ev, "text_window.json"), samples))
             except subprocess.CalledProcessError as e:
                 print(f"[failed] {e.cmd[:3]}... exit {e.returncode} (see the run's commands.log)", flush=True)
     md = tables(res, blind(samples), alone, args)
@@ -199,7 +244,7 @@ def main(argv=None):
         json.dump({"args": vars(args), "runs": {a: {str(s): {str(k): v for k, v in r.items()} for s, r in v.items()}
                                                 for a, v in res.items()}}, f, indent=2)
     cmd = "python demo/walk.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    with open(os.path.join(HERE, "walk.md"), "w") as f:
+    with open(os.path.join(HERE, "walk.md" if args.moves == 4 else f"walk_{args.moves}_moves.md"), "w") as f:
         f.write(f"# The walk's evidence\n\nWritten by `{cmd.strip()}` on {time.strftime('%Y-%m-%d %H:%M')} "
                 f"({os.cpu_count()} cores); {(time.time() - t0) / 60:.1f} min this run. Per-run numbers: "
                 f"{args.out}/results.json.\n\n" + md)

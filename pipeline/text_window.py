@@ -5,12 +5,15 @@ state that step's finding, and do different items get different sentences?
 A reasoning step is a template plus the finding ("The lesion in the <upper left> cell is <darker> than its
 surroundings, so move one cell <across> to the <upper middle> cell."). The template of step k of a question type
 is every word that at least 90% of that step's reference sentences share (a finding that nearly every item
-shares tells nothing about the item); the rest of a sentence is its content (words as the VQA metrics normalise them: lower case, no punctuation or articles, numbers as digits). A
-decoded step is RIGHT when its content words are the reference's (as sets). Beside it:
+shares tells nothing about the item); the rest of a sentence is its content (words as the VQA metrics normalise
+them: lower case, no punctuation or articles, numbers as digits). A decoded step is RIGHT when its content words
+are the reference's (as sets). Beside it:
   prior     what a decoder that ignores the item scores: the share of items whose reference content is the most
             common one at that step (a window that always says the same thing scores about this);
   distinct  how many different sentences the window produced at that step, against the references' count.
 Steps whose reference has no content word (all template) state no finding and are not scored.
+Per question type and K (the item's latent steps), an ITEM is right when every scored step of its chain is (the
+walk: every move read right).
 """
 from collections import Counter, defaultdict
 
@@ -28,10 +31,11 @@ def template(refs, share=0.9):
 
 
 def score(steps):
-    """steps: dicts with question_type, k (1-based), ref (the reference sentence), decoded. -> the text_window
-    object: one row per (question type, step) and per step over all types, with n, right, prior (%),
-    distinct decoded and distinct reference sentences; items: every step with right True/False (None: not
-    scored)."""
+    """steps: dicts with id, question_type, k (1-based), ref (the reference sentence), decoded, and K (the item's
+    latent steps; optional). -> the
+    text_window object: one row per (question type, step) and per step over all types, with n, right, prior
+    (%), distinct decoded and distinct reference sentences; per_type: per question type and K, the share of items with
+    every scored step right; items: every step with right True/False (None: not scored)."""
     groups = defaultdict(list)
     for s in steps:
         groups[(s["question_type"], s["k"])].append(s)
@@ -58,7 +62,14 @@ def score(steps):
                             prior=sum(r["prior"] * r["n"] for r in at) / n,
                             distinct_decoded=sum(r["distinct_decoded"] for r in at),
                             distinct_refs=sum(r["distinct_refs"] for r in at)))
-    return dict(rows=rows, steps=overall, items=per_item)
+    chains = defaultdict(list)  # (question type, the item's K, item) -> its scored steps' right/wrong
+    for s in per_item:
+        if s["right"] is not None:
+            chains[(s["question_type"], s.get("K"), s["id"])].append(s["right"])
+    per_type = [dict(question_type=t, K=K, n_items=len(v), all_steps_right=100 * sum(v) / len(v))
+                for t, K in sorted({c[:2] for c in chains}, key=str)
+                for v in [[all(r) for c, r in chains.items() if c[:2] == (t, K)]]]
+    return dict(rows=rows, steps=overall, per_type=per_type, items=per_item)
 
 
 def table(res):
@@ -70,4 +81,7 @@ def table(res):
     for r in res["steps"]:
         lines.append(f"| step {r['k']} | all | {r['n']} | {r['right']:.1f} | {r['prior']:.1f} | "
                      f"{r['distinct_decoded']} / {r['distinct_refs']} |")
+    lines += ["", "| question type | K | items | every step states its finding (%) |", "|---|---:|---:|---:|"]
+    lines += [f"| {r['question_type']} | {r['K']} | {r['n_items']} | {r['all_steps_right']:.1f} |"
+              for r in res["per_type"]]
     return "\n".join(lines) + "\n"

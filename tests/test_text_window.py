@@ -1,5 +1,6 @@
 """The text window, measured (pipeline/text_window.py, evaluate.py --text-window): the template and the score
 worked out by hand, and the evaluate.py path on a tiny checkpoint with the decoder's output planted."""
+import itertools
 import json
 import os
 
@@ -13,8 +14,11 @@ from tests.test_evaluate import tiny  # noqa: F401  (the module fixture: a tiny 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def step(ref, decoded, k=1, qtype="walk"):
-    return dict(question_type=qtype, k=k, ref=ref, decoded=decoded)
+_ids = itertools.count()
+
+
+def step(ref, decoded, k=1, qtype="walk", item=None):
+    return dict(id=next(_ids) if item is None else item, question_type=qtype, k=k, ref=ref, decoded=decoded)
 
 
 def test_template_and_score_by_hand():
@@ -46,6 +50,21 @@ def test_template_and_score_by_hand():
                     step("c d w", "c d w", qtype="t2")])
     assert two["steps"][0]["n"] == 5 and two["steps"][0]["right"] == pytest.approx(100 * 3 / 5)
     assert "| step 1 | all | 5 | 60.0 |" in TW.table(two)
+
+
+def test_an_item_is_right_when_every_step_is():
+    """per_type: the share of items whose every scored step states its finding (the walk: every move)."""
+    a, b, c = "move across to the centre", "move down to the centre", "move across to the right"
+    res = TW.score([step(a, a, 1, item="i"), step(b, b, 2, item="i"),     # both moves right
+                    step(b, b, 1, item="j"), step(c, a, 2, item="j"),     # the second move wrong
+                    step(c, c, 1, item="k"),                              # a one-move walk, right
+                    step(a, a, 1, qtype="other", item="i"), step(c, a, 1, qtype="other", item="j")])  # own row
+    assert res["per_type"] == [dict(question_type="other", K=None, n_items=2, all_steps_right=50.0),
+                               dict(question_type="walk", K=None, n_items=3, all_steps_right=100 * 2 / 3)]
+    assert "| walk | None | 3 | 66.7 |" in TW.table(res)
+    by_k = TW.score([dict(s, K=len(s["id"])) for s in [step(a, a, 1, item="i"), step(b, b, 2, item="i"),
+                                                         step(b, b, 1, item="jj"), step(c, a, 2, item="jj")]])
+    assert [(r["K"], r["all_steps_right"]) for r in by_k["per_type"]] == [(1, 100.0), (2, 0.0)]
 
 
 def test_evaluate_text_window_decodes_every_step(tiny, monkeypatch):  # noqa: F811
@@ -81,5 +100,17 @@ def test_evaluate_text_window_decodes_every_step(tiny, monkeypatch):  # noqa: F8
     assert sum(s["right"] is True for s in res["items"]) == sum(r["n"] for r in res["rows"]) >= len(items)
     assert res["steps"][0]["n"] == len(items) and res["steps"][0]["prior"] < 100
     assert "items" not in json.load(open(os.path.join(out, "metrics.json")))["text_window"]
+    # --k sample: each item at its own K, decoded group by group (evaluate.k_groups), paired all the same
+    groups = E.k_groups(items, "sample")
+    assert len(groups) > 1
+    said[:] = [items[i]["reasoning_chain"][k] if k < len(items[i]["reasoning_chain"]) else "nothing"
+               for Kg, idx in groups for i in idx for k in range(Kg)]
+    E.main(["--ckpt", tiny["ckpt"], "--data", data, "--out", out, "--max-new-tokens", "2", "--k", "sample",
+            "--batch-size", "3", "--text-window"])
+    res = json.load(open(os.path.join(out, "text_window.json")))
+    assert said == [] and res["K"] == "sample"
+    assert len(res["items"]) == sum(min(it["latent_steps"], len(it["reasoning_chain"])) for it in items)
+    assert all(s["right"] in (True, None) for s in res["items"])
+    assert all(r["all_steps_right"] == 100.0 for r in res["per_type"]) and res["per_type"]
     with pytest.raises(SystemExit):
         E.get_args(["--ckpt", tiny["ckpt"], "--data", data, "--out", out, "--k", "0", "--text-window"])

@@ -15,16 +15,28 @@ def test_by_moves_and_blind(tmp_path):
                             for i, c in enumerate([True, False, True, True, False])))
     acc = W.by_moves(str(pred), samples)
     assert acc == {1: 100 * 2 / 3, 2: 50.0, "all": 60.0}
+    # walks of 4 or more moves (the multi-hop questions) are pooled as 'deep': 3 of 4 right
+    deep = [dict(id=f"d{i}", split="test", latent_steps=m, answer="x") for i, m in enumerate([4, 4, 5, 6])]
+    pred.write_text("".join(json.dumps(dict(id=f"d{i}", correct=c)) + "\n"
+                            for i, c in enumerate([True, True, False, True])))
+    assert W.by_moves(str(pred), deep) == {4: 100.0, 5: 0.0, 6: 100.0, "deep": 75.0, "all": 75.0}
+    # the text window: an item counts when every scored step of it states its move
+    tw = tmp_path / "text_window.json"
+    steps = [("t0", True), ("t1", False), ("t2", None), ("t3", True), ("t3", True), ("t4", True), ("t4", False),
+             ("tr", True)]
+    tw.write_text(json.dumps(dict(items=[dict(id=i, right=r) for i, r in steps])))
+    # 1 move: t0 yes, t1 no, t2 nothing scored (no); 2 moves: t3 yes, t4 no; 'all' 2 of 5
+    assert W.window_by_moves(str(tw), samples) == {"window 1": 100 / 3, "window 2": 50.0, "window all": 40.0}
     assert W.blind(samples) == {1: 100 * 2 / 3, 2: 50.0}
 
 
 def test_tables_by_hand():
-    row = lambda a, b, c, d, e: dict(zip(W.MOVES + ["all"], (a, b, c, d, e)))
+    row = lambda a, b, c, d, e: dict(zip([1, 2, 3, 4, "all"], (a, b, c, d, e)))
     res = {"VITAL": {0: row(100, 100, 80, 70, 88), 1: row(100, 100, 76, 66, 86)},
            "K=0": {0: row(100, 90, 60, 40, 72), 1: row(100, 94, 60, 50, 76)},
            "pause": {0: row(100, 100, 76, 66, 86), 1: row(100, 100, 76, 66, 86)}}
     md = W.tables(res, {1: 50.0, 2: 47.0, 3: 38.0, 4: 38.0}, {1: 100.0, 2: 100.0, 3: 0.0, 4: 0.0, "all": 50.0},
-                  SimpleNamespace(lr=1e-3, lr_k0=None))
+                  SimpleNamespace(lr=1e-3, lr_k0=None, moves=4))
     assert "| VITAL | 100.0 ± 0.0 | 100.0 ± 0.0 | 78.0 ± 2.8 | 68.0 ± 2.8 | 87.0 ± 1.4 | 88.0 / 86.0 |" in md
     k0 = md.split("VITAL minus K=0")[1].split("VITAL minus pause")[0]
     # 4 moves: 68 - 45 = +23; pooled sqrt((2.83^2 + 7.07^2) / 2) = 5.4; 23 >= 15 and > 10.8: met
@@ -37,8 +49,20 @@ def test_tables_by_hand():
     for s, (z, sh, p) in {0: (30.0, 80.0, 1e-4), 1: (40.0, 84.0, 0.03)}.items():
         res["VITAL"][s].update({"probe normal": res["VITAL"][s]["all"], "probe zero": z, "probe h0": 50.0,
                                 "probe shuffled": sh, "p shuffled": p})
-    probes = W.tables(res, {m: 0.0 for m in W.MOVES}, None, SimpleNamespace(lr=1e-3, lr_k0=3e-4))
+    probes = W.tables(res, {m: 0.0 for m in range(1, 5)}, None, SimpleNamespace(lr=1e-3, lr_k0=3e-4, moves=4))
     assert "lr 0.001, K = 0 arm 0.0003." in probes
     assert "| shuffled | 82.0 ± 2.8 | -5.0 | 80.0 / 84.0 |" in probes and "| zero | 35.0 ± 7.1 | -52.0 |" in probes
     assert "per seed: 0.0001 / 0.03." in probes
-    assert "| blind (the most common end cell) | 50.0 | 47.0 | 38.0 | 38.0 |" in md
+    assert "| blind (the most common end cell) | 50.0 | 47.0 | 38.0 | 38.0 | | |\n" in md
+    assert "text window" not in probes
+    for s, w in {0: (100, 100, 90, 70, 90), 1: (100, 100, 80, 60, 85)}.items():
+        res["VITAL"][s].update({f"window {c}": v for c, v in zip([1, 2, 3, 4, "all"], w)})
+    window = W.tables(res, {m: 0.0 for m in range(1, 5)}, None, SimpleNamespace(lr=1e-3, lr_k0=None, moves=4))
+    assert "| 4 | 65.0 ± 7.1 | 70.0 / 60.0 |" in window.split("text window state each move")[1]
+    # 1-5 moves: a pooled '4-5' column, a '4-5' row of each difference and the blind row as wide as the table
+    five = {a: {s: {**{k: x for k, x in r.items() if not str(k).startswith("window")}, 5: r[4] - 10,
+                    "deep": r[4] - 5} for s, r in v.items()} for a, v in res.items()}
+    md5 = W.tables(five, {m: 0.0 for m in range(1, 6)}, None, SimpleNamespace(lr=1e-3, lr_k0=None, moves=5))
+    assert "| arm | 1 move | 2 moves | 3 moves | 4 moves | 5 moves | 4-5 moves | all | all, per seed |" in md5
+    assert "| 4-5 | +23.0 | 5.4 | yes | yes | +30.0 / +16.0 |" in md5.split("VITAL minus K=0")[1]
+    assert "| blind (the most common end cell) | 0.0 | 0.0 | 0.0 | 0.0 | 0.0 | | | |\n" in md5
