@@ -11,9 +11,17 @@ Why does the miniature VITAL not beat its K = 0 model? Two measurements on the d
    decoded through the scaffold decoder (explain.py's text window) and each finding the steps state is
    compared with the measured one; also how often the total the steps state is the gold total.
 
+3. On the walk (--walk, issue 25): does the K = 0 model's h_0 already hold the cell a walk ends in (a
+   question that needs more passes than one should not), and does VITAL's h_j hold the cell after move j?
+   Ridge probes beside two baselines: the most common cell, and the same probe on the nine true brightness
+   bits (a fixed-start walk's end is partly a linear function of them: what a state that holds the findings
+   gives a linear probe with no hop computed). demo/walk.py runs it on every seed.
+
     python demo/diagnose.py                                   # runs/demo's backbone, data and VITAL
     python demo/diagnose.py --backbone B --data D --ckpt C    # other artifacts
-Prints two tables and writes OUT/diagnose.json (default: next to --data).
+    python demo/diagnose.py --walk --data runs/walk6/data --k0 runs/walk6/K0_lr0.001/s0/phase3 \
+        --ckpt runs/walk6/VITAL_lr0.001/s0/phase3              # the walk's probes
+Prints the tables and writes OUT/diagnose.json (default: next to --data).
 """
 import argparse
 import json
@@ -114,6 +122,72 @@ def latent_probes(hs, rows):
     return dict(n_train=int(train.sum()), n_test=int((~train).sum()), findings=out)
 
 
+def walk_rows(args):
+    """Every walk item of samples.jsonl (train and test split): the issue's multi-hop question."""
+    return [r for _, r in IO.read_jsonl(os.path.join(args.data, "samples.jsonl"), E.EvalError)
+            if r.get("question_type") == "walk"]
+
+
+def walk_probes(hs, rows):
+    """Ridge probes on walk items (hs: loop_states, (N, K + 1, d)). Does a state hold
+    - 'end': the cell the walk ends in (the answer), per number of moves (a probe per count, fit on its train
+      items), beside the majority cell and beside the same probe on the nine true brightness bits
+      ('findings_linear': what a state that holds the findings, and has computed no hop, reads by a linear
+      map alone): a K = 0 model's h_0 should read the end of a 4+ move walk no better than that;
+    - 'after_move': the cell after move j, over the items of j or more moves, from each of h_0..h_K (VITAL's
+      h_j should read move j: each latent step one hop), beside the same 'findings_linear' baseline;
+    - 'brightness': each cell's lesion, darker or brighter (the findings a hop decides on), mean over the nine
+      cells, from each state: the findings must be readable while the end is not.
+    -> {'end': {moves: {h, majority, n_test}}, 'after_move': {j: {h, majority}}, 'brightness': {h, majority}}."""
+    split = torch.tensor([r["split"] != "test" for r in rows])
+    drawn = [r["meta"]["drawn"] for r in rows]
+    cells = sorted({c for d in drawn for c in d["path"]})
+    moves = torch.tensor([d["hops"] for d in drawn])
+
+    def probe(sel, y):  # ridge accuracy of each state, and the majority rate, on the rows in sel
+        y, train = torch.tensor(y), split[sel]
+        return dict(h=[ridge_accuracy(hs[sel, k], y, train) for k in range(hs.shape[1])],
+                    majority=100 * max((y[~train] == c).float().mean().item() for c in range(int(y.max()) + 1)),
+                    n_test=int((~train).sum()))
+
+    # the nine lesions' brightness themselves: how much of the end a linear probe reads with no hop computed
+    bits = torch.tensor([[float(x == "darker") for row in d["grid"] for x in row] for d in drawn])
+    out = {"end": {}, "after_move": {}}
+    both = lambda sel: bool(split[sel].any()) and bool((~split[sel]).any())  # train and test items to probe
+    for key, sel_of, step in (("end", lambda m: moves == m, lambda m: -1), ("after_move", lambda j: moves >= j,
+                                                                             lambda j: j)):
+        for m in range(1, int(moves.max()) + 1):
+            sel = sel_of(m)
+            if not both(sel):
+                continue
+            y = [cells.index(d["path"][step(m)]) for d, s in zip(drawn, sel) if s]
+            out[key][m] = probe(sel, y)
+            out[key][m]["findings_linear"] = ridge_accuracy(bits[sel], torch.tensor(y), split[sel])
+    per_cell = [probe(torch.ones(len(rows), dtype=torch.bool), [int(d["grid"][r][c] == "darker") for d in drawn])
+                for r in range(3) for c in range(3)]
+    out["brightness"] = dict(h=[sum(p["h"][k] for p in per_cell) / 9 for k in range(hs.shape[1])],
+                             majority=sum(p["majority"] for p in per_cell) / 9)
+    return out
+
+
+def print_walk_probes(name, wp):
+    """The tables of walk_probes."""
+    n = len(wp["brightness"]["h"])
+    hcols = " | ".join(f"h_{k}" for k in range(n))
+    print(f"\n{name}: the end cell (the answer) from h_0, by moves (ridge probe %):\n| moves | test items | h_0 | "
+          "the nine true brightness bits | majority |\n|---:|---:|---:|---:|---:|")
+    for m, v in wp["end"].items():
+        print(f"| {m} | {v['n_test']} | {v['h'][0]:.1f} | {v['findings_linear']:.1f} | {v['majority']:.1f} |")
+    print(f"\n{name}: the cell after move j, and each lesion's brightness (ridge probe %):\n| label | {hcols} | "
+          f"the nine true brightness bits | majority |\n|---|" + "---:|" * (n + 2))
+    for j, v in wp["after_move"].items():
+        print(f"| cell after move {j} | " + " | ".join(f"{a:.1f}" for a in v["h"]) +
+              f" | {v['findings_linear']:.1f} | {v['majority']:.1f} |")
+    b = wp["brightness"]
+    print("| lesion brightness (mean of 9 cells) | " + " | ".join(f"{a:.1f}" for a in b["h"]) +
+          f" | 100 | {b['majority']:.1f} |")
+
+
 @torch.no_grad()
 def decoder_reads_latents(vital, dec_tok, hs, rows, n=256):
     """Does the auxiliary decoder read the latents? L_sem (eq. 4, model.decoder_loss: teacher-forced token
@@ -176,7 +250,13 @@ def main(argv=None):
                                                "the only state it answers from ('' = skip)")
     ap.add_argument("--n", type=int, default=1600, help="samples probed (train + test split)")
     ap.add_argument("--out", help="JSON output (default DATA/diagnose.json)")
+    ap.add_argument("--walk", action="store_true", help="walk data (prepare_data.py --walk-hops): probe --k0's "
+                    "h_0 and --ckpt's h_0..h_K (K = the longest walk) for the end cell, each move's cell and the "
+                    "lesions' brightness, instead of the tables above")
     args = ap.parse_args(argv)
+    out = args.out or os.path.join(args.data, "diagnose.json")
+    if args.walk:
+        return walk_main(args, out)
     res = dict(perception=perception(args))
     p = res["perception"]
     print(f"What the frozen backbone can see (ridge probe accuracy %, {p['n_train']} train / {p['n_test']} test):")
@@ -206,7 +286,24 @@ def main(argv=None):
               "\n|---|---:|---:|")
         for k, v in k0["findings"].items():
             print(f"| {k} | {v['h'][0]:.0f} | {v['majority']:.0f} |")
-    out = args.out or os.path.join(args.data, "diagnose.json")
+    write(res, out)
+
+
+def walk_main(args, out):
+    """--walk: the K = 0 model's h_0 and VITAL's h_0..h_K on the walk items."""
+    rows, res = walk_rows(args), {}
+    if not rows:
+        raise SystemExit(f"diagnose.py: error: {args.data}/samples.jsonl has no walk items (--walk)")
+    K = max(r["meta"]["drawn"]["hops"] for r in rows)
+    for key, ckpt, k, name in (("k0", args.k0, 0, "The K = 0 model"), ("vital", args.ckpt, K, "VITAL")):
+        if ckpt:
+            backbone, processor, _, _ = E.load_inference_model(ckpt)
+            res[key] = walk_probes(loop_states(backbone, processor, args, rows, k), rows)
+            print_walk_probes(f"{name} ({ckpt})", res[key])
+    write(res, out)
+
+
+def write(res, out):
     with open(out, "w") as f:
         json.dump(res, f, indent=2, allow_nan=False)
     print(f"\nwrote {out}")

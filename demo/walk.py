@@ -20,7 +20,8 @@ resumes; a phase killed half-way continues with --resume):
        task-only  VITAL without its scaffolds (--lambda-sem 0 --lambda-vis 0; not run unless --arms names it)
      each evaluated on the 921 test items (VITAL, pause and task-only at K = the item's moves: --k sample;
      VITAL also with the probes, zeros, h_0 or another item's latents fed back, and its text window: does
-     decoded step k state move k?);
+     decoded step k state move k?); then demo/diagnose.py --walk's ridge probes of the K = 0 model's h_0 (does
+     one pass hold the end cell?) and of VITAL's h_0..h_K (does h_j hold the cell after move j?);
   4. accuracy by number of moves, mean ± sample std over seeds, VITAL minus each baseline against twice the
      pooled std (the issue's test), to OUT/results.md, OUT/results.json and demo/walk.md (--moves 6:
      demo/walk_6_moves.md).
@@ -54,6 +55,9 @@ ARMS = {"VITAL": (HOP, ["--k", "sample", "--probe", "--text-window"]),
         "pause": (HOP + ["--feedback", "pause"], ["--k", "sample"]),
         "task-only": (["--depth", "own", "--lambda-sem", "0", "--lambda-vis", "0"], ["--k", "sample"])}
 PROBES = ["normal", "zero", "h0", "shuffled"]
+# the arms whose states demo/diagnose.py --walk probes: the K = 0 model's h_0 (does one pass hold the end?) and
+# VITAL's h_0..h_K (does latent step j hold move j?), with diagnose.py's flag for each
+STATE_PROBES = {"K=0": "--k0", "VITAL": "--ckpt"}
 
 
 def get_args(argv=None):
@@ -153,7 +157,31 @@ def one_run(args, arm, seed, env):
         sh([PY, "evaluate.py", "--ckpt", os.path.join(run_dir, "phase3"), "--data", data, "--out", ev] + flags,
            env, log)
         print(f"[done] {arm} seed {seed} in {time.time() - t0:.0f}s", flush=True)
+    if arm in STATE_PROBES and not os.path.isfile(os.path.join(ev, "walk_probes.json")):
+        other = {"--k0": "--ckpt", "--ckpt": "--k0"}[STATE_PROBES[arm]]
+        sh([PY, "demo/diagnose.py", "--walk", "--data", data, STATE_PROBES[arm], os.path.join(run_dir, "phase3"),
+            other, "", "--out", os.path.join(ev, "walk_probes.json")], env, os.path.join(run_dir, "commands.log"))
     return arm, seed, ev
+
+
+def state_probes(path):
+    """diagnose.py --walk's JSON -> flat {name: %}: 'end h0 <m>', 'end bits <m>', 'end majority <m>' (the end
+    cell by moves, from h_0, from the nine true brightness bits, the majority), 'brightness h0', and for a
+    model with a loop 'move <j> h<k>' (the cell after move j from h_0 and from h_j). 'deep' entries average
+    the move counts >= DEEP."""
+    wp, flat = next(iter(json.load(open(path)).values())), {}
+    for m, v in wp["end"].items():
+        flat.update({f"end h0 {m}": v["h"][0], f"end bits {m}": v["findings_linear"], f"end majority {m}": v["majority"]})
+    for kind in ("h0", "bits", "majority"):
+        deep = [flat[f"end {kind} {m}"] for m in wp["end"] if int(m) >= DEEP]
+        if deep:
+            flat[f"end {kind} deep"] = statistics.mean(deep)
+    flat["brightness h0"] = wp["brightness"]["h"][0]
+    if len(wp["brightness"]["h"]) > 1:
+        for j, v in wp["after_move"].items():
+            flat.update({f"move {j} h0": v["h"][0], f"move {j} h{j}": v["h"][int(j)],
+                         f"move {j} bits": v["findings_linear"], f"move {j} majority": v["majority"]})
+    return flat
 
 
 def tables(res, blind_pct, alone, args):
@@ -208,7 +236,33 @@ def tables(res, blind_pct, alone, args):
                 "k; pipeline/text_window.py)", "", "| moves | every move stated (%) | per seed |", "|---|---:|---|"]
         out += [f"| {label(c)} | {fmt(get('VITAL', f'window {c}'))} | "
                 + " / ".join(f"{v:.1f}" for v in get("VITAL", f"window {c}")) + " |" for c in cols]
+    out += probe_tables(res, get, cols, label)
     return "\n".join(out) + "\n"
+
+
+def probe_tables(res, get, cols, label):
+    """The ridge probes of demo/diagnose.py --walk (state_probes), mean ± std over seeds."""
+    out, ends = [], [c for c in cols if c != "all"]
+    if "K=0" in res and all("end h0 1" in r for r in res["K=0"].values()):
+        out += ["", "**Does one pass hold the answer?** (demo/diagnose.py --walk: a ridge probe per move count "
+                "reads the end cell from the K = 0 model's h_0, the state it answers from; beside it the same probe "
+                "on the nine true brightness bits, which reads what a linear map of the findings gives with no "
+                "hop computed, and the most common end cell)", "",
+                "| moves | K = 0 model's h_0 | the nine brightness bits | majority |", "|---|---:|---:|---:|"]
+        out += [f"| {label(c)} | {fmt(get('K=0', f'end h0 {c}'))} | {statistics.mean(get('K=0', f'end bits {c}')):.1f}"
+                f" | {statistics.mean(get('K=0', f'end majority {c}')):.1f} |" for c in ends]
+        out.append(f"The findings from the same h_0 (each lesion darker or brighter, mean of the nine cells): "
+                   f"{fmt(get('K=0', 'brightness h0'))}%.")
+    if "VITAL" in res and all("move 1 h1" in r for r in res["VITAL"].values()):
+        js = sorted({int(k.split()[1]) for r in res["VITAL"].values() for k in r if str(k).startswith("move ")})
+        out += ["", "**Does latent step j hold move j?** (demo/diagnose.py --walk on VITAL, run to K = the longest "
+                "walk: a ridge probe reads the cell after move j, over the items of j or more moves, from h_0 and "
+                "from h_j; beside them the nine true brightness bits)", "",
+                "| move j | from h_0 | from h_j | the nine brightness bits | majority |", "|---|---:|---:|---:|---:|"]
+        out += [f"| {j} | {fmt(get('VITAL', f'move {j} h0'))} | {fmt(get('VITAL', f'move {j} h{j}'))} | "
+                f"{statistics.mean(get('VITAL', f'move {j} bits')):.1f} | "
+                f"{statistics.mean(get('VITAL', f'move {j} majority')):.1f} |" for j in js]
+    return out
 
 
 def main(argv=None):
@@ -233,6 +287,8 @@ def main(argv=None):
                     probes = json.load(open(os.path.join(ev, "probes.json")))["probes"]
                     res[arm][seed].update({f"probe {n}": probes[n]["accuracy"] for n in PROBES})
                     res[arm][seed]["p shuffled"] = probes["shuffled"]["p_mcnemar"]
+                if os.path.isfile(os.path.join(ev, "walk_probes.json")):
+                    res[arm][seed].update(state_probes(os.path.join(ev, "walk_probes.json")))
                 if os.path.isfile(os.path.join(ev, "text_window.json")):
                     res[arm][seed].update(window_by_moves(os.path.join(ev, "text_window.json"), samples))
             except subprocess.CalledProcessError as e:

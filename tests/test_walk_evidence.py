@@ -66,3 +66,28 @@ def test_tables_by_hand():
     assert "| arm | 1 move | 2 moves | 3 moves | 4 moves | 5 moves | 4-5 moves | all | all, per seed |" in md5
     assert "| 4-5 | +23.0 | 5.4 | yes | yes | +30.0 / +16.0 |" in md5.split("VITAL minus K=0")[1]
     assert "| blind (the most common end cell) | 0.0 | 0.0 | 0.0 | 0.0 | 0.0 | | | |\n" in md5
+
+
+def test_state_probe_tables(tmp_path):
+    """diagnose.py --walk's JSON flattened (state_probes) and tabled by seed, worked out by hand."""
+    def probes(seed, loop):
+        end = {str(m): dict(h=[10.0 * m + seed] + [0.0] * loop, findings_linear=70.0, majority=40.0 + m, n_test=9)
+               for m in range(1, 6)}
+        after = {str(j): dict(h=[50.0 - j] + [60.0 + j + seed] * loop, findings_linear=66.0, majority=20.0)
+                 for j in range(1, 6)}
+        wp = dict(end=end, after_move=after, brightness=dict(h=[99.0 + seed] + [0.0] * loop, majority=50.0))
+        path = tmp_path / f"{seed}_{loop}.json"
+        path.write_text(json.dumps({"vital" if loop else "k0": wp}))
+        return W.state_probes(str(path))
+    k0 = probes(0, 0)
+    assert k0["end h0 4"] == 40.0 and k0["end h0 deep"] == 45.0 and k0["end bits deep"] == 70.0
+    assert k0["end majority deep"] == 44.5 and k0["brightness h0"] == 99.0 and "move 1 h1" not in k0
+    vital = probes(1, 5)
+    assert vital["move 3 h0"] == 47.0 and vital["move 3 h3"] == 64.0 and vital["move 3 majority"] == 20.0
+    row = {m: 50.0 for m in [1, 2, 3, 4, 5, "deep", "all"]}
+    res = {"VITAL": {s: {**row, **probes(s, 5)} for s in (0, 1)}, "K=0": {s: {**row, **probes(s, 0)} for s in (0, 1)}}
+    md = W.tables(res, {m: 0.0 for m in range(1, 6)}, None, SimpleNamespace(lr=1e-3, lr_k0=None, moves=5))
+    one = md.split("Does one pass hold the answer?")[1].split("Does latent step j")[0]
+    assert "| 4 | 40.5 ± 0.7 | 70.0 | 44.0 |" in one and "| 4-5 | 45.5 ± 0.7 | 70.0 | 44.5 |" in one
+    assert "mean of the nine cells): 99.5 ± 0.7%." in one
+    assert "| 2 | 48.0 ± 0.0 | 62.5 ± 0.7 | 66.0 | 20.0 |" in md.split("Does latent step j hold move j?")[1]
