@@ -71,6 +71,11 @@ def ridge_accuracy(X, y, train):
     return 100 * best
 
 
+def majority(y, train):
+    """The most common class's share (%) of the test rows (~train): what a probe gets that reads nothing."""
+    return 100 * torch.bincount(y[~train]).max().item() / int((~train).sum())
+
+
 def perception(args):
     backbone, processor = IO.load_backbone(args.backbone)
     backbone.eval()
@@ -82,7 +87,7 @@ def perception(args):
     for name, opts in FINDINGS.items():
         y = torch.tensor([opts.index(r["meta"]["facts"][name]) for r in rows])
         out[name] = dict(image_tokens=ridge_accuracy(fv, y, train), h0=ridge_accuracy(fh, y, train),
-                         majority=100 * max((y[~train] == c).float().mean().item() for c in range(len(opts))))
+                         majority=majority(y, train))
     return dict(n_train=int(train.sum()), n_test=int((~train).sum()), findings=out)
 
 
@@ -117,8 +122,7 @@ def latent_probes(hs, rows):
     for name, y in labels.items():
         y = torch.tensor(y)
         out[name] = dict(h=[ridge_accuracy(hs[:, k], y, train) for k in range(hs.shape[1])],
-                         majority=100 * max((y[~train] == c).float().mean().item()
-                                            for c in range(int(y.max()) + 1)))
+                         majority=majority(y, train))
     return dict(n_train=int(train.sum()), n_test=int((~train).sum()), findings=out)
 
 
@@ -147,24 +151,20 @@ def walk_probes(hs, rows):
     def probe(sel, y):  # ridge accuracy of each state, and the majority rate, on the rows in sel
         y, train = torch.tensor(y), split[sel]
         return dict(h=[ridge_accuracy(hs[sel, k], y, train) for k in range(hs.shape[1])],
-                    majority=100 * max((y[~train] == c).float().mean().item() for c in range(int(y.max()) + 1)),
-                    n_test=int((~train).sum()))
+                    majority=majority(y, train), n_test=int((~train).sum()))
 
     # the nine lesions' brightness themselves: how much of the end a linear probe reads with no hop computed
     bits = torch.tensor([[float(x == "darker") for row in d["grid"] for x in row] for d in drawn])
-    out = {"end": {}, "after_move": {}}
+
+    def cell_probe(sel, at):  # the cell at path[at] on the rows in sel, from each state and from the bits
+        y = [cells.index(d["path"][at]) for d, s in zip(drawn, sel) if s]
+        return dict(probe(sel, y), findings_linear=ridge_accuracy(bits[sel], torch.tensor(y), split[sel]))
+
     both = lambda sel: bool(split[sel].any()) and bool((~split[sel]).any())  # train and test items to probe
-    for key, sel_of, step in (("end", lambda m: moves == m, lambda m: -1), ("after_move", lambda j: moves >= j,
-                                                                             lambda j: j)):
-        for m in range(1, int(moves.max()) + 1):
-            sel = sel_of(m)
-            if not both(sel):
-                continue
-            y = [cells.index(d["path"][step(m)]) for d, s in zip(drawn, sel) if s]
-            out[key][m] = probe(sel, y)
-            out[key][m]["findings_linear"] = ridge_accuracy(bits[sel], torch.tensor(y), split[sel])
-    per_cell = [probe(torch.ones(len(rows), dtype=torch.bool), [int(d["grid"][r][c] == "darker") for d in drawn])
-                for r in range(3) for c in range(3)]
+    steps = range(1, int(moves.max()) + 1)
+    out = {"end": {m: cell_probe(moves == m, -1) for m in steps if both(moves == m)},
+           "after_move": {j: cell_probe(moves >= j, j) for j in steps if both(moves >= j)}}
+    per_cell = [probe(torch.ones(len(rows), dtype=torch.bool), bits[:, i].long().tolist()) for i in range(9)]
     out["brightness"] = dict(h=[sum(p["h"][k] for p in per_cell) / 9 for k in range(hs.shape[1])],
                              majority=sum(p["majority"] for p in per_cell) / 9)
     return out

@@ -56,8 +56,8 @@ ARMS = {"VITAL": (HOP, ["--k", "sample", "--probe", "--text-window"]),
         "task-only": (["--depth", "own", "--lambda-sem", "0", "--lambda-vis", "0"], ["--k", "sample"])}
 PROBES = ["normal", "zero", "h0", "shuffled"]
 # the arms whose states demo/diagnose.py --walk probes: the K = 0 model's h_0 (does one pass hold the end?) and
-# VITAL's h_0..h_K (does latent step j hold move j?), with diagnose.py's flag for each
-STATE_PROBES = {"K=0": "--k0", "VITAL": "--ckpt"}
+# VITAL's h_0..h_K (does latent step j hold move j?), with diagnose.py's flags, the run's checkpoint after them
+STATE_PROBES = {"K=0": ["--ckpt", "", "--k0"], "VITAL": ["--ckpt"]}
 
 
 def get_args(argv=None):
@@ -158,9 +158,8 @@ def one_run(args, arm, seed, env):
            env, log)
         print(f"[done] {arm} seed {seed} in {time.time() - t0:.0f}s", flush=True)
     if arm in STATE_PROBES and not os.path.isfile(os.path.join(ev, "walk_probes.json")):
-        other = {"--k0": "--ckpt", "--ckpt": "--k0"}[STATE_PROBES[arm]]
-        sh([PY, "demo/diagnose.py", "--walk", "--data", data, STATE_PROBES[arm], os.path.join(run_dir, "phase3"),
-            other, "", "--out", os.path.join(ev, "walk_probes.json")], env, os.path.join(run_dir, "commands.log"))
+        sh([PY, "demo/diagnose.py", "--walk", "--data", data, "--out", os.path.join(ev, "walk_probes.json")]
+           + STATE_PROBES[arm] + [os.path.join(run_dir, "phase3")], env, os.path.join(run_dir, "commands.log"))
     return arm, seed, ev
 
 
