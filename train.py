@@ -76,12 +76,15 @@ from pipeline.training_process import setup, wrap_ddp
 #   2-phase   | K <= 2, 10 ep    | all K, 10 ep     |                  (chosen: same 20 epochs in total)
 #   full-mix  | all K, 20 ep     |                  |                  (chosen: same 20 epochs in total)
 #   reverse   | all K, 10 ep     | K <= 2, 5 ep     | K = 1, 5 ep      (chosen: 3-phase played backwards)
+#   stepwise  | K = 1, 2 ep; then K <= 2, 3, 4, 5, 2 ep each; phase 6 all K, 10 ep (chosen: one phase per extra
+#             | step, as Coconut's stages; a cap at or above the data's largest K admits every item)
 # ----------------------------------------------------------------------------------------------------
 CURRICULA = {
     "3-phase": [(1, 5), (2, 5), (None, 10)],
     "2-phase": [(2, 10), (None, 10)],
     "full-mix": [(None, 20)],
     "reverse": [(None, 10), (2, 5), (1, 5)],
+    "stepwise": [(1, 2), (2, 2), (3, 2), (4, 2), (5, 2), (None, 10)],
 }
 
 

@@ -23,11 +23,16 @@ resumes; a phase killed half-way continues with --resume):
      decoded step k state move k?); then demo/diagnose.py --walk's ridge probes of the K = 0 model's h_0 (does
      one pass hold the end cell?) and of VITAL's h_0..h_K (does h_j hold the cell after move j?);
   4. accuracy by number of moves, mean ± sample std over seeds, VITAL minus each baseline against twice the
-     pooled std (the issue's test), to OUT/results.md, OUT/results.json and demo/walk.md (--moves 6:
-     demo/walk_6_moves.md).
+     pooled std (the issue's test), and "walked or recalled?": accuracy on the 4+ move test items whose nine
+     findings and moves a train item shares (a lookup table recalls their end) and on the rest; to
+     OUT/results.md, OUT/results.json and demo/walk.md (--moves 6: demo/walk_6_moves.md).
+--curriculum stepwise trains every arm K = 1 first, then one more move per phase (train.py CURRICULA; the first
+two phases are the 3-phase runs' own, to the bit), then all walks; its runs, results and demo/*.md carry
+"_stepwise".
 
     python demo/walk.py --seeds 0 1 2 3 4                                    # ~2.5 h on 2 cores (--jobs 2)
     python demo/walk.py --moves 6 --out runs/walk6 --arms VITAL K=0        # 1-6 moves: the K = 0 model's bound
+    python demo/walk.py --moves 6 --out runs/walk6 --curriculum stepwise    # one phase per extra move
 """
 import argparse
 import json
@@ -47,7 +52,9 @@ from demo.ablate import fmt, sh  # noqa: E402
 from demo.run import accuracy_by_type  # noqa: E402
 from embedded.default import phase_finished  # noqa: E402
 PY = sys.executable
-EPOCHS = [4, 2, 3]  # the demo's phases
+# train.py's curriculum -> the demo's epochs per phase; stepwise (one phase per extra move) skips the phases
+# whose cap admits every walk already and warm-starts its last phase from the last one it ran
+EPOCHS = {"3-phase": [4, 2, 3], "stepwise": [4, 2, 2, 2, 2, 3]}
 HOP = ["--depth", "own", "--visual-target", "hop", "--lambda-vis", "1"]
 # name -> (extra train args, evaluate.py's flags); VITAL's probes feed zeros, h_0 or another item's h_{k-1}
 ARMS = {"VITAL": (HOP, ["--k", "sample", "--probe", "--text-window"]),
@@ -71,8 +78,14 @@ def get_args(argv=None):
     ap.add_argument("--lr", type=float, default=1e-3, help="peak lr of every arm (3e-3 wrecks the stand-in's "
                                                            "two-move path: docs/tuning-log.md)")
     ap.add_argument("--lr-k0", type=float, help="the K = 0 arm's own lr (default --lr)")
+    ap.add_argument("--curriculum", default="3-phase", choices=list(EPOCHS),
+                    help="every arm's schedule (train.py CURRICULA); stepwise: K = 1, then one more move per "
+                         "phase, then all walks (its runs, results and demo/*.md carry the name)")
     ap.add_argument("--jobs", type=int, default=2, help="runs at once (OMP_NUM_THREADS = cores / jobs each)")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.curriculum == "stepwise" and args.moves < 2:
+        ap.error("--curriculum stepwise needs --moves 2 or more (its phases add one move each)")
+    return args
 
 
 def stages(args):
@@ -136,30 +149,79 @@ def blind(samples):
     return {m: 100 * c.most_common(1)[0][1] / sum(c.values()) for m, c in ends.items()}
 
 
+def tag(args):
+    return "" if args.curriculum == "3-phase" else f"_{args.curriculum}"
+
+
+def phases(args):
+    """-> [(phase, epochs, warm-start phase or None: the one before)]: the phases of --curriculum a run trains.
+    stepwise: phases 1 .. moves - 1 (K <= phase), then the last (every walk) from phase moves - 1."""
+    ep = EPOCHS[args.curriculum]
+    if args.curriculum == "3-phase":
+        return [(p, e, None) for p, e in enumerate(ep, 1)]
+    first = [(p, ep[p - 1], None) for p in range(1, args.moves)]
+    return first + [(len(ep), ep[-1], args.moves - 1 if args.moves < len(ep) else None)]
+
+
+def pattern(s):
+    """A walk item's nine findings (each lesion darker or not) and its number of moves: all its end depends on."""
+    d = s["meta"]["drawn"]
+    return tuple(x == "darker" for row in d["grid"] for x in row), d["hops"]
+
+
+def memory_groups(samples):
+    """Walked or recalled? The test items of DEEP or more moves split by whether a train item has the same
+    pattern (a model could recall that item's end instead of walking; the nine findings give only 512 patterns).
+    -> ({id: 'seen' | 'unseen'}, {'seen' | 'unseen': (right, n) of a lookup table: the most common end of the
+    train items with the same pattern, else the most common end of the train items with as many moves})."""
+    ends, by_moves = defaultdict(Counter), defaultdict(Counter)
+    for s in samples:
+        if s["split"] == "train":
+            ends[pattern(s)][s["answer"]] += 1
+            by_moves[s["latent_steps"]][s["answer"]] += 1
+    group, lookup = {}, defaultdict(lambda: [0, 0])
+    for s in samples:
+        if s["split"] == "test" and s["latent_steps"] >= DEEP:
+            g = group[s["id"]] = "seen" if pattern(s) in ends else "unseen"
+            recalled = (ends[pattern(s)] if g == "seen" else by_moves[s["latent_steps"]]).most_common(1)[0][0]
+            lookup[g][0] += recalled == s["answer"]
+            lookup[g][1] += 1
+    return group, {g: tuple(v) for g, v in lookup.items()}
+
+
+def by_memory(pred_path, samples, group):
+    """-> {'memory seen' / 'memory unseen': accuracy %} on the DEEP+ move test items (memory_groups)."""
+    tagged = [dict(s, memory=group[s["id"]]) for s in samples if s["id"] in group]
+    return {f"memory {g}": 100 * c / n
+            for g, (c, n) in accuracy_by_type(pred_path, tagged, "memory").items() if g in ("seen", "unseen")}
+
+
 def one_run(args, arm, seed, env):
     extra, flags = ARMS[arm]
     lr = args.lr_k0 if arm == "K=0" and args.lr_k0 else args.lr
     data = os.path.join(args.out, "data")
-    run_dir = os.path.join(args.out, f"{arm.replace('=', '')}_lr{lr:g}", f"s{seed}")  # a new lr: new runs
+    run_dir = os.path.join(args.out, f"{arm.replace('=', '')}_lr{lr:g}{tag(args)}", f"s{seed}")  # new lr: new runs
+    last = os.path.join(run_dir, f"phase{phases(args)[-1][0]}")
     ev = os.path.join(run_dir, "eval")
     wants = ["metrics.json"] + [f for flag, f in (("--probe", "probes.json"), ("--text-window", "text_window.json"))
                                 if flag in flags]
     if not all(os.path.isfile(os.path.join(ev, f)) for f in wants):
         os.makedirs(run_dir, exist_ok=True)
         log, t0 = os.path.join(run_dir, "commands.log"), time.time()
-        for p, ep in enumerate(EPOCHS, 1):
+        for p, ep, init in phases(args):
             phase_dir = os.path.join(run_dir, f"phase{p}")
             if not phase_finished(phase_dir):
                 sh([PY, "train.py", "--data", data, "--preset", "tiny", "--models", args.models, "--out", run_dir,
                     "--backbone", os.path.join(args.out, "pretrain", "phase1", "backbone"), "--phase", str(p),
                     "--epochs", str(ep), "--lora-r", "64", "--lora-alpha", "128", "--lr", f"{lr:g}",
-                    "--seed", str(seed)] + extra + (["--resume"] if os.path.isdir(phase_dir) else []), env, log)
-        sh([PY, "evaluate.py", "--ckpt", os.path.join(run_dir, "phase3"), "--data", data, "--out", ev] + flags,
-           env, log)
+                    "--seed", str(seed), "--curriculum", args.curriculum] + extra
+                   + (["--init", os.path.join(run_dir, f"phase{init}")] if init else [])
+                   + (["--resume"] if os.path.isdir(phase_dir) else []), env, log)
+        sh([PY, "evaluate.py", "--ckpt", last, "--data", data, "--out", ev] + flags, env, log)
         print(f"[done] {arm} seed {seed} in {time.time() - t0:.0f}s", flush=True)
     if arm in STATE_PROBES and not os.path.isfile(os.path.join(ev, "walk_probes.json")):
         sh([PY, "demo/diagnose.py", "--walk", "--data", data, "--out", os.path.join(ev, "walk_probes.json")]
-           + STATE_PROBES[arm] + [os.path.join(run_dir, "phase3")], env, os.path.join(run_dir, "commands.log"))
+           + STATE_PROBES[arm] + [last], env, os.path.join(run_dir, "commands.log"))
     return arm, seed, ev
 
 
@@ -183,7 +245,7 @@ def state_probes(path):
     return flat
 
 
-def tables(res, blind_pct, alone, args):
+def tables(res, blind_pct, alone, args, lookup=None):
     """res: arm -> seed -> {moves or 'all': %}. Markdown: accuracy by moves per arm, then VITAL minus each
     baseline with the issue's test (>= 15 points and > 2 pooled std)."""
     moves = list(range(1, args.moves + 1))
@@ -235,8 +297,28 @@ def tables(res, blind_pct, alone, args):
                 "k; pipeline/text_window.py)", "", "| moves | every move stated (%) | per seed |", "|---|---:|---|"]
         out += [f"| {label(c)} | {fmt(get('VITAL', f'window {c}'))} | "
                 + " / ".join(f"{v:.1f}" for v in get("VITAL", f"window {c}")) + " |" for c in cols]
-    out += probe_tables(res, get, cols, label)
+    out += probe_tables(res, get, cols, label) + memory_table(res, get, lookup or {}, args)
     return "\n".join(out) + "\n"
+
+
+def memory_table(res, get, lookup, args):
+    """Each arm's accuracy on the DEEP+ move test items whose pattern a train item has, and on the rest, beside
+    the lookup table's (memory_groups)."""
+    arms = [a for a in ARMS if a in res and all("memory unseen" in r for r in res[a].values())]
+    if not arms or set(lookup) != {"seen", "unseen"}:
+        return []
+    n = {g: lookup[g][1] for g in lookup}
+    out = ["", f"**Walked or recalled?** ({DEEP}-{args.moves} moves: the test items whose nine findings and number "
+           "of moves occur among the train items, whose end a lookup table recalls with no walk, and the rest)", "",
+           f"| arm | pattern seen in train ({n['seen']} items) | unseen ({n['unseen']} items) | seen - unseen |",
+           "|---|---:|---:|---:|"]
+    for a in arms:
+        seen, unseen = get(a, "memory seen"), get(a, "memory unseen")
+        out.append(f"| {a} | {fmt(seen)} | {fmt(unseen)} | {statistics.mean(seen) - statistics.mean(unseen):+.1f} |")
+    pct = {g: 100 * c / m for g, (c, m) in lookup.items()}
+    out.append(f"| lookup table (the train items' end, else their most common end) | {pct['seen']:.1f} | "
+               f"{pct['unseen']:.1f} | {pct['seen'] - pct['unseen']:+.1f} |")
+    return out
 
 
 def probe_tables(res, get, cols, label):
@@ -274,6 +356,7 @@ def main(argv=None):
     data = os.path.join(args.out, "data")
     samples = [json.loads(l) for l in open(os.path.join(data, "samples.jsonl")) if l.strip()]
     alone = by_moves(os.path.join(args.out, "stand_in_alone", "predictions.jsonl"), samples)
+    group, lookup = memory_groups(samples)
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // args.jobs)))
     res, t0 = {}, time.time()
     with ThreadPoolExecutor(args.jobs) as pool:  # seed-major: a partial run still covers every arm
@@ -282,6 +365,7 @@ def main(argv=None):
             try:
                 arm, seed, ev = f.result()
                 res.setdefault(arm, {})[seed] = by_moves(os.path.join(ev, "predictions.jsonl"), samples)
+                res[arm][seed].update(by_memory(os.path.join(ev, "predictions.jsonl"), samples, group))
                 if os.path.isfile(os.path.join(ev, "probes.json")):
                     probes = json.load(open(os.path.join(ev, "probes.json")))["probes"]
                     res[arm][seed].update({f"probe {n}": probes[n]["accuracy"] for n in PROBES})
@@ -292,17 +376,18 @@ def main(argv=None):
                     res[arm][seed].update(window_by_moves(os.path.join(ev, "text_window.json"), samples))
             except subprocess.CalledProcessError as e:
                 print(f"[failed] {e.cmd[:3]}... exit {e.returncode} (see the run's commands.log)", flush=True)
-    md = tables(res, blind(samples), alone, args)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
+    md = tables(res, blind(samples), alone, args, lookup)
+    with open(os.path.join(args.out, f"results{tag(args)}.md"), "w") as f:
         f.write(md)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
+    with open(os.path.join(args.out, f"results{tag(args)}.json"), "w") as f:
         json.dump({"args": vars(args), "runs": {a: {str(s): {str(k): v for k, v in r.items()} for s, r in v.items()}
                                                 for a, v in res.items()}}, f, indent=2)
     cmd = "python demo/walk.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    with open(os.path.join(HERE, "walk.md" if args.moves == 4 else f"walk_{args.moves}_moves.md"), "w") as f:
+    name = ("walk" if args.moves == 4 else f"walk_{args.moves}_moves") + tag(args)
+    with open(os.path.join(HERE, name + ".md"), "w") as f:
         f.write(f"# The walk's evidence\n\nWritten by `{cmd.strip()}` on {time.strftime('%Y-%m-%d %H:%M')} "
                 f"({os.cpu_count()} cores); {(time.time() - t0) / 60:.1f} min this run. Per-run numbers: "
-                f"{args.out}/results.json.\n\n" + md)
+                f"{args.out}/results{tag(args)}.json.\n\n" + md)
     print("\n" + md)
 
 

@@ -216,6 +216,8 @@ def test_phase_filter_caps_and_train_split(env):
         records, train.get_args(flags(env, "x", "--curriculum", cur, "--phase", p)), "s")}
     assert [admitted("2-phase", p) for p in (1, 2)] == [{1, 2}, {1, 2, 3}]
     assert [admitted("reverse", p) for p in (1, 2, 3)] == [{1, 2, 3}, {1, 2}, {1}]
+    # stepwise: one more K per phase; a cap at or past the data's largest K (3 here) admits every item
+    assert [admitted("stepwise", p) for p in range(1, 7)] == [{1}, {1, 2}] + [{1, 2, 3}] * 4
     def default_epochs(*extra):
         f = flags(env, "x", *extra)
         i = f.index("--epochs")

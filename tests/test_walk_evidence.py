@@ -3,6 +3,8 @@ std), checked against numbers worked out by hand."""
 import json
 from types import SimpleNamespace
 
+import pytest
+
 from demo import walk as W
 
 
@@ -91,3 +93,43 @@ def test_state_probe_tables(tmp_path):
     assert "| 4 | 40.5 ± 0.7 | 70.0 | 44.0 |" in one and "| 4-5 | 45.5 ± 0.7 | 70.0 | 44.5 |" in one
     assert "mean of the nine cells): 99.5 ± 0.7%." in one
     assert "| 2 | 48.0 ± 0.0 | 62.5 ± 0.7 | 66.0 | 20.0 |" in md.split("Does latent step j hold move j?")[1]
+
+
+def test_curriculum_phases():
+    """The phases each run trains: 3-phase as the demo; stepwise adds one move per phase, skips the phases whose
+    cap already admits every walk and warm-starts its last phase from the last one it ran; its files carry the name."""
+    args = lambda *a: W.get_args(["--moves", *a])
+    assert W.phases(args("4")) == [(1, 4, None), (2, 2, None), (3, 3, None)] and W.tag(args("4")) == ""
+    assert W.phases(args("6", "--curriculum", "stepwise")) == [(1, 4, None), (2, 2, None), (3, 2, None),
+                                                               (4, 2, None), (5, 2, None), (6, 3, None)]
+    assert W.phases(args("4", "--curriculum", "stepwise")) == [(1, 4, None), (2, 2, None), (3, 2, None), (6, 3, 3)]
+    assert W.tag(args("4", "--curriculum", "stepwise")) == "_stepwise"
+    with pytest.raises(SystemExit):  # no phase to add a move to
+        args("1", "--curriculum", "stepwise")
+
+
+def test_walked_or_recalled(tmp_path):
+    """memory_groups / by_memory / the table: which 4+ move test items a train item shares the nine findings and
+    moves with, a lookup table's accuracy on each group, and each arm's, worked out by hand."""
+    dark, light = [["darker"] * 3] * 3, [["brighter"] * 3] * 3
+    item = lambda i, split, grid, m, a: dict(id=i, split=split, latent_steps=m, answer=a,
+                                              meta=dict(drawn=dict(grid=grid, hops=m)))
+    samples = [item("tr1", "train", dark, 4, "A"), item("tr2", "train", dark, 4, "A"),
+               item("tr3", "train", light, 4, "B"), item("tr4", "train", light, 5, "C"), item("va", "val", dark, 5, "Z"),     # val: not recalled
+               item("t1", "test", dark, 4, "A"),     # seen, the lookup recalls A: right
+               item("t2", "test", light, 4, "A"),    # seen (light, 4 -> B): wrong
+               item("t3", "test", dark, 5, "C"),     # unseen (only val has dark, 5): 5 moves' commonest C: right
+               item("t4", "test", light, 3, "B")]    # 3 moves: not a multi-hop item
+    group, lookup = W.memory_groups(samples)
+    assert group == {"t1": "seen", "t2": "seen", "t3": "unseen"} and lookup == {"seen": (1, 2), "unseen": (1, 1)}
+    pred = tmp_path / "predictions.jsonl"
+    pred.write_text("".join(json.dumps(dict(id=i, correct=c)) + "\n"
+                            for i, c in [("t1", True), ("t2", True), ("t3", False), ("t4", True)]))
+    assert W.by_memory(str(pred), samples, group) == {"memory seen": 100.0, "memory unseen": 0.0}
+    res = {"VITAL": {0: {"memory seen": 100.0, "memory unseen": 0.0}, 1: {"memory seen": 50.0, "memory unseen": 100.0}}}
+    md = "\n".join(W.memory_table(res, lambda a, c: [res[a][s][c] for s in sorted(res[a])], lookup,
+                                  SimpleNamespace(moves=6)))
+    assert "| pattern seen in train (2 items) | unseen (1 items) |" in md
+    assert "| VITAL | 75.0 ± 35.4 | 50.0 ± 70.7 | +25.0 |" in md
+    assert "| lookup table (the train items' end, else their most common end) | 50.0 | 100.0 | -50.0 |" in md
+    assert W.memory_table({"VITAL": {0: {}}}, None, lookup, SimpleNamespace(moves=6)) == []  # runs without it
