@@ -150,6 +150,7 @@ def blind(samples):
 
 
 def tag(args):
+    """The suffix of a run folder, results file and demo/*.md: none for the demo's 3-phase schedule."""
     return "" if args.curriculum == "3-phase" else f"_{args.curriculum}"
 
 
