@@ -21,6 +21,7 @@ Tasks (--task):
 """
 import argparse
 import itertools
+from collections import Counter, defaultdict
 import os
 import sys
 
@@ -63,10 +64,10 @@ def levels(finds, starts, y, n_train):
     yt = torch.tensor(y)
     probe = lambda X: ridge_accuracy(torch.tensor(X, dtype=torch.float32), yt, train)
     keys = [bytes(row) for row in np.concatenate([finds, starts[:, None]], 1).astype(np.int8)]
-    memory, fallback = {}, np.bincount(y[:n_train]).argmax()
+    memory, fallback = defaultdict(Counter), np.bincount(y[:n_train]).argmax()
     for key, a in zip(keys[:n_train], y):
-        memory.setdefault(key, []).append(a)
-    recalled = [max(set(memory[k]), key=memory[k].count) if k in memory else fallback for k in keys[n_train:]]
+        memory[key][a] += 1
+    recalled = [memory[k].most_common(1)[0][0] if k in memory else fallback for k in keys[n_train:]]
     return {"majority": majority(yt, train), "linear": probe(onehot),
             "quadratic": probe(np.concatenate([onehot, onehot[:, i] * onehot[:, j]], 1)),
             "lookup": 100 * float(np.mean(np.array(recalled) == y[n_train:]))}
