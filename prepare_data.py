@@ -20,12 +20,12 @@ A samples.jsonl line is one training tuple without its ROI feature (extract_roi.
 keyed by `id`): `id` (unique, stable across reruns), `source` (phantom|msd|biomedparse), `subset`,
 `modality`, `target`, `target_type` (organ|lesion|tumor|vessel|tissue|cell|retina), `image`, `mask`,
 `overlay` (PNG paths relative to the file), `question`, `question_type` (yesno|identify|location_choice|
-location|describe|reasoning; caption with --captions), `answer`, `reasoning_chain` (the K step
-sentences), `latent_steps` (= K), `split` (train|val|test), the closed-ended form `choices` +
-`answer_index` (§B.4; every item but captions, in every split), and `meta` (everything else: the measured
-facts, negative, gate retries, where the image came from). A walk item also has `step_masks`: one mask path
-per chain step, the lesion that move lands on (step k's own L_vis target with train.py --visual-target hop;
-the last is `mask`).
+location|describe|reasoning; caption with --captions; walk|cell and order|look on the phantom's grids),
+`answer`, `reasoning_chain` (the K step sentences), `latent_steps` (= K), `split` (train|val|test), the
+closed-ended form `choices` + `answer_index` (§B.4; every item but captions, in every split), and `meta`
+(everything else: the measured facts, negative, gate retries, where the image came from). A walk or order item
+also has `step_masks`: one mask path per chain step, the lesion that move lands on or that step reads (step k's
+own L_vis target with train.py --visual-target hop; the last is `mask`).
 
 Teachers: `geometry` (default) writes chains from the mask and the pixels (offline, leak-free by
 construction); `openai` asks any OpenAI-compatible chat-completions endpoint with the prompt of §A.2.
@@ -57,6 +57,9 @@ JSON and JSONL file is strict JSON (no NaN or Infinity: strict_json refuses them
       # nine lesions on a 3 x 3 grid, 1..4 moves (one step each); add --types cell for "is the lesion in the
       # <cell> cell darker or brighter?" (one hop's perception) or --types walk cell for both; --walk-start
       # 'upper left' starts every walk there (the variant whose hops the tiny backbone reads: tuning log)
+  python prepare_data.py --source phantom --out data/order --n 6000 --image-size 96 --order-hops 6  # the order:
+      # three numbers, reordered by each of the first 1..6 lesions read row by row (its size and brightness say
+      # how); --types look asks one lesion's size and brightness, --types order look both
   python prepare_data.py --source msd --msd-root /data/Task03_Liver /data/Task06_Lung --out data/vital
   python prepare_data.py --source biomedparse --bmp-root /data/BiomedParse/ISIC --out data/vital
   python prepare_data.py --source biomedparse --bmp-root /data/BiomedParse --out data/vital  # all subsets
@@ -78,7 +81,7 @@ from PIL import Image
 from tqdm import tqdm
 
 # the sources: the phantom (and its walk grids), then MSD and BiomedParse (§A.1)
-from embedded.phantom import CELLS, cell_name, phantom_case, phantom_walk_case
+from embedded.phantom import CELLS, LOOKS, S3_SAYS, cell_name, phantom_case, phantom_order_case, phantom_walk_case
 from pipeline.image_facts import measure, overlay_view, share_words  # what the pixels show about a target
 from pipeline.io import slug, strict_json, strict_loads, write_strict_json
 from pipeline.llm_teacher import RequestRefused, TeacherUnavailable, openai_teacher  # §A.2
@@ -87,6 +90,7 @@ from pipeline.segmentation_sources import bmp_cases, bmp_work, msd_cases, read_m
 
 # ----------------------------------------------------------------------------- questions (§A.1, Table 4)
 GRID_TYPES = ["walk", "cell"]  # the questions of a walk grid (--walk-hops): the walk, one cell's brightness
+ORDER_TYPES = ["order", "look"]  # of an order grid (--order-hops): the order, one cell's size and brightness
 
 
 def stable_hash(text):
@@ -115,6 +119,13 @@ TEMPLATES = {
                    "the right, a brighter one one cell down, wrapping round at the edges. After {hops} moves, "
                    "which cell are you in?"]},
     "cell": {"*": ["Is the lesion in the {cell} cell of this {mp} darker or brighter than its surroundings?"]},
+    # the order (embedded/phantom.py, --order-hops): a stated state machine over the lesions in reading order
+    "order": {"*": ["Three numbers stand in the order 1, 2, 3. Read the lesions of this {mp} row by row, from the "
+                    "upper left cell. A small darker lesion sends the first number to the end, a large darker one "
+                    "swaps the first two numbers, a small brighter one swaps the last two, and a large brighter one "
+                    "swaps the first and the last. After {hops} lesions, in what order do the numbers stand?"]},
+    "look": {"*": ["Is the lesion in the {cell} cell of this {mp} small or large, and darker or brighter than its "
+                   "surroundings?"]},
     "reasoning": {"*": ["Grade the {t} in this {mp} by the points rule: one point each for an irregular shape, "
                         "lying in the upper part, a large size and being darker than its surroundings. What is the "
                         "grade?"],
@@ -151,7 +162,8 @@ def samples_for(case, args):
     rotated = types[r % len(types):] + types[:r % len(types)]
     mp = "fundus photograph" if case["modality"] == "fundus" else f"{case['modality']} image"
     drawn = case["meta"].get("drawn", {})  # a phantom's drawn attributes (the walk's grid, start and hops)
-    grid_types = [t for t in args.types or ["walk"] if t in GRID_TYPES]  # a walk grid is asked these only
+    kind = ["order"] if "sizes" in drawn else ["walk"]  # an order grid, else a walk grid: asked these only
+    grid_types = [t for t in args.types or kind if t in GRID_TYPES + ORDER_TYPES]
     asked = ["caption"] if args.captions else grid_types if "grid" in drawn else rotated[:args.questions_per_image]
     for qtype in asked:
         sid = f"{key}--{qtype}"
@@ -162,7 +174,7 @@ def samples_for(case, args):
             negative = True  # ask about a target that is absent from this image
         # a tumor is asked about in the words of a lesion
         forms = TEMPLATES[qtype].get("lesion" if ttype == "tumor" else ttype, TEMPLATES[qtype]["*"])
-        cell = drawn.get("path", [None])[-1]  # a "cell" question names the lesion of the case's mask
+        cell = drawn.get("look_cell") or drawn.get("path", [None])[-1]  # a "cell" question: the case's mask
         question = rng.choice(forms).format(t=target, art=article(target, ttype), mp=mp, cell=cell, **drawn)
         yield {"id": sid, "target": target, "target_type": ttype, "negative": negative,
                "question": question, "question_type": qtype, "rng": rng, "cell": cell}
@@ -242,6 +254,27 @@ def cell_answer(drawn, cell):
     return f"The lesion in the {cell} cell is {drawn['grid'][r][c]} than its surroundings."
 
 
+def look_answer(drawn, cell):
+    r, c = next(x for x in CELLS if cell_name(x) == cell)
+    return f"The lesion in the {cell} cell is {drawn['sizes'][r][c]} and {drawn['grid'][r][c]} than its surroundings."
+
+
+def order_answer(order):
+    return f"The numbers stand in the order {', '.join(order)}."
+
+
+def order_chain(drawn):
+    """One step per lesion read: its cell, its look, what that does to the order, and the order it leaves, said as
+    its first and last number (every state names all three numbers, so its order is in where they stand:
+    pipeline/text_window.py scores the content words in order)."""
+    steps = []
+    for cell, (r, c), before, after in zip(drawn["read"], CELLS, drawn["path"], drawn["path"][1:]):
+        look = (drawn["sizes"][r][c], drawn["grid"][r][c])
+        steps.append(f"The lesion in the {cell} cell is {look[0]} and {look[1]} than its surroundings, so "
+                     f"{S3_SAYS[LOOKS.index(look)]}, which leaves {after[0]} first and {after[-1]} last.")
+    return steps
+
+
 def walk_answer(cell):
     return f"The walk ends in the {cell} cell."
 
@@ -270,6 +303,15 @@ def closed_form(sample, f, case, rng):
         drawn, cell = case["meta"]["drawn"], sample["cell"]
         choices = [cell_answer(dict(drawn, grid=[[b] * 3] * 3), cell) for b in ("darker", "brighter")]
         return choices, choices.index(cell_answer(drawn, cell))
+    if qtype == "look":  # the four looks
+        drawn, cell = case["meta"]["drawn"], sample["cell"]
+        choices = [look_answer(dict(drawn, sizes=[[z] * 3] * 3, grid=[[b] * 3] * 3), cell) for z, b in LOOKS]
+        return choices, choices.index(look_answer(drawn, cell))
+    if qtype == "order":  # the six orders
+        true = order_answer(case["meta"]["drawn"]["path"][-1])
+        choices = [order_answer(o) for o in ("123", "132", "213", "231", "312", "321")]
+        rng.shuffle(choices)
+        return choices, choices.index(true)
     if qtype == "walk":  # the nine cells
         true, choices = walk_answer(case["meta"]["drawn"]["path"][-1]), [walk_answer(cell_name(c)) for c in CELLS]
         rng.shuffle(choices)
@@ -326,6 +368,12 @@ def geometry_teacher(case, sample, facts, strict, args):
     if qtype == "cell":  # one step: the answer itself
         answer = cell_answer(case["meta"]["drawn"], sample["cell"])
         return json.dumps({"final_answer": answer, "reasoning_chain": [answer]})
+    if qtype == "look":
+        answer = look_answer(case["meta"]["drawn"], sample["cell"])
+        return json.dumps({"final_answer": answer, "reasoning_chain": [answer]})
+    if qtype == "order":  # as many steps as lesions read
+        drawn = case["meta"]["drawn"]
+        return json.dumps({"final_answer": order_answer(drawn["path"][-1]), "reasoning_chain": order_chain(drawn)})
     if qtype == "walk":  # as many steps as moves
         drawn = case["meta"]["drawn"]
         return json.dumps({"final_answer": walk_answer(drawn["path"][-1]), "reasoning_chain": walk_chain(drawn)})
@@ -353,6 +401,7 @@ def process(work):
         cases = [phantom_walk_case(work[1], args.seed, args.image_size, args.walk_hops, args.grid_lesions,
                                    args.grid_coded, args.walk_start)
                  if args.walk_hops else
+                 phantom_order_case(work[1], args.seed, args.image_size, args.order_hops) if args.order_hops else
                  phantom_case(work[1], args.seed, args.image_size)] if work[0] == "phantom" else \
             msd_cases(work, args) if work[0] == "msd" else bmp_cases(work, args)
         for case in cases:
@@ -416,7 +465,7 @@ def teach_case(case, todo, args):
         chain = out["reasoning_chain"]
         record = dict(head, **paths, **asked, answer=out["final_answer"], reasoning_chain=chain,
                       latent_steps=len(chain), split=assign_split(case["group"], args, case.get("folder_split")))
-        if sample["question_type"] == "walk":  # the lesion each move lands on: step k's own visual target
+        if sample["question_type"] in ("walk", "order"):  # the lesion step k reads: its own visual target
             record["step_masks"] = step_paths
         if sample["question_type"] != "caption":  # every split (train.py --options-rate, evaluate.py); the
             # sample's own RNG, drawn last: test items keep the choices they had when only they got them
@@ -509,6 +558,10 @@ def get_args(argv=None):
     p.add_argument("--walk-hops", type=int, default=0, choices=range(0, 7),
                    help="N > 0: every phantom is a 3 x 3 grid of lesions asked the walk question (1..N moves, "
                         "one reasoning step each; embedded/phantom.py); 0: the six question types")
+    p.add_argument("--order-hops", type=int, default=0, choices=range(0, 10),
+                   help="N > 0: every phantom is a 3 x 3 grid of lesions asked the order question (the first 1..N "
+                        "lesions read, one reasoning step each; embedded/phantom.py); --types look asks one "
+                        "lesion's size and brightness instead (or --types order look, both)")
     p.add_argument("--grid-lesions", type=int, default=9, choices=range(1, 10),
                    help="lesions on a walk grid (< 9: cells off the walk stay empty, a curriculum for --types cell)")
     p.add_argument("--walk-start", choices=[cell_name(c) for c in CELLS], metavar="CELL",
@@ -520,7 +573,7 @@ def get_args(argv=None):
     # --- questions and splits
     p.add_argument("--questions-per-image", type=int, default=1, choices=range(1, 7),
                    help="question types per (image, target)")
-    p.add_argument("--types", nargs="+", choices=QUESTION_TYPES + GRID_TYPES, default=None,
+    p.add_argument("--types", nargs="+", choices=QUESTION_TYPES + GRID_TYPES + ORDER_TYPES, default=None,
                    help="ask only these question types (rotated like the six; default: all six)")
     p.add_argument("--captions", action="store_true",
                    help="instead of the six VITAL question types, one target-free caption per image: the "
@@ -575,9 +628,13 @@ def check_numbers(p, args):
         p.error(f"--out {args.out} is a file, not a folder")
     if args.walk_start and not args.walk_hops:
         p.error("--walk-start needs --walk-hops N (it is where every walk begins)")
-    if bool(args.walk_hops) != bool(args.types and set(args.types) & set(GRID_TYPES)) and args.types:
-        p.error(f"--types {' '.join(GRID_TYPES)} are asked of walk grids only, and a walk grid only them: "
-                "give them together with --walk-hops N (and the six types without it)")
+    if args.walk_hops and args.order_hops:
+        p.error("--walk-hops and --order-hops make two kinds of grid: give one per run (another --out or --seed)")
+    for flag, hops, types in (("--walk-hops", args.walk_hops, GRID_TYPES), ("--order-hops", args.order_hops,
+                                                                          ORDER_TYPES)):
+        if args.types and bool(hops) != bool(set(args.types) & set(types)):
+            p.error(f"--types {' '.join(types)} are asked of {flag} grids only, and such a grid only them: give "
+                    f"them together with {flag} N (and the six types without it)")
 
 
 def make_work(args):

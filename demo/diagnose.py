@@ -15,7 +15,9 @@ Why does the miniature VITAL not beat its K = 0 model? Two measurements on the d
    question that needs more passes than one should not), and does VITAL's h_j hold the cell after move j?
    Ridge probes beside two baselines: the most common cell, and the same probe on the nine true brightness
    bits (a fixed-start walk's end is partly a linear function of them: what a state that holds the findings
-   gives a linear probe with no hop computed). demo/walk.py runs it on every seed.
+   gives a linear probe with no hop computed). demo/walk.py runs it on every seed. On the order question
+   (prepare_data.py --order-hops) the same probes read the order after the first N lesions and after lesion j,
+   and the baseline probe gets each lesion's size as well as its brightness.
 
     python demo/diagnose.py                                   # runs/demo's backbone, data and VITAL
     python demo/diagnose.py --backbone B --data D --ckpt C    # other artifacts
@@ -127,9 +129,10 @@ def latent_probes(hs, rows):
 
 
 def walk_rows(args):
-    """Every walk item of samples.jsonl (train and test split): the issue's multi-hop question."""
+    """Every walk or order item of samples.jsonl (train and test split): the issue's multi-hop questions (both
+    keep their states in meta.drawn.path: the cell after each move, the order after each lesion)."""
     return [r for _, r in IO.read_jsonl(os.path.join(args.data, "samples.jsonl"), E.EvalError)
-            if r.get("question_type") == "walk"]
+            if r.get("question_type") in ("walk", "order")]
 
 
 def walk_probes(hs, rows):
@@ -153,8 +156,10 @@ def walk_probes(hs, rows):
         return dict(h=[ridge_accuracy(hs[sel, k], y, train) for k in range(hs.shape[1])],
                     majority=majority(y, train), n_test=int((~train).sum()))
 
-    # the nine lesions' brightness themselves: how much of the end a linear probe reads with no hop computed
-    bits = torch.tensor([[float(x == "darker") for row in d["grid"] for x in row] for d in drawn])
+    # the nine lesions' findings themselves (brightness; and size, on an order grid): how much of the end a linear
+    # probe reads with no hop computed
+    bits = torch.tensor([[float(x in ("darker", "large")) for g in ("grid", "sizes") for row in d.get(g, [])
+                          for x in row] for d in drawn])
 
     def cell_probe(sel, at):  # the cell at path[at] on the rows in sel, from each state and from the bits
         y = [cells.index(d["path"][at]) for d, s in zip(drawn, sel) if s]
@@ -164,7 +169,7 @@ def walk_probes(hs, rows):
     steps = range(1, int(moves.max()) + 1)
     out = {"end": {m: cell_probe(moves == m, -1) for m in steps if both(moves == m)},
            "after_move": {j: cell_probe(moves >= j, j) for j in steps if both(moves >= j)}}
-    per_cell = [probe(torch.ones(len(rows), dtype=torch.bool), bits[:, i].long().tolist()) for i in range(9)]
+    per_cell = [probe(torch.ones(len(rows), dtype=torch.bool), bits[:, i].long().tolist()) for i in range(9)]  # darker
     out["brightness"] = dict(h=[sum(p["h"][k] for p in per_cell) / 9 for k in range(hs.shape[1])],
                              majority=sum(p["majority"] for p in per_cell) / 9)
     return out

@@ -12,9 +12,9 @@ beside the most common answer. A task that needs p passes leaves all three near 
 Tasks (--task):
   walk   the phantom's walk (embedded/phantom.walk): 3 x 3 lesions, a darker one sends you one cell right, a
          brighter one down, wrapping round, from the upper-left cell (--start random: from a stated random cell)
-  s3     a state machine that does not commute: three tokens in three slots; the lesions are read in reading
-         order, and each of four findings (darker or brighter, times round or irregular) rotates the tokens or
-         swaps two of them; the answer is their order after the first N lesions (6 orders)
+  s3     the phantom's order question (embedded/phantom.py, prepare_data.py --order-hops): three numbers; the
+         lesions are read in reading order, and each of four findings (small or large, times darker or brighter)
+         sends the first to the end or swaps two of them; the answer is their order after the first N lesions
 
     python demo/task_leaks.py                      # the walk as demo/walk.py trains it (1-6 moves)
     python demo/task_leaks.py --task s3 --hops 1 2 3 4 5 6 9
@@ -30,10 +30,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from demo.diagnose import majority, ridge_accuracy  # noqa: E402
-from embedded.phantom import CELLS, walk  # noqa: E402
+from embedded.phantom import CELLS, S3_MOVES, walk  # noqa: E402  (S3_MOVES: the order question's rule)
 
 ORDERS = list(itertools.permutations(range(3)))
-S3_MOVES = [(1, 2, 0), (1, 0, 2), (0, 2, 1), (2, 1, 0)]  # finding 0..3 -> a rotation, then three swaps
 
 
 def draw(task, hops, n, rng, start="fixed"):

@@ -26,6 +26,12 @@ resumes; a phase killed half-way continues with --resume):
      pooled std (the issue's test), and "walked or recalled?": accuracy on the 4+ move test items whose nine
      findings and moves a train item shares (a lookup table recalls their end) and on the rest; to
      OUT/results.md, OUT/results.json and demo/walk.md (--moves 6: demo/walk_6_moves.md).
+--task order asks the order question instead (prepare_data.py --order-hops): three numbers, reordered by each of
+the first N lesions read row by row (a small or large, darker or brighter lesion sends the first number to the end or
+swaps two); no sum, pairwise product or lookup of the findings answers it past a few lesions (demo/task_leaks.py
+--task s3). Its stand-in is trained on one lesion and on any lesion's look (3,000 images, both questions), so that
+from the second lesion on the state must come through the loop, and is then checked on 400 unseen images (perception
+first: its results start with that line); its demo/*.md are order_*.
 --curriculum stepwise trains every arm K = 1 first, then one more move per phase (train.py CURRICULA; the first
 two phases are the 3-phase runs' own, to the bit), then all walks; its runs, results and demo/*.md carry
 "_stepwise".
@@ -33,6 +39,7 @@ two phases are the 3-phase runs' own, to the bit), then all walks; its runs, res
     python demo/walk.py --seeds 0 1 2 3 4                                    # ~2.5 h on 2 cores (--jobs 2)
     python demo/walk.py --moves 6 --out runs/walk6 --arms VITAL K=0        # 1-6 moves: the K = 0 model's bound
     python demo/walk.py --moves 6 --out runs/walk6 --curriculum stepwise    # one phase per extra move
+    python demo/walk.py --task order --moves 6 --out runs/order6 --curriculum stepwise   # the order question
 """
 import argparse
 import json
@@ -78,6 +85,10 @@ def get_args(argv=None):
     ap.add_argument("--lr", type=float, default=1e-3, help="peak lr of every arm (3e-3 wrecks the stand-in's "
                                                            "two-move path: docs/tuning-log.md)")
     ap.add_argument("--lr-k0", type=float, help="the K = 0 arm's own lr (default --lr)")
+    ap.add_argument("--task", default="walk", choices=["walk", "order"],
+                    help="walk: the 3 x 3 walk from the upper left cell; order: three numbers reordered by each "
+                         "lesion in reading order (prepare_data.py --order-hops; a state machine that does not "
+                         "commute), its stand-in trained on one lesion and on every lesion's look")
     ap.add_argument("--curriculum", default="3-phase", choices=list(EPOCHS),
                     help="every arm's schedule (train.py CURRICULA); stepwise: K = 1, then one more move per "
                          "phase, then all walks (its runs, results and demo/*.md carry the name)")
@@ -91,22 +102,52 @@ def get_args(argv=None):
 def stages(args):
     """(command, the file that says it is done) for the inputs every run shares."""
     d, pre = os.path.join(args.out, "data"), os.path.join(args.out, "pretrain_data")
-    walk = ["--source", "phantom", "--image-size", "96", "--walk-start", "upper left"]
+    grid = ["--source", "phantom", "--image-size", "96"]
+    if args.task == "walk":
+        walk = grid + ["--walk-start", "upper left"]
+        data, stand_in = walk + ["--walk-hops", str(args.moves)], walk + ["--n", "6000", "--walk-hops", "2"]
+    else:  # the stand-in reads one lesion (the first, for the question) and any lesion's look, at K = 0
+        data, stand_in = grid + ["--order-hops", str(args.moves)], grid + ["--n", "3000", "--order-hops", "1",
+                                                                           "--types", "order", "look"]
     return [([PY, "embedded/tiny.py", args.models], os.path.join(args.models, "encoder", "config.json")),
-            ([PY, "prepare_data.py", "--out", d, "--n", "6000", "--seed", "0", "--walk-hops", str(args.moves)] + walk,
-             os.path.join(d, "stats.json")),
+            ([PY, "prepare_data.py", "--out", d, "--n", "6000", "--seed", "0"] + data, os.path.join(d, "stats.json")),
             ([PY, "extract_roi.py", "--samples", os.path.join(d, "samples.jsonl"), "--out",
               os.path.join(d, "roi.safetensors"), "--encoder", "embedded/pretrained/encoder_pretrained",
               "--tau", "0", "--quiet"], os.path.join(d, "roi.safetensors")),
-            ([PY, "prepare_data.py", "--out", pre, "--n", "6000", "--seed", "1", "--walk-hops", "2",
-              "--test-frac", "0", "--val-frac", "0"] + walk, os.path.join(pre, "stats.json")),
+            ([PY, "prepare_data.py", "--out", pre, "--seed", "1", "--test-frac", "0", "--val-frac", "0"] + stand_in,
+             os.path.join(pre, "stats.json")),
             ([PY, "demo/pretrain.py", "--data", pre, "--models", args.models, "--out",
               os.path.join(args.out, "pretrain"), "--epochs", "10", "--lr", "3e-3"]
              + (["--resume"] if os.path.isdir(os.path.join(args.out, "pretrain", "phase1")) else []),
              os.path.join(args.out, "pretrain", "phase1", "backbone", "config.json")),
             ([PY, "evaluate.py", "--ckpt", os.path.join(args.out, "pretrain", "phase1"), "--data", d,
               "--out", os.path.join(args.out, "stand_in_alone"), "--k", "0"],
-             os.path.join(args.out, "stand_in_alone", "metrics.json"))]
+             os.path.join(args.out, "stand_in_alone", "metrics.json"))] + perception_stages(args)
+
+
+def perception_stages(args):
+    """Perception first (the issue): the stand-in alone, at K = 0, on 400 images of a seed neither the data nor the
+    stand-in saw, each asked one lesion's look (any of the nine) and the first lesion's order; none for the walk."""
+    if args.task != "order":
+        return []
+    d, ev = os.path.join(args.out, "perception_data"), os.path.join(args.out, "stand_in_perception")
+    return [([PY, "prepare_data.py", "--out", d, "--n", "400", "--seed", "2", "--source", "phantom", "--image-size",
+              "96", "--order-hops", "1", "--types", "order", "look", "--test-frac", "1", "--val-frac", "0"],
+             os.path.join(d, "stats.json")),
+            ([PY, "evaluate.py", "--ckpt", os.path.join(args.out, "pretrain", "phase1"), "--data", d, "--out", ev,
+              "--k", "0"], os.path.join(ev, "metrics.json"))]
+
+
+def perception(args):
+    """-> a line of the results: the stand-in's accuracy on perception_stages' questions ('' for the walk)."""
+    if args.task != "order":
+        return ""
+    samples = [json.loads(l) for l in open(os.path.join(args.out, "perception_data", "samples.jsonl")) if l.strip()]
+    acc = {t: 100 * c / n for t, (c, n) in accuracy_by_type(os.path.join(args.out, "stand_in_perception",
+                                                                         "predictions.jsonl"), samples).items()}
+    return (f"Perception first: the stand-in alone (K = 0) on 400 unseen images reads one lesion's size and brightness "
+            f"(any of the nine; chance 25%) at {acc['look']:.1f}% and answers the order after the first lesion at "
+            f"{acc['order']:.1f}%.\n\n")
 
 
 DEEP = 4  # the issue's multi-hop questions: p >= 4 hops, more than a 2-layer LLM unrolls in one pass
@@ -165,8 +206,11 @@ def phases(args):
 
 
 def pattern(s):
-    """A walk item's nine findings (each lesion darker or not) and its number of moves: all its end depends on."""
+    """All an item's end depends on: a walk's nine findings (each lesion darker or not) and its number of moves;
+    an order item's looks of the lesions it reads (size and brightness)."""
     d = s["meta"]["drawn"]
+    if "sizes" in d:
+        return tuple(d["sizes"][i // 3][i % 3] + d["grid"][i // 3][i % 3] for i in range(d["hops"]))
     return tuple(x == "darker" for row in d["grid"] for x in row), d["hops"]
 
 
@@ -309,8 +353,9 @@ def memory_table(res, get, lookup, args):
     if not arms or set(lookup) != {"seen", "unseen"}:
         return []
     n = {g: lookup[g][1] for g in lookup}
-    out = ["", f"**Walked or recalled?** ({DEEP}-{args.moves} moves: the test items whose nine findings and number "
-           "of moves occur among the train items, whose end a lookup table recalls with no walk, and the rest)", "",
+    out = ["", f"**Walked or recalled?** ({DEEP}-{args.moves} moves: the test items whose findings (a walk's nine and "
+           "its moves; an order item's lesions read) occur among the train items, whose end a lookup table recalls "
+           "with no walk, and the rest)", "",
            f"| arm | pattern seen in train ({n['seen']} items) | unseen ({n['unseen']} items) | seen - unseen |",
            "|---|---:|---:|---:|"]
     for a in arms:
@@ -377,14 +422,14 @@ def main(argv=None):
                     res[arm][seed].update(window_by_moves(os.path.join(ev, "text_window.json"), samples))
             except subprocess.CalledProcessError as e:
                 print(f"[failed] {e.cmd[:3]}... exit {e.returncode} (see the run's commands.log)", flush=True)
-    md = tables(res, blind(samples), alone, args, lookup)
+    md = perception(args) + tables(res, blind(samples), alone, args, lookup)
     with open(os.path.join(args.out, f"results{tag(args)}.md"), "w") as f:
         f.write(md)
     with open(os.path.join(args.out, f"results{tag(args)}.json"), "w") as f:
         json.dump({"args": vars(args), "runs": {a: {str(s): {str(k): v for k, v in r.items()} for s, r in v.items()}
                                                 for a, v in res.items()}}, f, indent=2)
     cmd = "python demo/walk.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    name = ("walk" if args.moves == 4 else f"walk_{args.moves}_moves") + tag(args)
+    name = (args.task if args.moves == 4 else f"{args.task}_{args.moves}_moves") + tag(args)
     with open(os.path.join(HERE, name + ".md"), "w") as f:
         f.write(f"# The walk's evidence\n\nWritten by `{cmd.strip()}` on {time.strftime('%Y-%m-%d %H:%M')} "
                 f"({os.cpu_count()} cores); {(time.time() - t0) / 60:.1f} min this run. Per-run numbers: "

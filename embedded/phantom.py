@@ -155,6 +155,31 @@ def coded_lesion(r, c, cx, cy, xx, yy):
     return np.hypot(u, w) <= rad * (1 + 0.35 * np.cos(4 * np.arctan2(w, u)))
 
 
+def draw_lesions(img, rng, xx, yy, grid, radius, empty=(), shape=None):
+    """Nine round lesions, one well inside each cell of the 3 x 3 grid (one merged visual token sees one lesion),
+    each 0.3 darker or brighter (grid[r][c]) than the mean of what it covers; radius(r, c) -> the range its radius
+    is drawn from. A cell in `empty` is drawn (the RNG moves on) but left out; shape(r, c, cx, cy, xx, yy), when
+    given, replaces the disc. -> (image, {cell: mask})."""
+    masks = {}
+    for r, c in CELLS:
+        cx, cy = (c + 0.5 + rng.uniform(-0.06, 0.06)) / 3, (r + 0.5 + rng.uniform(-0.06, 0.06)) / 3
+        m = (xx - cx) ** 2 + (yy - cy) ** 2 <= rng.uniform(*radius(r, c)) ** 2
+        m = shape(r, c, cx, cy, xx, yy) if shape else m
+        if (r, c) in empty:
+            continue
+        value = np.clip(img[m].mean(axis=0) + (0.3 if grid[r][c] == "brighter" else -0.3), 0.02, 0.98)
+        img = np.where(m[..., None] if img.ndim == 3 else m, value, img)
+        masks[(r, c)] = m
+    return img, masks
+
+
+def finish(img, modality, rng, size):
+    """The speckle of an ultrasound and every image's pixel noise, drawn after the lesions."""
+    if modality == "ultrasound":
+        img = img * (1 + 0.15 * gaussian_blur(rng.normal(0, 1, (size, size)), 0.7))
+    return img + rng.normal(0, 0.015, img.shape)
+
+
 def phantom_walk_case(index, seed, size, max_hops, lesions=9, coded=False, fixed_start=None):
     """One walk image: nine round lesions on a 3 x 3 grid, each drawn darker or brighter at random, a start
     cell and a number of moves (1..max_hops) drawn from the same seeded RNG; the case's mask is the lesion
@@ -172,23 +197,63 @@ def phantom_walk_case(index, seed, size, max_hops, lesions=9, coded=False, fixed
     path = walk(grid, start, hops)
     others = [cell for cell in CELLS if cell not in path]
     empty = set(map(tuple, np.random.default_rng([seed, index, 2]).permutation(others)[:max(0, 9 - lesions)]))
-    masks = {}
-    for r, c in CELLS:  # a lesion well inside its cell: one merged visual token sees one lesion
-        cx, cy = (c + 0.5 + rng.uniform(-0.06, 0.06)) / 3, (r + 0.5 + rng.uniform(-0.06, 0.06)) / 3
-        m = (xx - cx) ** 2 + (yy - cy) ** 2 <= rng.uniform(0.075, 0.09) ** 2
-        m = coded_lesion(r, c, cx, cy, xx, yy) if coded else m
-        if (r, c) in empty:
-            continue
-        value = np.clip(img[m].mean(axis=0) + (0.3 if grid[r][c] == "brighter" else -0.3), 0.02, 0.98)
-        img = np.where(m[..., None] if img.ndim == 3 else m, value, img)
-        masks[(r, c)] = m
-    if modality == "ultrasound":
-        img = img * (1 + 0.15 * gaussian_blur(rng.normal(0, 1, (size, size)), 0.7))
-    img = img + rng.normal(0, 0.015, img.shape)
+    img, masks = draw_lesions(img, rng, xx, yy, grid, lambda r, c: (0.075, 0.09), empty,
+                              coded_lesion if coded else None)
+    img = finish(img, modality, rng, size)
     key = f"phantom-walk-s{seed}-{index:06d}"
     drawn = {"grid": grid, "start": cell_name(start), "hops": hops, "path": [cell_name(p) for p in path],
              "empty": sorted(cell_name(e) for e in empty)}
     return {"image_key": key, "group": key, "source": "phantom", "subset": f"phantom-walk-{slug(modality)}",
             "modality": modality, "target": "lesion", "target_type": "lesion", "image": to_uint8(img),
             "mask": masks[path[-1]], "step_masks": [masks[p] for p in path[1:]], "others": [], "order": index,
+            "meta": {"drawn": drawn}}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The order question: a state machine that does not commute (issue 25). Three numbers stand in the order 1, 2,
+# 3; the nine lesions are read row by row from the upper left cell, and each changes the order by its look: a
+# small darker lesion sends the first number to the end, a large darker one swaps the first two, a small
+# brighter one the last two, a large brighter one the first and the last. The answer is the order after the
+# first `hops` lesions. Every step reads a fixed cell, but what it does depends on the order the steps before it
+# left, and the four moves generate all six orders (S3): no sum, count or pairwise product of the findings
+# gives the answer past a few lesions (demo/task_leaks.py --task s3).
+# ----------------------------------------------------------------------------------------------------
+LOOKS = [("small", "darker"), ("large", "darker"), ("small", "brighter"), ("large", "brighter")]
+S3_MOVES = [(1, 2, 0), (1, 0, 2), (0, 2, 1), (2, 1, 0)]  # by look: new order = old order at these places
+S3_SAYS = ["the first number goes to the end", "the first two numbers swap", "the last two numbers swap",
+           "the first and last numbers swap"]
+
+
+def reorder(order, look):
+    """order: '123'-like string; look: one of LOOKS -> the order after that lesion is read."""
+    return "".join(order[i] for i in S3_MOVES[LOOKS.index(look)])
+
+
+def phantom_order_case(index, seed, size, max_hops):
+    """One order image: nine lesions on a 3 x 3 grid, each small or large and darker or brighter at random, and a
+    number of lesions to read (1..max_hops), from a seeded RNG. The case's mask is the last lesion read;
+    step_masks holds lesion k for step k. meta.drawn: grid (brightness), sizes, hops, path (the order before
+    and after each lesion read: path[0] = '123'), read (the cells read) and look_cell (the cell the one-lesion
+    'look' question asks about, any of the nine)."""
+    rng = np.random.default_rng([seed, index, 3])  # a stream of its own: not the walk's
+    modality = sorted(PHANTOM_TARGETS)[rng.integers(len(PHANTOM_TARGETS))]
+    yy, xx = (np.mgrid[0:size, 0:size] + 0.5) / size
+    img = phantom_background(modality, rng, xx, yy)
+    grid = [["brighter" if b else "darker" for b in row] for row in rng.random((3, 3)) < 0.5]
+    sizes = [["large" if b else "small" for b in row] for row in rng.random((3, 3)) < 0.5]
+    hops, look_cell = int(rng.integers(1, max_hops + 1)), CELLS[rng.integers(len(CELLS))]
+    # sizes far apart (radius 3.4-3.8 px against 9.1-9.6 px at 96 px): with 4.3-5.3 against 8.6-9.6 px the stand-in
+    # learnt brightness and never size (docs/tuning-log.md)
+    img, masks = draw_lesions(img, rng, xx, yy, grid,
+                              lambda r, c: (0.095, 0.1) if sizes[r][c] == "large" else (0.035, 0.04))
+    img = finish(img, modality, rng, size)
+    read, path = CELLS[:hops], ["123"]
+    for r, c in read:
+        path.append(reorder(path[-1], (sizes[r][c], grid[r][c])))
+    key = f"phantom-order-s{seed}-{index:06d}"
+    drawn = {"grid": grid, "sizes": sizes, "hops": hops, "path": path, "read": [cell_name(c) for c in read],
+             "look_cell": cell_name(look_cell)}
+    return {"image_key": key, "group": key, "source": "phantom", "subset": f"phantom-order-{slug(modality)}",
+            "modality": modality, "target": "lesion", "target_type": "lesion", "image": to_uint8(img),
+            "mask": masks[read[-1]], "step_masks": [masks[c] for c in read], "others": [], "order": index,
             "meta": {"drawn": drawn}}

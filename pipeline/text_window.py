@@ -7,7 +7,9 @@ surroundings, so move one cell <across> to the <upper middle> cell."). The templ
 is every word that at least 90% of that step's reference sentences share (a finding that nearly every item
 shares tells nothing about the item); the rest of a sentence is its content (words as the VQA metrics normalise
 them: lower case, no punctuation or articles, numbers as digits). A decoded step is RIGHT when its content words
-are the reference's (as sets). Beside it:
+are the reference's in the same order (each word counted at its first appearance: a repeated phrase is no error,
+but "upper left ... lower right" is not "lower left ... upper right", nor the order "2, 3, 1" the order "3, 2, 1").
+Beside it:
   prior     what a decoder that ignores the item scores: the share of items whose reference content is the most
             common one at that step (a window that always says the same thing scores about this);
   distinct  how many different sentences the window produced at that step, against the references' count.
@@ -42,7 +44,7 @@ def score(steps):
     rows, per_item = [], []
     for (qtype, k), group in sorted(groups.items()):
         tpl = template([s["ref"] for s in group])
-        content = lambda text: frozenset(w for w in words(text) if w not in tpl)
+        content = lambda text: tuple(dict.fromkeys(w for w in words(text) if w not in tpl))
         scored = [s for s in group if content(s["ref"])]
         per_item += [dict(s, right=content(s["decoded"]) == content(s["ref"]) if content(s["ref"]) else None)
                      for s in group]

@@ -31,11 +31,20 @@ def test_template_and_score_by_hand():
     res = TW.score([step(refs[0], refs[0]),                                             # right
                     step(refs[1], refs[2]),                                             # another item's finding
                     step(refs[2], "The lesion in the center cell is darker so move across"),  # right, unpunctuated
-                    step(refs[3], "lesion in lower right cell is brighter so move down, move down")])  # right: sets
+                    step(refs[3], "lesion in lower right cell is brighter so move down, move down"),  # a repeat
+                    step(refs[3], "The lesion in the upper right cell is brighter, so move down.")])
     (row,) = res["rows"]
-    assert row["n"] == 4 and row["right"] == 75.0 and row["prior"] == 25.0
-    assert row["distinct_decoded"] == 4 and row["distinct_refs"] == 4
-    assert [i["right"] for i in res["items"]] == [True, False, True, True]
+    assert row["n"] == 5 and row["right"] == 60.0 and row["prior"] == 40.0
+    assert row["distinct_decoded"] == 5 and row["distinct_refs"] == 4
+    assert [i["right"] for i in res["items"]] == [True, False, True, True, False]
+    # the content words count in their order: the same words in another order state another finding
+    a, b, c = ("The lesion in the lower left cell is darker, so 2 first and 1 last.",
+               "The lesion in the upper right cell is brighter, so 3 first and 2 last.",
+               "The lesion in the upper left cell is darker, so 3 first and 1 last.")
+    swapped = TW.score([step(a, "The lesion in the lower left cell is darker, so 1 first and 2 last."),
+                        step(b, "The lesion in the right upper cell is brighter, so 3 first and 2 last."),
+                        step(c, c)])
+    assert [i["right"] for i in swapped["items"]] == [False, False, True]
     assert [i["right"] for i in TW.score([step("a b", "x"), step("a b", "y")])["items"]] == [None, None]
     # a window that says the same thing for every item scores the prior, with one distinct sentence
     same = TW.score([step(r, refs[0]) for r in refs])

@@ -77,7 +77,7 @@ def test_grid_questions_need_walk_grids(tmp_path, capsys):
     for argv in (["--types", "cell"], ["--walk-hops", "2", "--types", "yesno"]):
         with pytest.raises(SystemExit):
             P.get_args(["--source", "phantom", "--out", str(tmp_path / "x")] + argv)
-        assert "asked of walk grids only" in capsys.readouterr().err
+        assert "asked of --walk-hops grids only" in capsys.readouterr().err
 
 
 def test_sparse_grids_keep_every_cell_of_the_walk():

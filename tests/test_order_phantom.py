@@ -1,0 +1,109 @@
+"""The order question (prepare_data.py --order-hops): three numbers reordered by each lesion read row by row, a
+state machine that does not commute. The image shows each lesion's size and brightness, the chain states one
+lesion and the order it leaves per step, and the answer is the order after the last lesion read."""
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import prepare_data as P
+from demo import walk as W
+from embedded.phantom import CELLS, LOOKS, cell_name, phantom_order_case, reorder
+from pipeline.image_facts import measure
+
+
+def test_each_look_moves_the_numbers_and_the_moves_do_not_commute():
+    assert [reorder("123", look) for look in LOOKS] == ["231", "213", "132", "321"]
+    # small darker (first to the end) then small brighter (swap the last two), and the other way round
+    assert reorder(reorder("123", LOOKS[0]), LOOKS[2]) == "213"
+    assert reorder(reorder("123", LOOKS[2]), LOOKS[0]) == "321"
+
+
+def test_the_pixels_show_every_lesion_read_and_the_steps_hold_them():
+    for index in range(12):
+        case = phantom_order_case(index, 3, 96, 6)
+        d = case["meta"]["drawn"]
+        assert d["read"] == [cell_name(c) for c in CELLS[:d["hops"]]] and len(d["path"]) == d["hops"] + 1
+        order = "123"
+        for (r, c), m, after in zip(CELLS, case["step_masks"], d["path"][1:]):
+            order = reorder(order, (d["sizes"][r][c], d["grid"][r][c]))
+            assert after == order
+            facts = measure(case["image"], m)
+            assert facts["brightness"] == d["grid"][r][c]
+            assert abs(facts["cx"] - (c + 0.5) / 3) < 0.06 and abs(facts["cy"] - (r + 0.5) / 3) < 0.06
+            assert (m.sum() > 200) == (d["sizes"][r][c] == "large")  # large discs 260-300 px, small 35-50
+        assert (case["mask"] == case["step_masks"][-1]).all()
+
+
+def test_prepare_data_asks_the_order_with_one_step_per_lesion(tmp_path):
+    out = str(tmp_path / "order")
+    P.main(["--source", "phantom", "--out", out, "--n", "30", "--image-size", "96", "--order-hops", "4",
+            "--types", "order", "look", "--workers", "1"])
+    with open(os.path.join(out, "samples.jsonl")) as f:
+        samples = [json.loads(line) for line in f]
+    order = [s for s in samples if s["question_type"] == "order"]
+    look = [s for s in samples if s["question_type"] == "look"]
+    assert len(order) == len(look) == 30 and {s["latent_steps"] for s in order} == {1, 2, 3, 4}
+    for s in order:
+        d = s["meta"]["drawn"]
+        assert s["latent_steps"] == d["hops"] == len(s["reasoning_chain"]) == len(s["step_masks"])
+        assert f"After {d['hops']} lesions" in s["question"] and "stand in the order 1, 2, 3" in s["question"]
+        assert len(s["choices"]) == 6 and s["choices"][s["answer_index"]] == s["answer"]
+        assert s["answer"] == f"The numbers stand in the order {', '.join(d['path'][-1])}."
+        for k, step in enumerate(s["reasoning_chain"]):  # step k: lesion k's cell and look, the order it leaves
+            r, c = CELLS[k]
+            assert step.startswith(f"The lesion in the {cell_name(CELLS[k])} cell is {d['sizes'][r][c]} and "
+                                   f"{d['grid'][r][c]} than its surroundings, so ")
+            assert step.endswith(f"which leaves {d['path'][k + 1][0]} first and {d['path'][k + 1][-1]} last.")
+        masks = [np.asarray(Image.open(os.path.join(out, p))) > 0 for p in s["step_masks"]]
+        assert all(abs(measure(np.zeros((96, 96), np.uint8), m)["cx"] - (CELLS[k][1] + 0.5) / 3) < 0.06
+                   for k, m in enumerate(masks))
+    for s in look:  # any of the nine cells, its size and brightness; four choices
+        r, c = {cell_name(x): x for x in CELLS}[s["meta"]["drawn"]["look_cell"]]
+        d = s["meta"]["drawn"]
+        assert s["answer"] == (f"The lesion in the {cell_name((r, c))} cell is {d['sizes'][r][c]} and "
+                               f"{d['grid'][r][c]} than its surroundings.")
+        assert s["latent_steps"] == 1 and len(s["choices"]) == 4 and s["choices"][s["answer_index"]] == s["answer"]
+    assert len({s["meta"]["drawn"]["look_cell"] for s in look}) >= 6
+
+
+def test_order_questions_need_order_grids(tmp_path, capsys):
+    for argv, says in ((["--types", "look"], "--order-hops grids only"),
+                       (["--order-hops", "2", "--types", "walk"], "--walk-hops grids only"),
+                       (["--order-hops", "2", "--walk-hops", "2"], "two kinds of grid")):
+        with pytest.raises(SystemExit):
+            P.get_args(["--source", "phantom", "--out", str(tmp_path / "x")] + argv)
+        assert says in capsys.readouterr().err
+
+
+def test_walk_py_runs_the_order_task():
+    """demo/walk.py --task order: the order data, a stand-in of one lesion plus any lesion's look, and the
+    pattern a lookup table would recall (the looks of the lesions read)."""
+    args = W.get_args(["--task", "order", "--moves", "6", "--out", "o"])
+    cmds = [c for c, _ in W.stages(args)]
+    assert cmds[1][cmds[1].index("--order-hops") + 1] == "6" and "--walk-hops" not in cmds[1]
+    assert cmds[3][cmds[3].index("--order-hops") + 1] == "1" and cmds[3][-3:] == ["--types", "order", "look"]
+    s = dict(meta=dict(drawn=dict(hops=2, sizes=[["small", "large", "small"]] * 3,
+                                  grid=[["darker", "brighter", "darker"]] * 3)))
+    assert W.pattern(s) == ("smalldarker", "largebrighter")
+
+
+def test_walk_py_reports_the_stand_ins_perception(tmp_path):
+    """--task order checks perception first: the stand-in alone on unseen images, one lesion's look and the first
+    lesion's order (perception_stages), worked out by hand; the walk has no such line."""
+    args = W.get_args(["--task", "order", "--out", str(tmp_path)])
+    assert [c[c.index("--out") + 1] for c, _ in W.stages(args)[-2:]] == [
+        str(tmp_path / "perception_data"), str(tmp_path / "stand_in_perception")]
+    (tmp_path / "perception_data").mkdir()
+    (tmp_path / "stand_in_perception").mkdir()
+    rows = [("l1", "look", True), ("l2", "look", False), ("l3", "look", False), ("l4", "look", False),
+            ("o1", "order", True), ("o2", "order", True)]
+    (tmp_path / "perception_data" / "samples.jsonl").write_text(
+        "".join(json.dumps(dict(id=i, question_type=t)) + "\n" for i, t, _ in rows))
+    (tmp_path / "stand_in_perception" / "predictions.jsonl").write_text(
+        "".join(json.dumps(dict(id=i, correct=c, answer_type="closed")) + "\n" for i, _, c in rows))
+    line = W.perception(args)
+    assert "at 25.0% and answers the order after the first lesion at 100.0%" in line
+    assert W.perception(W.get_args(["--out", str(tmp_path)])) == ""
