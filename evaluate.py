@@ -572,6 +572,9 @@ def text_window(ckpt, items, K, args, device, dtype):
         raise EvalError(f"--text-window: {e}") from e
     if vital.decoder is None:
         raise EvalError(f"--text-window: {ckpt} has no auxiliary decoder (trained with --lambda-sem 0)")
+    # decode as long as the longest reference step (and its end token): a sentence cut short loses its finding
+    longest = 1 + max(len(dec_tok(step, add_special_tokens=False)["input_ids"])
+                      for it in items for step in it["reasoning_chain"])
     steps = []
     for Kg, idx in k_groups(items, K):  # K = 'sample': each item at its own latent_steps
         group = [items[i] for i in idx]
@@ -580,7 +583,7 @@ def text_window(ckpt, items, K, args, device, dtype):
             prefix = IO.build_prefix(processor, [open_image(it["image_path"], EvalError) for it in chunk],
                                     [it["prompt"] for it in chunk]).to(device)
             h = torch.cat(M.latent_loop(vital.backbone, prefix, Kg, vital.feed()).h[1:], dim=1)  # (B, K, d)
-            text = M.decode_latent(vital.decoder, vital.pj_in, dec_tok, h.reshape(-1, h.shape[-1]))
+            text = M.decode_latent(vital.decoder, vital.pj_in, dec_tok, h.reshape(-1, h.shape[-1]), longest)
             for b, it in enumerate(chunk):
                 chain = it["reasoning_chain"]
                 steps += [dict(id=it["id"], question_type=it.get("question_type", "unknown"), K=Kg, k=k + 1,

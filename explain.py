@@ -279,7 +279,9 @@ def get_args(argv=None):
                     help="output stem: writes OUT.png and OUT.json (default <ckpt>/explain/<image name>)")
     ap.add_argument("--tile", type=int, default=224, help="side of one panel tile in pixels")
     ap.add_argument("--max-new-tokens", type=int, default=64, help="longest answer")
-    ap.add_argument("--max-step-tokens", type=int, default=40, help="longest decoded step sentence")
+    ap.add_argument("--max-step-tokens", type=int, default=64,
+                    help="longest decoded step sentence (the tiny demo tokenizer splits the order question's steps into "
+                         "up to 60 tokens)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
     args = ap.parse_args(argv)
     if args.k < 1:

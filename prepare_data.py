@@ -25,7 +25,8 @@ location|describe|reasoning; caption with --captions; walk|cell and order|look o
 closed-ended form `choices` + `answer_index` (§B.4; every item but captions, in every split), and `meta`
 (everything else: the measured facts, negative, gate retries, where the image came from). A walk or order item
 also has `step_masks`: one mask path per chain step, the lesion that move lands on or that step reads (step k's
-own L_vis target with train.py --visual-target hop; the last is `mask`).
+own L_vis target with train.py --visual-target hop; the last is `mask`). An order chain ends with one step more
+than its lesions, the order reached (order_chain says why); that step keeps the last lesion read.
 
 Teachers: `geometry` (default) writes chains from the mask and the pixels (offline, leak-free by
 construction); `openai` asks any OpenAI-compatible chat-completions endpoint with the prompt of §A.2.
@@ -266,13 +267,18 @@ def order_answer(order):
 def order_chain(drawn):
     """One step per lesion read: its cell, its look, what that does to the order, and the order it leaves, said as
     its first and last number (every state names all three numbers, so its order is in where they stand:
-    pipeline/text_window.py scores the content words in order)."""
+    pipeline/text_window.py scores the content words in order); then one step that states the order reached.
+    That last step is what puts the state into the cache the answer reads: the answer's tokens attend to the
+    latent positions, whose inputs are h_0..h_{K-1}, while h_K only predicts the answer's first token (eq. 2),
+    a template word here. Without it, h_2 held the order after two lesions for a ridge probe at 85% and the
+    decoder at 88%, and the answer got 25% (docs/tuning-log.md, 2026-12-06 evening)."""
     steps = []
     for cell, (r, c), before, after in zip(drawn["read"], CELLS, drawn["path"], drawn["path"][1:]):
         look = (drawn["sizes"][r][c], drawn["grid"][r][c])
         steps.append(f"The lesion in the {cell} cell is {look[0]} and {look[1]} than its surroundings, so "
                      f"{S3_SAYS[LOOKS.index(look)]}, which leaves {after[0]} first and {after[-1]} last.")
-    return steps
+    n = len(steps)
+    return steps + [f"So after {n} lesion{'s' * (n > 1)} the numbers stand in the order {', '.join(drawn['path'][-1])}."]
 
 
 def walk_answer(cell):
@@ -465,8 +471,9 @@ def teach_case(case, todo, args):
         chain = out["reasoning_chain"]
         record = dict(head, **paths, **asked, answer=out["final_answer"], reasoning_chain=chain,
                       latent_steps=len(chain), split=assign_split(case["group"], args, case.get("folder_split")))
-        if sample["question_type"] in ("walk", "order"):  # the lesion step k reads: its own visual target
-            record["step_masks"] = step_paths
+        if sample["question_type"] in ("walk", "order"):  # the lesion step k reads: its own visual target (the
+            # order's closing step, which reads no new lesion, keeps the last one read)
+            record["step_masks"] = step_paths + step_paths[-1:] * (len(chain) - len(step_paths))
         if sample["question_type"] != "caption":  # every split (train.py --options-rate, evaluate.py); the
             # sample's own RNG, drawn last: test items keep the choices they had when only they got them
             record["choices"], record["answer_index"] = closed_form(sample, facts, case, sample["rng"])
@@ -560,7 +567,7 @@ def get_args(argv=None):
                         "one reasoning step each; embedded/phantom.py); 0: the six question types")
     p.add_argument("--order-hops", type=int, default=0, choices=range(0, 10),
                    help="N > 0: every phantom is a 3 x 3 grid of lesions asked the order question (the first 1..N "
-                        "lesions read, one reasoning step each; embedded/phantom.py); --types look asks one "
+                        "lesions read, one reasoning step each and a closing one; embedded/phantom.py); --types look asks one "
                         "lesion's size and brightness instead (or --types order look, both)")
     p.add_argument("--grid-lesions", type=int, default=9, choices=range(1, 10),
                    help="lesions on a walk grid (< 9: cells off the walk stay empty, a curriculum for --types cell)")

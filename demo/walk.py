@@ -93,9 +93,15 @@ def get_args(argv=None):
                     help="every arm's schedule (train.py CURRICULA); stepwise: K = 1, then one more move per "
                          "phase, then all walks (its runs, results and demo/*.md carry the name)")
     ap.add_argument("--jobs", type=int, default=2, help="runs at once (OMP_NUM_THREADS = cores / jobs each)")
+    ap.add_argument("--min-perception", type=float, default=90.0,
+                    help="--task order: stop before the runs unless the stand-in reads the first lesion's order and "
+                         "every cell's look at this %% or more on unseen images (0: run anyway)")
     args = ap.parse_args(argv)
     if args.curriculum == "stepwise" and args.moves < 2:
         ap.error("--curriculum stepwise needs --moves 2 or more (its phases add one move each)")
+    if args.task == "order" and args.curriculum != "stepwise":
+        ap.error("--task order needs --curriculum stepwise (its chains hold a closing step, so the 3-phase "
+                 "schedule's first phase, K = 1, would hold no item)")
     return args
 
 
@@ -138,16 +144,47 @@ def perception_stages(args):
               "--k", "0"], os.path.join(ev, "metrics.json"))]
 
 
+def perception_figures(args):
+    """-> (look %, order after the first lesion %, {cell: look %}): the stand-in alone on perception_stages'
+    questions, the look question also cell by cell (pooled, a stand-in that reads only the upper left cell still
+    scores a third)."""
+    samples = [json.loads(l) for l in open(os.path.join(args.out, "perception_data", "samples.jsonl")) if l.strip()]
+    preds = os.path.join(args.out, "stand_in_perception", "predictions.jsonl")
+    acc = {t: 100 * c / n for t, (c, n) in accuracy_by_type(preds, samples).items()}
+    cells = {s["id"]: s["meta"]["drawn"]["look_cell"] for s in samples if s["question_type"] == "look"}
+    by_cell = defaultdict(list)
+    for line in open(preds):
+        p = json.loads(line)
+        if p["id"] in cells:
+            by_cell[cells[p["id"]]].append(p["correct"])
+    return acc["look"], acc["order"], {c: 100 * sum(v) / len(v) for c, v in sorted(by_cell.items())}
+
+
 def perception(args):
-    """-> a line of the results: the stand-in's accuracy on perception_stages' questions ('' for the walk)."""
+    """-> a line of the results: the stand-in's perception ('' for the walk)."""
     if args.task != "order":
         return ""
-    samples = [json.loads(l) for l in open(os.path.join(args.out, "perception_data", "samples.jsonl")) if l.strip()]
-    acc = {t: 100 * c / n for t, (c, n) in accuracy_by_type(os.path.join(args.out, "stand_in_perception",
-                                                                         "predictions.jsonl"), samples).items()}
+    look, order, cells = perception_figures(args)
+    worst = min(cells, key=cells.get)
     return (f"Perception first: the stand-in alone (K = 0) on 400 unseen images reads one lesion's size and brightness "
-            f"(any of the nine; chance 25%) at {acc['look']:.1f}% and answers the order after the first lesion at "
-            f"{acc['order']:.1f}%.\n\n")
+            f"(any of the nine; chance 25%) at {look:.1f}% ({worst} cell {cells[worst]:.1f}%, upper left "
+            f"{cells.get('upper left', float('nan')):.1f}%) and answers the order after the first lesion at "
+            f"{order:.1f}%. By cell: " + ", ".join(f"{c} {a:.0f}" for c, a in cells.items()) + ".\n\n")
+
+
+def check_perception(args):
+    """Perception first (the issue): a stand-in that cannot read some cell's lesion caps every arm at chance from the
+    lesion it cannot read on, and the runs would measure nothing (80 minutes). -> an error message, or None."""
+    if args.task != "order" or args.min_perception <= 0:
+        return None
+    _, order, cells = perception_figures(args)
+    low = {c: a for c, a in cells.items() if a < args.min_perception}
+    if order >= args.min_perception and not low:
+        return None
+    return (f"the stand-in ({os.path.join(args.out, 'pretrain')}) reads the first lesion's order at {order:.1f}% and "
+            f"the look of the lesion in the " + ", ".join(f"{c} cell at {a:.1f}%" for c, a in low.items())
+            + f", under --min-perception {args.min_perception:g}: every arm would be capped from the lesion it "
+            f"cannot read on. Train a stand-in that reads every cell, or pass --min-perception 0 to run anyway.")
 
 
 DEEP = 4  # the issue's multi-hop questions: p >= 4 hops, more than a 2-layer LLM unrolls in one pass
@@ -160,21 +197,26 @@ def with_deep(counts):
     return {k: 100 * c / n for k, (c, n) in {**counts, **pooled}.items()}
 
 
+def moves(s):
+    """A sample's moves (lesions read, on an order grid): its latent steps, less the order chain's closing step."""
+    return s["latent_steps"] - (s.get("question_type") == "order")
+
+
 def by_moves(pred_path, samples):
     """-> {moves (1..--moves), 'deep' and 'all': accuracy %} from evaluate.py's predictions.jsonl."""
-    return with_deep(accuracy_by_type(pred_path, samples, "latent_steps"))
+    return with_deep(accuracy_by_type(pred_path, [dict(s, moves=moves(s)) for s in samples], "moves"))
 
 
 def window_by_moves(tw_path, samples):
     """-> {'window <moves>', 'window deep' and 'window all': % of test items whose decoded steps state every
     move} from evaluate.py's text_window.json (an item with no scored step counts as stating none)."""
-    moves = {s["id"]: s["latent_steps"] for s in samples if s["split"] == "test"}
+    moves_of = {s["id"]: moves(s) for s in samples if s["split"] == "test"}
     steps = defaultdict(list)
     for st in json.load(open(tw_path))["items"]:
         if st["right"] is not None:
             steps[st["id"]].append(st["right"])
     right = defaultdict(list)
-    for i, m in moves.items():
+    for i, m in moves_of.items():
         right[m].append(bool(steps[i]) and all(steps[i]))
     right["all"] = [r for m in list(right) for r in right[m]]
     return {f"window {m}": v for m, v in with_deep({m: (sum(v), len(v)) for m, v in right.items()}).items()}
@@ -186,7 +228,7 @@ def blind(samples):
     ends = defaultdict(Counter)
     for s in samples:
         if s["split"] == "test":
-            ends[s["latent_steps"]][s["answer"]] += 1
+            ends[moves(s)][s["answer"]] += 1
     return {m: 100 * c.most_common(1)[0][1] / sum(c.values()) for m, c in ends.items()}
 
 
@@ -196,13 +238,16 @@ def tag(args):
 
 
 def phases(args):
-    """-> [(phase, epochs, warm-start phase or None: the one before)]: the phases of --curriculum a run trains.
-    stepwise: phases 1 .. moves - 1 (K <= phase), then the last (every walk) from phase moves - 1."""
+    """-> [(phase, epochs, warm-start phase: None for the one before, 'none' for from scratch)]: the phases of
+    --curriculum a run trains. stepwise: phases 1 .. moves - 1 (K <= phase), then the last (every walk) from the
+    last one it ran. An order chain has one step more than its lesions (its closing step), so phase p admits p - 1
+    lesions: its runs start at phase 2, from scratch, with phase 1's epochs."""
     ep = EPOCHS[args.curriculum]
     if args.curriculum == "3-phase":
         return [(p, e, None) for p, e in enumerate(ep, 1)]
-    first = [(p, ep[p - 1], None) for p in range(1, args.moves)]
-    return first + [(len(ep), ep[-1], args.moves - 1 if args.moves < len(ep) else None)]
+    s = int(args.task == "order")
+    first = [(p + s, ep[p - 1], "none" if s and p == 1 else None) for p in range(1, args.moves) if p + s < len(ep)]
+    return first + [(len(ep), ep[-1], None if first[-1][0] == len(ep) - 1 else first[-1][0])]
 
 
 def pattern(s):
@@ -223,12 +268,12 @@ def memory_groups(samples):
     for s in samples:
         if s["split"] == "train":
             ends[pattern(s)][s["answer"]] += 1
-            by_moves[s["latent_steps"]][s["answer"]] += 1
+            by_moves[moves(s)][s["answer"]] += 1
     group, lookup = {}, defaultdict(lambda: [0, 0])
     for s in samples:
-        if s["split"] == "test" and s["latent_steps"] >= DEEP:
+        if s["split"] == "test" and moves(s) >= DEEP:
             g = group[s["id"]] = "seen" if pattern(s) in ends else "unseen"
-            recalled = (ends[pattern(s)] if g == "seen" else by_moves[s["latent_steps"]]).most_common(1)[0][0]
+            recalled = (ends[pattern(s)] if g == "seen" else by_moves[moves(s)]).most_common(1)[0][0]
             lookup[g][0] += recalled == s["answer"]
             lookup[g][1] += 1
     return group, {g: tuple(v) for g, v in lookup.items()}
@@ -250,7 +295,8 @@ def one_run(args, arm, seed, env):
     ev = os.path.join(run_dir, "eval")
     wants = ["metrics.json"] + [f for flag, f in (("--probe", "probes.json"), ("--text-window", "text_window.json"))
                                 if flag in flags]
-    if not all(os.path.isfile(os.path.join(ev, f)) for f in wants):
+    trained = not all(os.path.isfile(os.path.join(ev, f)) for f in wants)
+    if trained:
         os.makedirs(run_dir, exist_ok=True)
         log, t0 = os.path.join(run_dir, "commands.log"), time.time()
         for p, ep, init in phases(args):
@@ -260,14 +306,14 @@ def one_run(args, arm, seed, env):
                     "--backbone", os.path.join(args.out, "pretrain", "phase1", "backbone"), "--phase", str(p),
                     "--epochs", str(ep), "--lora-r", "64", "--lora-alpha", "128", "--lr", f"{lr:g}",
                     "--seed", str(seed), "--curriculum", args.curriculum] + extra
-                   + (["--init", os.path.join(run_dir, f"phase{init}")] if init else [])
+                   + (["--init", "none" if init == "none" else os.path.join(run_dir, f"phase{init}")] if init else [])
                    + (["--resume"] if os.path.isdir(phase_dir) else []), env, log)
         sh([PY, "evaluate.py", "--ckpt", last, "--data", data, "--out", ev] + flags, env, log)
         print(f"[done] {arm} seed {seed} in {time.time() - t0:.0f}s", flush=True)
     if arm in STATE_PROBES and not os.path.isfile(os.path.join(ev, "walk_probes.json")):
         sh([PY, "demo/diagnose.py", "--walk", "--data", data, "--out", os.path.join(ev, "walk_probes.json")]
            + STATE_PROBES[arm] + [last], env, os.path.join(run_dir, "commands.log"))
-    return arm, seed, ev
+    return arm, seed, ev, trained
 
 
 def state_probes(path):
@@ -399,17 +445,21 @@ def main(argv=None):
         if not os.path.exists(done):
             print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
             subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    why = check_perception(args)
+    if why:
+        sys.exit(f"demo/walk.py: {why}")
     data = os.path.join(args.out, "data")
     samples = [json.loads(l) for l in open(os.path.join(data, "samples.jsonl")) if l.strip()]
     alone = by_moves(os.path.join(args.out, "stand_in_alone", "predictions.jsonl"), samples)
     group, lookup = memory_groups(samples)
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // args.jobs)))
-    res, t0 = {}, time.time()
+    res, t0, trained = {}, time.time(), 0
     with ThreadPoolExecutor(args.jobs) as pool:  # seed-major: a partial run still covers every arm
         futs = [pool.submit(one_run, args, a, s, env) for s in args.seeds for a in args.arms]
         for f in futs:
             try:
-                arm, seed, ev = f.result()
+                arm, seed, ev, new = f.result()
+                trained += new
                 res.setdefault(arm, {})[seed] = by_moves(os.path.join(ev, "predictions.jsonl"), samples)
                 res[arm][seed].update(by_memory(os.path.join(ev, "predictions.jsonl"), samples, group))
                 if os.path.isfile(os.path.join(ev, "probes.json")):
@@ -431,8 +481,10 @@ def main(argv=None):
     cmd = "python demo/walk.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     name = (args.task if args.moves == 4 else f"{args.task}_{args.moves}_moves") + tag(args)
     with open(os.path.join(HERE, name + ".md"), "w") as f:
-        f.write(f"# The walk's evidence\n\nWritten by `{cmd.strip()}` on {time.strftime('%Y-%m-%d %H:%M')} "
-                f"({os.cpu_count()} cores); {(time.time() - t0) / 60:.1f} min this run. Per-run numbers: "
+        title = "The walk's evidence" if args.task == "walk" else "The order question's evidence"
+        f.write(f"# {title}\n\nWritten by `{cmd.strip()}` on {time.strftime('%Y-%m-%d %H:%M')} "
+                f"({os.cpu_count()} cores); {trained} of {len(futs)} runs trained in this call, "
+                f"{(time.time() - t0) / 60:.1f} min (the others were on disk). Per-run numbers: "
                 f"{args.out}/results{tag(args)}.json.\n\n" + md)
     print("\n" + md)
 

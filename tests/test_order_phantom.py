@@ -45,19 +45,22 @@ def test_prepare_data_asks_the_order_with_one_step_per_lesion(tmp_path):
         samples = [json.loads(line) for line in f]
     order = [s for s in samples if s["question_type"] == "order"]
     look = [s for s in samples if s["question_type"] == "look"]
-    assert len(order) == len(look) == 30 and {s["latent_steps"] for s in order} == {1, 2, 3, 4}
+    assert len(order) == len(look) == 30 and {s["latent_steps"] for s in order} == {2, 3, 4, 5}
     for s in order:
-        d = s["meta"]["drawn"]
-        assert s["latent_steps"] == d["hops"] == len(s["reasoning_chain"]) == len(s["step_masks"])
+        d = s["meta"]["drawn"]  # a step per lesion, then the order reached (it puts h_K into the answer's cache)
+        assert s["latent_steps"] == d["hops"] + 1 == len(s["reasoning_chain"]) == len(s["step_masks"])
+        assert s["reasoning_chain"][-1] == (f"So after {d['hops']} lesion{'s' * (d['hops'] > 1)} the numbers stand "
+                                            f"in the order {', '.join(d['path'][-1])}.")
+        assert s["step_masks"][-1] == s["step_masks"][-2] == s["mask"]  # the closing step keeps the last lesion
         assert f"After {d['hops']} lesions" in s["question"] and "stand in the order 1, 2, 3" in s["question"]
         assert len(s["choices"]) == 6 and s["choices"][s["answer_index"]] == s["answer"]
         assert s["answer"] == f"The numbers stand in the order {', '.join(d['path'][-1])}."
-        for k, step in enumerate(s["reasoning_chain"]):  # step k: lesion k's cell and look, the order it leaves
+        for k, step in enumerate(s["reasoning_chain"][:-1]):  # step k: lesion k's cell and look, the order left
             r, c = CELLS[k]
             assert step.startswith(f"The lesion in the {cell_name(CELLS[k])} cell is {d['sizes'][r][c]} and "
                                    f"{d['grid'][r][c]} than its surroundings, so ")
             assert step.endswith(f"which leaves {d['path'][k + 1][0]} first and {d['path'][k + 1][-1]} last.")
-        masks = [np.asarray(Image.open(os.path.join(out, p))) > 0 for p in s["step_masks"]]
+        masks = [np.asarray(Image.open(os.path.join(out, p))) > 0 for p in s["step_masks"][:-1]]
         assert all(abs(measure(np.zeros((96, 96), np.uint8), m)["cx"] - (CELLS[k][1] + 0.5) / 3) < 0.06
                    for k, m in enumerate(masks))
     for s in look:  # any of the nine cells, its size and brightness; four choices
@@ -81,7 +84,7 @@ def test_order_questions_need_order_grids(tmp_path, capsys):
 def test_walk_py_runs_the_order_task():
     """demo/walk.py --task order: the order data, a stand-in of one lesion plus any lesion's look, and the
     pattern a lookup table would recall (the looks of the lesions read)."""
-    args = W.get_args(["--task", "order", "--moves", "6", "--out", "o"])
+    args = W.get_args(["--task", "order", "--curriculum", "stepwise", "--moves", "6", "--out", "o"])
     cmds = [c for c, _ in W.stages(args)]
     assert cmds[1][cmds[1].index("--order-hops") + 1] == "6" and "--walk-hops" not in cmds[1]
     assert cmds[3][cmds[3].index("--order-hops") + 1] == "1" and cmds[3][-3:] == ["--types", "order", "look"]
@@ -93,17 +96,29 @@ def test_walk_py_runs_the_order_task():
 def test_walk_py_reports_the_stand_ins_perception(tmp_path):
     """--task order checks perception first: the stand-in alone on unseen images, one lesion's look and the first
     lesion's order (perception_stages), worked out by hand; the walk has no such line."""
-    args = W.get_args(["--task", "order", "--out", str(tmp_path)])
+    args = W.get_args(["--task", "order", "--curriculum", "stepwise", "--out", str(tmp_path)])
     assert [c[c.index("--out") + 1] for c, _ in W.stages(args)[-2:]] == [
         str(tmp_path / "perception_data"), str(tmp_path / "stand_in_perception")]
     (tmp_path / "perception_data").mkdir()
     (tmp_path / "stand_in_perception").mkdir()
-    rows = [("l1", "look", True), ("l2", "look", False), ("l3", "look", False), ("l4", "look", False),
-            ("o1", "order", True), ("o2", "order", True)]
-    (tmp_path / "perception_data" / "samples.jsonl").write_text(
-        "".join(json.dumps(dict(id=i, question_type=t)) + "\n" for i, t, _ in rows))
+    rows = [("l1", "look", True, "upper left"), ("l2", "look", False, "center"), ("l3", "look", True, "center"),
+            ("l4", "look", False, "center"), ("l5", "look", False, "center"),
+            ("o1", "order", True, None), ("o2", "order", True, None)]
+    (tmp_path / "perception_data" / "samples.jsonl").write_text("".join(
+        json.dumps(dict(id=i, question_type=t, meta=dict(drawn=dict(look_cell=cell)))) + "\n" for i, t, _, cell in rows))
     (tmp_path / "stand_in_perception" / "predictions.jsonl").write_text(
-        "".join(json.dumps(dict(id=i, correct=c, answer_type="closed")) + "\n" for i, _, c in rows))
+        "".join(json.dumps(dict(id=i, correct=c, answer_type="closed")) + "\n" for i, _, c, _ in rows))
     line = W.perception(args)
-    assert "at 25.0% and answers the order after the first lesion at 100.0%" in line
+    # pooled, 2 of 5 looks; cell by cell the worst cell shows: the centre 1 of 4
+    assert "at 40.0% (center cell 25.0%, upper left 100.0%) and answers the order after the first lesion at 100.0%" in line
+    assert "By cell: center 25, upper left 100." in line
+    # the runs wait for perception: the centre's 25% stops them, naming the cell; --min-perception 0 lets them go
+    assert "center cell at 25.0%" in W.check_perception(args) and "upper left" not in W.check_perception(args)
+    assert W.check_perception(W.get_args(["--task", "order", "--curriculum", "stepwise", "--out", str(tmp_path), "--min-perception", "0"])) is None
+    assert W.check_perception(W.get_args(["--task", "order", "--curriculum", "stepwise", "--out", str(tmp_path), "--min-perception", "20"])) is None
     assert W.perception(W.get_args(["--out", str(tmp_path)])) == ""
+
+
+def test_walk_py_counts_an_order_items_lesions_not_its_closing_step():
+    assert W.moves(dict(latent_steps=3, question_type="order")) == 2
+    assert W.moves(dict(latent_steps=3, question_type="walk")) == W.moves(dict(latent_steps=3)) == 3

@@ -90,9 +90,11 @@ def test_evaluate_text_window_decodes_every_step(tiny, monkeypatch):  # noqa: F8
     items, K = E.read_test_split(data), 3
     said = [it["reasoning_chain"][k] if k < len(it["reasoning_chain"]) else "nothing" for it in items
             for k in range(K)]  # in the order (item, step) of the loop's latents
-    real = M.decode_latent
+    real, caps = M.decode_latent, []
 
     def planted(decoder, pj_in, tok, h, max_new_tokens=40):  # the real decoder runs; its text is replaced
+        caps.append((max_new_tokens, max(len(tok(s, add_special_tokens=False)["input_ids"])
+                                         for it in items for s in it["reasoning_chain"])))
         n = len(real(decoder, pj_in, tok, h, max_new_tokens=2))
         out = said[:n]
         del said[:n]
@@ -103,6 +105,7 @@ def test_evaluate_text_window_decodes_every_step(tiny, monkeypatch):  # noqa: F8
             "--batch-size", "3", "--text-window"])
     res = json.load(open(os.path.join(out, "text_window.json")))
     assert said == []  # every latent of every item decoded
+    assert caps and all(cap == longest + 1 for cap, longest in caps)  # room for the longest step and its end
     assert len(res["items"]) == sum(min(K, len(it["reasoning_chain"])) for it in items)
     # every scored step right (step 3 has one item: all template, not scored)
     assert all(s["right"] in (True, None) for s in res["items"]) and all(r["right"] == 100.0 for r in res["rows"])
