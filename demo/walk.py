@@ -30,8 +30,10 @@ resumes; a phase killed half-way continues with --resume):
 the first N lesions read row by row (a small or large, darker or brighter lesion sends the first number to the end or
 swaps two); no sum, pairwise product or lookup of the findings answers it past a few lesions (demo/task_leaks.py
 --task s3). Its stand-in is trained on one lesion and on any lesion's look (3,000 images, both questions), so that
-from the second lesion on the state must come through the loop, and is then checked on 400 unseen images (perception
-first: its results start with that line); its demo/*.md are order_*.
+from the second lesion on the state must come through the loop, and is then checked on 400 unseen images, cell by
+cell (perception first: its results start with that line, and the runs do not start while a cell or the first
+lesion is read under --min-perception); its chains end with a closing step (prepare_data.order_chain), so its
+stepwise runs start at phase 2 (K <= 2: one lesion); its demo/*.md are order_*.
 --curriculum stepwise trains every arm K = 1 first, then one more move per phase (train.py CURRICULA; the first
 two phases are the 3-phase runs' own, to the bit), then all walks; its runs, results and demo/*.md carry
 "_stepwise".
@@ -472,7 +474,9 @@ def main(argv=None):
                     res[arm][seed].update(window_by_moves(os.path.join(ev, "text_window.json"), samples))
             except subprocess.CalledProcessError as e:
                 print(f"[failed] {e.cmd[:3]}... exit {e.returncode} (see the run's commands.log)", flush=True)
-    md = perception(args) + tables(res, blind(samples), alone, args, lookup)
+    words = ("On the order question the tables' words are the walk's: a move is a lesion read, the end cell the order "
+             "reached, the nine brightness bits the nine lesions' sizes and brightnesses.\n\n") if args.task == "order" else ""
+    md = words + perception(args) + tables(res, blind(samples), alone, args, lookup)
     with open(os.path.join(args.out, f"results{tag(args)}.md"), "w") as f:
         f.write(md)
     with open(os.path.join(args.out, f"results{tag(args)}.json"), "w") as f:
