@@ -153,13 +153,9 @@ def perception_figures(args):
     samples = [json.loads(l) for l in open(os.path.join(args.out, "perception_data", "samples.jsonl")) if l.strip()]
     preds = os.path.join(args.out, "stand_in_perception", "predictions.jsonl")
     acc = {t: 100 * c / n for t, (c, n) in accuracy_by_type(preds, samples).items()}
-    cells = {s["id"]: s["meta"]["drawn"]["look_cell"] for s in samples if s["question_type"] == "look"}
-    by_cell = defaultdict(list)
-    for line in open(preds):
-        p = json.loads(line)
-        if p["id"] in cells:
-            by_cell[cells[p["id"]]].append(p["correct"])
-    return acc["look"], acc["order"], {c: 100 * sum(v) / len(v) for c, v in sorted(by_cell.items())}
+    looks = [dict(s, cell=s["meta"]["drawn"]["look_cell"]) for s in samples if s["question_type"] == "look"]
+    by_cell = accuracy_by_type(preds, looks, "cell")  # the order items fall under '?', and 'all' is every item
+    return acc["look"], acc["order"], {c: 100 * k / n for c, (k, n) in sorted(by_cell.items()) if c not in ("?", "all")}
 
 
 def perception(args):
