@@ -60,7 +60,8 @@ JSON and JSONL file is strict JSON (no NaN or Infinity: strict_json refuses them
       # 'upper left' starts every walk there (the variant whose hops the tiny backbone reads: tuning log)
   python prepare_data.py --source phantom --out data/order --n 6000 --image-size 96 --order-hops 6  # the order:
       # three numbers, reordered by each of the first 1..6 lesions read row by row (its size and brightness say
-      # how); --types look asks one lesion's size and brightness, --types order look both
+      # how); --types look asks one lesion's size and brightness (--look-cells all: each of the nine), --types
+      # order look both
   python prepare_data.py --source msd --msd-root /data/Task03_Liver /data/Task06_Lung --out data/vital
   python prepare_data.py --source biomedparse --bmp-root /data/BiomedParse/ISIC --out data/vital
   python prepare_data.py --source biomedparse --bmp-root /data/BiomedParse --out data/vital  # all subsets
@@ -166,8 +167,9 @@ def samples_for(case, args):
     kind = ["order"] if "sizes" in drawn else ["walk"]  # an order grid, else a walk grid: asked these only
     grid_types = [t for t in args.types or kind if t in GRID_TYPES + ORDER_TYPES]
     asked = ["caption"] if args.captions else grid_types if "grid" in drawn else rotated[:args.questions_per_image]
-    for qtype in asked:
-        sid = f"{key}--{qtype}"
+    cells = [cell_name(c) for c in CELLS] if args.look_cells == "all" else [None]
+    for qtype, each in [(t, c) for t in asked for c in (cells if t == "look" and "sizes" in drawn else [None])]:
+        sid = f"{key}--{qtype}" + (f"-{slug(each)}" if each else "")  # --look-cells all: one look per cell
         rng = random.Random(stable_hash(sid))
         target, ttype, negative = case["target"], case["target_type"], False
         if qtype == "yesno" and (r // 6) % 2 == 1 and case["others"]:
@@ -175,7 +177,7 @@ def samples_for(case, args):
             negative = True  # ask about a target that is absent from this image
         # a tumor is asked about in the words of a lesion
         forms = TEMPLATES[qtype].get("lesion" if ttype == "tumor" else ttype, TEMPLATES[qtype]["*"])
-        cell = drawn.get("look_cell") or drawn.get("path", [None])[-1]  # a "cell" question: the case's mask
+        cell = each or drawn.get("look_cell") or drawn.get("path", [None])[-1]  # a "cell" question: the case's mask
         question = rng.choice(forms).format(t=target, art=article(target, ttype), mp=mp, cell=cell, **drawn)
         yield {"id": sid, "target": target, "target_type": ttype, "negative": negative,
                "question": question, "question_type": qtype, "rng": rng, "cell": cell}
@@ -469,7 +471,11 @@ def teach_case(case, todo, args):
             outcomes.append(("reject", dict(head, **asked, reasons=history, attempts=1 + args.max_retries)))
             continue
         chain = out["reasoning_chain"]
-        record = dict(head, **paths, **asked, answer=out["final_answer"], reasoning_chain=chain,
+        own = {}  # a look question's mask is the lesion it asks about (the case's is the last one read)
+        if sample["question_type"] == "look" and sample["cell"] in case.get("cell_masks", {}):
+            own["mask"] = f"masks/{stem}--{slug(sample['cell'])}.png"
+            save_png(case["cell_masks"][sample["cell"]].astype(np.uint8) * 255, os.path.join(args.out, own["mask"]))
+        record = dict(head, **dict(paths, **own), **asked, answer=out["final_answer"], reasoning_chain=chain,
                       latent_steps=len(chain), split=assign_split(case["group"], args, case.get("folder_split")))
         if sample["question_type"] in ("walk", "order"):  # the lesion step k reads: its own visual target (the
             # order's closing step, which reads no new lesion, keeps the last one read)
@@ -478,7 +484,8 @@ def teach_case(case, todo, args):
             # sample's own RNG, drawn last: test items keep the choices they had when only they got them
             record["choices"], record["answer_index"] = closed_form(sample, facts, case, sample["rng"])
         record["meta"] = dict(case["meta"], negative=sample["negative"], facts=facts, teacher=args.teacher,
-                              gate_retries=history, present_target=case["target"])
+                              gate_retries=history, present_target=case["target"],
+                              **({"cell": sample["cell"]} if sample["question_type"] in ("look", "cell") else {}))
         outcomes.append(("sample", record))
     return outcomes
 
@@ -569,6 +576,9 @@ def get_args(argv=None):
                    help="N > 0: every phantom is a 3 x 3 grid of lesions asked the order question (the first 1..N "
                         "lesions read, one reasoning step each and a closing one; embedded/phantom.py); --types look asks one "
                         "lesion's size and brightness instead (or --types order look, both)")
+    p.add_argument("--look-cells", choices=["one", "all"], default="one",
+                   help="--types look on an order grid: ask about one cell drawn per image (default), or about "
+                        "all nine (nine questions per image: a stand-in that must find every named cell)")
     p.add_argument("--grid-lesions", type=int, default=9, choices=range(1, 10),
                    help="lesions on a walk grid (< 9: cells off the walk stay empty, a curriculum for --types cell)")
     p.add_argument("--walk-start", choices=[cell_name(c) for c in CELLS], metavar="CELL",

@@ -29,10 +29,11 @@ resumes; a phase killed half-way continues with --resume):
 --task order asks the order question instead (prepare_data.py --order-hops): three numbers, reordered by each of
 the first N lesions read row by row (a small or large, darker or brighter lesion sends the first number to the end or
 swaps two); no sum, pairwise product or lookup of the findings answers it past a few lesions (demo/task_leaks.py
---task s3). Its stand-in is trained on one lesion and on any lesion's look (3,000 images, both questions), so that
-from the second lesion on the state must come through the loop, and is then checked on 400 unseen images, cell by
-cell (perception first: its results start with that line, and the runs do not start while a cell or the first
-lesion is read under --min-perception); its chains end with a closing step (prepare_data.order_chain), so its
+--task s3). Its stand-in is trained on one lesion and on every lesion's look (1,000 images, each asked the first
+lesion's order and all nine cells' looks: prepare_data.py --look-cells all; lr 1e-3), so that from the second lesion
+on the state must come through the loop, and is then checked on 400 unseen images, cell by cell (perception first:
+its results start with that line, and the runs do not start while a cell or the first lesion is read under
+--min-perception); its chains end with a closing step (prepare_data.order_chain), so its
 stepwise runs start at phase 2 (K <= 2: one lesion); its demo/*.md are order_*.
 --curriculum stepwise trains every arm K = 1 first, then one more move per phase (train.py CURRICULA; the first
 two phases are the 3-phase runs' own, to the bit), then all walks; its runs, results and demo/*.md carry
@@ -114,9 +115,12 @@ def stages(args):
     if args.task == "walk":
         walk = grid + ["--walk-start", "upper left"]
         data, stand_in = walk + ["--walk-hops", str(args.moves)], walk + ["--n", "6000", "--walk-hops", "2"]
-    else:  # the stand-in reads one lesion (the first, for the question) and any lesion's look, at K = 0
-        data, stand_in = grid + ["--order-hops", str(args.moves)], grid + ["--n", "3000", "--order-hops", "1",
-                                                                           "--types", "order", "look"]
+    else:  # the stand-in reads one lesion (the first, for the question) and every lesion's look, at K = 0, at lr
+        # 1e-3 (one cell asked per image on 3,000 images at 3e-3: 18-40% off the upper left cell; nine per image at
+        # 3e-3: 29-59%; nine at 1e-3: 100% on every cell; docs/tuning-log.md)
+        data, stand_in = grid + ["--order-hops", str(args.moves)], grid + ["--n", "1000", "--order-hops", "1",
+                                                                           "--types", "order", "look",
+                                                                           "--look-cells", "all"]
     return [([PY, "embedded/tiny.py", args.models], os.path.join(args.models, "encoder", "config.json")),
             ([PY, "prepare_data.py", "--out", d, "--n", "6000", "--seed", "0"] + data, os.path.join(d, "stats.json")),
             ([PY, "extract_roi.py", "--samples", os.path.join(d, "samples.jsonl"), "--out",
@@ -125,7 +129,8 @@ def stages(args):
             ([PY, "prepare_data.py", "--out", pre, "--seed", "1", "--test-frac", "0", "--val-frac", "0"] + stand_in,
              os.path.join(pre, "stats.json")),
             ([PY, "demo/pretrain.py", "--data", pre, "--models", args.models, "--out",
-              os.path.join(args.out, "pretrain"), "--epochs", "10", "--lr", "3e-3"]
+              os.path.join(args.out, "pretrain"), "--epochs", "10",
+              "--lr", "3e-3" if args.task == "walk" else "1e-3"]
              + (["--resume"] if os.path.isdir(os.path.join(args.out, "pretrain", "phase1")) else []),
              os.path.join(args.out, "pretrain", "phase1", "backbone", "config.json")),
             ([PY, "evaluate.py", "--ckpt", os.path.join(args.out, "pretrain", "phase1"), "--data", d,

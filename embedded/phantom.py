@@ -232,9 +232,9 @@ def reorder(order, look):
 def phantom_order_case(index, seed, size, max_hops):
     """One order image: nine lesions on a 3 x 3 grid, each small or large and darker or brighter at random, and a
     number of lesions to read (1..max_hops), from a seeded RNG. The case's mask is the last lesion read;
-    step_masks holds lesion k for step k. meta.drawn: grid (brightness), sizes, hops, path (the order before
-    and after each lesion read: path[0] = '123'), read (the cells read) and look_cell (the cell the one-lesion
-    'look' question asks about, any of the nine)."""
+    step_masks holds lesion k for step k, cell_masks every lesion by cell name. meta.drawn: grid (brightness),
+    sizes, hops, path (the order before and after each lesion read: path[0] = '123'), read (the cells read) and
+    look_cell (the cell the one-lesion 'look' question asks about, any of the nine)."""
     rng = np.random.default_rng([seed, index, 3])  # a stream of its own: not the walk's
     modality = sorted(PHANTOM_TARGETS)[rng.integers(len(PHANTOM_TARGETS))]
     yy, xx = (np.mgrid[0:size, 0:size] + 0.5) / size
@@ -256,4 +256,4 @@ def phantom_order_case(index, seed, size, max_hops):
     return {"image_key": key, "group": key, "source": "phantom", "subset": f"phantom-order-{slug(modality)}",
             "modality": modality, "target": "lesion", "target_type": "lesion", "image": to_uint8(img),
             "mask": masks[read[-1]], "step_masks": [masks[c] for c in read], "others": [], "order": index,
-            "meta": {"drawn": drawn}}
+            "cell_masks": {cell_name(c): m for c, m in masks.items()}, "meta": {"drawn": drawn}}

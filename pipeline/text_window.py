@@ -6,9 +6,10 @@ A reasoning step is a template plus the finding ("The lesion in the <upper left>
 surroundings, so move one cell <across> to the <upper middle> cell."). The template of step k of a question type
 is every word that at least 90% of that step's reference sentences share (a finding that nearly every item
 shares tells nothing about the item); the rest of a sentence is its content (words as the VQA metrics normalise
-them: lower case, no punctuation or articles, numbers as digits). A decoded step is RIGHT when its content words
-are the reference's in the same order (each word counted at its first appearance: a repeated phrase is no error,
-but "upper left ... lower right" is not "lower left ... upper right", nor the order "2, 3, 1" the order "3, 2, 1").
+them: lower case, no punctuation or articles, numbers as digits; a number is never template). A decoded step is
+RIGHT when its content words are the reference's in the same order (each word counted at its first appearance, a
+number at every one: a repeated phrase is no error, but "upper left ... lower right" is not "lower left ... upper
+right", nor "after 3 lesions ... the order 2, 1, 3" the same with "3, 1, 2").
 Beside it:
   prior     what a decoder that ignores the item scores: the share of items whose reference content is the most
             common one at that step (a window that always says the same thing scores about this);
@@ -27,9 +28,21 @@ def words(sentence):
 
 
 def template(refs, share=0.9):
-    """Words present in at least `share` of `refs` (each sentence counts a word once)."""
+    """Words present in at least `share` of `refs` (each sentence counts a word once); never a number: every
+    order of 1, 2 and 3 holds all three, and where they stand is the finding."""
     counts = Counter(w for r in refs for w in set(words(r)))
-    return {w for w, c in counts.items() if c >= share * len(refs)}
+    return {w for w, c in counts.items() if c >= share * len(refs) and not w.isdigit()}
+
+
+def content(text, tpl):
+    """The words of `text` outside the template, in order: a word at its first appearance, a number at every one
+    ("after 3 lesions ... the order 2, 1, 3" ends with 3)."""
+    seen, out = set(), []
+    for w in words(text):
+        if w not in tpl and (w.isdigit() or w not in seen):
+            out.append(w)
+            seen.add(w)
+    return tuple(out)
 
 
 def score(steps):
@@ -44,14 +57,13 @@ def score(steps):
     rows, per_item = [], []
     for (qtype, k), group in sorted(groups.items()):
         tpl = template([s["ref"] for s in group])
-        content = lambda text: tuple(dict.fromkeys(w for w in words(text) if w not in tpl))
-        scored = [s for s in group if content(s["ref"])]
-        per_item += [dict(s, right=content(s["decoded"]) == content(s["ref"]) if content(s["ref"]) else None)
-                     for s in group]
+        scored = [s for s in group if content(s["ref"], tpl)]
+        per_item += [dict(s, right=content(s["decoded"], tpl) == content(s["ref"], tpl) if content(s["ref"], tpl)
+                          else None) for s in group]
         if not scored:
             continue
-        refs = Counter(content(s["ref"]) for s in scored)
-        right = [content(s["decoded"]) == content(s["ref"]) for s in scored]
+        refs = Counter(content(s["ref"], tpl) for s in scored)
+        right = [content(s["decoded"], tpl) == content(s["ref"], tpl) for s in scored]
         rows.append(dict(question_type=qtype, k=k, n=len(scored), right=100 * sum(right) / len(scored),
                          prior=100 * refs.most_common(1)[0][1] / len(scored),
                          distinct_decoded=len({s["decoded"] for s in scored}),

@@ -69,7 +69,34 @@ def test_prepare_data_asks_the_order_with_one_step_per_lesion(tmp_path):
         assert s["answer"] == (f"The lesion in the {cell_name((r, c))} cell is {d['sizes'][r][c]} and "
                                f"{d['grid'][r][c]} than its surroundings.")
         assert s["latent_steps"] == 1 and len(s["choices"]) == 4 and s["choices"][s["answer_index"]] == s["answer"]
+        m = np.asarray(Image.open(os.path.join(out, s["mask"]))) > 0  # the mask is the lesion asked about
+        assert abs(measure(np.zeros((96, 96), np.uint8), m)["cx"] - (c + 0.5) / 3) < 0.06
+        assert abs(measure(np.zeros((96, 96), np.uint8), m)["cy"] - (r + 0.5) / 3) < 0.06
     assert len({s["meta"]["drawn"]["look_cell"] for s in look}) >= 6
+
+
+def test_look_cells_all_asks_every_cell_of_every_image(tmp_path):
+    """--look-cells all: nine look questions per image, one per cell, each with its own id, answer and mask."""
+    out = str(tmp_path / "all")
+    P.main(["--source", "phantom", "--out", out, "--n", "3", "--image-size", "96", "--order-hops", "1",
+            "--types", "order", "look", "--look-cells", "all", "--workers", "1"])
+    with open(os.path.join(out, "samples.jsonl")) as f:
+        samples = [json.loads(line) for line in f]
+    look = [s for s in samples if s["question_type"] == "look"]
+    assert len(samples) == 3 + 27 and len(look) == 27 and len({s["id"] for s in samples}) == 30
+    for key in {s["id"].split("--")[0] for s in look}:
+        assert sorted(s["meta"]["cell"] for s in look if s["id"].startswith(key + "--")) == \
+            sorted(cell_name(c) for c in CELLS)
+    for s in look:
+        r, c = {cell_name(x): x for x in CELLS}[s["meta"]["cell"]]
+        d = s["meta"]["drawn"]
+        assert f"in the {s['meta']['cell']} cell" in s["question"]
+        assert s["answer"] == (f"The lesion in the {s['meta']['cell']} cell is {d['sizes'][r][c]} and "
+                               f"{d['grid'][r][c]} than its surroundings.")
+        m = np.asarray(Image.open(os.path.join(out, s["mask"]))) > 0
+        f = measure(np.zeros((96, 96), np.uint8), m)
+        assert abs(f["cx"] - (c + 0.5) / 3) < 0.06 and abs(f["cy"] - (r + 0.5) / 3) < 0.06
+        assert (m.sum() > 200) == (d["sizes"][r][c] == "large")
 
 
 def test_order_questions_need_order_grids(tmp_path, capsys):
@@ -82,12 +109,17 @@ def test_order_questions_need_order_grids(tmp_path, capsys):
 
 
 def test_walk_py_runs_the_order_task():
-    """demo/walk.py --task order: the order data, a stand-in of one lesion plus any lesion's look, and the
-    pattern a lookup table would recall (the looks of the lesions read)."""
+    """demo/walk.py --task order: the order data, a stand-in of one lesion plus every lesion's look (nine looks
+    per image, lr 1e-3; the walk's stand-in keeps its 3e-3), and the pattern a lookup table would recall (the
+    looks of the lesions read)."""
     args = W.get_args(["--task", "order", "--curriculum", "stepwise", "--moves", "6", "--out", "o"])
     cmds = [c for c, _ in W.stages(args)]
     assert cmds[1][cmds[1].index("--order-hops") + 1] == "6" and "--walk-hops" not in cmds[1]
-    assert cmds[3][cmds[3].index("--order-hops") + 1] == "1" and cmds[3][-3:] == ["--types", "order", "look"]
+    assert cmds[3][cmds[3].index("--order-hops") + 1] == "1"
+    assert cmds[3][-5:] == ["--types", "order", "look", "--look-cells", "all"]
+    assert cmds[4][cmds[4].index("--lr") + 1] == "1e-3"
+    walk = [c for c, _ in W.stages(W.get_args(["--out", "w"]))]
+    assert walk[4][walk[4].index("--lr") + 1] == "3e-3" and "--look-cells" not in walk[3]
     s = dict(meta=dict(drawn=dict(hops=2, sizes=[["small", "large", "small"]] * 3,
                                   grid=[["darker", "brighter", "darker"]] * 3)))
     assert W.pattern(s) == ("smalldarker", "largebrighter")

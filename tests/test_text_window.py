@@ -46,6 +46,13 @@ def test_template_and_score_by_hand():
                         step(c, c)])
     assert [i["right"] for i in swapped["items"]] == [False, False, True]
     assert [i["right"] for i in TW.score([step("a b", "x"), step("a b", "y")])["items"]] == [None, None]
+    # numbers are findings, never template, and count at every appearance: every closing step of the order question
+    # holds 1, 2 and 3 (and the count), so only where they stand tells one order from another
+    close = [f"So after 3 lesions the numbers stand in the order {o}." for o in ("2, 1, 3", "3, 1, 2", "1, 2, 3")]
+    assert not TW.template(close) & {"1", "2", "3"}
+    assert [i["right"] for i in TW.score([step(close[0], close[0]), step(close[1], close[0]),
+                                          step(close[2], close[2].replace("3 lesions", "2 lesions"))])["items"]] \
+        == [True, False, False]
     # a window that says the same thing for every item scores the prior, with one distinct sentence
     same = TW.score([step(r, refs[0]) for r in refs])
     assert same["rows"][0]["right"] == 25.0 == same["rows"][0]["prior"] and same["rows"][0]["distinct_decoded"] == 1
