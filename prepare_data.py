@@ -168,7 +168,7 @@ def samples_for(case, args):
     grid_types = [t for t in args.types or kind if t in GRID_TYPES + ORDER_TYPES]
     asked = ["caption"] if args.captions else grid_types if "grid" in drawn else rotated[:args.questions_per_image]
     cells = [cell_name(c) for c in CELLS] if args.look_cells == "all" else [None]
-    for qtype, each in [(t, c) for t in asked for c in (cells if t == "look" and "sizes" in drawn else [None])]:
+    for qtype, each in [(t, c) for t in asked for c in (cells if t == "look" else [None])]:
         sid = f"{key}--{qtype}" + (f"-{slug(each)}" if each else "")  # --look-cells all: one look per cell
         rng = random.Random(stable_hash(sid))
         target, ttype, negative = case["target"], case["target_type"], False

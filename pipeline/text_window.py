@@ -57,13 +57,13 @@ def score(steps):
     rows, per_item = [], []
     for (qtype, k), group in sorted(groups.items()):
         tpl = template([s["ref"] for s in group])
-        scored = [s for s in group if content(s["ref"], tpl)]
-        per_item += [dict(s, right=content(s["decoded"], tpl) == content(s["ref"], tpl) if content(s["ref"], tpl)
-                          else None) for s in group]
+        judged = [(s, content(s["ref"], tpl), content(s["decoded"], tpl)) for s in group]  # each sentence once
+        per_item += [dict(s, right=dec == ref if ref else None) for s, ref, dec in judged]
+        scored = [s for s, ref, _ in judged if ref]
         if not scored:
             continue
-        refs = Counter(content(s["ref"], tpl) for s in scored)
-        right = [content(s["decoded"], tpl) == content(s["ref"], tpl) for s in scored]
+        refs = Counter(ref for _, ref, _ in judged if ref)
+        right = [dec == ref for _, ref, dec in judged if ref]
         rows.append(dict(question_type=qtype, k=k, n=len(scored), right=100 * sum(right) / len(scored),
                          prior=100 * refs.most_common(1)[0][1] / len(scored),
                          distinct_decoded=len({s["decoded"] for s in scored}),
