@@ -25,8 +25,8 @@ location|describe|reasoning; caption with --captions; walk|cell and order|look o
 closed-ended form `choices` + `answer_index` (§B.4; every item but captions, in every split), and `meta`
 (everything else: the measured facts, negative, gate retries, where the image came from). A walk or order item
 also has `step_masks`: one mask path per chain step, the lesion that move lands on or that step reads (step k's
-own L_vis target with train.py --visual-target hop; the last is `mask`). An order chain ends with one step more
-than its lesions, the order reached (order_chain says why); that step keeps the last lesion read.
+own L_vis target with train.py --visual-target hop; the last is `mask`). An order chain has one step per lesion
+read, and its answer leads with the order's first number (embedded/grid_questions.order_answer says why).
 
 Teachers: `geometry` (default) writes chains from the mask and the pixels (offline, leak-free by
 construction); `openai` asks any OpenAI-compatible chat-completions endpoint with the prompt of §A.2.
@@ -83,7 +83,8 @@ from PIL import Image
 from tqdm import tqdm
 
 # the sources: the phantom (and its walk grids), then MSD and BiomedParse (§A.1)
-from embedded.phantom import CELLS, LOOKS, S3_SAYS, cell_name, phantom_case, phantom_order_case, phantom_walk_case
+from embedded import grid_questions as G
+from embedded.phantom import CELLS, cell_name, phantom_case, phantom_order_case, phantom_walk_case
 from pipeline.image_facts import measure, overlay_view, share_words  # what the pixels show about a target
 from pipeline.io import slug, strict_json, strict_loads, write_strict_json
 from pipeline.llm_teacher import RequestRefused, TeacherUnavailable, openai_teacher  # §A.2
@@ -252,78 +253,14 @@ def geometry_chain(sample, f, K):
     return chain if K == 3 else [chain[0], f"It is {f['size']} and {f['shape']}, with {w['margin']}."]
 
 
-def cell_answer(drawn, cell):
-    r, c = next(x for x in CELLS if cell_name(x) == cell)
-    return f"The lesion in the {cell} cell is {drawn['grid'][r][c]} than its surroundings."
-
-
-def look_answer(drawn, cell):
-    r, c = next(x for x in CELLS if cell_name(x) == cell)
-    return f"The lesion in the {cell} cell is {drawn['sizes'][r][c]} and {drawn['grid'][r][c]} than its surroundings."
-
-
-def order_answer(order):
-    return f"The numbers stand in the order {', '.join(order)}."
-
-
-def order_chain(drawn):
-    """One step per lesion read: its cell, its look, what that does to the order, and the order it leaves, said as
-    its first and last number (every state names all three numbers, so its order is in where they stand:
-    pipeline/text_window.py scores the content words in order); then one step that states the order reached.
-    That last step is what puts the state into the cache the answer reads: the answer's tokens attend to the
-    latent positions, whose inputs are h_0..h_{K-1}, while h_K only predicts the answer's first token (eq. 2),
-    a template word here. Without it, h_2 held the order after two lesions for a ridge probe at 85% and the
-    decoder at 88%, and the answer got 25% (docs/tuning-log.md, 2026-12-06 evening)."""
-    steps = []
-    for cell, (r, c), before, after in zip(drawn["read"], CELLS, drawn["path"], drawn["path"][1:]):
-        look = (drawn["sizes"][r][c], drawn["grid"][r][c])
-        steps.append(f"The lesion in the {cell} cell is {look[0]} and {look[1]} than its surroundings, so "
-                     f"{S3_SAYS[LOOKS.index(look)]}, which leaves {after[0]} first and {after[-1]} last.")
-    n = len(steps)
-    return steps + [f"So after {n} lesion{'s' * (n > 1)} the numbers stand in the order {', '.join(drawn['path'][-1])}."]
-
-
-def walk_answer(cell):
-    return f"The walk ends in the {cell} cell."
-
-
-def walk_chain(drawn):
-    """One step per move: the lesion the walk stands on, what it shows, where it sends the walk. The moves are
-    worded 'across' and 'down' (the gate judges left/right/upper/lower said of a lesion as its position)."""
-    grid, path = drawn["grid"], drawn["path"]
-    cells = {cell_name(c): c for c in CELLS}
-    steps = []
-    for here, there in zip(path, path[1:]):
-        r, c = cells[here]
-        move = "across" if grid[r][c] == "darker" else "down"
-        steps.append(f"The lesion in the {here} cell is {grid[r][c]} than its surroundings, so move one cell "
-                     f"{move} to the {there} cell.")
-    return steps
-
-
 def closed_form(sample, f, case, rng):
     """Choices (§B.4): the canonical answer and answers with one attribute changed; every split has them
     (training asks with options too, train.py --options-rate). Captions have none.
     choices[answer_index] is the canonical answer from the image-space facts (= `answer` with the
     geometry teacher; an LLM teacher's free-text answer may be worded differently)."""
     qtype, t, tt = sample["question_type"], sample["target"], sample["target_type"]
-    if qtype == "cell":  # darker or brighter
-        drawn, cell = case["meta"]["drawn"], sample["cell"]
-        choices = [cell_answer(dict(drawn, grid=[[b] * 3] * 3), cell) for b in ("darker", "brighter")]
-        return choices, choices.index(cell_answer(drawn, cell))
-    if qtype == "look":  # the four looks
-        drawn, cell = case["meta"]["drawn"], sample["cell"]
-        choices = [look_answer(dict(drawn, sizes=[[z] * 3] * 3, grid=[[b] * 3] * 3), cell) for z, b in LOOKS]
-        return choices, choices.index(look_answer(drawn, cell))
-    if qtype == "order":  # the six orders
-        true = order_answer(case["meta"]["drawn"]["path"][-1])
-        choices = [order_answer(o) for o in ("123", "132", "213", "231", "312", "321")]
-        rng.shuffle(choices)
-        return choices, choices.index(true)
-    if qtype == "walk":  # the nine cells
-        true, choices = walk_answer(case["meta"]["drawn"]["path"][-1]), [walk_answer(cell_name(c)) for c in CELLS]
-        rng.shuffle(choices)
-        return choices, choices.index(true)
+    if qtype in G.TYPES:  # a phantom grid's questions: embedded/grid_questions.py
+        return G.choices(qtype, case["meta"]["drawn"], sample["cell"], rng)
     sides, shapes = ("left", "central", "right"), ("round", "elongated", "irregular")
     true = canonical_answer(qtype, t, tt, f, sample["negative"])
     if qtype == "yesno":
@@ -373,18 +310,9 @@ def geometry_teacher(case, sample, facts, strict, args):
     sample's own RNG (one draw even for a fixed K: the closed-ended choices draw from it next)."""
     qtype, (lo, hi) = sample["question_type"], STEP_RANGE[sample["question_type"]]
     K = lo + sample["rng"].randint(0, 1) * (hi - lo)
-    if qtype == "cell":  # one step: the answer itself
-        answer = cell_answer(case["meta"]["drawn"], sample["cell"])
-        return json.dumps({"final_answer": answer, "reasoning_chain": [answer]})
-    if qtype == "look":
-        answer = look_answer(case["meta"]["drawn"], sample["cell"])
-        return json.dumps({"final_answer": answer, "reasoning_chain": [answer]})
-    if qtype == "order":  # as many steps as lesions read
-        drawn = case["meta"]["drawn"]
-        return json.dumps({"final_answer": order_answer(drawn["path"][-1]), "reasoning_chain": order_chain(drawn)})
-    if qtype == "walk":  # as many steps as moves
-        drawn = case["meta"]["drawn"]
-        return json.dumps({"final_answer": walk_answer(drawn["path"][-1]), "reasoning_chain": walk_chain(drawn)})
+    if qtype in G.TYPES:  # a phantom grid's questions: embedded/grid_questions.py
+        answer, chain = G.teach(qtype, case["meta"]["drawn"], sample["cell"])
+        return json.dumps({"final_answer": answer, "reasoning_chain": chain})
     answer = canonical_answer(qtype, sample["target"], sample["target_type"], facts, sample["negative"])
     return json.dumps({"final_answer": answer, "reasoning_chain": geometry_chain(sample, facts, K)})
 
@@ -477,9 +405,8 @@ def teach_case(case, todo, args):
             save_png(case["cell_masks"][sample["cell"]].astype(np.uint8) * 255, os.path.join(args.out, own["mask"]))
         record = dict(head, **dict(paths, **own), **asked, answer=out["final_answer"], reasoning_chain=chain,
                       latent_steps=len(chain), split=assign_split(case["group"], args, case.get("folder_split")))
-        if sample["question_type"] in ("walk", "order"):  # the lesion step k reads: its own visual target (the
-            # order's closing step, which reads no new lesion, keeps the last one read)
-            record["step_masks"] = step_paths + step_paths[-1:] * (len(chain) - len(step_paths))
+        if sample["question_type"] in ("walk", "order"):  # the lesion step k reads: its own visual target
+            record["step_masks"] = step_paths
         if sample["question_type"] != "caption":  # every split (train.py --options-rate, evaluate.py); the
             # sample's own RNG, drawn last: test items keep the choices they had when only they got them
             record["choices"], record["answer_index"] = closed_form(sample, facts, case, sample["rng"])
@@ -574,7 +501,7 @@ def get_args(argv=None):
                         "one reasoning step each; embedded/phantom.py); 0: the six question types")
     p.add_argument("--order-hops", type=int, default=0, choices=range(0, 10),
                    help="N > 0: every phantom is a 3 x 3 grid of lesions asked the order question (the first 1..N "
-                        "lesions read, one reasoning step each and a closing one; embedded/phantom.py); --types look asks one "
+                        "lesions read, one reasoning step each; embedded/phantom.py); --types look asks one "
                         "lesion's size and brightness instead (or --types order look, both)")
     p.add_argument("--look-cells", choices=["one", "all"], default="one",
                    help="--types look on an order grid: ask about one cell drawn per image (default), or about "

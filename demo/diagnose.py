@@ -299,7 +299,7 @@ def walk_main(args, out):
     rows, res = walk_rows(args), {}
     if not rows:
         raise SystemExit(f"diagnose.py: error: {args.data}/samples.jsonl has no walk items (--walk)")
-    K = max(r["latent_steps"] for r in rows)  # the moves; an order chain's closing step is one more
+    K = max(r["latent_steps"] for r in rows)  # the most moves (lesions read)
     for key, ckpt, k, name in (("k0", args.k0, 0, "The K = 0 model"), ("vital", args.ckpt, K, "VITAL")):
         if ckpt:
             backbone, processor, _, _ = E.load_inference_model(ckpt)

@@ -33,8 +33,8 @@ swaps two); no sum, pairwise product or lookup of the findings answers it past a
 lesion's order and all nine cells' looks: prepare_data.py --look-cells all; lr 1e-3), so that from the second lesion
 on the state must come through the loop, and is then checked on 400 unseen images, cell by cell (perception first:
 its results start with that line, and the runs do not start while a cell or the first lesion is read under
---min-perception); its chains end with a closing step (prepare_data.order_chain), so its
-stepwise runs start at phase 2 (K <= 2: one lesion); its demo/*.md are order_*.
+--min-perception); a chain holds one step per lesion read and the answer leads with the order's first number
+(embedded/grid_questions.order_answer says why); its demo/*.md are order_*.
 --curriculum stepwise trains every arm K = 1 first, then one more move per phase (train.py CURRICULA; the first
 two phases are the 3-phase runs' own, to the bit), then all walks; its runs, results and demo/*.md carry
 "_stepwise".
@@ -102,9 +102,6 @@ def get_args(argv=None):
     args = ap.parse_args(argv)
     if args.curriculum == "stepwise" and args.moves < 2:
         ap.error("--curriculum stepwise needs --moves 2 or more (its phases add one move each)")
-    if args.task == "order" and args.curriculum != "stepwise":
-        ap.error("--task order needs --curriculum stepwise (its chains hold a closing step, so the 3-phase "
-                 "schedule's first phase, K = 1, would hold no item)")
     return args
 
 
@@ -201,8 +198,8 @@ def with_deep(counts):
 
 
 def moves(s):
-    """A sample's moves (lesions read, on an order grid): its latent steps, less the order chain's closing step."""
-    return s["latent_steps"] - (s.get("question_type") == "order")
+    """A sample's moves (lesions read, on an order grid): its latent steps."""
+    return s["latent_steps"]
 
 
 def by_moves(pred_path, samples):
@@ -243,13 +240,11 @@ def tag(args):
 def phases(args):
     """-> [(phase, epochs, warm-start phase: None for the one before, 'none' for from scratch)]: the phases of
     --curriculum a run trains. stepwise: phases 1 .. moves - 1 (K <= phase), then the last (every walk) from the
-    last one it ran. An order chain has one step more than its lesions (its closing step), so phase p admits p - 1
-    lesions: its runs start at phase 2, from scratch, with phase 1's epochs."""
+    last one it ran."""
     ep = EPOCHS[args.curriculum]
     if args.curriculum == "3-phase":
         return [(p, e, None) for p, e in enumerate(ep, 1)]
-    s = int(args.task == "order")
-    first = [(p + s, ep[p - 1], "none" if s and p == 1 else None) for p in range(1, args.moves) if p + s < len(ep)]
+    first = [(p, ep[p - 1], None) for p in range(1, min(args.moves, len(ep)))]
     return first + [(len(ep), ep[-1], None if first[-1][0] == len(ep) - 1 else first[-1][0])]
 
 

@@ -14,7 +14,7 @@ STEP_RANGE = {"yesno": (1, 1), "identify": (1, 1), "location_choice": (1, 1), "l
               "describe": (2, 3), "reasoning": (3, 4),  # Table 4: the reasoning depth K of each type
               "caption": (1, 1),  # --captions only: stand-in pretraining of the tiny backbone, no VITAL type
               "walk": (1, 6), "cell": (1, 1),  # the phantom's walk grids (prepare_data.py --walk-hops)
-              "order": (2, 10), "look": (1, 1)}  # and its order grids (--order-hops: a step per lesion, one more)
+              "order": (1, 9), "look": (1, 1)}  # and its order grids (--order-hops: a step per lesion read)
 
 
 def article(target, target_type):

@@ -45,22 +45,21 @@ def test_prepare_data_asks_the_order_with_one_step_per_lesion(tmp_path):
         samples = [json.loads(line) for line in f]
     order = [s for s in samples if s["question_type"] == "order"]
     look = [s for s in samples if s["question_type"] == "look"]
-    assert len(order) == len(look) == 30 and {s["latent_steps"] for s in order} == {2, 3, 4, 5}
+    assert len(order) == len(look) == 30 and {s["latent_steps"] for s in order} == {1, 2, 3, 4}
     for s in order:
-        d = s["meta"]["drawn"]  # a step per lesion, then the order reached (it puts h_K into the answer's cache)
-        assert s["latent_steps"] == d["hops"] + 1 == len(s["reasoning_chain"]) == len(s["step_masks"])
-        assert s["reasoning_chain"][-1] == (f"So after {d['hops']} lesion{'s' * (d['hops'] > 1)} the numbers stand "
-                                            f"in the order {', '.join(d['path'][-1])}.")
-        assert s["step_masks"][-1] == s["step_masks"][-2] == s["mask"]  # the closing step keeps the last lesion
+        d = s["meta"]["drawn"]  # a step per lesion read, the last one the lesion the answer's order comes from
+        assert s["latent_steps"] == d["hops"] == len(s["reasoning_chain"]) == len(s["step_masks"])
+        assert s["step_masks"][-1] == s["mask"]
         assert f"After {d['hops']} lesions" in s["question"] and "stand in the order 1, 2, 3" in s["question"]
         assert len(s["choices"]) == 6 and s["choices"][s["answer_index"]] == s["answer"]
-        assert s["answer"] == f"The numbers stand in the order {', '.join(d['path'][-1])}."
-        for k, step in enumerate(s["reasoning_chain"][:-1]):  # step k: lesion k's cell and look, the order left
+        # the answer leads with the decision: its first token is the first number (lm_head(h_K), eq. 2)
+        assert s["answer"] == f"{', '.join(d['path'][-1])}." and s["answer"][0] == d["path"][-1][0]
+        for k, step in enumerate(s["reasoning_chain"]):  # step k: lesion k's cell and look, the order left
             r, c = CELLS[k]
             assert step.startswith(f"The lesion in the {cell_name(CELLS[k])} cell is {d['sizes'][r][c]} and "
                                    f"{d['grid'][r][c]} than its surroundings, so ")
             assert step.endswith(f"which leaves {d['path'][k + 1][0]} first and {d['path'][k + 1][-1]} last.")
-        masks = [np.asarray(Image.open(os.path.join(out, p))) > 0 for p in s["step_masks"][:-1]]
+        masks = [np.asarray(Image.open(os.path.join(out, p))) > 0 for p in s["step_masks"]]
         assert all(abs(measure(np.zeros((96, 96), np.uint8), m)["cx"] - (CELLS[k][1] + 0.5) / 3) < 0.06
                    for k, m in enumerate(masks))
     for s in look:  # any of the nine cells, its size and brightness; four choices
@@ -151,6 +150,6 @@ def test_walk_py_reports_the_stand_ins_perception(tmp_path):
     assert W.perception(W.get_args(["--out", str(tmp_path)])) == ""
 
 
-def test_walk_py_counts_an_order_items_lesions_not_its_closing_step():
-    assert W.moves(dict(latent_steps=3, question_type="order")) == 2
+def test_walk_py_counts_an_order_items_lesions():
+    assert W.moves(dict(latent_steps=3, question_type="order")) == 3
     assert W.moves(dict(latent_steps=3, question_type="walk")) == W.moves(dict(latent_steps=3)) == 3

@@ -46,8 +46,8 @@ def test_template_and_score_by_hand():
                         step(c, c)])
     assert [i["right"] for i in swapped["items"]] == [False, False, True]
     assert [i["right"] for i in TW.score([step("a b", "x"), step("a b", "y")])["items"]] == [None, None]
-    # numbers are findings, never template, and count at every appearance: every closing step of the order question
-    # holds 1, 2 and 3 (and the count), so only where they stand tells one order from another
+    # numbers are findings, never template, and count at every appearance: every sentence that states an order
+    # holds 1, 2 and 3 (and a count), so only where they stand tells one order from another
     close = [f"So after 3 lesions the numbers stand in the order {o}." for o in ("2, 1, 3", "3, 1, 2", "1, 2, 3")]
     assert not TW.template(close) & {"1", "2", "3"}
     assert [i["right"] for i in TW.score([step(close[0], close[0]), step(close[1], close[0]),
