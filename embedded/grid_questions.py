@@ -87,7 +87,8 @@ def choices(qtype, drawn, cell, rng):
         options = [look_answer(dict(drawn, sizes=[[z] * 3] * 3, grid=[[b] * 3] * 3), cell) for z, b in LOOKS]
         return options, options.index(look_answer(drawn, cell))
     if qtype == "order":  # the six orders
-        true, options = order_answer(drawn["path"][-1]), [order_answer(o) for o in ("123", "132", "213", "231", "312", "321")]
+        true, options = order_answer(drawn["path"][-1]), [order_answer(o) for o in ("123", "132", "213", "231",
+                                                                                    "312", "321")]
     else:  # the walk: the nine cells
         true, options = walk_answer(drawn["path"][-1]), [walk_answer(cell_name(c)) for c in CELLS]
     rng.shuffle(options)
