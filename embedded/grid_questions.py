@@ -7,6 +7,8 @@ reasoning chain and the closed-ended choices of the four grid questions, from th
          answer the order reached, leading with its first number
   look   one order-grid lesion's size and brightness (one step: the answer)
 """
+from itertools import permutations
+
 from embedded.phantom import CELLS, LOOKS, S3_SAYS, cell_name
 
 TYPES = ("walk", "cell", "order", "look")
@@ -87,8 +89,7 @@ def choices(qtype, drawn, cell, rng):
         options = [look_answer(dict(drawn, sizes=[[z] * 3] * 3, grid=[[b] * 3] * 3), cell) for z, b in LOOKS]
         return options, options.index(look_answer(drawn, cell))
     if qtype == "order":  # the six orders
-        true, options = order_answer(drawn["path"][-1]), [order_answer(o) for o in ("123", "132", "213", "231",
-                                                                                    "312", "321")]
+        true, options = order_answer(drawn["path"][-1]), [order_answer("".join(o)) for o in permutations("123")]
     else:  # the walk: the nine cells
         true, options = walk_answer(drawn["path"][-1]), [walk_answer(cell_name(c)) for c in CELLS]
     rng.shuffle(options)
