@@ -39,7 +39,8 @@ accuracy when what the loop feeds back as latent step k's input embedding is rep
 Pointing game (--pointing; the checkpoint's visual projector re-attached by pipeline/scaffolds.py, as for explain.py):
 for each latent step, the share of test items whose heatmap cos(VP(h_k), patch feature) peaks on a patch
 that the target's mask touches, dilated by one patch; beside it the chance level, the share of the image's
-patches that count.
+patches that count. With --k sample each item runs its own latent_steps and step k is scored over the items that
+have a step k (a walk or order item's step k against the lesion that step reads).
 
 Commands:
     python evaluate.py --ckpt runs/tiny-vital/phase3 --data data/phantom --out runs/tiny-vital/eval
@@ -486,7 +487,8 @@ def pointing_game(ckpt, items, K, args, device, dtype):
     and its ceiling: the same game played by the ROI feature itself (what L_vis regresses VP(h_k) to), i.e.
     what a perfect visual projector would score with these targets. The model is explain.py's: the same
     checkpoint with its visual projector, and the encoder of the ROI targets. An item with step_masks (the
-    walk) scores step k against the lesion move k lands on. -> pointing.json object."""
+    walk) scores step k against the lesion move k lands on. K = 'sample': each item at its own latent_steps, step k
+    scored over the items that have a step k (steps[k - 1]['n']). -> pointing.json object."""
     items = [it for it in items if it["benchmark"].startswith("in-domain/") and it.get("mask")]
     if not items:
         raise EvalError("--pointing needs in-domain test items with a mask (samples.jsonl 'mask')")
@@ -502,31 +504,38 @@ def pointing_game(ckpt, items, K, args, device, dtype):
     d_v = vital.vp.out.out_features
     if roi is not None and roi.shape[1] != d_v:
         roi, roi_src = None, f"{roi_src}: {roi.shape[1]}-d features, the checkpoint's are {d_v}-d"
-    hits, ceiling, chance, per_step = torch.zeros(K), 0.0, [], 0
-    for i in range(0, len(items), args.batch_size):
-        chunk = items[i:i + args.batch_size]
-        images = [open_image(it["image_path"], EvalError) for it in chunk]
-        prefix = IO.build_prefix(processor, images, [it["prompt"] for it in chunk]).to(device)
-        h = torch.cat(M.latent_loop(vital.backbone, prefix, K, vital.feed()).h[1:], dim=1)  # (B, K, d)
-        v = M.project_latent(vital.vp, h).cpu()                                             # (B, K, d_v)
-        for b, it in enumerate(chunk):
-            f, _, _ = RE.patch_features(enc, images[b])
-            # step k's target: the item's mask, or (a walk) the lesion move k lands on; past the last, the mask
-            masks = [os.path.join(args.data, m) for m in it.get("step_masks", [])[:K]]
-            masks += [os.path.join(args.data, it["mask"])] * (K + 1 - len(masks))                # (K + 1,)
-            read = {m: target_patches(m, enc.grid) for m in set(masks)}
-            target, valid = torch.stack([read[m][0] for m in masks]), read[masks[-1]][1]        # (K + 1, g*g)
-            # one heatmap per query: the K latent steps, then (for the ceiling) the item's own ROI target
-            queries = v[b] if roi is None else torch.cat([v[b], F.normalize(roi[i + b:i + b + 1], dim=-1)])
-            heat = RE.heatmaps(f.cpu(), queries, enc.grid).flatten(1)                        # (K [+ 1], g*g)
-            peak = heat.masked_fill(~valid, -2).argmax(1)
-            hit = target[torch.arange(len(peak)), peak].float()
-            hits += hit[:K]
-            ceiling += hit[K:].sum().item()
-            chance.append(target[:K, valid].float().mean().item())
-            per_step += bool(it.get("step_masks"))
-    n = len(items)
-    steps = [dict(k=k + 1, hit_rate=100 * hits[k].item() / n) for k in range(K)]
+    groups = [(Kg, idx) for Kg, idx in k_groups(items, K) if Kg > 0]  # K = 'sample': an item of no step has none
+    if not groups:
+        raise EvalError("--pointing --k sample: no in-domain test item with a mask has a latent step")
+    top = max(Kg for Kg, _ in groups)
+    hits, seen, ceiling, chance, per_step = torch.zeros(top), torch.zeros(top), 0.0, [], 0
+    for Kg, idx in groups:  # each group at its K; step k is scored over the items that have a step k
+        for c in range(0, len(idx), args.batch_size):
+            rows = idx[c:c + args.batch_size]
+            images = [open_image(items[j]["image_path"], EvalError) for j in rows]
+            prefix = IO.build_prefix(processor, images, [items[j]["prompt"] for j in rows]).to(device)
+            h = torch.cat(M.latent_loop(vital.backbone, prefix, Kg, vital.feed()).h[1:], dim=1)  # (B, Kg, d)
+            v = M.project_latent(vital.vp, h).cpu()                                              # (B, Kg, d_v)
+            for b, j in enumerate(rows):
+                it = items[j]
+                f, _, _ = RE.patch_features(enc, images[b])
+                # step k's target: the item's mask, or (a walk) the lesion move k lands on; past the last, the mask
+                masks = [os.path.join(args.data, m) for m in it.get("step_masks", [])[:Kg]]
+                masks += [os.path.join(args.data, it["mask"])] * (Kg + 1 - len(masks))             # (Kg + 1,)
+                read = {m: target_patches(m, enc.grid) for m in set(masks)}
+                target, valid = torch.stack([read[m][0] for m in masks]), read[masks[-1]][1]     # (Kg + 1, g*g)
+                # one heatmap per query: the Kg latent steps, then (for the ceiling) the item's own ROI target
+                queries = v[b] if roi is None else torch.cat([v[b], F.normalize(roi[j:j + 1], dim=-1)])
+                heat = RE.heatmaps(f.cpu(), queries, enc.grid).flatten(1)                     # (Kg [+ 1], g*g)
+                peak = heat.masked_fill(~valid, -2).argmax(1)
+                hit = target[torch.arange(len(peak)), peak].float()
+                hits[:Kg] += hit[:Kg]
+                seen[:Kg] += 1
+                ceiling += hit[Kg:].sum().item()
+                chance.append(target[:Kg, valid].float().mean().item())
+                per_step += bool(it.get("step_masks"))
+    n = int(seen[0])
+    steps = [dict(k=k + 1, hit_rate=100 * hits[k].item() / seen[k].item(), n=int(seen[k])) for k in range(top)]
     best = max(steps, key=lambda r: r["hit_rate"])
     return dict(K=K, n=n, n_step_masks=per_step, encoder=os.path.abspath(path), encoder_from=src, grid=enc.grid,
                 chance=100 * statistics.mean(chance), steps=steps, best_step=best["k"],
@@ -549,6 +558,8 @@ def pointing_table(res):
              "|---|" + "---:|" * (len(res["steps"]) + 3)]
     lines.append("| hit rate (%) | " + " | ".join(f"{r['hit_rate']:.1f}" for r in res["steps"]) +
                  f" | {res['chance']:.1f} | {ceiling} | {res['n']} |")
+    if any(r.get("n", res["n"]) != res["n"] for r in res["steps"]):  # --k sample: step k over the items with one
+        lines.append("| items with the step | " + " | ".join(str(r["n"]) for r in res["steps"]) + " | | | |")
     if res.get("n_step_masks"):
         lines.append(f"({res['n_step_masks']} walk items: step k scored against the lesion move k lands on)")
     return "\n".join(lines) + "\n"
@@ -639,8 +650,8 @@ def get_args(argv=None):
             ap.error("--k must be >= 0")
     if not args.data and not args.bench:
         ap.error("give --data (in-domain test split) and/or --bench files")
-    if args.pointing and (args.k in ("sample", 0) or not args.data):
-        ap.error("--pointing needs --k >= 1 and --data (it scores the in-domain test split's masks)")
+    if args.pointing and (args.k == 0 or not args.data):
+        ap.error("--pointing needs --k >= 1 or 'sample', and --data (it scores the in-domain test split's masks)")
     if args.text_window and (args.k == 0 or not args.data):
         ap.error("--text-window needs --k >= 1 or 'sample', and --data (it scores the in-domain test split's "
                  "chains)")

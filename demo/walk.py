@@ -20,8 +20,9 @@ resumes; a phase killed half-way continues with --resume):
        task-only  VITAL without its scaffolds (--lambda-sem 0 --lambda-vis 0; not run unless --arms names it)
      each evaluated on the 921 test items (VITAL, pause and task-only at K = the item's moves: --k sample;
      VITAL also with the probes, zeros, h_0 or another item's latents fed back, and its text window: does
-     decoded step k state move k?); then demo/diagnose.py --walk's ridge probes of the K = 0 model's h_0 (does
-     one pass hold the end cell?) and of VITAL's h_0..h_K (does h_j hold the cell after move j?);
+     decoded step k state move k?) and its pointing game (evaluate.py --pointing --k sample: does the heatmap of
+     VP(h_k) peak on the lesion step k reads?); then demo/diagnose.py --walk's ridge probes of the K = 0 model's
+     h_0 (does one pass hold the end cell?) and of VITAL's h_0..h_K (does h_j hold the cell after move j?);
   4. accuracy by number of moves, mean ± sample std over seeds, VITAL minus each baseline against twice the
      pooled std (the issue's test), and "walked or recalled?": accuracy on the 4+ move test items whose nine
      findings and moves a train item shares (a lookup table recalls their end) and on the rest; to
@@ -37,12 +38,16 @@ its results start with that line, and the runs do not start while a cell or the 
 (embedded/grid_questions.order_answer says why); its demo/*.md are order_*.
 --curriculum stepwise trains every arm K = 1 first, then one more move per phase (train.py CURRICULA; the first
 two phases are the 3-phase runs' own, to the bit), then all walks; its runs, results and demo/*.md carry
-"_stepwise".
+"_stepwise". --lambda-sem W sets L_sem's weight in the arms with a decoder (VITAL, pause; their runs, results and
+demo/*.md carry "_sem<W>"; the K = 0 runs are shared): on the order question the paper's 1 leaves the decoder's
+per-token loss a tenth of the answer's and the lesion-per-step loop forms on one seed of five, 10 on four of five
+(docs/tuning-log.md, 2026-12-07 later).
 
     python demo/walk.py --seeds 0 1 2 3 4                                    # ~2.5 h on 2 cores (--jobs 2)
     python demo/walk.py --moves 6 --out runs/walk6 --arms VITAL K=0        # 1-6 moves: the K = 0 model's bound
     python demo/walk.py --moves 6 --out runs/walk6 --curriculum stepwise    # one phase per extra move
     python demo/walk.py --task order --moves 6 --out runs/order6 --curriculum stepwise   # the order question
+    python demo/walk.py --task order --moves 4 --out runs/order4 --curriculum stepwise --lr-k0 3e-4 --lambda-sem 10
 """
 import argparse
 import json
@@ -95,6 +100,9 @@ def get_args(argv=None):
     ap.add_argument("--curriculum", default="3-phase", choices=list(EPOCHS),
                     help="every arm's schedule (train.py CURRICULA); stepwise: K = 1, then one more move per "
                          "phase, then all walks (its runs, results and demo/*.md carry the name)")
+    ap.add_argument("--lambda-sem", type=float, help="L_sem's weight in the arms with a decoder (VITAL, pause; default "
+                                                      "train.py's 1, the paper's); their runs, results and demo/*.md "
+                                                      "carry _sem<value>, the K = 0 runs are shared")
     ap.add_argument("--jobs", type=int, default=2, help="runs at once (OMP_NUM_THREADS = cores / jobs each)")
     ap.add_argument("--min-perception", type=float, default=90.0,
                     help="--task order: stop before the runs unless the stand-in reads the first lesion's order and "
@@ -222,6 +230,15 @@ def window_by_moves(tw_path, samples):
     return {f"window {m}": v for m, v in with_deep({m: (sum(v), len(v)) for m, v in right.items()}).items()}
 
 
+def pointing(path):
+    """evaluate.py's pointing.json -> {'pointing step <k>', 'pointing best', 'pointing chance', 'pointing ceiling'}:
+    % of the items with a step k whose heatmap of VP(h_k) peaks on the lesion step k reads."""
+    pg = json.load(open(path))
+    flat = {f"pointing step {r['k']}": r["hit_rate"] for r in pg["steps"]}
+    flat.update({"pointing best": pg["best_hit_rate"], "pointing chance": pg["chance"]})
+    return flat | ({"pointing ceiling": pg["ceiling"]} if pg.get("ceiling") is not None else {})
+
+
 def blind(samples):
     """-> {moves: %}: the most common end cell among the test items of that move count (the rule known, the
     image not seen)."""
@@ -232,9 +249,11 @@ def blind(samples):
     return {m: 100 * c.most_common(1)[0][1] / sum(c.values()) for m, c in ends.items()}
 
 
-def tag(args):
-    """The suffix of a run folder, results file and demo/*.md: none for the demo's 3-phase schedule."""
-    return "" if args.curriculum == "3-phase" else f"_{args.curriculum}"
+def tag(args, arm="VITAL"):
+    """The suffix of a run folder, results file and demo/*.md: none for the demo's 3-phase schedule and the
+    paper's λ_sem; --lambda-sem only in the arms it changes (those with a decoder)."""
+    sem = args.lambda_sem is not None and "--lambda-sem" not in ARMS[arm][0] and arm != "K=0"
+    return ("" if args.curriculum == "3-phase" else f"_{args.curriculum}") + (f"_sem{args.lambda_sem:g}" if sem else "")
 
 
 def phases(args):
@@ -288,7 +307,7 @@ def one_run(args, arm, seed, env):
     extra, flags = ARMS[arm]
     lr = args.lr_k0 if arm == "K=0" and args.lr_k0 else args.lr
     data = os.path.join(args.out, "data")
-    run_dir = os.path.join(args.out, f"{arm.replace('=', '')}_lr{lr:g}{tag(args)}", f"s{seed}")  # new lr: new runs
+    run_dir = os.path.join(args.out, f"{arm.replace('=', '')}_lr{lr:g}{tag(args, arm)}", f"s{seed}")  # new lr: new runs
     last = os.path.join(run_dir, f"phase{phases(args)[-1][0]}")
     ev = os.path.join(run_dir, "eval")
     wants = ["metrics.json"] + [f for flag, f in (("--probe", "probes.json"), ("--text-window", "text_window.json"))
@@ -304,10 +323,14 @@ def one_run(args, arm, seed, env):
                     "--backbone", os.path.join(args.out, "pretrain", "phase1", "backbone"), "--phase", str(p),
                     "--epochs", str(ep), "--lora-r", "64", "--lora-alpha", "128", "--lr", f"{lr:g}",
                     "--seed", str(seed), "--curriculum", args.curriculum] + extra
+                   + (["--lambda-sem", f"{args.lambda_sem:g}"] if tag(args, arm) != tag(args, "K=0") else [])
                    + (["--init", "none" if init == "none" else os.path.join(run_dir, f"phase{init}")] if init else [])
                    + (["--resume"] if os.path.isdir(phase_dir) else []), env, log)
         sh([PY, "evaluate.py", "--ckpt", last, "--data", data, "--out", ev] + flags, env, log)
         print(f"[done] {arm} seed {seed} in {time.time() - t0:.0f}s", flush=True)
+    if arm == "VITAL" and not os.path.isfile(os.path.join(ev, "pointing", "pointing.json")):  # each item at its K
+        sh([PY, "evaluate.py", "--ckpt", last, "--data", data, "--out", os.path.join(ev, "pointing"), "--k", "sample",
+            "--pointing"], env, os.path.join(run_dir, "commands.log"))
     if arm in STATE_PROBES and not os.path.isfile(os.path.join(ev, "walk_probes.json")):
         sh([PY, "demo/diagnose.py", "--walk", "--data", data, "--out", os.path.join(ev, "walk_probes.json")]
            + STATE_PROBES[arm] + [last], env, os.path.join(run_dir, "commands.log"))
@@ -386,6 +409,21 @@ def tables(res, blind_pct, alone, args, lookup=None):
                 "k; pipeline/text_window.py)", "", "| moves | every move stated (%) | per seed |", "|---|---:|---|"]
         out += [f"| {label(c)} | {fmt(get('VITAL', f'window {c}'))} | "
                 + " / ".join(f"{v:.1f}" for v in get("VITAL", f"window {c}")) + " |" for c in cols]
+    if "VITAL" in res and all("pointing best" in r for r in res["VITAL"].values()):
+        ks = sorted({int(k.split()[-1]) for r in res["VITAL"].values() for k in r
+                     if str(k).startswith("pointing step")})
+        out += ["", "**Does VITAL's visual window point at the lesion step k reads?** (evaluate.py --pointing --k "
+                "sample: the share of test items with a step k whose heatmap cos(VP(h_k), patch) peaks on that "
+                "lesion, dilated by one patch; chance: the share of patches that count; ceiling: the ROI target's "
+                "own heatmap, the L_vis target)", "",
+                "| | " + " | ".join(f"step {k}" for k in ks) + " | best step | chance | ceiling |",
+                "|---|" + "---:|" * (len(ks) + 3),
+                "| hit rate (%) | " + " | ".join(fmt(get("VITAL", f"pointing step {k}")) for k in ks) + " | "
+                + fmt(get("VITAL", "pointing best")) + f" | {statistics.mean(get('VITAL', 'pointing chance')):.1f} | "
+                + (fmt(get("VITAL", "pointing ceiling")) if all("pointing ceiling" in r for r in res["VITAL"].values())
+                   else "n/a") + " |"]
+        out.append("Best step's hit rate per seed: " + " / ".join(f"{v:.1f}" for v in get("VITAL", "pointing best"))
+                   + ".")
     out += probe_tables(res, get, cols, label) + memory_table(res, get, lookup or {}, args)
     return "\n".join(out) + "\n"
 
@@ -464,6 +502,8 @@ def main(argv=None):
                     probes = json.load(open(os.path.join(ev, "probes.json")))["probes"]
                     res[arm][seed].update({f"probe {n}": probes[n]["accuracy"] for n in PROBES})
                     res[arm][seed]["p shuffled"] = probes["shuffled"]["p_mcnemar"]
+                if os.path.isfile(os.path.join(ev, "pointing", "pointing.json")):
+                    res[arm][seed].update(pointing(os.path.join(ev, "pointing", "pointing.json")))
                 if os.path.isfile(os.path.join(ev, "walk_probes.json")):
                     res[arm][seed].update(state_probes(os.path.join(ev, "walk_probes.json")))
                 if os.path.isfile(os.path.join(ev, "text_window.json")):

@@ -712,3 +712,39 @@ def test_pointing_game_scores_a_walk_step_against_its_own_lesion(tiny, monkeypat
         chance = (target[valid].float().mean() * 3 + first[valid].float().mean()) / 4  # steps 1-4's own targets
         assert res["chance"] == pytest.approx(100 * chance.item())
         assert "4 walk items: step k scored against the lesion move k lands on" in E.pointing_table(res)
+
+
+def test_pointing_game_at_each_items_own_k(tiny, monkeypatch):
+    """--k sample: each item runs its own latent_steps and step k is scored over the items that have a step k.
+    Two items of one move, two of two; step 1's lesion in a corner, step 2's (the mask) far from it. A heatmap
+    that peaks on step 1's lesion hits step 1 on all four and step 2 on none of the two that have it."""
+    import shutil
+    data = os.path.join(tiny["root"], "data_own_k")
+    shutil.copytree(tiny["data"], data)
+    rows = [json.loads(l) for l in open(os.path.join(data, "samples.jsonl"))]
+    tests = [r for r in rows if r["split"] == "test"]
+    assert len(tests) == 4
+    for j, r in enumerate(tests):
+        stem = "masks/" + os.path.splitext(os.path.basename(r["image"]))[0]
+        r["mask"], r["step_masks"] = stem + ".png", [stem + "-move1.png", stem + ".png"][:1 + j % 2]
+        r["latent_steps"] = len(r["step_masks"])
+        _mask(os.path.join(data, r["mask"]), 64, 48, (32, 12, 48, 24))
+        _mask(os.path.join(data, stem + "-move1.png"), 64, 48, (0, 0, 8, 8))
+        if j % 2 == 0:  # one move: its mask is move 1's lesion
+            r["mask"] = stem + "-move1.png"
+    with open(os.path.join(data, "samples.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    first, valid = E.target_patches(os.path.join(data, tests[0]["step_masks"][0]), 8)
+    real_heat = RE.heatmaps
+    index = int(torch.nonzero(first & valid)[0])
+
+    def heat(f, v, grid):
+        h = real_heat(f, v, grid).clone().flatten(1)
+        h[:, index] = 2.0
+        return h.view(-1, grid, grid)
+    monkeypatch.setattr(RE, "heatmaps", heat)
+    args = E.get_args(["--ckpt", "x", "--data", data, "--out", "o", "--pointing", "--k", "sample"])
+    res = E.pointing_game(tiny["ckpt"], E.read_test_split(data), args.k, args, torch.device("cpu"), torch.float32)
+    assert [(s["k"], s["hit_rate"], s["n"]) for s in res["steps"]] == [(1, 100.0, 4), (2, 0.0, 2)]
+    assert res["best_step"] == 1 and res["n"] == 4
+    assert "| items with the step | 4 | 2 |" in E.pointing_table(res)

@@ -61,6 +61,14 @@ def test_tables_by_hand():
         res["VITAL"][s].update({f"window {c}": v for c, v in zip([1, 2, 3, 4, "all"], w)})
     window = W.tables(res, {m: 0.0 for m in range(1, 5)}, None, SimpleNamespace(lr=1e-3, lr_k0=None, moves=4))
     assert "| 4 | 65.0 ± 7.1 | 70.0 / 60.0 |" in window.split("text window state each move")[1]
+    assert "visual window point" not in window
+    for s, hits in {0: (90.0, 80.0), 1: (70.0, 84.0)}.items():  # pointing.json as evaluate.py writes it
+        res["VITAL"][s].update({f"pointing step {k}": v for k, v in enumerate(hits, 1)},
+                               **{"pointing best": max(hits), "pointing chance": 10.0 + s, "pointing ceiling": 99.0})
+    point = W.tables(res, {m: 0.0 for m in range(1, 5)}, None, SimpleNamespace(lr=1e-3, lr_k0=None, moves=4))
+    point = point.split("visual window point at the lesion step k reads?")[1]
+    assert "| hit rate (%) | 80.0 ± 14.1 | 82.0 ± 2.8 | 87.0 ± 4.2 | 10.5 | 99.0 ± 0.0 |" in point
+    assert "Best step's hit rate per seed: 90.0 / 84.0." in point
     # 1-5 moves: a pooled '4-5' column, a '4-5' row of each difference and the blind row as wide as the table
     five = {a: {s: {**{k: x for k, x in r.items() if not str(k).startswith("window")}, 5: r[4] - 10,
                     "deep": r[4] - 5} for s, r in v.items()} for a, v in res.items()}
@@ -111,6 +119,24 @@ def test_curriculum_phases():
     assert W.phases(args("4", "--task", "order")) == W.phases(args("4"))
     with pytest.raises(SystemExit):  # no phase to add a move to
         args("1", "--curriculum", "stepwise")
+
+
+def test_pointing_json_flattened(tmp_path):
+    path = tmp_path / "pointing.json"
+    path.write_text(json.dumps(dict(steps=[dict(k=1, hit_rate=50.0, n=4), dict(k=2, hit_rate=75.0, n=2)],
+                                    best_hit_rate=75.0, chance=12.5, ceiling=None)))
+    assert W.pointing(str(path)) == {"pointing step 1": 50.0, "pointing step 2": 75.0, "pointing best": 75.0,
+                                     "pointing chance": 12.5}
+
+
+def test_lambda_sem_names_the_runs_it_changes():
+    """--lambda-sem changes the arms with a decoder: their folders carry it, the K = 0 runs (no decoder) and the
+    task-only arm (its own λ_sem 0) are shared with the paper's λ_sem."""
+    a = W.get_args(["--task", "order", "--curriculum", "stepwise", "--lambda-sem", "10"])
+    assert {arm: W.tag(a, arm) for arm in W.ARMS} == {"VITAL": "_stepwise_sem10", "K=0": "_stepwise",
+                                                      "pause": "_stepwise_sem10", "task-only": "_stepwise"}
+    assert W.tag(a) == "_stepwise_sem10"  # the results file and demo/*.md
+    assert {W.tag(W.get_args([]), arm) for arm in W.ARMS} == {""}
 
 
 def test_walked_or_recalled(tmp_path):
