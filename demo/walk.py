@@ -77,6 +77,7 @@ ARMS = {"VITAL": (HOP, ["--k", "sample", "--probe", "--text-window"]),
         "pause": (HOP + ["--feedback", "pause"], ["--k", "sample"]),
         "task-only": (["--depth", "own", "--lambda-sem", "0", "--lambda-vis", "0"], ["--k", "sample"])}
 PROBES = ["normal", "zero", "h0", "shuffled"]
+DECODER_ARMS = ("VITAL", "pause")  # the arms that train the auxiliary decoder: --lambda-sem changes only these
 # the arms whose states demo/diagnose.py --walk probes: the K = 0 model's h_0 (does one pass hold the end?) and
 # VITAL's h_0..h_K (does latent step j hold move j?), with diagnose.py's flags, the run's checkpoint after them
 STATE_PROBES = {"K=0": ["--ckpt", "", "--k0"], "VITAL": ["--ckpt"]}
@@ -252,7 +253,7 @@ def blind(samples):
 def tag(args, arm="VITAL"):
     """The suffix of a run folder, results file and demo/*.md: none for the demo's 3-phase schedule and the
     paper's λ_sem; --lambda-sem only in the arms it changes (those with a decoder)."""
-    sem = args.lambda_sem is not None and "--lambda-sem" not in ARMS[arm][0] and arm != "K=0"
+    sem = args.lambda_sem is not None and arm in DECODER_ARMS
     return ("" if args.curriculum == "3-phase" else f"_{args.curriculum}") + (f"_sem{args.lambda_sem:g}" if sem else "")
 
 
@@ -323,7 +324,8 @@ def one_run(args, arm, seed, env):
                     "--backbone", os.path.join(args.out, "pretrain", "phase1", "backbone"), "--phase", str(p),
                     "--epochs", str(ep), "--lora-r", "64", "--lora-alpha", "128", "--lr", f"{lr:g}",
                     "--seed", str(seed), "--curriculum", args.curriculum] + extra
-                   + (["--lambda-sem", f"{args.lambda_sem:g}"] if tag(args, arm) != tag(args, "K=0") else [])
+                   + (["--lambda-sem", f"{args.lambda_sem:g}"] if args.lambda_sem is not None and arm in DECODER_ARMS
+                      else [])
                    + (["--init", "none" if init == "none" else os.path.join(run_dir, f"phase{init}")] if init else [])
                    + (["--resume"] if os.path.isdir(phase_dir) else []), env, log)
         sh([PY, "evaluate.py", "--ckpt", last, "--data", data, "--out", ev] + flags, env, log)

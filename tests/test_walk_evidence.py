@@ -1,6 +1,7 @@
 """demo/walk.py: accuracy by number of moves, the blind level and the issue's test (>= 15 points and > 2 pooled
 std), checked against numbers worked out by hand."""
 import json
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -137,6 +138,26 @@ def test_lambda_sem_names_the_runs_it_changes():
                                                       "pause": "_stepwise_sem10", "task-only": "_stepwise"}
     assert W.tag(a) == "_stepwise_sem10"  # the results file and demo/*.md
     assert {W.tag(W.get_args([]), arm) for arm in W.ARMS} == {""}
+
+
+def test_lambda_sem_reaches_train_py_of_the_decoder_arms_only(tmp_path, monkeypatch):
+    """The commands one_run would run (recorded, not run): every train.py call of VITAL and pause gets
+    --lambda-sem 10, the K = 0 and task-only arms keep theirs; VITAL alone gets the pointing game at its own K."""
+    cmds = []
+    monkeypatch.setattr(W, "sh", lambda cmd, env, log: cmds.append(cmd))
+    a = W.get_args(["--task", "order", "--curriculum", "stepwise", "--lambda-sem", "10", "--out", str(tmp_path)])
+    for arm in W.ARMS:
+        cmds.clear()
+        W.one_run(a, arm, 0, {})
+        trains = [c for c in cmds if c[1] == "train.py"]
+        assert len(trains) == len(W.phases(a))
+        sems = {tuple(c[i + 1] for i, x in enumerate(c) if x == "--lambda-sem") for c in trains}
+        assert sems == {("10",) if arm in ("VITAL", "pause") else ("0",) if arm == "task-only" else ()}
+        folder = os.path.join(str(tmp_path), f"{arm.replace('=', '')}_lr0.001{W.tag(a, arm)}", "s0")
+        assert {c[c.index("--out") + 1] for c in trains} == {folder}
+        pointing = [c for c in cmds if c[1] == "evaluate.py" and "--pointing" in c]
+        assert len(pointing) == (arm == "VITAL")
+        assert all(c[c.index("--k") + 1] == "sample" for c in pointing)
 
 
 def test_walked_or_recalled(tmp_path):
