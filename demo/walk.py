@@ -47,7 +47,8 @@ per-token loss a tenth of the answer's and the lesion-per-step loop forms on one
     python demo/walk.py --moves 6 --out runs/walk6 --arms VITAL K=0        # 1-6 moves: the K = 0 model's bound
     python demo/walk.py --moves 6 --out runs/walk6 --curriculum stepwise    # one phase per extra move
     python demo/walk.py --task order --moves 6 --out runs/order6 --curriculum stepwise   # the order question
-    python demo/walk.py --task order --moves 4 --out runs/order4 --curriculum stepwise --lr-k0 3e-4 --lambda-sem 10
+    python demo/walk.py --task order --moves 4 --out runs/order4 --curriculum stepwise --lr-k0 3e-4 --lambda-sem 10 \
+        --arms VITAL K=0 pause task-only                                 # the README's order figures
 """
 import argparse
 import json
