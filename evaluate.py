@@ -220,6 +220,17 @@ def k_groups(items, k):
     return [(K, [i for i, kk in enumerate(ks) if kk == K]) for K in sorted(set(ks))]
 
 
+def latent_batches(vital, processor, items, K, batch_size, device):
+    """The loop over the items in batches of one K (K = 'sample': grouped by latent_steps; a group of no step is
+    skipped) -> per batch (its K, the items' indices, their images, h_1..h_K (B, K, d)), with the checkpoint's feed."""
+    for Kg, idx in k_groups(items, K):
+        for c in range(0, len(idx) if Kg > 0 else 0, batch_size):
+            rows = idx[c:c + batch_size]
+            images = [open_image(items[j]["image_path"], EvalError) for j in rows]
+            prefix = IO.build_prefix(processor, images, [items[j]["prompt"] for j in rows]).to(device)
+            yield Kg, rows, images, torch.cat(M.latent_loop(vital.backbone, prefix, Kg, vital.feed()).h[1:], dim=1)
+
+
 def run_items(backbone, processor, items, k, args, device):
     """Score every item; `k` is an int (the same K for all) or 'sample' (grouped by latent_steps)."""
     rows = [None] * len(items)
@@ -504,38 +515,32 @@ def pointing_game(ckpt, items, K, args, device, dtype):
     d_v = vital.vp.out.out_features
     if roi is not None and roi.shape[1] != d_v:
         roi, roi_src = None, f"{roi_src}: {roi.shape[1]}-d features, the checkpoint's are {d_v}-d"
-    groups = [(Kg, idx) for Kg, idx in k_groups(items, K) if Kg > 0]  # K = 'sample': an item of no step has none
-    if not groups:
+    ks = [Kg for Kg, _ in k_groups(items, K) if Kg > 0]  # K = 'sample': an item of no latent step has none
+    if not ks:
         raise EvalError("--pointing --k sample: no in-domain test item with a mask has a latent step")
-    top = max(Kg for Kg, _ in groups)
-    hits, seen, ceiling, chance, per_step = torch.zeros(top), torch.zeros(top), 0.0, [], 0
-    for Kg, idx in groups:  # each group at its K; step k is scored over the items that have a step k
-        for c in range(0, len(idx), args.batch_size):
-            rows = idx[c:c + args.batch_size]
-            images = [open_image(items[j]["image_path"], EvalError) for j in rows]
-            prefix = IO.build_prefix(processor, images, [items[j]["prompt"] for j in rows]).to(device)
-            h = torch.cat(M.latent_loop(vital.backbone, prefix, Kg, vital.feed()).h[1:], dim=1)  # (B, Kg, d)
-            v = M.project_latent(vital.vp, h).cpu()                                              # (B, Kg, d_v)
-            for b, j in enumerate(rows):
-                it = items[j]
-                f, _, _ = RE.patch_features(enc, images[b])
-                # step k's target: the item's mask, or (a walk) the lesion move k lands on; past the last, the mask
-                masks = [os.path.join(args.data, m) for m in it.get("step_masks", [])[:Kg]]
-                masks += [os.path.join(args.data, it["mask"])] * (Kg + 1 - len(masks))             # (Kg + 1,)
-                read = {m: target_patches(m, enc.grid) for m in set(masks)}
-                target, valid = torch.stack([read[m][0] for m in masks]), read[masks[-1]][1]     # (Kg + 1, g*g)
-                # one heatmap per query: the Kg latent steps, then (for the ceiling) the item's own ROI target
-                queries = v[b] if roi is None else torch.cat([v[b], F.normalize(roi[j:j + 1], dim=-1)])
-                heat = RE.heatmaps(f.cpu(), queries, enc.grid).flatten(1)                     # (Kg [+ 1], g*g)
-                peak = heat.masked_fill(~valid, -2).argmax(1)
-                hit = target[torch.arange(len(peak)), peak].float()
-                hits[:Kg] += hit[:Kg]
-                seen[:Kg] += 1
-                ceiling += hit[Kg:].sum().item()
-                chance.append(target[:Kg, valid].float().mean().item())
-                per_step += bool(it.get("step_masks"))
+    hits, seen, ceiling, chance, per_step = torch.zeros(max(ks)), torch.zeros(max(ks)), 0.0, [], 0
+    for Kg, rows, images, h in latent_batches(vital, processor, items, K, args.batch_size, device):
+        v = M.project_latent(vital.vp, h).cpu()                                                  # (B, Kg, d_v)
+        for b, j in enumerate(rows):  # step k is scored over the items that have a step k
+            it = items[j]
+            f, _, _ = RE.patch_features(enc, images[b])
+            # step k's target: the item's mask, or (a walk) the lesion move k lands on; past the last, the mask
+            masks = [os.path.join(args.data, m) for m in it.get("step_masks", [])[:Kg]]
+            masks += [os.path.join(args.data, it["mask"])] * (Kg + 1 - len(masks))                 # (Kg + 1,)
+            read = {m: target_patches(m, enc.grid) for m in set(masks)}
+            target, valid = torch.stack([read[m][0] for m in masks]), read[masks[-1]][1]         # (Kg + 1, g*g)
+            # one heatmap per query: the Kg latent steps, then (for the ceiling) the item's own ROI target
+            queries = v[b] if roi is None else torch.cat([v[b], F.normalize(roi[j:j + 1], dim=-1)])
+            heat = RE.heatmaps(f.cpu(), queries, enc.grid).flatten(1)                         # (Kg [+ 1], g*g)
+            peak = heat.masked_fill(~valid, -2).argmax(1)
+            hit = target[torch.arange(len(peak)), peak].float()
+            hits[:Kg] += hit[:Kg]
+            seen[:Kg] += 1
+            ceiling += hit[Kg:].sum().item()
+            chance.append(target[:Kg, valid].float().mean().item())
+            per_step += bool(it.get("step_masks"))
     n = int(seen[0])
-    steps = [dict(k=k + 1, hit_rate=100 * hits[k].item() / seen[k].item(), n=int(seen[k])) for k in range(top)]
+    steps = [dict(k=k + 1, hit_rate=100 * hits[k].item() / seen[k].item(), n=int(seen[k])) for k in range(len(hits))]
     best = max(steps, key=lambda r: r["hit_rate"])
     return dict(K=K, n=n, n_step_masks=per_step, encoder=os.path.abspath(path), encoder_from=src, grid=enc.grid,
                 chance=100 * statistics.mean(chance), steps=steps, best_step=best["k"],
@@ -587,18 +592,12 @@ def text_window(ckpt, items, K, args, device, dtype):
     longest = 1 + max(len(dec_tok(step, add_special_tokens=False)["input_ids"])
                       for it in items for step in it["reasoning_chain"])
     steps = []
-    for Kg, idx in k_groups(items, K):  # K = 'sample': each item at its own latent_steps
-        group = [items[i] for i in idx]
-        for i in range(0, len(group), args.batch_size):
-            chunk = group[i:i + args.batch_size]
-            prefix = IO.build_prefix(processor, [open_image(it["image_path"], EvalError) for it in chunk],
-                                    [it["prompt"] for it in chunk]).to(device)
-            h = torch.cat(M.latent_loop(vital.backbone, prefix, Kg, vital.feed()).h[1:], dim=1)  # (B, K, d)
-            text = M.decode_latent(vital.decoder, vital.pj_in, dec_tok, h.reshape(-1, h.shape[-1]), longest)
-            for b, it in enumerate(chunk):
-                chain = it["reasoning_chain"]
-                steps += [dict(id=it["id"], question_type=it.get("question_type", "unknown"), K=Kg, k=k + 1,
-                               ref=chain[k], decoded=text[b * Kg + k]) for k in range(min(Kg, len(chain)))]
+    for Kg, rows, _, h in latent_batches(vital, processor, items, K, args.batch_size, device):
+        text = M.decode_latent(vital.decoder, vital.pj_in, dec_tok, h.reshape(-1, h.shape[-1]), longest)
+        for b, j in enumerate(rows):
+            it, chain = items[j], items[j]["reasoning_chain"]
+            steps += [dict(id=it["id"], question_type=it.get("question_type", "unknown"), K=Kg, k=k + 1,
+                           ref=chain[k], decoded=text[b * Kg + k]) for k in range(min(Kg, len(chain)))]
     res = TW.score(steps)
     return dict(K=K, n_items=len(items), rows=res["rows"], steps=res["steps"], per_type=res["per_type"],
                 items=res["items"], definition=TW.__doc__.strip())

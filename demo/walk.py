@@ -73,7 +73,7 @@ PY = sys.executable
 EPOCHS = {"3-phase": [4, 2, 3], "stepwise": [4, 2, 2, 2, 2, 3]}
 HOP = ["--depth", "own", "--visual-target", "hop", "--lambda-vis", "1"]
 # name -> (extra train args, evaluate.py's flags); VITAL's probes feed zeros, h_0 or another item's h_{k-1}
-ARMS = {"VITAL": (HOP, ["--k", "sample", "--probe", "--text-window"]),
+ARMS = {"VITAL": (HOP, ["--k", "sample", "--probe", "--text-window", "--pointing"]),
         "K=0": (["--max-k", "0"], ["--k", "0"]),
         "pause": (HOP + ["--feedback", "pause"], ["--k", "sample"]),
         "task-only": (["--depth", "own", "--lambda-sem", "0", "--lambda-vis", "0"], ["--k", "sample"])}
@@ -312,8 +312,8 @@ def one_run(args, arm, seed, env):
     run_dir = os.path.join(args.out, f"{arm.replace('=', '')}_lr{lr:g}{tag(args, arm)}", f"s{seed}")  # new lr: new runs
     last = os.path.join(run_dir, f"phase{phases(args)[-1][0]}")
     ev = os.path.join(run_dir, "eval")
-    wants = ["metrics.json"] + [f for flag, f in (("--probe", "probes.json"), ("--text-window", "text_window.json"))
-                                if flag in flags]
+    wants = ["metrics.json"] + [f for flag, f in (("--probe", "probes.json"), ("--text-window", "text_window.json"),
+                                                  ("--pointing", "pointing.json")) if flag in flags]
     trained = not all(os.path.isfile(os.path.join(ev, f)) for f in wants)
     if trained:
         os.makedirs(run_dir, exist_ok=True)
@@ -331,9 +331,6 @@ def one_run(args, arm, seed, env):
                    + (["--resume"] if os.path.isdir(phase_dir) else []), env, log)
         sh([PY, "evaluate.py", "--ckpt", last, "--data", data, "--out", ev] + flags, env, log)
         print(f"[done] {arm} seed {seed} in {time.time() - t0:.0f}s", flush=True)
-    if arm == "VITAL" and not os.path.isfile(os.path.join(ev, "pointing", "pointing.json")):  # each item at its K
-        sh([PY, "evaluate.py", "--ckpt", last, "--data", data, "--out", os.path.join(ev, "pointing"), "--k", "sample",
-            "--pointing"], env, os.path.join(run_dir, "commands.log"))
     if arm in STATE_PROBES and not os.path.isfile(os.path.join(ev, "walk_probes.json")):
         sh([PY, "demo/diagnose.py", "--walk", "--data", data, "--out", os.path.join(ev, "walk_probes.json")]
            + STATE_PROBES[arm] + [last], env, os.path.join(run_dir, "commands.log"))
@@ -505,8 +502,8 @@ def main(argv=None):
                     probes = json.load(open(os.path.join(ev, "probes.json")))["probes"]
                     res[arm][seed].update({f"probe {n}": probes[n]["accuracy"] for n in PROBES})
                     res[arm][seed]["p shuffled"] = probes["shuffled"]["p_mcnemar"]
-                if os.path.isfile(os.path.join(ev, "pointing", "pointing.json")):
-                    res[arm][seed].update(pointing(os.path.join(ev, "pointing", "pointing.json")))
+                if os.path.isfile(os.path.join(ev, "pointing.json")):
+                    res[arm][seed].update(pointing(os.path.join(ev, "pointing.json")))
                 if os.path.isfile(os.path.join(ev, "walk_probes.json")):
                     res[arm][seed].update(state_probes(os.path.join(ev, "walk_probes.json")))
                 if os.path.isfile(os.path.join(ev, "text_window.json")):
