@@ -5,7 +5,8 @@ The deployed model is the frozen backbone with the LoRA MERGED into its weights 
 it has exactly the plain backbone's modules and parameter count: the scaffolds (pj_in, decoder, visual
 projector) stay on disk (§3.5 "zero extra latency, memory, parameters"; the report checks it). Every
 question runs the same latent loop as training (model.latent_loop) with ONE fixed K (default 4, Table 3)
-and a greedy answer; `--k sample` (each test item's own latent_steps, batched by K) is a diagnostic.
+and a greedy answer, read out as the checkpoint was trained to (config.json args.readout, train.py --readout;
+eq. 2 for one from before the flag); `--k sample` (each test item's own latent_steps, batched by K) is a diagnostic.
 
 Protocol (§B.4: every QA pair is asked as a closed-ended question): with `--protocol options` (default) an
 item that has choices is asked with them in the prompt, pipeline.io.ask: the question, "(A) text" one option a
@@ -205,7 +206,8 @@ def predict(backbone, processor, items, K, args, device):
         chunk = items[i:i + args.batch_size]
         prefix = IO.build_prefix(processor, [open_image(r["image_path"], EvalError) for r in chunk],
                                 [r["prompt"] for r in chunk]).to(device)
-        ids, _ = M.generate(backbone, prefix, K, eos, args.max_new_tokens, getattr(args, "feed", None))
+        ids, _ = M.generate(backbone, prefix, K, eos, args.max_new_tokens, getattr(args, "feed", None),
+                            getattr(args, "readout", "head"))
         out += [s.strip() for s in processor.tokenizer.batch_decode(ids, skip_special_tokens=True)]
     return out
 
@@ -267,19 +269,19 @@ def latency(backbone, processor, items, args, device):
     eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     prefixes = [IO.build_prefix(processor, [open_image(r["image_path"], EvalError)], [r["prompt"]]).to(device)
                 for r in items]
-    Ks, feed = range(0, 5), getattr(args, "feed", None)
+    Ks, feed, ro = range(0, 5), getattr(args, "feed", None), getattr(args, "readout", "head")
     total = {K: [[] for _ in prefixes] for K in Ks}
     loop = {K: [[] for _ in prefixes] for K in Ks}
     tokens = {K: [] for K in Ks}
     for s, p in enumerate(prefixes):
         for _ in range(args.warmup):
             for K in Ks:
-                M.generate(backbone, p, K, eos, args.max_new_tokens, feed)
+                M.generate(backbone, p, K, eos, args.max_new_tokens, feed, ro)
         for r in range(args.repeats):
             for K in Ks:
-                t, (ids, _) = timed(lambda: M.generate(backbone, p, K, eos, args.max_new_tokens, feed), device)
+                t, (ids, _) = timed(lambda: M.generate(backbone, p, K, eos, args.max_new_tokens, feed, ro), device)
                 total[K][s].append(t)
-                loop[K][s].append(timed(lambda: M.latent_loop(backbone, p, K, feed), device)[0])
+                loop[K][s].append(timed(lambda: M.latent_loop(backbone, p, K, feed, ro), device)[0])
                 if r == 0:  # answer tokens up to and including <|im_end|> (greedy: the same every repeat)
                     ids = ids[0].tolist()
                     tokens[K].append(ids.index(eos) + 1 if eos in ids else len(ids))
@@ -387,7 +389,8 @@ def probe_batch(backbone, processor, chunk, K, sweep, args, device):
     args_feed = getattr(args, "feed", None)
 
     def answer(k, feed=None):  # None: what the checkpoint feeds (h_{k-1}; the pause arm: its constants)
-        ids, st = M.generate(backbone, prefix, k, eos, args.max_new_tokens, feed or args_feed)
+        ids, st = M.generate(backbone, prefix, k, eos, args.max_new_tokens, feed or args_feed,
+                             getattr(args, "readout", "head"))
         return [s.strip() for s in processor.tokenizer.batch_decode(ids, skip_special_tokens=True)], st
 
     probes = {}
@@ -741,6 +744,7 @@ def main(argv=None):
     items = check_inputs(args)  # every input file, before the model is loaded
     backbone, processor, config, overhead = load_inference_model(args.ckpt, args.backbone, device, dtype)
     args.feed = latent_feed(args.ckpt, device)  # the pause arm's constants, else None (h_{k-1})
+    args.readout = IO.readout_of(config)  # how the checkpoint's answer reads h_K (train.py --readout)
     print(f"deployed model: {overhead['deployed']['params']:,} parameters = plain backbone "
           f"{overhead['plain_backbone']['params']:,} (+{overhead['extra_params']}), weights "
           f"{overhead['deployed']['bytes'] / 2**20:.1f} MiB (+{overhead['extra_bytes']} B); scaffolds left "
@@ -752,7 +756,8 @@ def main(argv=None):
     metrics = aggregate(rows)
     label = f"VITAL (K={args.k})"
     result = dict(ckpt=os.path.abspath(args.ckpt), phase=config.get("phase"), step=config.get("step"),
-                  K=args.k, protocol=args.protocol, device=str(device), benchmarks=metrics, overhead=overhead)
+                  K=args.k, readout=args.readout, protocol=args.protocol, device=str(device), benchmarks=metrics,
+                  overhead=overhead)
     if args.latency:
         result["latency"] = latency(backbone, processor, items[:args.latency_n], args, device)
         write_json(result["latency"], os.path.join(args.out, "latency.json"))

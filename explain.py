@@ -95,7 +95,7 @@ def answer_and_latents(vital, processor, image, args, device):
     """The ordinary inference path for args.question at K = args.k -> (answer text, h (K, d) = h_1..h_K)."""
     eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     prefix = IO.build_prefix(processor, [image], [args.question]).to(device)
-    ids, st = M.generate(vital.backbone, prefix, args.k, eos, args.max_new_tokens, vital.feed())
+    ids, st = M.generate(vital.backbone, prefix, args.k, eos, args.max_new_tokens, vital.feed(), vital.readout)
     answer = processor.tokenizer.batch_decode(ids, skip_special_tokens=True)[0].strip()
     return answer, torch.cat(st.h[1:], dim=1)[0]                                             # (K, d)
 

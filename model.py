@@ -125,16 +125,27 @@ class LoopState:
     h: list                 # [h_0, ..., h_K], each (B, 1, d), post-final-norm (what feeds lm_head)
 
 
-def latent_loop(backbone, prefix, K, feed=None):
+READOUTS = ("head", "cache")
+
+
+def latent_loop(backbone, prefix, K, feed=None, readout="head"):
     """Prefix, then K single-position steps with inputs_embeds = h_{k-1} on the same cache (eq. 1).
     Gradients flow through the cache and the fed-back states: nothing is detached.
     feed: the loop's one intervention point, for probes only (evaluate.py --probe). feed(k, st) returns
     the (B, 1, d) input embedding of latent step k = 1..K, with st.h = [h_0, ..., h_{k-1}] so far;
-    None is the method itself: h_{k-1} = st.h[-1]."""
+    None is the method itself: h_{k-1} = st.h[-1].
+    readout: how the answer reads h_K. "head" (eq. 2, the paper's): lm_head(h_K) predicts the first answer
+    token, and h_K itself never enters the cache, so the later answer tokens see only h_0..h_{K-1}'s positions.
+    "cache" (an option, train.py --readout cache): h_K is also written to the cache as one more position
+    (its output is discarded; the first token is still lm_head(h_K)), so every answer token can attend to it."""
+    if readout not in READOUTS:
+        raise ValueError(f"readout must be one of {READOUTS}, not {readout!r}")
     st = prefix_forward(backbone, prefix)
     for k in range(1, K + 1):
         x = st.h[-1] if feed is None else feed(k, st)                                      # (B, 1, d)
         st.h.append(_text_step(backbone, x, st))                                            # h_k: (B, 1, d)
+    if readout == "cache" and K > 0:
+        _text_step(backbone, st.h[-1], st)                                                   # h_K at position K+1
     return st
 
 
@@ -173,10 +184,10 @@ def answer_logits(backbone, st: LoopState, answer_ids, answer_mask):
 
 
 @torch.no_grad()
-def generate(backbone, prefix, K, eos_id, max_new_tokens=32, feed=None):
-    """Greedy answer after K latent steps (inference: scaffolds neither loaded nor used); `feed` as in
-    latent_loop. Returns (token ids (B, <=max_new_tokens) with eos/padding after the end, the LoopState)."""
-    st = latent_loop(backbone, prefix, K, feed)
+def generate(backbone, prefix, K, eos_id, max_new_tokens=32, feed=None, readout="head"):
+    """Greedy answer after K latent steps (inference: scaffolds neither loaded nor used); `feed` and `readout`
+    as in latent_loop. Returns (token ids (B, <=max_new_tokens) with eos/padding after the end, the LoopState)."""
+    st = latent_loop(backbone, prefix, K, feed, readout)
     nxt = backbone.lm_head(st.h[-1])[:, -1].argmax(-1)                                      # (B,)
     out, done = [], torch.zeros_like(nxt, dtype=torch.bool)
     for _ in range(max_new_tokens):
@@ -269,9 +280,10 @@ def visual_targets(roi, glob, K, per_step=False):
 # ----------------------------------------------------------------------------------------------------
 class VITAL(nn.Module):
     def __init__(self, backbone, decoder=None, d_v=None, projector="res_mlp_ln", lambda_sem=1.0,
-                 lambda_vis=0.1, vp_dropout=0.1, pause_steps=0):
+                 lambda_vis=0.1, vp_dropout=0.1, pause_steps=0, readout="head"):
         super().__init__()
         self.backbone = backbone
+        self.readout = readout  # how the answer reads h_K (latent_loop); the checkpoint's config.json records it
         d = backbone.config.text_config.hidden_size
         # The pause arm (an ablation, not the method; train.py --feedback pause): latent step k is fed a learned
         # constant pause[k-1] instead of h_{k-1}: the same K positions and curriculum, no recurrence through the
@@ -293,7 +305,7 @@ class VITAL(nn.Module):
         nothing to decode. L_vis (eq. 6) averages the same valid steps by default; vis_all_steps=True counts
         all K steps of every sample, since its target needs no sentence (train.py --depth phase: a chain
         shorter than the batch's K still regresses v_roi at its later steps)."""
-        st = latent_loop(self.backbone, batch["prefix"], K, self.feed())
+        st = latent_loop(self.backbone, batch["prefix"], K, self.feed(), self.readout)
         logits = answer_logits(self.backbone, st, batch["answer_ids"], batch["answer_mask"]).float()
         tgt = batch["answer_ids"].masked_fill(batch["answer_mask"] == 0, -100)          # padding never counts
         L_task = F.cross_entropy(logits.transpose(1, 2), tgt, ignore_index=-100)

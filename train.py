@@ -32,6 +32,7 @@ Phase p > 1 from scratch or from another run: --init none | --init runs/other/ph
 tiny backbone's stand-in pretraining) reuses train_phase below with its own model builder.
 Ablations: --curriculum {3-phase,2-phase,full-mix,reverse}  --lambda-sem 0  --lambda-vis 0  --projector linear
            --visual-target per_step  --max-k 0 (direct-answer baseline) ... --max-k 4  --feedback pause.
+Option: --readout cache writes h_K into the cache before the answer (model.latent_loop; default head, eq. 2).
 The walk (prepare_data.py --walk-hops N): --visual-target hop, step k regresses the lesion move k lands on.
 Depth parity: --depth phase (default) runs every item of a phase at the phase's largest K (its cap, or its
 longest chain for 'all K'; under --max-k), as inference runs one K for all; steps past an item's chain get L_vis
@@ -57,7 +58,7 @@ from tqdm import tqdm
 
 from embedded.default import default_paths, make_default
 from embedded.tiny import make_tiny
-from model import VITAL, add_lora
+from model import READOUTS, VITAL, add_lora
 from pipeline.activation_checkpointing import set_checkpointing
 from pipeline.io import (MAX_PIXELS, ask, batch_to, file_sha256, fingerprint, load_backbone, load_checkpoint,
                          load_decoder, load_image, make_batch, save_checkpoint)
@@ -130,6 +131,10 @@ def get_args(argv=None):
     g.add_argument("--feedback", default="state", choices=["state", "pause"],
                    help="latent step k's input: h_{k-1} (the method) or a learned constant (the pause arm, "
                         "an ablation: same K and curriculum, no recurrence; --max-k or 8 of them)")
+    g.add_argument("--readout", default="head", choices=list(READOUTS),
+                   help="how the answer reads h_K: head (eq. 2, the paper's: lm_head(h_K) gives the first token, "
+                        "h_K never enters the cache) or cache (h_K also written to the cache as one more position, "
+                        "so every answer token can attend to it; model.latent_loop)")
     g = ap.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=8, help="samples per micro-batch per device")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step per device")
@@ -385,9 +390,10 @@ def data_order(args, env, records, processor):
 # ----------------------------------------------------------------------------------------------------
 def check_compatible(init, cfg, arch):
     """Refuse a warm start whose backbone, decoder, LoRA shape or latent input differs from this run's."""
-    old, arch = dict(dict(pause=0), **cfg.get("arch", {})), dict(dict(pause=0), **arch)
+    base = dict(pause=0, readout="head")  # what a checkpoint from before these keys ran
+    old, arch = dict(base, **cfg.get("arch", {})), dict(base, **arch)
     for key, what in (("backbone", "backbone"), ("decoder", "decoder"), ("lora", "LoRA shape (r, alpha)"),
-                      ("pause", "pause embeddings (--feedback pause)")):
+                      ("pause", "pause embeddings (--feedback pause)"), ("readout", "--readout")):
         if key == "decoder" and (old.get(key) is None or arch[key] is None):
             continue  # one side trains without the decoder scaffold: nothing to compare
         if old.get(key) != arch[key]:
@@ -508,9 +514,10 @@ def build_vital(args, env, resume_dir, d_v):
     decoder, dec_tokenizer = (load_decoder(args.decoder, torch.float32, env.device) if with_decoder
                               else (None, None))
     pause = (args.max_k or 8) if args.feedback == "pause" else 0
-    vital = VITAL(backbone, decoder, d_v, args.projector, args.lambda_sem, args.lambda_vis, args.vp_dropout, pause)
+    vital = VITAL(backbone, decoder, d_v, args.projector, args.lambda_sem, args.lambda_vis, args.vp_dropout, pause,
+                  args.readout)
     arch = dict(backbone=fingerprint(args.backbone), lora=[args.lora_r, args.lora_alpha],
-                decoder=fingerprint(args.decoder) if decoder is not None else None, pause=pause)
+                decoder=fingerprint(args.decoder) if decoder is not None else None, pause=pause, readout=args.readout)
     return vital.to(env.device), processor, dec_tokenizer, arch
 
 

@@ -41,7 +41,8 @@ two phases are the 3-phase runs' own, to the bit), then all walks; its runs, res
 "_stepwise". --lambda-sem W sets L_sem's weight in the arms with a decoder (VITAL, pause; their runs, results and
 demo/*.md carry "_sem<W>"; the K = 0 runs are shared): on the order question the paper's 1 leaves the decoder's
 per-token loss a tenth of the answer's and the lesion-per-step loop forms on one seed of five, 10 on four of five
-(docs/tuning-log.md, 2026-12-07 later).
+(docs/tuning-log.md, 2026-12-07 later). --readout cache trains the arms that loop (all but K = 0) with h_K written
+into the cache before the answer (train.py --readout; their runs, results and demo/*.md carry "_readcache").
 
     python demo/walk.py --seeds 0 1 2 3 4                                    # ~2.5 h on 2 cores (--jobs 2)
     python demo/walk.py --moves 6 --out runs/walk6 --arms VITAL K=0        # 1-6 moves: the K = 0 model's bound
@@ -49,6 +50,8 @@ per-token loss a tenth of the answer's and the lesion-per-step loop forms on one
     python demo/walk.py --task order --moves 6 --out runs/order6 --curriculum stepwise   # the order question
     python demo/walk.py --task order --moves 4 --out runs/order4 --curriculum stepwise --lr-k0 3e-4 --lambda-sem 10 \
         --arms VITAL K=0 pause task-only                                 # the README's order figures
+    python demo/walk.py --task order --moves 4 --out runs/order4 --curriculum stepwise --lr-k0 3e-4 --lambda-sem 10 \
+        --readout cache --arms VITAL K=0 pause task-only                 # the same with h_K in the cache
 """
 import argparse
 import json
@@ -105,6 +108,10 @@ def get_args(argv=None):
     ap.add_argument("--lambda-sem", type=float, help="L_sem's weight in the arms with a decoder (VITAL, pause; default "
                                                       "train.py's 1, the paper's); their runs, results and demo/*.md "
                                                       "carry _sem<value>, the K = 0 runs are shared")
+    ap.add_argument("--readout", default="head", choices=["head", "cache"],
+                    help="train.py --readout of the arms that loop (all but K = 0): head (eq. 2) or cache (h_K "
+                         "written to the cache before the answer); cache: their runs, results and demo/*.md carry "
+                         "_readcache")
     ap.add_argument("--jobs", type=int, default=2, help="runs at once (OMP_NUM_THREADS = cores / jobs each)")
     ap.add_argument("--min-perception", type=float, default=90.0,
                     help="--task order: stop before the runs unless the stand-in reads the first lesion's order and "
@@ -142,7 +149,9 @@ def stages(args):
              os.path.join(args.out, "pretrain", "phase1", "backbone", "config.json")),
             ([PY, "evaluate.py", "--ckpt", os.path.join(args.out, "pretrain", "phase1"), "--data", d,
               "--out", os.path.join(args.out, "stand_in_alone"), "--k", "0"],
-             os.path.join(args.out, "stand_in_alone", "metrics.json"))] + perception_stages(args)
+             os.path.join(args.out, "stand_in_alone", "metrics.json")),
+            ([PY, "demo/pointing_bound.py", "--data", d], os.path.join(d, "pointing_bound.json"))
+            ] + perception_stages(args)
 
 
 def perception_stages(args):
@@ -252,10 +261,13 @@ def blind(samples):
 
 
 def tag(args, arm="VITAL"):
-    """The suffix of a run folder, results file and demo/*.md: none for the demo's 3-phase schedule and the
-    paper's λ_sem; --lambda-sem only in the arms it changes (those with a decoder)."""
+    """The suffix of a run folder, results file and demo/*.md: none for the demo's 3-phase schedule, the
+    paper's λ_sem and read-out; --lambda-sem only in the arms it changes (those with a decoder), --readout in
+    those that loop (all but K = 0)."""
     sem = args.lambda_sem is not None and arm in DECODER_ARMS
-    return ("" if args.curriculum == "3-phase" else f"_{args.curriculum}") + (f"_sem{args.lambda_sem:g}" if sem else "")
+    cache = args.readout != "head" and arm != "K=0"
+    return (("" if args.curriculum == "3-phase" else f"_{args.curriculum}") + (f"_sem{args.lambda_sem:g}" if sem else "")
+            + ("_readcache" if cache else ""))
 
 
 def phases(args):
@@ -327,6 +339,7 @@ def one_run(args, arm, seed, env):
                     "--seed", str(seed), "--curriculum", args.curriculum] + extra
                    + (["--lambda-sem", f"{args.lambda_sem:g}"] if args.lambda_sem is not None and arm in DECODER_ARMS
                       else [])
+                   + (["--readout", args.readout] if args.readout != "head" and arm != "K=0" else [])
                    + (["--init", "none" if init == "none" else os.path.join(run_dir, f"phase{init}")] if init else [])
                    + (["--resume"] if os.path.isdir(phase_dir) else []), env, log)
         sh([PY, "evaluate.py", "--ckpt", last, "--data", data, "--out", ev] + flags, env, log)
@@ -423,9 +436,22 @@ def tables(res, blind_pct, alone, args, lookup=None):
                 + (fmt(get("VITAL", "pointing ceiling")) if all("pointing ceiling" in r for r in res["VITAL"].values())
                    else "n/a") + " |"]
         out.append("Best step's hit rate per seed: " + " / ".join(f"{v:.1f}" for v in get("VITAL", "pointing best"))
-                   + ".")
+                   + "." + pointing_bound(args))
     out += probe_tables(res, get, cols, label) + memory_table(res, get, lookup or {}, args)
     return "\n".join(out) + "\n"
+
+
+def pointing_bound(args):
+    """-> a sentence: the pointing game of a projector that knows which lesion step k reads and nothing else about
+    the image (demo/pointing_bound.py's oracle), and of the ROI targets themselves, per step ('' without the file)."""
+    path = os.path.join(getattr(args, "out", None) or "", "data", "pointing_bound.json")
+    if not os.path.isfile(path):
+        return ""
+    pb = json.load(open(path))
+    per = lambda key: " / ".join(f"{v[key]:.1f}" for v in pb["by_step"].values())
+    return (f" A projector that knows which lesion step k reads (its cell and look: the train steps' mean target) and "
+            f"nothing else about the image scores {per('oracle')}% at steps 1-{len(pb['by_step'])}, the per-step ROI "
+            f"targets themselves {per('ceiling')}% (demo/pointing_bound.py, {pb['n_steps']} test steps).")
 
 
 def memory_table(res, get, lookup, args):

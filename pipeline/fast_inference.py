@@ -37,15 +37,19 @@ def make_step(compile=None, device=None):
 
 
 @torch.no_grad()
-def fast_generate(backbone, prefix, K, eos_id, max_new_tokens=32, step=text_step, static=None):
+def fast_generate(backbone, prefix, K, eos_id, max_new_tokens=32, step=text_step, static=None, readout="head"):
     """model.generate on a pre-allocated cache. -> (token ids (B, <= max_new_tokens), LoopState whose mask
-    covers the whole static cache). static None: the static cache on a CUDA device, model.generate elsewhere."""
+    covers the whole static cache). static None: the static cache on a CUDA device, model.generate elsewhere.
+    readout as in model.latent_loop ("cache": one more slot, h_K's)."""
     if not (static if static is not None else prefix["input_ids"].device.type == "cuda"):
-        return M.generate(backbone, prefix, K, eos_id, max_new_tokens)
+        return M.generate(backbone, prefix, K, eos_id, max_new_tokens, readout=readout)
+    if readout not in M.READOUTS:
+        raise ValueError(f"readout must be one of {M.READOUTS}, not {readout!r}")
     inner = backbone.model
     B, P = prefix["input_ids"].shape
-    cache = StaticCache(config=backbone.config.text_config, max_cache_len=P + K + max_new_tokens)
-    mask = prefix["attention_mask"].new_zeros(B, P + K + max_new_tokens)
+    L = P + K + int(readout == "cache" and K > 0) + max_new_tokens                   # every slot the call fills
+    cache = StaticCache(config=backbone.config.text_config, max_cache_len=L)
+    mask = prefix["attention_mask"].new_zeros(B, L)
     mask[:, :P] = prefix["attention_mask"]
     pos, delta = inner.get_rope_index(prefix["input_ids"], prefix["mm_token_type_ids"],
                                       image_grid_thw=prefix["image_grid_thw"],
@@ -67,6 +71,8 @@ def fast_generate(backbone, prefix, K, eos_id, max_new_tokens=32, step=text_step
 
     for _ in range(K):
         st.h.append(advance(st.h[-1]))
+    if readout == "cache" and K > 0:
+        advance(st.h[-1])
     nxt = backbone.lm_head(st.h[-1])[:, -1].argmax(-1)
     out, done = [], torch.zeros_like(nxt, dtype=torch.bool)
     for _ in range(max_new_tokens):

@@ -415,6 +415,12 @@ def load_checkpoint(folder, vital, scaffolds=True):
     return config
 
 
+def readout_of(config):
+    """How a checkpoint's answer reads h_K (train.py --readout, model.latent_loop); 'head' (eq. 2) for a checkpoint
+    from before the flag, which ran that."""
+    return config.get("args", {}).get("readout") or "head"
+
+
 def pause_rows(folder):
     """How many pause embeddings a checkpoint's adapter holds (0: the method itself, h_{k-1} fed back)."""
     with safe_open(os.path.join(folder, "adapter.safetensors"), "pt") as f:

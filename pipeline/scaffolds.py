@@ -48,7 +48,7 @@ def load_explainer(ckpt, device, dtype, error=IO.InputError):
         decoder, dec_tok = IO.load_decoder(decoder_path, dtype, device)
     vital = M.VITAL(backbone, decoder, d_v, config.get("args", {}).get("projector", "res_mlp_ln"),
                     lambda_sem=1.0 if has_dec else 0.0, lambda_vis=1.0 if d_v else 0.0,
-                    pause_steps=IO.pause_rows(ckpt)).to(device)
+                    pause_steps=IO.pause_rows(ckpt), readout=IO.readout_of(config)).to(device)
     IO.load_checkpoint(ckpt, vital, scaffolds=True)
     vital.eval()  # no dropout in the projector or the decoder
     M.set_lora_merged(backbone, True)

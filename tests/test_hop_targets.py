@@ -122,3 +122,28 @@ def test_hop_targets_need_the_walks_step_masks(walk, tmp_path):
     bad.write_text(json.dumps(s) + "\n")
     rows, _, failed = ER.read_units(str(bad))
     assert not rows and failed[0]["line"] == 1 and "'step_masks' must be a list of mask paths" in failed[0]["reason"]
+
+
+def test_pointing_bound_plays_each_step_against_its_lesion(walk, tmp_path):
+    """demo/pointing_bound.py: step k's lesion is keyed by the cell its mask lies in (the cell move k lands on) and
+    that lesion's look; every test step is played once, per step and by how many lesions share the look."""
+    from demo import pointing_bound as PB
+    data = str(tmp_path / "data")  # the fixture's walks, half of them in the test split
+    P.main(["--source", "phantom", "--out", data, "--n", "12", "--image-size", "96", "--walk-hops", "3",
+            "--walk-start", "upper left", "--workers", "1", "--test-frac", "0.5", "--val-frac", "0"])
+    ER.main(["--samples", f"{data}/samples.jsonl", "--encoder", f"{walk['models']}/encoder",
+             "--out", f"{data}/roi.safetensors", "--tau", "0", "--quiet"])
+    samples = [json.loads(line) for line in open(f"{data}/samples.jsonl")]
+    names = {cell_name(x): x for x in CELLS}
+    for s in samples:
+        grid = s["meta"]["drawn"]["grid"]
+        for k, m in enumerate(s["step_masks"]):
+            r, c = names[s["meta"]["drawn"]["path"][k + 1]]
+            assert PB.lesion_key(data, s, m) == (f"{r},{c}", grid[r][c])
+    res = PB.main(["--data", data, "--out", str(tmp_path / "pb.json")])
+    test = [s for s in samples if s["split"] == "test"]
+    assert test and res["n_items"] == len(test) and res["n_steps"] == sum(s["latent_steps"] for s in test)
+    assert sum(v["n"] for v in res["by_step"].values()) == sum(v["n"] for v in res["ceiling_by_same_look"].values()) \
+        == res["n_steps"]
+    assert 0 < res["chance"] < 100 and 0 <= res["oracle"] <= 100 and 0 <= res["ceiling"] <= 100
+    assert json.load(open(tmp_path / "pb.json"))["ceiling"] == res["ceiling"]

@@ -214,7 +214,7 @@ def test_every_trainable_tensor_gets_gradient_and_the_recurrence_is_in_the_graph
 
     real_loop = M.latent_loop
 
-    def detached_loop(backbone, prefix, K, feed=None):  # the same loop, but h_{k-1} is cut from the graph
+    def detached_loop(backbone, prefix, K, feed=None, readout="head"):  # the same loop, h_{k-1} cut from the graph
         st = M.prefix_forward(backbone, prefix)
         for _ in range(K):
             st.h.append(M._text_step(backbone, st.h[-1].detach(), st))

@@ -160,6 +160,24 @@ def test_lambda_sem_reaches_train_py_of_the_decoder_arms_only(tmp_path, monkeypa
         assert all(c[c.index("--k") + 1] == "sample" for c in pointing)
 
 
+def test_readout_reaches_train_py_of_the_arms_that_loop(tmp_path, monkeypatch):
+    """--readout cache: VITAL, pause and task-only train with it and their folders carry _readcache; the K = 0 runs
+    (nothing to read out) are shared with the paper's read-out and get no flag."""
+    cmds = []
+    monkeypatch.setattr(W, "sh", lambda cmd, env, log: cmds.append(cmd))
+    a = W.get_args(["--task", "order", "--curriculum", "stepwise", "--lambda-sem", "10", "--readout", "cache",
+                    "--out", str(tmp_path)])
+    assert {arm: W.tag(a, arm) for arm in W.ARMS} == {
+        "VITAL": "_stepwise_sem10_readcache", "K=0": "_stepwise", "pause": "_stepwise_sem10_readcache",
+        "task-only": "_stepwise_readcache"}
+    for arm in W.ARMS:
+        cmds.clear()
+        W.one_run(a, arm, 0, {})
+        trains = [c for c in cmds if c[1] == "train.py"]
+        ro = {tuple(c[i + 1] for i, x in enumerate(c) if x == "--readout") for c in trains}
+        assert ro == {() if arm == "K=0" else ("cache",)}
+
+
 def test_walked_or_recalled(tmp_path):
     """memory_groups / by_memory / the table: which 4+ move test items a train item shares the nine findings and
     moves with, a lookup table's accuracy on each group, and each arm's, worked out by hand."""
@@ -185,3 +203,13 @@ def test_walked_or_recalled(tmp_path):
     assert "| VITAL | 75.0 ± 35.4 | 50.0 ± 70.7 | +25.0 |" in md
     assert "| lookup table (the train items' end, else their most common end) | 50.0 | 100.0 | -50.0 |" in md
     assert W.memory_table({"VITAL": {0: {}}}, None, lookup, SimpleNamespace(moves=6)) == []  # runs without it
+
+
+def test_the_pointing_bound_sentence(tmp_path):
+    """walk.py quotes demo/pointing_bound.py's oracle and per-step ceilings under the pointing table, step by step."""
+    os.makedirs(tmp_path / "data")
+    (tmp_path / "data" / "pointing_bound.json").write_text(json.dumps(dict(n_steps=7, by_step={
+        "1": dict(ceiling=80.0, oracle=40.0, n=4), "2": dict(ceiling=60.0, oracle=20.5, n=3)})))
+    line = W.pointing_bound(W.get_args(["--out", str(tmp_path)]))
+    assert "scores 40.0 / 20.5% at steps 1-2" in line and "themselves 80.0 / 60.0%" in line and "7 test steps" in line
+    assert W.pointing_bound(W.get_args(["--out", str(tmp_path / "none")])) == ""
