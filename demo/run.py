@@ -228,8 +228,7 @@ def stand_in_manifest(args, paths, timings):
     seconds = {"pretrain": timings.get("pretrain"), "encoder_pretrained": timings.get("pretrain encoder")}
     cmds = recipe(args, paths)
     line = lambda cmd: " ".join(["python"] + [shlex.quote(c) for c in cmd[1:]])
-    out = dict(made_on=f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} cores, "
-                       f"torch {torch_version()}")
+    out = dict(made_on=f"{time.strftime('%Y-%m-%d')}, {machine()}")
     for name in stand_ins_needed(args):
         root = paths[name]
         files = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs
@@ -334,7 +333,7 @@ def write_results(args, argv, rows, wall, timings, shipped):
     cmd = "python demo/run.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     with open(os.path.join(HERE, "results.md"), "w") as f:
         f.write(f"# Demo results\n\nWritten by `{cmd.strip()}` on {time.strftime('%Y-%m-%d %H:%M')} "
-                f"({platform.machine()}, {os.cpu_count()} cores, torch {torch_version()}); wall time "
+                f"({machine()}); wall time "
                 f"{wall / 60:.1f} min" + (f" (stand-ins copied from embedded/pretrained/: {', '.join(shipped)})"
                                          if shipped else "") +
                 f". Closed-ended accuracy (%) on the phantom test split, training seed {args.seed}:\n\n"
@@ -345,6 +344,25 @@ def write_results(args, argv, rows, wall, timings, shipped):
 def torch_version():
     out = subprocess.run([PY, "-c", "import torch; print(torch.__version__)"], capture_output=True, text=True)
     return out.stdout.strip()
+
+
+def machine(cpuinfo="/proc/cpuinfo"):
+    """The machine a figure came from, as the results files name it: 'AMD EPYC (family 25, model 17, avx512f),
+    x86_64, 2 cores, torch 2.13.0+cpu'. CPU training is reproducible to the bit on one CPU model and not across
+    models, so a figure names its CPU model, not only its core count. Without /proc/cpuinfo: platform's words."""
+    info = {}
+    if os.path.isfile(cpuinfo):
+        with open(cpuinfo) as f:
+            for line in f:
+                key, _, val = line.partition(":")
+                info.setdefault(key.strip(), val.strip())  # the first processor's lines
+    flags = info.get("flags", info.get("Features", "")).split()  # x86 / arm
+    vec = next((v for v in ("avx512f", "avx2", "asimd") if v in flags), None)  # the widest vector unit
+    cpu = info.get("model name") or platform.processor() or "unknown CPU"
+    detail = ", ".join(x for x in (f"family {info['cpu family']}" if "cpu family" in info else None,
+                                   f"model {info['model']}" if "model" in info else None, vec) if x)
+    return (f"{cpu}{f' ({detail})' if detail else ''}, {platform.machine()}, {os.cpu_count()} cores, "
+            f"torch {torch_version()}")
 
 
 def print_report(paths, args, pick, stem, ex, rows, wall, timings, shipped):

@@ -9,7 +9,7 @@ cell right, a brighter one one cell down, wrapping round; after N moves, which c
 Every stage is a documented command, run as a subprocess and skipped when its output is there (re-running
 resumes; a phase killed half-way continues with --resume):
   1. data: 6,000 fixed-start walks of 1 to --moves moves (seed 0) with a mask per move, and their ROI features
-     (the shipped pretrained encoder, --tau 0: the lesion's own box);
+     (the shipped pretrained encoder, --tau 0: pooled from the full image's patches under the lesion);
   2. the stand-in backbone (a real run starts from a pretrained Qwen3-VL): the whole tiny backbone trained
      from its random init on 6,000 walks of 1-2 moves of another seed (images and walks unseen by step 1),
      10 epochs, so that it reads one and two moves at 100% (perception first), then frozen;
@@ -43,6 +43,10 @@ demo/*.md carry "_sem<W>"; the K = 0 runs are shared): on the order question the
 per-token loss a tenth of the answer's and the lesion-per-step loop forms on one seed of five, 10 on four of five
 (docs/tuning-log.md, 2026-12-07 later). --readout cache trains the arms that loop (all but K = 0) with h_K written
 into the cache before the answer (train.py --readout; their runs, results and demo/*.md carry "_readcache").
+--encoder positional gives the arms with a visual projector (VITAL, pause) the ROI features of a stand-in whose patch
+features carry position (embedded/tiny.py --position-scale 3, in OUT/positional_encoder; the same items in
+OUT/data_positional): with the shipped encoder a grid's look-alike lesions cap the pointing game near 77% whatever
+the latents hold (demo/pointing_bound.py; docs/tuning-log.md, 2026-12-07 fourth); their runs carry "_positional".
 
     python demo/walk.py --seeds 0 1 2 3 4                                    # ~2.5 h on 2 cores (--jobs 2)
     python demo/walk.py --moves 6 --out runs/walk6 --arms VITAL K=0        # 1-6 moves: the K = 0 model's bound
@@ -52,6 +56,8 @@ into the cache before the answer (train.py --readout; their runs, results and de
         --arms VITAL K=0 pause task-only                                 # the README's order figures
     python demo/walk.py --task order --moves 4 --out runs/order4 --curriculum stepwise --lr-k0 3e-4 --lambda-sem 10 \
         --readout cache --arms VITAL K=0 pause task-only                 # the same with h_K in the cache
+    python demo/walk.py --task order --moves 4 --out runs/order4 --curriculum stepwise --lr-k0 3e-4 --lambda-sem 10 \
+        --encoder positional --arms VITAL                                # the pointing game, positional encoder
 """
 import argparse
 import json
@@ -68,7 +74,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 from demo.ablate import fmt, sh  # noqa: E402
-from demo.run import accuracy_by_type  # noqa: E402
+from demo.run import accuracy_by_type, machine  # noqa: E402
 from embedded.default import phase_finished  # noqa: E402
 PY = sys.executable
 # train.py's curriculum -> the demo's epochs per phase; stepwise (one phase per extra move) skips the phases
@@ -82,6 +88,9 @@ ARMS = {"VITAL": (HOP, ["--k", "sample", "--probe", "--text-window", "--pointing
         "task-only": (["--depth", "own", "--lambda-sem", "0", "--lambda-vis", "0"], ["--k", "sample"])}
 PROBES = ["normal", "zero", "h0", "shuffled"]
 DECODER_ARMS = ("VITAL", "pause")  # the arms that train the auxiliary decoder: --lambda-sem changes only these
+VISUAL_ARMS = ("VITAL", "pause")  # the arms that regress ROI features (L_vis): --encoder changes only these
+ENCODERS = {"pretrained": "embedded/pretrained/encoder_pretrained",  # the demo's stand-in for MedSigLIP
+            "positional": "positional_encoder/encoder"}  # under --out: embedded/tiny.py --position-scale 3
 # the arms whose states demo/diagnose.py --walk probes: the K = 0 model's h_0 (does one pass hold the end?) and
 # VITAL's h_0..h_K (does latent step j hold move j?), with diagnose.py's flags, the run's checkpoint after them
 STATE_PROBES = {"K=0": ["--ckpt", "", "--k0"], "VITAL": ["--ckpt"]}
@@ -112,6 +121,11 @@ def get_args(argv=None):
                     help="train.py --readout of the arms that loop (all but K = 0): head (eq. 2) or cache (h_K "
                          "written to the cache before the answer); cache: their runs, results and demo/*.md carry "
                          "_readcache")
+    ap.add_argument("--encoder", default="pretrained", choices=list(ENCODERS),
+                    help="the ROI encoder of the arms with a visual projector (VITAL, pause): pretrained (the shipped "
+                         "stand-in) or positional (the random tiny SigLIP with its position embeddings x3, whose patch "
+                         "features tell look-alike lesions apart: docs/tuning-log.md); positional: their data, runs, "
+                         "results and demo/*.md carry _positional")
     ap.add_argument("--jobs", type=int, default=2, help="runs at once (OMP_NUM_THREADS = cores / jobs each)")
     ap.add_argument("--min-perception", type=float, default=90.0,
                     help="--task order: stop before the runs unless the stand-in reads the first lesion's order and "
@@ -124,7 +138,7 @@ def get_args(argv=None):
 
 def stages(args):
     """(command, the file that says it is done) for the inputs every run shares."""
-    d, pre = os.path.join(args.out, "data"), os.path.join(args.out, "pretrain_data")
+    d, pre = data_dir(args), os.path.join(args.out, "pretrain_data")
     grid = ["--source", "phantom", "--image-size", "96"]
     if args.task == "walk":
         walk = grid + ["--walk-start", "upper left"]
@@ -135,11 +149,19 @@ def stages(args):
         data, stand_in = grid + ["--order-hops", str(args.moves)], grid + ["--n", "1000", "--order-hops", "1",
                                                                            "--types", "order", "look",
                                                                            "--look-cells", "all"]
-    return [([PY, "embedded/tiny.py", args.models], os.path.join(args.models, "encoder", "config.json")),
-            ([PY, "prepare_data.py", "--out", d, "--n", "6000", "--seed", "0"] + data, os.path.join(d, "stats.json")),
-            ([PY, "extract_roi.py", "--samples", os.path.join(d, "samples.jsonl"), "--out",
-              os.path.join(d, "roi.safetensors"), "--encoder", "embedded/pretrained/encoder_pretrained",
-              "--tau", "0", "--quiet"], os.path.join(d, "roi.safetensors")),
+    encoder = ENCODERS["pretrained"] if args.encoder == "pretrained" else os.path.join(args.out, ENCODERS[args.encoder])
+    positional = [([PY, "embedded/tiny.py", os.path.dirname(encoder), "--position-scale", "3"],
+                   os.path.join(encoder, "config.json"))] if args.encoder == "positional" else []
+    # the same items in every data folder (same command, same seed), each with its encoder's ROI features
+    folders = {os.path.join(args.out, "data"): ENCODERS["pretrained"], d: encoder}
+    tiny = ([PY, "embedded/tiny.py", args.models], os.path.join(args.models, "encoder", "config.json"))
+    return [tiny] + positional + [
+            stage for dd, enc in folders.items() for stage in (
+                ([PY, "prepare_data.py", "--out", dd, "--n", "6000", "--seed", "0"] + data,
+                 os.path.join(dd, "stats.json")),
+                ([PY, "extract_roi.py", "--samples", os.path.join(dd, "samples.jsonl"), "--out",
+                  os.path.join(dd, "roi.safetensors"), "--encoder", enc, "--tau", "0", "--quiet"],
+                 os.path.join(dd, "roi.safetensors")))] + [
             ([PY, "prepare_data.py", "--out", pre, "--seed", "1", "--test-frac", "0", "--val-frac", "0"] + stand_in,
              os.path.join(pre, "stats.json")),
             ([PY, "demo/pretrain.py", "--data", pre, "--models", args.models, "--out",
@@ -147,7 +169,8 @@ def stages(args):
               "--lr", "3e-3" if args.task == "walk" else "1e-3"]
              + (["--resume"] if os.path.isdir(os.path.join(args.out, "pretrain", "phase1")) else []),
              os.path.join(args.out, "pretrain", "phase1", "backbone", "config.json")),
-            ([PY, "evaluate.py", "--ckpt", os.path.join(args.out, "pretrain", "phase1"), "--data", d,
+            ([PY, "evaluate.py", "--ckpt", os.path.join(args.out, "pretrain", "phase1"), "--data",
+              os.path.join(args.out, "data"),
               "--out", os.path.join(args.out, "stand_in_alone"), "--k", "0"],
              os.path.join(args.out, "stand_in_alone", "metrics.json")),
             ([PY, "demo/pointing_bound.py", "--data", d], os.path.join(d, "pointing_bound.json"))
@@ -262,12 +285,23 @@ def blind(samples):
 
 def tag(args, arm="VITAL"):
     """The suffix of a run folder, results file and demo/*.md: none for the demo's 3-phase schedule, the
-    paper's λ_sem and read-out; --lambda-sem only in the arms it changes (those with a decoder), --readout in
-    those that loop (all but K = 0)."""
+    paper's λ_sem, read-out and encoder; --lambda-sem only in the arms it changes (those with a decoder), --readout
+    in those that loop (all but K = 0), --encoder in those with a visual projector."""
     sem = args.lambda_sem is not None and arm in DECODER_ARMS
     cache = args.readout != "head" and arm != "K=0"
     return (("" if args.curriculum == "3-phase" else f"_{args.curriculum}") + (f"_sem{args.lambda_sem:g}" if sem else "")
-            + ("_readcache" if cache else ""))
+            + ("_readcache" if cache else "") + encoder_tag(args, arm))
+
+
+def encoder_tag(args, arm="VITAL"):
+    """'_positional' for the arms with a visual projector under --encoder positional, else ''."""
+    return f"_{args.encoder}" if args.encoder != "pretrained" and arm in VISUAL_ARMS else ""
+
+
+def data_dir(args, arm="VITAL"):
+    """The data folder an arm trains on: OUT/data, or (--encoder positional, the arms with a visual projector) the
+    same items in OUT/data_positional with that encoder's ROI features."""
+    return os.path.join(args.out, "data" + encoder_tag(args, arm))
 
 
 def phases(args):
@@ -320,7 +354,7 @@ def by_memory(pred_path, samples, group):
 def one_run(args, arm, seed, env):
     extra, flags = ARMS[arm]
     lr = args.lr_k0 if arm == "K=0" and args.lr_k0 else args.lr
-    data = os.path.join(args.out, "data")
+    data = data_dir(args, arm)
     run_dir = os.path.join(args.out, f"{arm.replace('=', '')}_lr{lr:g}{tag(args, arm)}", f"s{seed}")  # new lr: new runs
     last = os.path.join(run_dir, f"phase{phases(args)[-1][0]}")
     ev = os.path.join(run_dir, "eval")
@@ -444,7 +478,7 @@ def tables(res, blind_pct, alone, args, lookup=None):
 def pointing_bound(args):
     """-> a sentence: the pointing game of a projector that knows which lesion step k reads and nothing else about
     the image (demo/pointing_bound.py's oracle), and of the ROI targets themselves, per step ('' without the file)."""
-    path = os.path.join(getattr(args, "out", None) or "", "data", "pointing_bound.json")
+    path = os.path.join(data_dir(args) if getattr(args, "out", None) else "data", "pointing_bound.json")
     if not os.path.isfile(path):
         return ""
     pb = json.load(open(path))
@@ -542,14 +576,14 @@ def main(argv=None):
     with open(os.path.join(args.out, f"results{tag(args)}.md"), "w") as f:
         f.write(md)
     with open(os.path.join(args.out, f"results{tag(args)}.json"), "w") as f:
-        json.dump({"args": vars(args), "runs": {a: {str(s): {str(k): v for k, v in r.items()} for s, r in v.items()}
-                                                for a, v in res.items()}}, f, indent=2)
+        runs = {a: {str(s): {str(k): v for k, v in r.items()} for s, r in v.items()} for a, v in res.items()}
+        json.dump({"args": vars(args), "machine": machine(), "runs": runs}, f, indent=2)
     cmd = "python demo/walk.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     name = (args.task if args.moves == 4 else f"{args.task}_{args.moves}_moves") + tag(args)
     with open(os.path.join(HERE, name + ".md"), "w") as f:
         title = "The walk's evidence" if args.task == "walk" else "The order question's evidence"
         f.write(f"# {title}\n\nWritten by `{cmd.strip()}` on {time.strftime('%Y-%m-%d %H:%M')} "
-                f"({os.cpu_count()} cores); {trained} of {len(futs)} runs trained in this call, "
+                f"({machine()}); {trained} of {len(futs)} runs trained in this call, "
                 f"{(time.time() - t0) / 60:.1f} min (the others were on disk). Per-run numbers: "
                 f"{args.out}/results{tag(args)}.json.\n\n" + md)
     print("\n" + md)

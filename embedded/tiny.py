@@ -49,9 +49,13 @@ def make_tokenizer(seed_words=TINY_CORPUS, vocab_size=1024):
                                    chat_template=CHAT_TEMPLATE)
 
 
-def make_tiny(folder, hidden=64, layers=2, dec_hidden=64, dec_layers=2, enc_hidden=48, seed=0, patch=16):
+def make_tiny(folder, hidden=64, layers=2, dec_hidden=64, dec_layers=2, enc_hidden=48, seed=0, patch=16,
+              position_scale=1.0):
     """Write tiny random-init models of the real classes (fixed seed) into folder/{backbone,decoder,
-    encoder}. They load through load_backbone/load_decoder/load_encoder exactly like real checkpoints."""
+    encoder}. They load through load_backbone/load_decoder/load_encoder exactly like real checkpoints.
+    position_scale multiplies the encoder's position embeddings after init (the same weights otherwise): at 3 its
+    patch features say where a patch is about as loudly as what it shows (a stand-in whose features carry position,
+    for the pointing game on grids of look-alike lesions: docs/tuning-log.md, 2026-12-07 fourth)."""
     torch.manual_seed(seed)
     tok = make_tokenizer()
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
@@ -91,7 +95,10 @@ def make_tiny(folder, hidden=64, layers=2, dec_hidden=64, dec_layers=2, enc_hidd
     # MedSigLIP analogue: 112 px, patch 14 => an 8x8 grid (the real one: 448 px, 32x32, d_v = 1152).
     ecfg = SiglipVisionConfig(image_size=112, patch_size=14, hidden_size=enc_hidden,
                               intermediate_size=2 * enc_hidden, num_hidden_layers=2, num_attention_heads=2)
-    SiglipVisionModel(ecfg).save_pretrained(os.path.join(folder, "encoder"))
+    encoder = SiglipVisionModel(ecfg)
+    with torch.no_grad():
+        encoder.embeddings.position_embedding.weight.mul_(position_scale)
+    encoder.save_pretrained(os.path.join(folder, "encoder"))
     SiglipImageProcessorPil(size={"height": 112, "width": 112}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
                             do_pad=False).save_pretrained(os.path.join(folder, "encoder"))
     return folder
@@ -132,8 +139,10 @@ def main():
     ap.add_argument("--hidden", type=int, default=64, help="LLM hidden size of the tiny backbone")
     ap.add_argument("--layers", type=int, default=2, help="LLM layers of the tiny backbone")
     ap.add_argument("--seed", type=int, default=0, help="random seed of the weights")
+    ap.add_argument("--position-scale", type=float, default=1.0,
+                    help="the encoder's position embeddings times this (3: patch features that carry position)")
     args = ap.parse_args()
-    make_tiny(args.folder, hidden=args.hidden, layers=args.layers, seed=args.seed)
+    make_tiny(args.folder, hidden=args.hidden, layers=args.layers, seed=args.seed, position_scale=args.position_scale)
     print(f"tiny models written to {args.folder}/{{backbone,decoder,encoder}}")
 
 

@@ -86,3 +86,18 @@ def test_ship_writes_a_manifest_that_copy_reads_back(tmp_path):
     assert mine["pretrain"]["seconds"] == 12.0
     assert D.copy_shipped(R.get_args([]), paths_in(tmp_path / "again"), shipped=str(shipped)) == \
         ["pretrain", "encoder_pretrained"]
+
+
+def test_the_machine_line_names_the_cpu_model_not_only_the_cores(tmp_path):
+    """Figures travel between CPUs that train differently: results name the CPU model, family, model and the
+    widest vector unit (demo/run.py machine())."""
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+                    "model name\t: AMD EPYC 9B14\nflags\t\t: fpu sse2 avx2 avx512f\n\n"
+                    "processor\t: 1\nmodel name\t: another\n")
+    line = R.machine(str(info))
+    assert line.startswith("AMD EPYC 9B14 (family 25, model 17, avx512f), ")
+    assert f", {os.cpu_count()} cores, torch {torch.__version__}" in line
+    info.write_text("model name\t: Some CPU\nflags\t\t: fpu sse2 avx2\n")
+    assert R.machine(str(info)).startswith("Some CPU (avx2), ")
+    assert "cores" in R.machine(str(tmp_path / "absent"))

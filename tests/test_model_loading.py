@@ -40,3 +40,16 @@ def test_weights_go_straight_to_the_device(tiny, load, sub, cls, monkeypatch):
     model = load(os.path.join(tiny, sub), device="meta")[0]
     assert calls[-1]["device_map"] == {"": torch.device("meta")}
     assert {p.device.type for p in model.parameters()} == {"meta"}
+
+
+def test_position_scale_changes_only_the_encoders_position_embeddings(tiny, tmp_path):
+    """embedded/tiny.py --position-scale: the same weights, the encoder's position embeddings times the scale."""
+    from safetensors.torch import load_file
+    other = make_tiny(str(tmp_path / "pos3"), position_scale=3.0)
+    for sub in ("backbone", "decoder", "encoder"):
+        a, b = (load_file(os.path.join(f, sub, "model.safetensors")) for f in (tiny, other))
+        assert a.keys() == b.keys()
+        for k in a:
+            want = 3.0 * a[k] if k.endswith("position_embedding.weight") else a[k]
+            assert torch.equal(b[k], want), f"{sub}/{k}"
+    assert any(k.endswith("position_embedding.weight") for k in a)  # the scale had something to act on

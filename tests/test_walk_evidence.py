@@ -213,3 +213,32 @@ def test_the_pointing_bound_sentence(tmp_path):
     line = W.pointing_bound(W.get_args(["--out", str(tmp_path)]))
     assert "scores 40.0 / 20.5% at steps 1-2" in line and "themselves 80.0 / 60.0%" in line and "7 test steps" in line
     assert W.pointing_bound(W.get_args(["--out", str(tmp_path / "none")])) == ""
+
+
+def test_the_positional_encoder_reaches_the_arms_with_a_visual_projector(tmp_path, monkeypatch):
+    """--encoder positional: a stage makes the encoder (embedded/tiny.py --position-scale 3) and a second data folder
+    of the same items with its ROI features; VITAL and pause train and evaluate on it and carry _positional, K = 0
+    and task-only (no L_vis) keep OUT/data and share their runs; the pointing bound is read from the new folder."""
+    a = W.get_args(["--task", "order", "--curriculum", "stepwise", "--encoder", "positional", "--out", str(tmp_path)])
+    cmds = [c for c, _ in W.stages(a)]
+    enc = os.path.join(str(tmp_path), "positional_encoder")
+    assert [W.PY, "embedded/tiny.py", enc, "--position-scale", "3"] in cmds
+    prep = [c for c in cmds if c[1] == "prepare_data.py" and "--order-hops" in c and "4" in c]
+    assert [c[c.index("--out") + 1] for c in prep] == [str(tmp_path / "data"), str(tmp_path / "data_positional")]
+    assert prep[0][4:] == prep[1][4:]  # the same items: the same command but for --out
+    rois = {c[c.index("--out") + 1]: c[c.index("--encoder") + 1] for c in cmds if c[1] == "extract_roi.py"}
+    assert rois == {str(tmp_path / "data" / "roi.safetensors"): "embedded/pretrained/encoder_pretrained",
+                    str(tmp_path / "data_positional" / "roi.safetensors"): os.path.join(enc, "encoder")}
+    assert [W.PY, "demo/pointing_bound.py", "--data", str(tmp_path / "data_positional")] in cmds
+    assert {arm: W.tag(a, arm) for arm in W.ARMS} == {
+        "VITAL": "_stepwise_positional", "K=0": "_stepwise", "pause": "_stepwise_positional", "task-only": "_stepwise"}
+    ran = []
+    monkeypatch.setattr(W, "sh", lambda cmd, env, log: ran.append(cmd))
+    for arm in W.ARMS:
+        ran.clear()
+        W.one_run(a, arm, 0, {})
+        datas = {c[c.index("--data") + 1] for c in ran if "--data" in c}
+        assert datas == {str(tmp_path / ("data_positional" if arm in ("VITAL", "pause") else "data"))}, arm
+    default = W.get_args(["--task", "order", "--out", str(tmp_path)])
+    assert not any("--position-scale" in c for c, _ in W.stages(default))
+    assert W.data_dir(default) == str(tmp_path / "data") and W.tag(default) == ""
