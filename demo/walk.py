@@ -573,17 +573,18 @@ def main(argv=None):
     words = ("On the order question the tables' words are the walk's: a move is a lesion read, the end cell the order "
              "reached, the nine brightness bits the nine lesions' sizes and brightnesses.\n\n") if args.task == "order" else ""
     md = words + perception(args) + tables(res, blind(samples), alone, args, lookup)
+    where = machine()  # one torch-version subprocess for both files
     with open(os.path.join(args.out, f"results{tag(args)}.md"), "w") as f:
         f.write(md)
     with open(os.path.join(args.out, f"results{tag(args)}.json"), "w") as f:
         runs = {a: {str(s): {str(k): v for k, v in r.items()} for s, r in v.items()} for a, v in res.items()}
-        json.dump({"args": vars(args), "machine": machine(), "runs": runs}, f, indent=2)
+        json.dump({"args": vars(args), "machine": where, "runs": runs}, f, indent=2)
     cmd = "python demo/walk.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     name = (args.task if args.moves == 4 else f"{args.task}_{args.moves}_moves") + tag(args)
     with open(os.path.join(HERE, name + ".md"), "w") as f:
         title = "The walk's evidence" if args.task == "walk" else "The order question's evidence"
         f.write(f"# {title}\n\nWritten by `{cmd.strip()}` on {time.strftime('%Y-%m-%d %H:%M')} "
-                f"({machine()}); {trained} of {len(futs)} runs trained in this call, "
+                f"({where}); {trained} of {len(futs)} runs trained in this call, "
                 f"{(time.time() - t0) / 60:.1f} min (the others were on disk). Per-run numbers: "
                 f"{args.out}/results{tag(args)}.json.\n\n" + md)
     print("\n" + md)
