@@ -25,10 +25,16 @@ file next to their folder):
      || python evaluate.py ... --k 0 (the K = 0 model; the pretrained backbone alone, no LoRA)
                                                                     -> OUT/eval_k0, OUT/eval_backbone
   6. python explain.py IMG "question" --ckpt OUT/vital/phase3        -> OUT/explain/<id>.{png,json}
+  7. the order question, a phantom question that needs one pass per lesion (the six types above do not: README,
+     Results): python demo/walk.py --demo --out OUT/order --seeds SEED (VITAL and the K = 0 model with the command
+     of the order record, one seed, on the shipped order stand-in; read against the record's five seeds; explain.py
+     on one test item of 4 lesions; about 13 min on 2 cores; --skip-order leaves it out)
+                                                      -> OUT/order/ (runs, demo.md, explain/<id>.{png,json})
 then a summary: closed-ended accuracy of VITAL, of the K = 0 model, of the backbone alone and chance,
 overall and per question type, the probes ("do the latents matter?") and the pointing game (also written
 to OUT/summary.json, OUT/summary.md and, with the command and date, demo/results.md). The spread of these
-numbers over training seeds comes from `python demo/ablate.py --suite evidence` (demo/evidence.md).
+numbers over training seeds comes from `python demo/ablate.py --suite evidence` (demo/evidence.md); the order
+question's figures are printed beside the five seeds of its record (demo/order_stepwise_sem10_positional.json).
 
     python demo/run.py                       # the defaults below (README)
     python demo/run.py --out runs/demo2 --n 1500 --epochs 2 2 4   # smaller / other budgets
@@ -96,6 +102,9 @@ def get_args(argv=None):
                          "re-encoded; 0 = always the full image)")
     ap.add_argument("--eval-limit", type=int, default=0, help="only the first N test items (0 = all)")
     ap.add_argument("--skip-k0", action="store_true", help="do not train/evaluate the K = 0 model")
+    ap.add_argument("--skip-order", action="store_true",
+                    help="skip the order question (one seed of VITAL and the K = 0 model on a question that needs "
+                         "several passes, against the record's five seeds; about 13 of the demo's 20 minutes)")
     # the defaults of the settings that shape the models, data, stand-ins and ROI features: the embedded
     # default's (embedded/default.py SETTINGS; its tau comment says why 0)
     ap.set_defaults(**SETTINGS)
@@ -240,13 +249,18 @@ def stand_in_manifest(args, paths, timings):
 
 
 def ship(args, paths, timings, shipped=SHIPPED):
-    """--ship: this run's stand-ins and their manifest replace embedded/pretrained/."""
+    """--ship: this run's stand-ins and their manifest entries replace those in embedded/pretrained/; the entries
+    another script ships (demo/walk.py's order_pretrain) are kept."""
     manifest = stand_in_manifest(args, paths, timings)
     if any(manifest[n]["seconds"] is None for n in stand_ins_needed(args)):
         sys.exit("run.py: error: --ship needs stand-ins trained by this run: pass --rebuild-stand-ins "
                  "with a fresh --out")
-    shutil.rmtree(shipped, ignore_errors=True)
+    old = os.path.join(shipped, "stand_ins.json")
+    if os.path.isfile(old):
+        with open(old) as f:
+            manifest = {**{k: v for k, v in json.load(f).items() if k not in STAND_INS}, **manifest}
     for name in stand_ins_needed(args):
+        shutil.rmtree(os.path.join(shipped, name), ignore_errors=True)
         copy_files(paths[name], os.path.join(shipped, name), manifest[name]["files"])
     with open(os.path.join(shipped, "stand_ins.json"), "w") as f:
         json.dump(manifest, f, indent=1)
@@ -291,6 +305,18 @@ def explain_one(samples, paths, timings):
                              skip_if=stem + ".json", what="explain one test image")
     with open(stem + ".json") as f:
         return pick, stem, json.load(f)
+
+
+def order_question(args, paths, timings):
+    """Stage 7: `demo/walk.py --demo` (the order question, one seed, read against its record; walk.py resumes).
+    -> (its markdown rows for the summary, the explanation's lines for the report), from OUT/order/demo.md."""
+    timings["order question"] = run([PY, "demo/walk.py", "--demo", "--out", paths["order"], "--seeds", str(args.seed)],
+                                    what=f"the order question: VITAL and the K = 0 model, seed {args.seed} "
+                                         "(about 13 min on 2 cores)")
+    with open(os.path.join(paths["order"], "demo.md")) as f:
+        text = f.read().rstrip("\n").split("\n")
+    cut = text.index("```") if "```" in text else len(text)  # the table, then the explanation in a code block
+    return [""] + text[:cut], [line for line in text[cut:] if line != "```"]
 
 
 def summary_table(args, samples, paths):
@@ -365,7 +391,7 @@ def machine(cpuinfo="/proc/cpuinfo"):
             f"torch {torch_version()}")
 
 
-def print_report(paths, args, pick, stem, ex, rows, wall, timings, shipped):
+def print_report(paths, args, pick, stem, ex, rows, wall, timings, shipped, order_lines=()):
     print("\n================ VITAL demo: artifacts ================")
     for name, path in [("tiny models", paths["models"]), ("pretraining corpus", paths["pretrain_data"]),
                        ("pretrained backbone", args.backbone or "-"),
@@ -379,6 +405,8 @@ def print_report(paths, args, pick, stem, ex, rows, wall, timings, shipped):
                         paths["eval_vital"]),
                        ("ROI encoder (pretrained stand-in for MedSigLIP, or the random one)", paths["encoder"]),
                        ("K = 0 evaluation", paths["eval_k0"]), ("explanation (panel + JSON)", stem + ".png"),
+                       *([("the order question (data, stand-in, runs, results_*.md, explain/)", paths["order"])]
+                         if not args.skip_order else []),
                        ("summary", os.path.join(paths["out"], "summary.md")),
                        ("results (command, date, table)", os.path.join("demo", "results.md"))]:
         print(f"  {name:<70} {path}")
@@ -388,6 +416,8 @@ def print_report(paths, args, pick, stem, ex, rows, wall, timings, shipped):
         peak = st.get("peak")
         where = f"  [heatmap peak x={peak['x']:.0f}, y={peak['y']:.0f}]" if peak else ""
         print(f"         step {st['k']}: {st.get('sentence')}{where}")
+    if order_lines:
+        print("\n" + "\n".join(order_lines))
     print("\n================ closed-ended accuracy on the phantom test split (%) ================")
     print("\n".join(rows))
     print(f"\nwall time of this run: {wall / 60:.1f} min (stages: " +
@@ -403,7 +433,7 @@ def main(argv=None):
     t_start, timings, out = time.time(), {}, args.out
     paths = {k: os.path.join(out, k) for k in ("models", "data", "pretrain_data", "pretrain", "vital", "k0",
                                                "eval_vital", "eval_k0",
-                                               "eval_backbone")}
+                                               "eval_backbone", "order")}
     paths["out"], paths["encoder_pretrained"] = out, os.path.join(out, "encoder_pretrained")
     paths["roi"] = os.path.join(paths["data"], "roi.safetensors")
     paths["roi_log"] = os.path.join(out, "roi.log")
@@ -427,6 +457,8 @@ def main(argv=None):
     pick, stem, ex = explain_one(samples, paths, timings)
     rows, table = summary_table(args, samples, paths)
     rows += probe_rows(paths)
+    order_rows, order_lines = order_question(args, paths, timings) if not args.skip_order else ([], [])
+    rows += order_rows
     wall = time.time() - t_start
     summary = {"wall_s_this_run": round(wall, 1), "stage_s": {k: round(v, 1) for k, v in timings.items()},
                "stand_ins_shipped": shipped, "accuracy": table, "args": vars(args)}
@@ -435,7 +467,7 @@ def main(argv=None):
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write("\n".join(rows) + "\n")
     write_results(args, argv, rows, wall, timings, shipped)
-    print_report(paths, args, pick, stem, ex, rows, wall, timings, shipped)
+    print_report(paths, args, pick, stem, ex, rows, wall, timings, shipped, order_lines)
     if args.ship:
         ship(args, paths, timings)
 

@@ -8,7 +8,7 @@ cell right, a brighter one one cell down, wrapping round; after N moves, which c
 3 or more moves need the loop.
 Every stage is a documented command, run as a subprocess and skipped when its output is there (re-running
 resumes; a phase killed half-way continues with --resume):
-  1. data: 6,000 fixed-start walks of 1 to --moves moves (seed 0) with a mask per move, and their ROI features
+  1. data: 6,000 (--n) fixed-start walks of 1 to --moves moves (seed 0) with a mask per move, and their ROI features
      (the shipped pretrained encoder, --tau 0: pooled from the full image's patches under the lesion);
   2. the stand-in backbone (a real run starts from a pretrained Qwen3-VL): the whole tiny backbone trained
      from its random init on 6,000 walks of 1-2 moves of another seed (images and walks unseen by step 1),
@@ -35,7 +35,12 @@ lesion's order and all nine cells' looks: prepare_data.py --look-cells all; lr 1
 on the state must come through the loop, and is then checked on 400 unseen images, cell by cell (perception first:
 its results start with that line, and the runs do not start while a cell or the first lesion is read under
 --min-perception); a chain holds one step per lesion read and the answer leads with the order's first number
-(embedded/grid_questions.order_answer says why); its demo/*.md are order_*.
+(embedded/grid_questions.order_answer says why); its demo/*.md (and the .json records) are order_*. That stand-in is
+shipped (embedded/pretrained/order_pretrain, made once by these stages; stand_ins.json has its sha256 and commands):
+it is copied into OUT/pretrain instead of trained (31 min on 2 cores) unless --rebuild-stand-in.
+--demo is what demo.sh runs last (demo/run.py stage 7): the command of the order record with --encoder positional,
+VITAL and K = 0, one seed (--seeds), no record of its own; then each figure against the record's seeds and one test
+item of 4 lesions explained (OUT/demo.md).
 --curriculum stepwise trains every arm K = 1 first, then one more move per phase (train.py CURRICULA; the first
 two phases are the 3-phase runs' own, to the bit), then all walks; its runs, results and demo/*.md carry
 "_stepwise". --lambda-sem W sets L_sem's weight in the arms with a decoder (VITAL, pause; their runs, results and
@@ -57,7 +62,8 @@ the latents hold (demo/pointing_bound.py; docs/tuning-log.md, 2026-12-07 fourth)
     python demo/walk.py --task order --moves 4 --out runs/order4 --curriculum stepwise --lr-k0 3e-4 --lambda-sem 10 \
         --readout cache --arms VITAL K=0 pause task-only                 # the same with h_K in the cache
     python demo/walk.py --task order --moves 4 --out runs/order4 --curriculum stepwise --lr-k0 3e-4 --lambda-sem 10 \
-        --encoder positional --arms VITAL                                # the pointing game, positional encoder
+        --encoder positional --arms VITAL K=0                            # the positional record (the demo's)
+    python demo/walk.py --demo --out runs/demo/order                    # its seed 0 against that record (~13 min)
 """
 import argparse
 import json
@@ -75,7 +81,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 from demo.ablate import fmt, sh  # noqa: E402
 from demo.run import accuracy_by_type, machine  # noqa: E402
-from embedded.default import phase_finished  # noqa: E402
+from embedded.default import SHIPPED, copy_files, phase_finished, sha256  # noqa: E402
 PY = sys.executable
 # train.py's curriculum -> the demo's epochs per phase; stepwise (one phase per extra move) skips the phases
 # whose cap admits every walk already and warm-starts its last phase from the last one it ran
@@ -96,13 +102,23 @@ ENCODERS = {"pretrained": "embedded/pretrained/encoder_pretrained",  # the demo'
 STATE_PROBES = {"K=0": ["--ckpt", "", "--k0"], "VITAL": ["--ckpt"]}
 
 
+# --demo (demo.sh's stage 7, demo/run.py): the order question with the record's command, one seed, no record of its
+# own; the figures are read against the record's seeds and one test item of 4 lesions is explained
+DEMO = ["--task", "order", "--moves", "4", "--curriculum", "stepwise", "--lr-k0", "3e-4", "--lambda-sem", "10",
+        "--encoder", "positional", "--arms", "VITAL", "K=0", "--seeds", "0", "--no-record"]
+DEMO_RECORD = os.path.join(HERE, "order_stepwise_sem10_positional.json")  # this script's record of DEMO, seeds 0-4
+
+
 def get_args(argv=None):
     ap = argparse.ArgumentParser(description="the walk's evidence: VITAL vs K = 0 vs pause over seeds")
-    ap.add_argument("--out", default="runs/walk", help="data, stand-in, run folders and results")
+    ap.add_argument("--out", help="data, stand-in, run folders and results (default runs/<task>, runs/demo/order "
+                                  "with --demo)")
     ap.add_argument("--models", default="runs/walk/models", help="tiny models (embedded/tiny.py; made if absent)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="training seeds")
     ap.add_argument("--moves", type=int, default=4, choices=range(1, 7), help="the longest walk (walks of 1 to "
                                                                                "--moves moves, equally many)")
+    ap.add_argument("--n", type=int, default=6000, help="items of the data (train/val/test split as prepare_data.py "
+                                                       "splits them)")
     ap.add_argument("--arms", nargs="+", default=["VITAL", "K=0", "pause"], choices=list(ARMS))
     ap.add_argument("--lr", type=float, default=1e-3, help="peak lr of every arm (3e-3 wrecks the stand-in's "
                                                            "two-move path: docs/tuning-log.md)")
@@ -126,14 +142,51 @@ def get_args(argv=None):
                          "stand-in) or positional (the random tiny SigLIP with its position embeddings x3, whose patch "
                          "features tell look-alike lesions apart: docs/tuning-log.md); positional: their data, runs, "
                          "results and demo/*.md carry _positional")
+    ap.add_argument("--rebuild-stand-in", action="store_true",
+                    help="--task order: train the stand-in here (31 min on 2 cores) instead of copying the shipped one "
+                         "(embedded/pretrained/order_pretrain, made by these stages)")
+    ap.add_argument("--no-record", action="store_true",
+                    help="write the results under --out only, not to demo/<task>*.md (a run of fewer seeds than the "
+                         "record, e.g. the demo's)")
     ap.add_argument("--jobs", type=int, default=2, help="runs at once (OMP_NUM_THREADS = cores / jobs each)")
     ap.add_argument("--min-perception", type=float, default=90.0,
                     help="--task order: stop before the runs unless the stand-in reads the first lesion's order and "
                          "every cell's look at this %% or more on unseen images (0: run anyway)")
-    args = ap.parse_args(argv)
+    ap.add_argument("--demo", action="store_true",
+                    help="the demo's order question: " + " ".join(DEMO) + " (flags after it override), then the "
+                         "figures against the record's seeds and one explained test item, to OUT/demo.md")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    demo = "--demo" in argv
+    args = ap.parse_args(DEMO + argv if demo else argv)
+    args.out = args.out or ("runs/demo/order" if demo else f"runs/{args.task}")
+    if demo and "--models" not in argv:
+        args.models = os.path.join(args.out, "models")
     if args.curriculum == "stepwise" and args.moves < 2:
         ap.error("--curriculum stepwise needs --moves 2 or more (its phases add one move each)")
     return args
+
+
+ORDER_STAND_IN = "order_pretrain"  # its entry in embedded/pretrained/stand_ins.json: this script's stages 2, run once
+
+
+def copy_stand_in(args, shipped=SHIPPED):
+    """--task order: copy the shipped stand-in (embedded/pretrained/order_pretrain, what stages() would train: 31 min
+    on 2 cores) into OUT/pretrain, as demo/run.py copies its two; not when OUT/pretrain exists (a finished or resumable
+    stage) or with --rebuild-stand-in. A file whose sha256 is not the manifest's is refused by name, before anything
+    is copied. -> True if copied."""
+    dst = os.path.join(args.out, "pretrain")
+    if args.task != "order" or args.rebuild_stand_in or os.path.exists(dst):
+        return False
+    with open(os.path.join(shipped, "stand_ins.json")) as f:
+        files = json.load(f)[ORDER_STAND_IN]["files"]
+    for rel, digest in files.items():
+        src = os.path.join(shipped, ORDER_STAND_IN, rel)
+        if not os.path.isfile(src) or sha256(src) != digest:
+            sys.exit(f"demo/walk.py: error: {src}: missing or not the file stand_ins.json names (sha256 {digest[:12]}...); "
+                     "restore it from the repository or pass --rebuild-stand-in")
+    copy_files(os.path.join(shipped, ORDER_STAND_IN), dst, files)
+    print(f"[copy] the shipped stand-in {os.path.join(shipped, ORDER_STAND_IN)} -> {dst}", flush=True)
+    return True
 
 
 def stages(args):
@@ -155,20 +208,21 @@ def stages(args):
     # the same items in every data folder (same command, same seed), each with its encoder's ROI features
     folders = {os.path.join(args.out, "data"): ENCODERS["pretrained"], d: encoder}
     tiny = ([PY, "embedded/tiny.py", args.models], os.path.join(args.models, "encoder", "config.json"))
+    stand_in_done = os.path.join(args.out, "pretrain", "phase1", "backbone", "config.json")
     return [tiny] + positional + [
             stage for dd, enc in folders.items() for stage in (
-                ([PY, "prepare_data.py", "--out", dd, "--n", "6000", "--seed", "0"] + data,
+                ([PY, "prepare_data.py", "--out", dd, "--n", str(args.n), "--seed", "0"] + data,
                  os.path.join(dd, "stats.json")),
                 ([PY, "extract_roi.py", "--samples", os.path.join(dd, "samples.jsonl"), "--out",
                   os.path.join(dd, "roi.safetensors"), "--encoder", enc, "--tau", "0", "--quiet"],
                  os.path.join(dd, "roi.safetensors")))] + [
             ([PY, "prepare_data.py", "--out", pre, "--seed", "1", "--test-frac", "0", "--val-frac", "0"] + stand_in,
-             os.path.join(pre, "stats.json")),
+             stand_in_done if os.path.isfile(stand_in_done) else os.path.join(pre, "stats.json")),  # its corpus
             ([PY, "demo/pretrain.py", "--data", pre, "--models", args.models, "--out",
               os.path.join(args.out, "pretrain"), "--epochs", "10",
               "--lr", "3e-3" if args.task == "walk" else "1e-3"]
              + (["--resume"] if os.path.isdir(os.path.join(args.out, "pretrain", "phase1")) else []),
-             os.path.join(args.out, "pretrain", "phase1", "backbone", "config.json")),
+             stand_in_done),
             ([PY, "evaluate.py", "--ckpt", os.path.join(args.out, "pretrain", "phase1"), "--data",
               os.path.join(args.out, "data"),
               "--out", os.path.join(args.out, "stand_in_alone"), "--k", "0"],
@@ -214,6 +268,22 @@ def perception(args):
             f"{order:.1f}%. By cell: " + ", ".join(f"{c} {a:.0f}" for c, a in cells.items()) + ".\n\n")
 
 
+def check_data_size(args):
+    """A data folder made for another task, --n or --moves would be reused silently (its stage is skipped when
+    stats.json is there). -> an error message naming the file, or None."""
+    for d in dict.fromkeys([os.path.join(args.out, "data"), data_dir(args)]):
+        path = os.path.join(d, "stats.json")
+        if not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            stats = json.load(f)
+        have = (sorted(stats["by_question_type"]), stats["samples"], max(int(k) for k in stats["by_K"]))
+        if have != ([args.task], args.n, args.moves):
+            return (f"{path} holds {have[1]} {'/'.join(have[0])} items of up to {have[2]} moves, not --task "
+                    f"{args.task} --n {args.n} --moves {args.moves}: pass another --out")
+    return None
+
+
 def check_perception(args):
     """Perception first (the issue): a stand-in that cannot read some cell's lesion caps every arm at chance from the
     lesion it cannot read on, and the runs would measure nothing (80 minutes). -> an error message, or None."""
@@ -233,9 +303,13 @@ DEEP = 4  # the issue's multi-hop questions: p >= 4 hops, more than a 2-layer LL
 
 
 def with_deep(counts):
-    """{moves or 'all': (right, n)} -> {...: %}, plus 'deep': the items of DEEP or more moves pooled (when any)."""
-    deep = [cn for m, cn in counts.items() if m != "all" and m >= DEEP]
-    pooled = {"deep": (sum(c for c, _ in deep), sum(n for _, n in deep))} if deep else {}
+    """{moves or 'all': (right, n)} -> {...: %}, plus 'deep': the items of DEEP or more moves pooled, and 'multi':
+    those of 2 or more (the items one pass cannot answer on the order question; each when any)."""
+    pooled = {}
+    for key, least in (("deep", DEEP), ("multi", 2)):
+        some = [cn for m, cn in counts.items() if m != "all" and m >= least]
+        if some:
+            pooled[key] = (sum(c for c, _ in some), sum(n for _, n in some))
     return {k: 100 * c / n for k, (c, n) in {**counts, **pooled}.items()}
 
 
@@ -351,11 +425,20 @@ def by_memory(pred_path, samples, group):
             for g, (c, n) in accuracy_by_type(pred_path, tagged, "memory").items() if g in ("seen", "unseen")}
 
 
+def arm_lr(args, arm):
+    return args.lr_k0 if arm == "K=0" and args.lr_k0 else args.lr
+
+
+def run_folder(args, arm, seed):
+    """OUT/<arm>_lr<lr><tag>/s<seed>: a new lr or setting is a new run."""
+    return os.path.join(args.out, f"{arm.replace('=', '')}_lr{arm_lr(args, arm):g}{tag(args, arm)}", f"s{seed}")
+
+
 def one_run(args, arm, seed, env):
     extra, flags = ARMS[arm]
-    lr = args.lr_k0 if arm == "K=0" and args.lr_k0 else args.lr
+    lr = arm_lr(args, arm)
     data = data_dir(args, arm)
-    run_dir = os.path.join(args.out, f"{arm.replace('=', '')}_lr{lr:g}{tag(args, arm)}", f"s{seed}")  # new lr: new runs
+    run_dir = run_folder(args, arm, seed)
     last = os.path.join(run_dir, f"phase{phases(args)[-1][0]}")
     ev = os.path.join(run_dir, "eval")
     wants = ["metrics.json"] + [f for flag, f in (("--probe", "probes.json"), ("--text-window", "text_window.json"),
@@ -534,9 +617,68 @@ def probe_tables(res, get, cols, label):
     return out
 
 
+def cell_of(col, row):
+    """A grid cell's name as the phantom's questions say it (embedded/phantom.cell_name, which loads torch)."""
+    col, row = int(min(max(col, 0), 2)), int(min(max(row, 0), 2))
+    return "center" if (row, col) == (1, 1) else f"{('upper', 'middle', 'lower')[row]} {('left', 'middle', 'right')[col]}"
+
+
+def against_record(mine, record, seed):
+    """mine: {'VITAL' | 'K=0': {this script's figures}} of one seed; record: this script's record JSON of the same
+    command over several seeds. -> markdown rows: each figure against the record's mean ± std and range."""
+    runs = {arm: [r for _, r in sorted(v.items(), key=lambda kv: int(kv[0]))] for arm, v in record["runs"].items()}
+    runs["margin"] = [{"multi": v["multi"] - k["multi"]} for v, k in zip(runs["VITAL"], runs["K=0"])]
+    mine = dict(mine, margin={"multi": mine["VITAL"]["multi"] - mine["K=0"]["multi"]})
+    rows = [f"**The order question** (one pass per lesion; `python demo/walk.py --demo`: {' '.join(DEMO[:-4])}): "
+            f"seed {seed} here against the {len(runs['VITAL'])} seeds of the record "
+            f"({os.path.relpath(DEMO_RECORD, ROOT)}, {record['machine']})", "",
+            "| figure (%) | this run | record: mean ± std | record: min - max | inside the record's range |",
+            "|---|---:|---:|---:|---|"]
+    for arm, key, what in (("VITAL", "multi", "VITAL, accuracy on 2-4 lesions"),
+                           ("K=0", "multi", "K = 0 model, accuracy on 2-4 lesions"),
+                           ("margin", "multi", "VITAL minus the K = 0 model, 2-4 lesions"),
+                           ("VITAL", "window multi", "VITAL's text window: every step stated, 2-4 lesions"),
+                           *[("VITAL", f"pointing step {k}", f"VITAL's pointing game, step {k}") for k in range(1, 5)]):
+        rec, x = [r[key] for r in runs[arm] if key in r], mine[arm].get(key)
+        if rec and x is not None:
+            rows.append(f"| {what} | {x:.1f} | {fmt(rec)} | {min(rec):.1f} - {max(rec):.1f} | "
+                        f"{'yes' if min(rec) <= x <= max(rec) else 'no'} |")
+    return rows
+
+
+def demo_report(args, res, samples):
+    """--demo: the figures of the first seed against the record, and explain.py on the first test item of --moves
+    lesions with that seed's VITAL: each step's sentence and where its heatmap peaks, beside the lesion the step
+    reads. -> OUT/demo.md's text (the table, then the explanation in a code block)."""
+    seed = args.seeds[0]
+    with open(DEMO_RECORD) as f:
+        rows = against_record({arm: res[arm][seed] for arm in ("VITAL", "K=0")}, json.load(f), seed)
+    pick = next(s for s in samples if s["split"] == "test" and moves(s) == args.moves)
+    img = pick["image"] if os.path.isabs(pick["image"]) else os.path.join(args.out, "data", pick["image"])
+    stem = os.path.join(args.out, "explain", pick["id"])
+    last = os.path.join(run_folder(args, "VITAL", seed), f"phase{phases(args)[-1][0]}")
+    if not os.path.isfile(stem + ".json"):
+        sh([PY, "explain.py", img, pick["question"], "--ckpt", last, "--k", str(moves(pick)), "--out", stem],
+           dict(os.environ), os.path.join(args.out, "explain.log"))
+    with open(stem + ".json") as f:
+        ex = json.load(f)
+    side = 96 / 3  # the order grid: a 96-px image, 3 x 3 cells
+    lines = [f"explain (the order question, VITAL seed {seed}): {stem}.png", f"  Q: {pick['question']}",
+             f"  gold: {pick['answer']}   VITAL: {ex.get('answer')}"]
+    for st, cell in zip(ex.get("steps", []), pick["meta"]["drawn"]["read"]):
+        peak = st.get("peak")
+        where = cell_of(peak["x"] // side, peak["y"] // side) if peak else "-"
+        lines.append(f"  step {st['k']}: {st.get('sentence')}  [heatmap peak: {where} cell; this step reads the "
+                     f"{cell} cell]")
+    return "\n".join(rows + ["", "```"] + lines + ["```"]) + "\n"
+
+
 def main(argv=None):
     args = get_args(argv)
     os.chdir(ROOT)
+    if why := check_data_size(args):
+        sys.exit(f"demo/walk.py: {why}")
+    copy_stand_in(args)
     for cmd, done in stages(args):
         if not os.path.exists(done):
             print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
@@ -581,13 +723,22 @@ def main(argv=None):
         json.dump({"args": vars(args), "machine": where, "runs": runs}, f, indent=2)
     cmd = "python demo/walk.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     name = (args.task if args.moves == 4 else f"{args.task}_{args.moves}_moves") + tag(args)
-    with open(os.path.join(HERE, name + ".md"), "w") as f:
-        title = "The walk's evidence" if args.task == "walk" else "The order question's evidence"
-        f.write(f"# {title}\n\nWritten by `{cmd.strip()}` on {time.strftime('%Y-%m-%d %H:%M')} "
-                f"({where}); {trained} of {len(futs)} runs trained in this call, "
-                f"{(time.time() - t0) / 60:.1f} min (the others were on disk). Per-run numbers: "
-                f"{args.out}/results{tag(args)}.json.\n\n" + md)
+    if not args.no_record:
+        with open(os.path.join(HERE, name + ".json"), "w") as f:  # the record the demo's one seed is read against
+            json.dump({"command": cmd.strip(), "date": time.strftime('%Y-%m-%d %H:%M'), "machine": where,
+                       "runs": runs}, f, indent=1)
+        with open(os.path.join(HERE, name + ".md"), "w") as f:
+            title = "The walk's evidence" if args.task == "walk" else "The order question's evidence"
+            f.write(f"# {title}\n\nWritten by `{cmd.strip()}` on {time.strftime('%Y-%m-%d %H:%M')} "
+                    f"({where}); {trained} of {len(futs)} runs trained in this call, "
+                    f"{(time.time() - t0) / 60:.1f} min (the others were on disk). Per-run numbers: "
+                    f"{args.out}/results{tag(args)}.json.\n\n" + md)
     print("\n" + md)
+    if args.demo:
+        text = demo_report(args, res, samples)
+        with open(os.path.join(args.out, "demo.md"), "w") as f:
+            f.write(text)
+        print(text)
 
 
 if __name__ == "__main__":

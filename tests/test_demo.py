@@ -101,3 +101,47 @@ def test_the_machine_line_names_the_cpu_model_not_only_the_cores(tmp_path):
     info.write_text("model name\t: Some CPU\nflags\t\t: fpu sse2 avx2\n")
     assert R.machine(str(info)).startswith("Some CPU (avx2), ")
     assert "cores" in R.machine(str(tmp_path / "absent"))
+
+
+def test_the_shipped_order_stand_in_matches_its_manifest_and_walk_copies_it(tmp_path, monkeypatch):
+    """demo/walk.py --task order copies embedded/pretrained/order_pretrain (its own stages, run once) instead of
+    training it for 31 minutes: the files are the manifest's and load; a run folder that has one keeps it; the walk
+    and --rebuild-stand-in copy nothing; a damaged file is refused by name before anything is copied."""
+    from demo import walk as W
+    entry = json.load(open(MANIFEST))[W.ORDER_STAND_IN]
+    assert "log.jsonl" not in entry["files"] and entry["commands"][-1].startswith("python demo/pretrain.py")
+    for rel, digest in entry["files"].items():
+        assert D.sha256(os.path.join(D.SHIPPED, W.ORDER_STAND_IN, rel)) == digest, rel
+    backbone, _ = IO.load_backbone(os.path.join(D.SHIPPED, W.ORDER_STAND_IN, "phase1", "backbone"),
+                                   dtype=torch.float32, device="cpu")
+    assert backbone.config.text_config.hidden_size == 64
+    order = W.get_args(["--task", "order", "--out", str(tmp_path / "run")])
+    assert W.copy_stand_in(order) is True
+    assert D.sha256(str(tmp_path / "run" / "pretrain" / "phase1" / "backbone" / "model.safetensors")) == \
+        entry["files"]["phase1/backbone/model.safetensors"]
+    stand_in_stages = [c for c, done in W.stages(order) if c[1] == "demo/pretrain.py" or "--look-cells" in c
+                       and "--seed" in c and c[c.index("--seed") + 1] == "1"]
+    assert len(stand_in_stages) == 2 and all(os.path.exists(done) for c, done in W.stages(order)
+                                              if c in stand_in_stages)  # neither its corpus nor its training runs
+    assert W.copy_stand_in(order) is False  # there already: kept
+    assert W.copy_stand_in(W.get_args(["--task", "order", "--rebuild-stand-in", "--out", str(tmp_path / "r")])) is False
+    assert W.copy_stand_in(W.get_args(["--out", str(tmp_path / "w")])) is False  # the walk has no shipped stand-in
+    shipped = tmp_path / "shipped"
+    shutil.copytree(D.SHIPPED, shipped)
+    (shipped / W.ORDER_STAND_IN / "phase1" / "backbone" / "model.safetensors").write_bytes(b"not the weights")
+    with pytest.raises(SystemExit, match="order_pretrain/phase1/backbone/model.safetensors: missing or not the file"):
+        W.copy_stand_in(W.get_args(["--task", "order", "--out", str(tmp_path / "bad")]), shipped=str(shipped))
+    assert not (tmp_path / "bad" / "pretrain").exists()
+
+
+def test_ship_keeps_the_stand_ins_it_does_not_make(tmp_path):
+    """--ship replaces the demo's two stand-ins and leaves walk.py's order_pretrain (folder and manifest entry)."""
+    run = tmp_path / "run"
+    D.copy_shipped(R.get_args([]), paths_in(run))
+    shipped = tmp_path / "shipped"
+    shutil.copytree(D.SHIPPED, shipped)
+    paths = dict(paths_in(run), models=str(run / "models"), pretrain_data=str(run / "pretrain_data"))
+    R.ship(R.get_args(["--out", str(run)]), paths, {"pretrain": 1.0, "pretrain encoder": 1.0}, shipped=str(shipped))
+    mine, theirs = json.load(open(shipped / "stand_ins.json")), json.load(open(MANIFEST))
+    assert mine["order_pretrain"] == theirs["order_pretrain"] and mine["pretrain"]["seconds"] == 1.0
+    assert (shipped / "order_pretrain" / "phase1" / "backbone" / "model.safetensors").is_file()

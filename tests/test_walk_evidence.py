@@ -17,19 +17,22 @@ def test_by_moves_and_blind(tmp_path):
     pred.write_text("".join(json.dumps(dict(id=f"t{i}", correct=c)) + "\n"
                             for i, c in enumerate([True, False, True, True, False])))
     acc = W.by_moves(str(pred), samples)
-    assert acc == {1: 100 * 2 / 3, 2: 50.0, "all": 60.0}
-    # walks of 4 or more moves (the issue's multi-hop questions) are pooled as 'deep': 3 of 4 right
+    assert acc == {1: 100 * 2 / 3, 2: 50.0, "multi": 50.0, "all": 60.0}
+    # walks of 4 or more moves (the issue's multi-hop questions) are pooled as 'deep': 3 of 4 right; of 2 or more
+    # (what one pass cannot answer on the order question) as 'multi': the same four here
     deep = [dict(id=f"d{i}", split="test", latent_steps=m, answer="x") for i, m in enumerate([4, 4, 5, 6])]
     pred.write_text("".join(json.dumps(dict(id=f"d{i}", correct=c)) + "\n"
                             for i, c in enumerate([True, True, False, True])))
-    assert W.by_moves(str(pred), deep) == {4: 100.0, 5: 0.0, 6: 100.0, "deep": 75.0, "all": 75.0}
+    assert W.by_moves(str(pred), deep) == {4: 100.0, 5: 0.0, 6: 100.0, "deep": 75.0, "multi": 75.0,
+                                             "all": 75.0}
     # the text window: an item counts when every scored step of it states its move
     tw = tmp_path / "text_window.json"
     steps = [("t0", True), ("t1", False), ("t2", None), ("t3", True), ("t3", True), ("t4", True), ("t4", False),
              ("tr", True)]
     tw.write_text(json.dumps(dict(items=[dict(id=i, right=r) for i, r in steps])))
     # 1 move: t0 yes, t1 no, t2 nothing scored (no); 2 moves: t3 yes, t4 no; 'all' 2 of 5
-    assert W.window_by_moves(str(tw), samples) == {"window 1": 100 / 3, "window 2": 50.0, "window all": 40.0}
+    assert W.window_by_moves(str(tw), samples) == {"window 1": 100 / 3, "window 2": 50.0,
+                                                  "window multi": 50.0, "window all": 40.0}
     assert W.blind(samples) == {1: 100 * 2 / 3, 2: 50.0}
 
 
@@ -242,3 +245,58 @@ def test_the_positional_encoder_reaches_the_arms_with_a_visual_projector(tmp_pat
     default = W.get_args(["--task", "order", "--out", str(tmp_path)])
     assert not any("--position-scale" in c for c, _ in W.stages(default))
     assert W.data_dir(default) == str(tmp_path / "data") and W.tag(default) == ""
+
+
+def test_n_sets_the_items_of_both_data_folders_and_a_folder_of_another_n_is_refused(tmp_path):
+    """--n reaches prepare_data.py of OUT/data and of the positional folder (the same items in both); a data folder
+    already made with another --n is named in the error instead of being reused."""
+    a = W.get_args(["--task", "order", "--n", "3000", "--encoder", "positional", "--out", str(tmp_path)])
+    prep = [c for c, _ in W.stages(a) if c[1] == "prepare_data.py" and "--order-hops" in c and "4" in c]
+    assert [c[c.index("--n") + 1] for c in prep] == ["3000", "3000"]
+    assert W.check_data_size(a) is None  # nothing made yet
+    (tmp_path / "data_positional").mkdir()
+    stats = dict(samples=6000, by_question_type={"order": 6000}, by_K={str(k): 1500 for k in range(1, 5)})
+    (tmp_path / "data_positional" / "stats.json").write_text(json.dumps(stats))
+    why = W.check_data_size(a)
+    assert str(tmp_path / "data_positional" / "stats.json") in why and "6000" in why and "--n 3000" in why
+    assert W.check_data_size(W.get_args(["--task", "order", "--encoder", "positional", "--out", str(tmp_path)])) is None
+    # the walk's folder, or one of fewer moves, is not reused for the order question either
+    for other in (dict(stats, by_question_type={"walk": 6000}), dict(stats, by_K={"1": 3000, "2": 3000})):
+        (tmp_path / "data_positional" / "stats.json").write_text(json.dumps(other))
+        assert "pass another --out" in W.check_data_size(
+            W.get_args(["--task", "order", "--encoder", "positional", "--out", str(tmp_path)]))
+
+
+def test_the_order_question_is_read_against_its_record():
+    """--demo: the one seed of the order question, figure by figure, against the record's seeds: mean ± std, range,
+    and whether it falls inside; the margin is VITAL minus the K = 0 model seed by seed."""
+    record = {"machine": "m", "runs": {
+        "VITAL": {"1": {"multi": 70.0, "window multi": 100.0, "pointing step 1": 90.0},
+                  "0": {"multi": 40.0, "window multi": 50.0, "pointing step 1": 80.0}},
+        "K=0": {"0": {"multi": 20.0}, "1": {"multi": 18.0}}}}
+    mine = {"VITAL": {"multi": 75.0, "window multi": 100.0, "pointing step 1": 85.0}, "K=0": {"multi": 19.0}}
+    rows = {r.split(" | ")[0][2:]: r.split(" | ")[1:] for r in W.against_record(mine, record, 3) if r.startswith("| ")}
+    assert rows["VITAL, accuracy on 2-4 lesions"] == ["75.0", "55.0 ± 21.2", "40.0 - 70.0", "no |"]
+    assert rows["K = 0 model, accuracy on 2-4 lesions"] == ["19.0", "19.0 ± 1.4", "18.0 - 20.0", "yes |"]
+    # the record's margins are 40 - 20 = 20 (seed 0) and 70 - 18 = 52 (seed 1): seeds are paired, not sorted
+    assert rows["VITAL minus the K = 0 model, 2-4 lesions"] == ["56.0", "36.0 ± 22.6", "20.0 - 52.0", "no |"]
+    assert rows["VITAL's pointing game, step 1"][-1] == "yes |"
+    assert "VITAL's pointing game, step 2" not in rows  # a figure the record lacks is left out, not invented
+    assert "2 seeds of the record" in " ".join(W.against_record(mine, record, 3))
+
+
+def test_demo_is_the_records_command_for_one_seed(tmp_path):
+    """--demo runs the order record's command (the positional encoder, λ_sem 10, stepwise, VITAL and K = 0) for one
+    seed, without rewriting the record; flags after it override; its tiny models go under --out."""
+    a = W.get_args(["--demo", "--out", str(tmp_path)])
+    record = json.load(open(W.DEMO_RECORD))
+    for key in ("task", "moves", "curriculum", "lr_k0", "lambda_sem", "encoder", "arms"):
+        assert getattr(a, key) == record_args(record)[key], key
+    assert a.seeds == [0] and a.no_record and a.models == str(tmp_path / "models")
+    assert W.get_args(["--demo", "--seeds", "3"]).seeds == [3]
+    assert W.cell_of(0, 0) == "upper left" and W.cell_of(1, 1) == "center" and W.cell_of(2.9, 1) == "middle right"
+
+
+def record_args(record):
+    """The settings in the record's command line."""
+    return vars(W.get_args(record["command"].split()[2:]))
