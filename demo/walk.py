@@ -664,7 +664,8 @@ def demo_report(args, res, samples):
         ex = json.load(f)
     side = 96 / 3  # the order grid: a 96-px image, 3 x 3 cells
     lines = [f"explain (the order question, VITAL seed {seed}): {stem}.png", f"  Q: {pick['question']}",
-             f"  gold: {pick['answer']}   VITAL: {ex.get('answer')}"]
+             f"  gold: {pick['answer']}   VITAL: {ex.get('answer')}   (its first number is lm_head(h_K), eq. 2; the "
+             "later ones see the latent positions, whose inputs are h_0..h_K-1, not h_K: README, the answer's read-out)"]
     for st, cell in zip(ex.get("steps", []), pick["meta"]["drawn"]["read"]):
         peak = st.get("peak")
         where = cell_of(peak["x"] // side, peak["y"] // side) if peak else "-"
