@@ -381,7 +381,8 @@ def probe_batches(items, batch_size):
 
 @torch.no_grad()
 def probe_batch(backbone, processor, chunk, K, sweep, args, device):
-    """-> ({probe: [prediction per item]} at K, {k: [prediction per item]}: the normal loop at each k of sweep)."""
+    """-> ({probe: [prediction per item]} at K, {k: [prediction per item]}: the normal loop at each k of sweep other
+    than K, whose answers are probes['normal'])."""
     eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     prefix = IO.build_prefix(processor, [open_image(r["image_path"], EvalError) for r in chunk],
                             [r["prompt"] for r in chunk]).to(device)
@@ -398,7 +399,7 @@ def probe_batch(backbone, processor, chunk, K, sweep, args, device):
     for name, feed in probe_feeds(ref).items():
         if feed is not None:
             probes[name] = answer(K, feed)[0]
-    return probes, {k: probes["normal"] if k == K else answer(k)[0] for k in sweep}
+    return probes, {k: answer(k)[0] for k in sweep if k != K}
 
 
 def probe_row(items, preds, base):

@@ -629,7 +629,7 @@ def against_record(mine, record, seed):
     runs = {arm: [r for _, r in sorted(v.items(), key=lambda kv: int(kv[0]))] for arm, v in record["runs"].items()}
     runs["margin"] = [{"multi": v["multi"] - k["multi"]} for v, k in zip(runs["VITAL"], runs["K=0"])]
     mine = dict(mine, margin={"multi": mine["VITAL"]["multi"] - mine["K=0"]["multi"]})
-    rows = [f"**The order question** (one pass per lesion; `python demo/walk.py --demo`: {' '.join(DEMO[:-4])}): "
+    rows = [f"**The order question** (one pass per lesion; `python demo/walk.py --demo`: {' '.join(DEMO[:-3])}): "
             f"seed {seed} here against the {len(runs['VITAL'])} seeds of the record "
             f"({os.path.relpath(DEMO_RECORD, ROOT)}, {record['machine']})", "",
             "| figure (%) | this run | record: mean ± std | record: min - max | inside the record's range |",
