@@ -81,7 +81,8 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 from demo.ablate import fmt, sh  # noqa: E402
 from demo.run import accuracy_by_type, machine  # noqa: E402
-from embedded.default import SHIPPED, copy_files, phase_finished, sha256  # noqa: E402
+from embedded.default import SHIPPED, copy_verified, phase_finished  # noqa: E402
+from embedded.phantom import cell_name  # noqa: E402
 PY = sys.executable
 # train.py's curriculum -> the demo's epochs per phase; stepwise (one phase per extra move) skips the phases
 # whose cap admits every walk already and warm-starts its last phase from the last one it ran
@@ -173,18 +174,13 @@ def copy_stand_in(args, shipped=SHIPPED):
     """--task order: copy the shipped stand-in (embedded/pretrained/order_pretrain, what stages() would train: 31 min
     on 2 cores) into OUT/pretrain, as demo/run.py copies its two; not when OUT/pretrain exists (a finished or resumable
     stage) or with --rebuild-stand-in. A file whose sha256 is not the manifest's is refused by name, before anything
-    is copied. -> True if copied."""
+    is copied (embedded/default.copy_verified). -> True if copied."""
     dst = os.path.join(args.out, "pretrain")
     if args.task != "order" or args.rebuild_stand_in or os.path.exists(dst):
         return False
     with open(os.path.join(shipped, "stand_ins.json")) as f:
         files = json.load(f)[ORDER_STAND_IN]["files"]
-    for rel, digest in files.items():
-        src = os.path.join(shipped, ORDER_STAND_IN, rel)
-        if not os.path.isfile(src) or sha256(src) != digest:
-            sys.exit(f"demo/walk.py: error: {src}: missing or not the file stand_ins.json names (sha256 {digest[:12]}...); "
-                     "restore it from the repository or pass --rebuild-stand-in")
-    copy_files(os.path.join(shipped, ORDER_STAND_IN), dst, files)
+    copy_verified(shipped, ORDER_STAND_IN, files, dst, "demo/walk.py", "--rebuild-stand-in")
     print(f"[copy] the shipped stand-in {os.path.join(shipped, ORDER_STAND_IN)} -> {dst}", flush=True)
     return True
 
@@ -618,9 +614,8 @@ def probe_tables(res, get, cols, label):
 
 
 def cell_of(col, row):
-    """A grid cell's name as the phantom's questions say it (embedded/phantom.cell_name, which loads torch)."""
-    col, row = int(min(max(col, 0), 2)), int(min(max(row, 0), 2))
-    return "center" if (row, col) == (1, 1) else f"{('upper', 'middle', 'lower')[row]} {('left', 'middle', 'right')[col]}"
+    """The grid cell (column, row: 0-2, clamped) as the phantom's questions name it."""
+    return cell_name((int(min(max(row, 0), 2)), int(min(max(col, 0), 2))))
 
 
 def against_record(mine, record, seed):

@@ -135,6 +135,20 @@ def copy_files(src, dst, rels):
         shutil.copy2(os.path.join(src, rel), os.path.join(dst, rel))
 
 
+def copy_verified(shipped, name, files, dst, who, rebuild_flag):
+    """Copy the shipped stand-in `name` ({relative path: sha256} of stand_ins.json) to dst, after checking every
+    file's sha256: one that differs (a broken checkout, a Git LFS pointer) is refused by name before anything is
+    copied, and a killed copy leaves only dst.part, never a half stand-in at dst."""
+    for rel, digest in files.items():
+        src = os.path.join(shipped, name, rel)
+        if not os.path.isfile(src) or sha256(src) != digest:
+            sys.exit(f"{who}: error: {src}: missing or not the file {os.path.join(shipped, 'stand_ins.json')} lists "
+                     f"(sha256 {digest[:12]}...); restore it (git checkout) or pass {rebuild_flag}")
+    shutil.rmtree(dst + ".part", ignore_errors=True)
+    copy_files(os.path.join(shipped, name), dst + ".part", files)
+    os.replace(dst + ".part", dst)
+
+
 def copy_shipped(args, paths, shipped=SHIPPED):
     """Copy the shipped stand-ins that were made with this run's settings into the run folder (one already
     there is kept: it is a finished or resumable stage). -> the names copied. A shipped file whose sha256
@@ -163,13 +177,7 @@ def copy_shipped(args, paths, shipped=SHIPPED):
                              for k in mine if mine[k] != theirs.get(k))
             print(f"[rebuild] {name}: this run's {diff} differ from the shipped stand-in", flush=True)
             continue
-        for rel, digest in entry["files"].items():
-            src = os.path.join(shipped, name, rel)
-            if not os.path.isfile(src) or sha256(src) != digest:
-                sys.exit(f"run.py: error: {src}: missing or not the file {manifest_path} lists (sha256 "
-                         f"{digest[:12]}...); restore it (git checkout) or pass --rebuild-stand-ins")
-        copy_files(os.path.join(shipped, name), dst + ".part", entry["files"])
-        os.replace(dst + ".part", dst)  # a killed copy leaves only the .part folder, never a half stand-in
+        copy_verified(shipped, name, entry["files"], dst, "run.py", "--rebuild-stand-ins")
         print(f"[shipped] {name}: copied {len(entry['files'])} files from {os.path.join(shipped, name)} "
               f"(made in {entry['seconds']:.0f}s by: {entry['commands'][-1]})", flush=True)
         copied.append(name)
