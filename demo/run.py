@@ -34,7 +34,7 @@ then a summary: closed-ended accuracy of VITAL, of the K = 0 model, of the backb
 overall and per question type, the probes ("do the latents matter?") and the pointing game (also written
 to OUT/summary.json, OUT/summary.md and, with the command and date, demo/results.md). The spread of these
 numbers over training seeds comes from `python demo/ablate.py --suite evidence` (demo/evidence.md); the order
-question's figures are printed beside the five seeds of its record (demo/order_stepwise_sem10_positional.json).
+question's figures are printed beside the five seeds of its record (demo/order_stepwise_sem10_vis5_positional.json).
 
     python demo/run.py                       # the defaults below (README)
     python demo/run.py --out runs/demo2 --n 1500 --epochs 2 2 4   # smaller / other budgets

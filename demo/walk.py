@@ -14,7 +14,7 @@ resumes; a phase killed half-way continues with --resume):
      from its random init on 6,000 walks of 1-2 moves of another seed (images and walks unseen by step 1),
      10 epochs, so that it reads one and two moves at 100% (perception first), then frozen;
   3. per seed, the demo's three phases (epochs 4 / 2 / 3, LoRA r 64 / alpha 128) for each arm:
-       VITAL  K = the item's moves (--depth own), a visual target per move (--visual-target hop, λ_vis 1)
+       VITAL  K = the item's moves (--depth own), a visual target per move (--visual-target hop, λ_vis 1 or --lambda-vis)
        K=0    the same LoRA and curriculum, answering directly (--max-k 0)
        pause  VITAL with a learned constant fed back at each step instead of h_{k-1} (--feedback pause)
        task-only  VITAL without its scaffolds (--lambda-sem 0 --lambda-vis 0; not run unless --arms names it)
@@ -38,15 +38,17 @@ its results start with that line, and the runs do not start while a cell or the 
 (embedded/grid_questions.order_answer says why); its demo/*.md (and the .json records) are order_*. That stand-in is
 shipped (embedded/pretrained/order_pretrain, made once by these stages; stand_ins.json has its sha256 and commands):
 it is copied into OUT/pretrain instead of trained (31 min on 2 cores) unless --rebuild-stand-in.
---demo is what demo.sh runs last (demo/run.py stage 7): the command of the order record with --encoder positional,
-VITAL and K = 0, one seed (--seeds), no record of its own; then each figure against the record's seeds and one test
+--demo is what demo.sh runs last (demo/run.py stage 7): the command of the order record with --encoder positional
+and --lambda-vis 5, VITAL and K = 0, one seed (--seeds), no record of its own; then each figure against the record's seeds and one test
 item of 4 lesions explained (OUT/demo.md).
 --curriculum stepwise trains every arm K = 1 first, then one more move per phase (train.py CURRICULA; the first
 two phases are the 3-phase runs' own, to the bit), then all walks; its runs, results and demo/*.md carry
 "_stepwise". --lambda-sem W sets L_sem's weight in the arms with a decoder (VITAL, pause; their runs, results and
 demo/*.md carry "_sem<W>"; the K = 0 runs are shared): on the order question the paper's 1 leaves the decoder's
 per-token loss a tenth of the answer's and the lesion-per-step loop forms on one seed of five, 10 on four of five
-(docs/tuning-log.md, 2026-12-07 later). --readout cache trains the arms that loop (all but K = 0) with h_K written
+(docs/tuning-log.md, 2026-12-07 later). --lambda-vis W sets L_vis's weight in the arms with a visual projector (VITAL,
+pause; 1 unless set; their runs, results and demo/*.md carry "_vis<W>"): with the positional encoder 5 forms the loop
+on every seed of five, 1 on four (docs/tuning-log.md, 2026-12-07 sixth). --readout cache trains the arms that loop (all but K = 0) with h_K written
 into the cache before the answer (train.py --readout; their runs, results and demo/*.md carry "_readcache").
 --encoder positional gives the arms with a visual projector (VITAL, pause) the ROI features of a stand-in whose patch
 features carry position (embedded/tiny.py --position-scale 3, in OUT/positional_encoder; the same items in
@@ -62,7 +64,9 @@ the latents hold (demo/pointing_bound.py; docs/tuning-log.md, 2026-12-07 fourth)
     python demo/walk.py --task order --moves 4 --out runs/order4 --curriculum stepwise --lr-k0 3e-4 --lambda-sem 10 \
         --readout cache --arms VITAL K=0 pause task-only                 # the same with h_K in the cache
     python demo/walk.py --task order --moves 4 --out runs/order4 --curriculum stepwise --lr-k0 3e-4 --lambda-sem 10 \
-        --encoder positional --arms VITAL K=0                            # the positional record (the demo's)
+        --encoder positional --arms VITAL K=0                            # the positional record
+    python demo/walk.py --task order --moves 4 --out runs/order4 --curriculum stepwise --lr-k0 3e-4 --lambda-sem 10 \
+        --lambda-vis 5 --encoder positional --arms VITAL K=0             # the same at λ_vis 5 (the demo's record)
     python demo/walk.py --demo --out runs/demo/order                    # its seed 0 against that record (~13 min)
 """
 import argparse
@@ -87,7 +91,7 @@ PY = sys.executable
 # train.py's curriculum -> the demo's epochs per phase; stepwise (one phase per extra move) skips the phases
 # whose cap admits every walk already and warm-starts its last phase from the last one it ran
 EPOCHS = {"3-phase": [4, 2, 3], "stepwise": [4, 2, 2, 2, 2, 3]}
-HOP = ["--depth", "own", "--visual-target", "hop", "--lambda-vis", "1"]
+HOP = ["--depth", "own", "--visual-target", "hop"]  # and --lambda-vis (1 unless set) in VISUAL_ARMS
 # name -> (extra train args, evaluate.py's flags); VITAL's probes feed zeros, h_0 or another item's h_{k-1}
 ARMS = {"VITAL": (HOP, ["--k", "sample", "--probe", "--text-window", "--pointing"]),
         "K=0": (["--max-k", "0"], ["--k", "0"]),
@@ -106,8 +110,8 @@ STATE_PROBES = {"K=0": ["--ckpt", "", "--k0"], "VITAL": ["--ckpt"]}
 # --demo (demo.sh's stage 7, demo/run.py): the order question with the record's command, one seed, no record of its
 # own; the figures are read against the record's seeds and one test item of 4 lesions is explained
 DEMO = ["--task", "order", "--moves", "4", "--curriculum", "stepwise", "--lr-k0", "3e-4", "--lambda-sem", "10",
-        "--encoder", "positional", "--arms", "VITAL", "K=0", "--seeds", "0", "--no-record"]
-DEMO_RECORD = os.path.join(HERE, "order_stepwise_sem10_positional.json")  # this script's record of DEMO, seeds 0-4
+        "--lambda-vis", "5", "--encoder", "positional", "--arms", "VITAL", "K=0", "--seeds", "0", "--no-record"]
+DEMO_RECORD = os.path.join(HERE, "order_stepwise_sem10_vis5_positional.json")  # this script's record of DEMO, seeds 0-4
 
 
 def get_args(argv=None):
@@ -134,6 +138,9 @@ def get_args(argv=None):
     ap.add_argument("--lambda-sem", type=float, help="L_sem's weight in the arms with a decoder (VITAL, pause; default "
                                                       "train.py's 1, the paper's); their runs, results and demo/*.md "
                                                       "carry _sem<value>, the K = 0 runs are shared")
+    ap.add_argument("--lambda-vis", type=float, default=1.0,
+                    help="L_vis's weight in the arms with a visual projector (VITAL, pause); other than 1, their runs, "
+                         "results and demo/*.md carry _vis<value>, the K = 0 and task-only runs are shared")
     ap.add_argument("--readout", default="head", choices=["head", "cache"],
                     help="train.py --readout of the arms that loop (all but K = 0): head (eq. 2) or cache (h_K "
                          "written to the cache before the answer); cache: their runs, results and demo/*.md carry "
@@ -355,12 +362,13 @@ def blind(samples):
 
 def tag(args, arm="VITAL"):
     """The suffix of a run folder, results file and demo/*.md: none for the demo's 3-phase schedule, the
-    paper's λ_sem, read-out and encoder; --lambda-sem only in the arms it changes (those with a decoder), --readout
-    in those that loop (all but K = 0), --encoder in those with a visual projector."""
+    paper's λ_sem, λ_vis 1, read-out and encoder; --lambda-sem only in the arms it changes (those with a decoder),
+    --lambda-vis and --encoder in those with a visual projector, --readout in those that loop (all but K = 0)."""
     sem = args.lambda_sem is not None and arm in DECODER_ARMS
+    vis = args.lambda_vis != 1 and arm in VISUAL_ARMS
     cache = args.readout != "head" and arm != "K=0"
     return (("" if args.curriculum == "3-phase" else f"_{args.curriculum}") + (f"_sem{args.lambda_sem:g}" if sem else "")
-            + ("_readcache" if cache else "") + encoder_tag(args, arm))
+            + (f"_vis{args.lambda_vis:g}" if vis else "") + ("_readcache" if cache else "") + encoder_tag(args, arm))
 
 
 def encoder_tag(args, arm="VITAL"):
@@ -450,6 +458,7 @@ def one_run(args, arm, seed, env):
                     "--backbone", os.path.join(args.out, "pretrain", "phase1", "backbone"), "--phase", str(p),
                     "--epochs", str(ep), "--lora-r", "64", "--lora-alpha", "128", "--lr", f"{lr:g}",
                     "--seed", str(seed), "--curriculum", args.curriculum] + extra
+                   + (["--lambda-vis", f"{args.lambda_vis:g}"] if arm in VISUAL_ARMS else [])
                    + (["--lambda-sem", f"{args.lambda_sem:g}"] if args.lambda_sem is not None and arm in DECODER_ARMS
                       else [])
                    + (["--readout", args.readout] if args.readout != "head" and arm != "K=0" else [])

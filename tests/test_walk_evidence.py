@@ -181,6 +181,26 @@ def test_readout_reaches_train_py_of_the_arms_that_loop(tmp_path, monkeypatch):
         assert ro == {() if arm == "K=0" else ("cache",)}
 
 
+def test_lambda_vis_reaches_train_py_of_the_arms_with_a_visual_projector(tmp_path, monkeypatch):
+    """--lambda-vis 5: VITAL and pause train with it and their folders carry _vis5; the K = 0 arm (no projector) gets
+    no flag and task-only keeps its own 0, both sharing their runs; without the flag VITAL and pause train at 1."""
+    cmds = []
+    monkeypatch.setattr(W, "sh", lambda cmd, env, log: cmds.append(cmd))
+    for argv, want in (([], "1"), (["--lambda-vis", "5"], "5")):
+        a = W.get_args(["--task", "order", "--curriculum", "stepwise", "--lambda-sem", "10", "--out", str(tmp_path)]
+                       + argv)
+        vis = "_vis5" if argv else ""
+        assert {arm: W.tag(a, arm) for arm in W.ARMS} == {
+            "VITAL": f"_stepwise_sem10{vis}", "K=0": "_stepwise", "pause": f"_stepwise_sem10{vis}",
+            "task-only": "_stepwise"}
+        for arm in W.ARMS:
+            cmds.clear()
+            W.one_run(a, arm, 0, {})
+            trains = [c for c in cmds if c[1] == "train.py"]
+            lv = {tuple(c[i + 1] for i, x in enumerate(c) if x == "--lambda-vis") for c in trains}
+            assert lv == {(want,) if arm in ("VITAL", "pause") else ("0",) if arm == "task-only" else ()}, arm
+
+
 def test_walked_or_recalled(tmp_path):
     """memory_groups / by_memory / the table: which 4+ move test items a train item shares the nine findings and
     moves with, a lookup table's accuracy on each group, and each arm's, worked out by hand."""
@@ -286,11 +306,11 @@ def test_the_order_question_is_read_against_its_record():
 
 
 def test_demo_is_the_records_command_for_one_seed(tmp_path):
-    """--demo runs the order record's command (the positional encoder, λ_sem 10, stepwise, VITAL and K = 0) for one
+    """--demo runs the order record's command (the positional encoder, λ_sem 10, λ_vis 5, stepwise, VITAL and K = 0) for one
     seed, without rewriting the record; flags after it override; its tiny models go under --out."""
     a = W.get_args(["--demo", "--out", str(tmp_path)])
     record = json.load(open(W.DEMO_RECORD))
-    for key in ("task", "moves", "curriculum", "lr_k0", "lambda_sem", "encoder", "arms"):
+    for key in ("task", "moves", "curriculum", "lr_k0", "lambda_sem", "lambda_vis", "encoder", "arms"):
         assert getattr(a, key) == record_args(record)[key], key
     assert a.seeds == [0] and a.no_record and a.models == str(tmp_path / "models")
     assert W.get_args(["--demo", "--seeds", "3"]).seeds == [3]
