@@ -166,26 +166,28 @@ def test_lambda_sem_reaches_train_py_of_the_decoder_arms_only(tmp_path, monkeypa
 def test_readout_reaches_train_py_of_the_arms_that_loop(tmp_path, monkeypatch):
     """--readout cache: VITAL, pause and task-only train with it and their folders carry _readcache; the K = 0 runs
     (nothing to read out) are shared with the paper's read-out and get no flag."""
-    cmds = []
-    monkeypatch.setattr(W, "sh", lambda cmd, env, log: cmds.append(cmd))
     a = W.get_args(["--task", "order", "--curriculum", "stepwise", "--lambda-sem", "10", "--readout", "cache",
                     "--out", str(tmp_path)])
     assert {arm: W.tag(a, arm) for arm in W.ARMS} == {
         "VITAL": "_stepwise_sem10_readcache", "K=0": "_stepwise", "pause": "_stepwise_sem10_readcache",
         "task-only": "_stepwise_readcache"}
+    assert train_flags(monkeypatch, a, "--readout") == {arm: {() if arm == "K=0" else ("cache",)} for arm in W.ARMS}
+
+
+def train_flags(monkeypatch, a, flag):
+    """{arm: the values `flag` takes in each train.py call one_run would make (recorded, not run)}."""
+    cmds, out = [], {}
+    monkeypatch.setattr(W, "sh", lambda cmd, env, log: cmds.append(cmd))
     for arm in W.ARMS:
         cmds.clear()
         W.one_run(a, arm, 0, {})
-        trains = [c for c in cmds if c[1] == "train.py"]
-        ro = {tuple(c[i + 1] for i, x in enumerate(c) if x == "--readout") for c in trains}
-        assert ro == {() if arm == "K=0" else ("cache",)}
+        out[arm] = {tuple(c[i + 1] for i, x in enumerate(c) if x == flag) for c in cmds if c[1] == "train.py"}
+    return out
 
 
 def test_lambda_vis_reaches_train_py_of_the_arms_with_a_visual_projector(tmp_path, monkeypatch):
     """--lambda-vis 5: VITAL and pause train with it and their folders carry _vis5; the K = 0 arm (no projector) gets
     no flag and task-only keeps its own 0, both sharing their runs; without the flag VITAL and pause train at 1."""
-    cmds = []
-    monkeypatch.setattr(W, "sh", lambda cmd, env, log: cmds.append(cmd))
     for argv, want in (([], "1"), (["--lambda-vis", "5"], "5")):
         a = W.get_args(["--task", "order", "--curriculum", "stepwise", "--lambda-sem", "10", "--out", str(tmp_path)]
                        + argv)
@@ -193,12 +195,8 @@ def test_lambda_vis_reaches_train_py_of_the_arms_with_a_visual_projector(tmp_pat
         assert {arm: W.tag(a, arm) for arm in W.ARMS} == {
             "VITAL": f"_stepwise_sem10{vis}", "K=0": "_stepwise", "pause": f"_stepwise_sem10{vis}",
             "task-only": "_stepwise"}
-        for arm in W.ARMS:
-            cmds.clear()
-            W.one_run(a, arm, 0, {})
-            trains = [c for c in cmds if c[1] == "train.py"]
-            lv = {tuple(c[i + 1] for i, x in enumerate(c) if x == "--lambda-vis") for c in trains}
-            assert lv == {(want,) if arm in ("VITAL", "pause") else ("0",) if arm == "task-only" else ()}, arm
+        assert train_flags(monkeypatch, a, "--lambda-vis") == {
+            "VITAL": {(want,)}, "pause": {(want,)}, "K=0": {()}, "task-only": {("0",)}}
 
 
 def test_walked_or_recalled(tmp_path):
