@@ -47,8 +47,8 @@ two phases are the 3-phase runs' own, to the bit), then all walks; its runs, res
 demo/*.md carry "_sem<W>"; the K = 0 runs are shared): on the order question the paper's 1 leaves the decoder's
 per-token loss a tenth of the answer's and the lesion-per-step loop forms on one seed of five, 10 on four of five
 (docs/tuning-log.md, 2026-12-07 later). --lambda-vis W sets L_vis's weight in the arms with a visual projector (VITAL,
-pause; 1 unless set; their runs, results and demo/*.md carry "_vis<W>"): with the positional encoder 5 forms the loop
-on every seed of five, 1 on four (docs/tuning-log.md, 2026-12-07 sixth). --readout cache trains the arms that loop (all but K = 0) with h_K written
+pause; 1 unless set; their runs, results and demo/*.md carry "_vis<W>"): with the positional encoder 5 formed the loop
+on every seed of five, 1 on four; at --n 3000 two of four either way (docs/tuning-log.md, 2026-12-07 sixth). --readout cache trains the arms that loop (all but K = 0) with h_K written
 into the cache before the answer (train.py --readout; their runs, results and demo/*.md carry "_readcache").
 --encoder positional gives the arms with a visual projector (VITAL, pause) the ROI features of a stand-in whose patch
 features carry position (embedded/tiny.py --position-scale 3, in OUT/positional_encoder; the same items in
@@ -633,7 +633,7 @@ def against_record(mine, record, seed):
     runs = {arm: [r for _, r in sorted(v.items(), key=lambda kv: int(kv[0]))] for arm, v in record["runs"].items()}
     runs["margin"] = [{"multi": v["multi"] - k["multi"]} for v, k in zip(runs["VITAL"], runs["K=0"])]
     mine = dict(mine, margin={"multi": mine["VITAL"]["multi"] - mine["K=0"]["multi"]})
-    rows = [f"**The order question** (one pass per lesion; `python demo/walk.py --demo`: {' '.join(DEMO[:-3])}): "
+    rows = [f"**The order question** (one pass per lesion; `python demo/walk.py --demo`: {' '.join(DEMO[:DEMO.index('--seeds')])}): "
             f"seed {seed} here against the {len(runs['VITAL'])} seeds of the record "
             f"({os.path.relpath(DEMO_RECORD, ROOT)}, {record['machine']})", "",
             "| figure (%) | this run | record: mean ± std | record: min - max | inside the record's range |",
