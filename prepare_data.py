@@ -61,7 +61,7 @@ JSON and JSONL file is strict JSON (no NaN or Infinity: strict_json refuses them
   python prepare_data.py --source phantom --out data/order --n 6000 --image-size 96 --order-hops 6  # the order:
       # three numbers, reordered by each of the first 1..6 lesions read row by row (its size and brightness say
       # how); --types look asks one lesion's size and brightness (--look-cells all: each of the nine), --types
-      # order look both
+      # order look both; --order-question bare asks it without stating the rule
   python prepare_data.py --source msd --msd-root /data/Task03_Liver /data/Task06_Lung --out data/vital
   python prepare_data.py --source biomedparse --bmp-root /data/BiomedParse/ISIC --out data/vital
   python prepare_data.py --source biomedparse --bmp-root /data/BiomedParse --out data/vital  # all subsets
@@ -127,6 +127,9 @@ TEMPLATES = {
                     "upper left cell. A small darker lesion sends the first number to the end, a large darker one "
                     "swaps the first two numbers, a small brighter one swaps the last two, and a large brighter one "
                     "swaps the first and the last. After {hops} lesions, in what order do the numbers stand?"]},
+    # --order-question bare: the rule left for the data to teach (270 of the stated form's 293 prompt tokens are
+    # the rule, the same for every item: the bare form halves a training step of the demo's order runs)
+    "order_bare": {"*": ["After {hops} lesions, in what order do the numbers stand?"]},
     "look": {"*": ["Is the lesion in the {cell} cell of this {mp} small or large, and darker or brighter than its "
                    "surroundings?"]},
     "reasoning": {"*": ["Grade the {t} in this {mp} by the points rule: one point each for an irregular shape, "
@@ -177,7 +180,8 @@ def samples_for(case, args):
             target, ttype = case["others"][stable_hash(sid) % len(case["others"])]
             negative = True  # ask about a target that is absent from this image
         # a tumor is asked about in the words of a lesion
-        forms = TEMPLATES[qtype].get("lesion" if ttype == "tumor" else ttype, TEMPLATES[qtype]["*"])
+        wording = "order_bare" if qtype == "order" and args.order_question == "bare" else qtype
+        forms = TEMPLATES[wording].get("lesion" if ttype == "tumor" else ttype, TEMPLATES[wording]["*"])
         cell = each or drawn.get("look_cell") or drawn.get("path", [None])[-1]  # a "cell" question: the case's mask
         question = rng.choice(forms).format(t=target, art=article(target, ttype), mp=mp, cell=cell, **drawn)
         yield {"id": sid, "target": target, "target_type": ttype, "negative": negative,
@@ -503,6 +507,10 @@ def get_args(argv=None):
                    help="N > 0: every phantom is a 3 x 3 grid of lesions asked the order question (the first 1..N "
                         "lesions read, one reasoning step each; embedded/phantom.py); --types look asks one "
                         "lesion's size and brightness instead (or --types order look, both)")
+    p.add_argument("--order-question", choices=["stated", "bare"], default="stated",
+                   help="the order question's wording: stated (the rule in every question) or bare (\"After N "
+                        "lesions, in what order do the numbers stand?\": the rule is taught by the data; the same "
+                        "items, images, chains and answers)")
     p.add_argument("--look-cells", choices=["one", "all"], default="one",
                    help="--types look on an order grid: ask about one cell drawn per image (default), or about "
                         "all nine (nine questions per image: a stand-in that must find every named cell)")
@@ -572,6 +580,8 @@ def check_numbers(p, args):
         p.error(f"--out {args.out} is a file, not a folder")
     if args.walk_start and not args.walk_hops:
         p.error("--walk-start needs --walk-hops N (it is where every walk begins)")
+    if args.order_question != "stated" and not args.order_hops:
+        p.error("--order-question words the order question: it needs --order-hops N")
     if args.walk_hops and args.order_hops:
         p.error("--walk-hops and --order-hops make two kinds of grid: give one per run (another --out or --seed)")
     for flag, hops, types in (("--walk-hops", args.walk_hops, GRID_TYPES), ("--order-hops", args.order_hops,

@@ -150,6 +150,12 @@ def get_args(argv=None):
                          "stand-in) or positional (the random tiny SigLIP with its position embeddings x3, whose patch "
                          "features tell look-alike lesions apart: docs/tuning-log.md); positional: their data, runs, "
                          "results and demo/*.md carry _positional")
+    ap.add_argument("--question", default="stated", choices=["stated", "bare"],
+                    help="--task order: the question's wording (prepare_data.py --order-question): stated (the rule in "
+                         "every question, 293 prompt tokens) or bare (\"After N lesions, in what order do the numbers "
+                         "stand?\", 23 tokens: a training step takes half the time); the stand-in's corpus and its "
+                         "perception check keep the stated rule; bare: every arm's data, runs, results and demo/*.md "
+                         "carry _bare")
     ap.add_argument("--rebuild-stand-in", action="store_true",
                     help="--task order: train the stand-in here (31 min on 2 cores) instead of copying the shipped one "
                          "(embedded/pretrained/order_pretrain, made by these stages)")
@@ -169,6 +175,8 @@ def get_args(argv=None):
     args.out = args.out or ("runs/demo/order" if demo else f"runs/{args.task}")
     if demo and "--models" not in argv:
         args.models = os.path.join(args.out, "models")
+    if args.question != "stated" and args.task != "order":
+        ap.error("--question words the order question: it needs --task order")
     if args.curriculum == "stepwise" and args.moves < 2:
         ap.error("--curriculum stepwise needs --moves 2 or more (its phases add one move each)")
     return args
@@ -202,14 +210,15 @@ def stages(args):
     else:  # the stand-in reads one lesion (the first, for the question) and every lesion's look, at K = 0, at lr
         # 1e-3 (one cell asked per image on 3,000 images at 3e-3: 18-40% off the upper left cell; nine per image at
         # 3e-3: 29-59%; nine at 1e-3: 100% on every cell; docs/tuning-log.md)
-        data, stand_in = grid + ["--order-hops", str(args.moves)], grid + ["--n", "1000", "--order-hops", "1",
+        bare = ["--order-question", "bare"] if args.question == "bare" else []
+        data, stand_in = grid + ["--order-hops", str(args.moves)] + bare, grid + ["--n", "1000", "--order-hops", "1",
                                                                            "--types", "order", "look",
                                                                            "--look-cells", "all"]
     encoder = ENCODERS["pretrained"] if args.encoder == "pretrained" else os.path.join(args.out, ENCODERS[args.encoder])
     positional = [([PY, "embedded/tiny.py", os.path.dirname(encoder), "--position-scale", "3"],
                    os.path.join(encoder, "config.json"))] if args.encoder == "positional" else []
     # the same items in every data folder (same command, same seed), each with its encoder's ROI features
-    folders = {os.path.join(args.out, "data"): ENCODERS["pretrained"], d: encoder}
+    folders = {base_data(args): ENCODERS["pretrained"], d: encoder}
     tiny = ([PY, "embedded/tiny.py", args.models], os.path.join(args.models, "encoder", "config.json"))
     stand_in_done = os.path.join(args.out, "pretrain", "phase1", "backbone", "config.json")
     return [tiny] + positional + [
@@ -226,10 +235,8 @@ def stages(args):
               "--lr", "3e-3" if args.task == "walk" else "1e-3"]
              + (["--resume"] if os.path.isdir(os.path.join(args.out, "pretrain", "phase1")) else []),
              stand_in_done),
-            ([PY, "evaluate.py", "--ckpt", os.path.join(args.out, "pretrain", "phase1"), "--data",
-              os.path.join(args.out, "data"),
-              "--out", os.path.join(args.out, "stand_in_alone"), "--k", "0"],
-             os.path.join(args.out, "stand_in_alone", "metrics.json")),
+            ([PY, "evaluate.py", "--ckpt", os.path.join(args.out, "pretrain", "phase1"), "--data", base_data(args),
+              "--out", stand_in_alone(args), "--k", "0"], os.path.join(stand_in_alone(args), "metrics.json")),
             ([PY, "demo/pointing_bound.py", "--data", d], os.path.join(d, "pointing_bound.json"))
             ] + perception_stages(args)
 
@@ -274,7 +281,7 @@ def perception(args):
 def check_data_size(args):
     """A data folder made for another task, --n or --moves would be reused silently (its stage is skipped when
     stats.json is there). -> an error message naming the file, or None."""
-    for d in dict.fromkeys([os.path.join(args.out, "data"), data_dir(args)]):
+    for d in dict.fromkeys([base_data(args), data_dir(args)]):
         path = os.path.join(d, "stats.json")
         if not os.path.isfile(path):
             continue
@@ -362,13 +369,15 @@ def blind(samples):
 
 def tag(args, arm="VITAL"):
     """The suffix of a run folder, results file and demo/*.md: none for the demo's 3-phase schedule, the
-    paper's λ_sem, λ_vis 1, read-out and encoder; --lambda-sem only in the arms it changes (those with a decoder),
-    --lambda-vis and --encoder in those with a visual projector, --readout in those that loop (all but K = 0)."""
+    paper's λ_sem, λ_vis 1, read-out, wording and encoder; --lambda-sem only in the arms it changes (those with a
+    decoder), --lambda-vis and --encoder in those with a visual projector, --readout in those that loop (all but
+    K = 0), --question bare in every arm (the data differ)."""
     sem = args.lambda_sem is not None and arm in DECODER_ARMS
     vis = args.lambda_vis != 1 and arm in VISUAL_ARMS
     cache = args.readout != "head" and arm != "K=0"
     return (("" if args.curriculum == "3-phase" else f"_{args.curriculum}") + (f"_sem{args.lambda_sem:g}" if sem else "")
-            + (f"_vis{args.lambda_vis:g}" if vis else "") + ("_readcache" if cache else "") + encoder_tag(args, arm))
+            + (f"_vis{args.lambda_vis:g}" if vis else "") + ("_readcache" if cache else "") + question_tag(args)
+            + encoder_tag(args, arm))
 
 
 def encoder_tag(args, arm="VITAL"):
@@ -379,7 +388,23 @@ def encoder_tag(args, arm="VITAL"):
 def data_dir(args, arm="VITAL"):
     """The data folder an arm trains on: OUT/data, or (--encoder positional, the arms with a visual projector) the
     same items in OUT/data_positional with that encoder's ROI features."""
-    return os.path.join(args.out, "data" + encoder_tag(args, arm))
+    return base_data(args) + encoder_tag(args, arm)
+
+
+def question_tag(args):
+    """'_bare' for the order question asked without its rule (--question bare), else ''."""
+    return "_bare" if getattr(args, "question", "stated") == "bare" else ""
+
+
+def base_data(args):
+    """OUT/data (OUT/data_bare with --question bare): the items every arm answers, with the shipped encoder's ROI
+    features (the arms without a visual projector read no ROI feature)."""
+    return os.path.join(args.out, "data" + question_tag(args))
+
+
+def stand_in_alone(args):
+    """The stand-in's own answers to the data's questions (K = 0, no LoRA): OUT/stand_in_alone(_bare)."""
+    return os.path.join(args.out, "stand_in_alone" + question_tag(args))
 
 
 def phases(args):
@@ -658,7 +683,7 @@ def demo_report(args, res, samples):
     with open(DEMO_RECORD) as f:
         rows = against_record({arm: res[arm][seed] for arm in ("VITAL", "K=0")}, json.load(f), seed)
     pick = next(s for s in samples if s["split"] == "test" and moves(s) == args.moves)
-    img = pick["image"] if os.path.isabs(pick["image"]) else os.path.join(args.out, "data", pick["image"])
+    img = pick["image"] if os.path.isabs(pick["image"]) else os.path.join(base_data(args), pick["image"])
     stem = os.path.join(args.out, "explain", pick["id"])
     last = os.path.join(run_folder(args, "VITAL", seed), f"phase{phases(args)[-1][0]}")
     if not os.path.isfile(stem + ".json"):
@@ -691,9 +716,9 @@ def main(argv=None):
     why = check_perception(args)
     if why:
         sys.exit(f"demo/walk.py: {why}")
-    data = os.path.join(args.out, "data")
+    data = base_data(args)
     samples = [json.loads(l) for l in open(os.path.join(data, "samples.jsonl")) if l.strip()]
-    alone = by_moves(os.path.join(args.out, "stand_in_alone", "predictions.jsonl"), samples)
+    alone = by_moves(os.path.join(stand_in_alone(args), "predictions.jsonl"), samples)
     group, lookup = memory_groups(samples)
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // args.jobs)))
     res, t0, trained = {}, time.time(), 0

@@ -74,6 +74,25 @@ def test_prepare_data_asks_the_order_with_one_step_per_lesion(tmp_path):
     assert len({s["meta"]["drawn"]["look_cell"] for s in look}) >= 6
 
 
+def test_the_bare_order_question_changes_the_wording_only(tmp_path):
+    """--order-question bare: the same items, images, masks, chains, answers and choices; the question without the
+    rule (what a training step of the order runs spends most of its time on)."""
+    base = ["--source", "phantom", "--n", "12", "--image-size", "96", "--order-hops", "4", "--workers", "1"]
+    for name, extra in (("stated", []), ("bare", ["--order-question", "bare"])):
+        P.main(base + ["--out", str(tmp_path / name)] + extra)
+    read = lambda name: [json.loads(l) for l in open(tmp_path / name / "samples.jsonl")]
+    stated, bare = read("stated"), read("bare")
+    assert len(stated) == len(bare) == 12
+    for s, b in zip(stated, bare):
+        assert b["question"] == f"After {b['meta']['drawn']['hops']} lesions, in what order do the numbers stand?"
+        assert s["question"].endswith(b["question"]) and len(s["question"]) > 5 * len(b["question"])
+        assert {k: v for k, v in s.items() if k != "question"} == {k: v for k, v in b.items() if k != "question"}
+    for img in sorted(os.listdir(tmp_path / "stated" / "images")):
+        assert (tmp_path / "stated" / "images" / img).read_bytes() == (tmp_path / "bare" / "images" / img).read_bytes()
+    with pytest.raises(SystemExit):
+        P.get_args(["--source", "phantom", "--out", str(tmp_path / "x"), "--order-question", "bare"])
+
+
 def test_look_cells_all_asks_every_cell_of_every_image(tmp_path):
     """--look-cells all: nine look questions per image, one per cell, each with its own id, answer and mask."""
     out = str(tmp_path / "all")
