@@ -22,9 +22,10 @@ VITAL with L_vis from the random encoder (a copy of the data with its ROI featur
 once. -> runs/evidence/,
 demo/evidence.md. Seed 0 of VITAL and K = 0 repeats the demo's own runs (bit-identical on one machine).
 
-    python demo/ablate.py                             # the README's budget (reuses runs/demo's models + data)
+    python demo/ablate.py                             # the README's budget (reuses runs/demo's models + data:
+                                                      # bash demo.sh --six-types makes them)
     python demo/ablate.py --seeds 0 1 2 3 4 --epoch-scale 1 --limit 0 --eval-limit 0   # a bigger budget
-    python demo/ablate.py --suite evidence --seeds 0 1 2       # after bash demo.sh: ~45 min on 2 cores
+    python demo/ablate.py --suite evidence --seeds 0 1 2       # after bash demo.sh --six-types: ~45 min on 2 cores
 """
 import argparse
 import json
@@ -358,7 +359,7 @@ def main(argv=None):
     args.out = args.out or ("runs/evidence" if args.suite == "evidence" else "runs/ablate")
     os.chdir(ROOT)  # relative paths (--out, --data, ...) start at the repository root, as in demo/run.py
     if args.backbone and not os.path.isfile(os.path.join(args.backbone, "config.json")):
-        sys.exit(f"ablate.py: error: no backbone at {args.backbone}: run demo/run.py first "
+        sys.exit(f"ablate.py: error: no backbone at {args.backbone}: run demo/run.py --six-types first "
                  "(it copies the shipped pretrained tiny backbone there), or pass --backbone "
                  "embedded/pretrained/pretrain/phase1/backbone, or '' to freeze the random one")
     ensure_inputs(args)

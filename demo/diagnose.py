@@ -20,6 +20,7 @@ Why does the miniature VITAL not beat its K = 0 model? Two measurements on the d
    and the baseline probe gets each lesion's size as well as its brightness.
 
     python demo/diagnose.py                                   # runs/demo's backbone, data and VITAL
+                                                              # (bash demo.sh --six-types)
     python demo/diagnose.py --backbone B --data D --ckpt C    # other artifacts
     python demo/diagnose.py --walk --data runs/walk6/data --k0 runs/walk6/K0_lr0.001/s0/phase3 \
         --ckpt runs/walk6/VITAL_lr0.001/s0/phase3              # the walk's probes

@@ -1,5 +1,9 @@
 """
-VITAL end to end on the embedded default (phantom data, tiny models, CPU): what `bash demo.sh` runs.
+VITAL end to end on phantom data with tiny models, on a CPU: what `bash demo.sh` runs.
+
+By default the demo is stage 7 alone, the order question: a phantom question that needs one pass per lesion, where
+VITAL's loop beats its K = 0 model (about 16 min on 2 cores). --six-types runs stages 1-6 first, the embedded
+default's six question types, which one pass answers (README, Results; about 6 more minutes).
 
 Every stage is a subprocess with its documented command line, printed before it runs, so the demo is
 also the recipe. A stage whose output already exists is skipped, so re-running resumes. Stages 1-3 and the
@@ -28,18 +32,20 @@ file next to their folder):
   7. the order question, a phantom question that needs one pass per lesion (the six types above do not: README,
      Results): python demo/walk.py --demo --out OUT/order --seeds SEED (VITAL and the K = 0 model with the command
      of the order record, one seed, on the shipped order stand-in; read against the record's five seeds; explain.py
-     on one test item of 4 lesions; about 13 min on 2 cores; --skip-order leaves it out)
+     on one test item of 4 lesions; about 16 min on 2 cores; with --six-types, --skip-order leaves it out)
                                                       -> OUT/order/ (runs, demo.md, explain/<id>.{png,json})
-then a summary: closed-ended accuracy of VITAL, of the K = 0 model, of the backbone alone and chance,
-overall and per question type, the probes ("do the latents matter?") and the pointing game (also written
-to OUT/summary.json, OUT/summary.md and, with the command and date, demo/results.md). The spread of these
-numbers over training seeds comes from `python demo/ablate.py --suite evidence` (demo/evidence.md); the order
-question's figures are printed beside the five seeds of its record (demo/order_stepwise_sem10_vis5_positional.json).
+then a summary. Stage 7: its figures beside the five seeds of its record
+(demo/order_stepwise_sem10_vis5_positional.json) and the explained item. Stages 1-6: closed-ended accuracy of
+VITAL, of the K = 0 model, of the backbone alone and chance, overall and per question type, the probes ("do the
+latents matter?") and the pointing game; their spread over training seeds comes from
+`python demo/ablate.py --suite evidence` (demo/evidence.md). The summary also goes to OUT/summary.md (and
+OUT/summary.json with --six-types) and, with the command and date, demo/results.md.
 
-    python demo/run.py                       # the defaults below (README)
-    python demo/run.py --out runs/demo2 --n 1500 --epochs 2 2 4   # smaller / other budgets
-    python demo/run.py --out runs/demo_random --encoder random     # L_vis from the random encoder
-    python demo/run.py --out runs/fresh --rebuild-stand-ins --ship  # remake the shipped stand-ins
+    python demo/run.py                       # the order question (README)
+    python demo/run.py --six-types           # the six question types first, then the order question
+    python demo/run.py --six-types --skip-order --out runs/demo2 --n 1500 --epochs 2 2 4   # other budgets
+    python demo/run.py --six-types --skip-order --out runs/demo_random --encoder random    # L_vis, random encoder
+    python demo/run.py --six-types --out runs/fresh --rebuild-stand-ins --ship  # remake the shipped stand-ins
 """
 import argparse
 import json
@@ -102,13 +108,24 @@ def get_args(argv=None):
                          "re-encoded; 0 = always the full image)")
     ap.add_argument("--eval-limit", type=int, default=0, help="only the first N test items (0 = all)")
     ap.add_argument("--skip-k0", action="store_true", help="do not train/evaluate the K = 0 model")
+    ap.add_argument("--six-types", action="store_true",
+                    help="also run the six question types first (stages 1-6: about 6 more minutes on 2 cores; "
+                         "VITAL does not beat its K = 0 model on them, README); without it the demo is stage 7 only")
     ap.add_argument("--skip-order", action="store_true",
-                    help="skip the order question (one seed of VITAL and the K = 0 model on a question that needs "
-                         "several passes, against the record's five seeds; about 13 of the demo's 20 minutes)")
+                    help="with --six-types: skip the order question (one seed of VITAL and the K = 0 model on a "
+                         "question that needs several passes, against the record's five seeds)")
     # the defaults of the settings that shape the models, data, stand-ins and ROI features: the embedded
     # default's (embedded/default.py SETTINGS; its tau comment says why 0)
     ap.set_defaults(**SETTINGS)
     args = ap.parse_args(argv)
+    # the order question (stage 7) takes --out and --seed only: any other setting shapes stages 1-6
+    defaults = vars(ap.parse_args([]))
+    six_only = ["--" + k.replace("_", "-") for k, v in vars(args).items()
+                if k not in ("out", "seed", "six_types") and v != defaults[k]]
+    if six_only and not args.six_types:
+        ap.error(f"{', '.join(six_only)}: settings of the six question types (stages 1-6), which run with --six-types "
+                 "only; "
+                 "the order question takes --out and --seed (its own settings: python demo/walk.py -h)")
     if args.ship and not args.rebuild_stand_ins:
         ap.error("--ship replaces the shipped stand-ins with this run's: pass --rebuild-stand-ins (and a fresh "
                  "--out) so that this run trains them")
@@ -312,7 +329,7 @@ def order_question(args, paths, timings):
     -> (its markdown rows for the summary, the explanation's lines for the report), from OUT/order/demo.md."""
     timings["order question"] = run([PY, "demo/walk.py", "--demo", "--out", paths["order"], "--seeds", str(args.seed)],
                                     what=f"the order question: VITAL and the K = 0 model, seed {args.seed} "
-                                         "(about 13 min on 2 cores)")
+                                         "(about 16 min on 2 cores)")
     with open(os.path.join(paths["order"], "demo.md")) as f:
         text = f.read().rstrip("\n").split("\n")
     cut = text.index("```") if "```" in text else len(text)  # the table, then the explanation in a code block
@@ -354,15 +371,17 @@ def probe_rows(paths):
     return out
 
 
-def write_results(args, argv, rows, wall, timings, shipped):
-    """demo/results.md: the table with the command, date and machine that produced it (rewritten each run)."""
+def write_results(args, argv, rows, wall, timings, shipped, what=None):
+    """demo/results.md: the table with the command, date and machine that produced it (rewritten each run);
+    `what` replaces the six types' heading line (the order question alone)."""
     cmd = "python demo/run.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     with open(os.path.join(HERE, "results.md"), "w") as f:
         f.write(f"# Demo results\n\nWritten by `{cmd.strip()}` on {time.strftime('%Y-%m-%d %H:%M')} "
                 f"({machine()}); wall time "
                 f"{wall / 60:.1f} min" + (f" (stand-ins copied from embedded/pretrained/: {', '.join(shipped)})"
                                          if shipped else "") +
-                f". Closed-ended accuracy (%) on the phantom test split, training seed {args.seed}:\n\n"
+                (f". {what}, training seed {args.seed}:\n\n" if what else
+                 f". Closed-ended accuracy (%) on the phantom test split, training seed {args.seed}:\n\n")
                 + "\n".join(rows) + "\n\nStages (s): " +
                 ", ".join(f"{k} {v:.0f}" for k, v in timings.items() if v) + "\n")
 
@@ -439,6 +458,8 @@ def main(argv=None):
     paths["roi_log"] = os.path.join(out, "roi.log")
     paths["encoder"] = paths["encoder_pretrained"] if args.encoder == "pretrained" else \
         os.path.join(paths["models"], "encoder")
+    if not args.six_types:
+        return order_only(args, argv, paths, t_start, timings)
     make_data(args, paths, timings)
     shipped = copy_shipped(args, paths)
     pretrain_corpus(args, paths, timings)
@@ -470,6 +491,23 @@ def main(argv=None):
     print_report(paths, args, pick, stem, ex, rows, wall, timings, shipped, order_lines)
     if args.ship:
         ship(args, paths, timings)
+
+
+def order_only(args, argv, paths, t_start, timings):
+    """The demo without --six-types: stage 7 alone (its data, stand-in, runs, evaluations and explanation are
+    demo/walk.py --demo's); its table and explanation to the screen, OUT/summary.md and demo/results.md."""
+    rows, lines = order_question(args, paths, timings)
+    wall = time.time() - t_start
+    with open(os.path.join(paths["out"], "summary.md"), "w") as f:
+        f.write("\n".join(rows[1:]) + "\n")
+    write_results(args, argv, rows[1:], wall, timings, [], "The order question")
+    print("\n================ VITAL demo: the order question ================")
+    for name, path in (("data, stand-in, runs, evaluations, results_*.md, demo.md, explain/", paths["order"]),
+                       ("results (command, date, table)", os.path.join("demo", "results.md"))):
+        print(f"  {name:<70} {path}")
+    print("\n" + "\n".join(lines) + "\n\n" + "\n".join(rows[1:]))
+    print(f"\nwall time of this run: {wall / 60:.1f} min (the six question types too: --six-types, about 6 more "
+          "minutes)")
 
 
 if __name__ == "__main__":

@@ -48,13 +48,13 @@ def test_copy_takes_only_the_stand_ins_made_with_this_runs_settings(tmp_path, ca
     assert D.copy_shipped(R.get_args([]), paths_in(run)) == []  # already there: kept, not copied again
 
     other = tmp_path / "other"
-    args = R.get_args(["--pretrain-epochs", "5"])
+    args = R.get_args(["--six-types", "--pretrain-epochs", "5"])
     assert D.copy_shipped(args, paths_in(other)) == ["encoder_pretrained"]
     assert "--pretrain-epochs 5.0 (shipped: 6)" in capsys.readouterr().out
-    assert D.copy_shipped(R.get_args(["--rebuild-stand-ins"]), paths_in(tmp_path / "r")) == []
+    assert D.copy_shipped(R.get_args(["--six-types", "--rebuild-stand-ins"]), paths_in(tmp_path / "r")) == []
     with pytest.raises(SystemExit, match="is the shipped stand-in copied by an earlier run"):
-        D.copy_shipped(R.get_args(["--rebuild-stand-ins"]), paths_in(run))  # it would silently not rebuild
-    random = R.get_args(["--encoder", "random", "--pretrain-epochs", "0"])
+        D.copy_shipped(R.get_args(["--six-types", "--rebuild-stand-ins"]), paths_in(run))  # it would not rebuild
+    random = R.get_args(["--six-types", "--encoder", "random", "--pretrain-epochs", "0"])
     assert D.copy_shipped(random, paths_in(tmp_path / "none")) == []  # neither stand-in is needed
 
 
@@ -74,7 +74,7 @@ def test_ship_writes_a_manifest_that_copy_reads_back(tmp_path):
     D.copy_shipped(R.get_args([]), paths_in(run))
     (run / "pretrain" / "log.jsonl").write_text("{}\n")  # a run's per-step log is not shipped
     with pytest.raises(SystemExit):
-        R.get_args(["--ship"])  # refused before the run: it would end by shipping copies of the shipped ones
+        R.get_args(["--six-types", "--ship"])  # refused before the run: it would ship copies of the shipped ones
     args, shipped = R.get_args(["--out", str(run)]), tmp_path / "shipped"
     paths = dict(paths_in(run), models=str(run / "models"), pretrain_data=str(run / "pretrain_data"))
     with pytest.raises(SystemExit, match="--ship needs stand-ins trained by this run"):
@@ -145,3 +145,16 @@ def test_ship_keeps_the_stand_ins_it_does_not_make(tmp_path):
     mine, theirs = json.load(open(shipped / "stand_ins.json")), json.load(open(MANIFEST))
     assert mine["order_pretrain"] == theirs["order_pretrain"] and mine["pretrain"]["seconds"] == 1.0
     assert (shipped / "order_pretrain" / "phase1" / "backbone" / "model.safetensors").is_file()
+
+
+def test_the_demo_is_the_order_question_unless_six_types(capsys):
+    """demo.sh's default is stage 7 alone (the order question, about 16 min): a setting of the six question types
+    without --six-types would change nothing, so it is refused by name; --out and --seed are the order question's."""
+    assert not R.get_args([]).six_types and R.get_args(["--seed", "3", "--out", "x"]).seed == 3
+    for argv, named in ((["--n", "100"], "--n"), (["--skip-order"], "--skip-order"),
+                        (["--epochs", "1", "1", "1", "--encoder", "random"], "--epochs, --encoder")):
+        with pytest.raises(SystemExit):
+            R.get_args(argv)
+        assert f"{named}: settings of the six question types" in capsys.readouterr().err
+    args = R.get_args(["--six-types", "--n", "100", "--skip-order"])
+    assert args.n == 100 and args.skip_order

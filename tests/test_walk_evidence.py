@@ -304,11 +304,12 @@ def test_the_order_question_is_read_against_its_record():
 
 
 def test_demo_is_the_records_command_for_one_seed(tmp_path):
-    """--demo runs the order record's command (the positional encoder, λ_sem 10, λ_vis 5, stepwise) for VITAL and K = 0 (the
-    record may hold more arms) and one seed, without rewriting the record; flags after it override; its tiny models go under --out."""
+    """--demo runs the order record's command (the stated question, the positional encoder, λ_sem 10, λ_vis 5,
+    stepwise) for VITAL and K = 0 (the record may hold more arms) and one seed, without rewriting the record; flags
+    after it override; its tiny models go under --out."""
     a = W.get_args(["--demo", "--out", str(tmp_path)])
     record = json.load(open(W.DEMO_RECORD))
-    for key in ("task", "moves", "curriculum", "lr_k0", "lambda_sem", "lambda_vis", "encoder"):
+    for key in ("task", "moves", "curriculum", "lr_k0", "lambda_sem", "lambda_vis", "question", "encoder"):
         assert getattr(a, key) == record_args(record)[key], key
     assert a.arms == ["VITAL", "K=0"] and set(a.arms) <= set(record_args(record)["arms"])  # the record may hold more
     assert a.seeds == [0] and a.no_record and a.models == str(tmp_path / "models")
