@@ -39,7 +39,8 @@ then a summary. Stage 7: its figures beside the five seeds of its record
 VITAL, of the K = 0 model, of the backbone alone and chance, overall and per question type, the probes ("do the
 latents matter?") and the pointing game; their spread over training seeds comes from
 `python demo/ablate.py --suite evidence` (demo/evidence.md). The summary also goes to OUT/summary.md (and
-OUT/summary.json with --six-types) and, with the command and date, demo/results.md.
+OUT/summary.json with --six-types) and, with the command and date, demo/results.md (demo/results_six_types.md with
+--six-types).
 
     python demo/run.py                       # the order question (README)
     python demo/run.py --six-types           # the six question types first, then the order question
@@ -372,10 +373,10 @@ def probe_rows(paths):
 
 
 def write_results(args, argv, rows, wall, timings, shipped, what=None):
-    """demo/results.md: the table with the command, date and machine that produced it (rewritten each run);
-    `what` replaces the six types' heading line (the order question alone)."""
+    """demo/results.md (demo/results_six_types.md with --six-types): the table with the command, date and machine
+    that produced it (rewritten each run); `what` replaces the six types' heading line (the order question alone)."""
     cmd = "python demo/run.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    with open(os.path.join(HERE, "results.md"), "w") as f:
+    with open(results_file(args), "w") as f:
         f.write(f"# Demo results\n\nWritten by `{cmd.strip()}` on {time.strftime('%Y-%m-%d %H:%M')} "
                 f"({machine()}); wall time "
                 f"{wall / 60:.1f} min" + (f" (stand-ins copied from embedded/pretrained/: {', '.join(shipped)})"
@@ -384,6 +385,11 @@ def write_results(args, argv, rows, wall, timings, shipped, what=None):
                  f". Closed-ended accuracy (%) on the phantom test split, training seed {args.seed}:\n\n")
                 + "\n".join(rows) + "\n\nStages (s): " +
                 ", ".join(f"{k} {v:.0f}" for k, v in timings.items() if v) + "\n")
+
+
+def results_file(args):
+    """Where write_results writes: the default demo's and the six types' results are two files."""
+    return os.path.join(HERE, "results_six_types.md" if args.six_types else "results.md")
 
 
 def torch_version():
@@ -427,7 +433,7 @@ def print_report(paths, args, pick, stem, ex, rows, wall, timings, shipped, orde
                        *([("the order question (data, stand-in, runs, results_*.md, explain/)", paths["order"])]
                          if not args.skip_order else []),
                        ("summary", os.path.join(paths["out"], "summary.md")),
-                       ("results (command, date, table)", os.path.join("demo", "results.md"))]:
+                       ("results (command, date, table)", os.path.relpath(results_file(args), ROOT))]:
         print(f"  {name:<70} {path}")
     print(f"\nexplain: Q: {pick['question']}\n         gold: {pick['answer']}")
     print(f"         VITAL: {ex.get('answer')}")
@@ -503,7 +509,7 @@ def order_only(args, argv, paths, t_start, timings):
     write_results(args, argv, rows[1:], wall, timings, [], "The order question")
     print("\n================ VITAL demo: the order question ================")
     for name, path in (("data, stand-in, runs, evaluations, results_*.md, demo.md, explain/", paths["order"]),
-                       ("results (command, date, table)", os.path.join("demo", "results.md"))):
+                       ("results (command, date, table)", os.path.relpath(results_file(args), ROOT))):
         print(f"  {name:<70} {path}")
     print("\n" + "\n".join(lines) + "\n\n" + "\n".join(rows[1:]))
     print(f"\nwall time of this run: {wall / 60:.1f} min (the six question types too: --six-types, about 6 more "

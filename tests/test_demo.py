@@ -158,3 +158,6 @@ def test_the_demo_is_the_order_question_unless_six_types(capsys):
         assert f"{named}: settings of the six question types" in capsys.readouterr().err
     args = R.get_args(["--six-types", "--n", "100", "--skip-order"])
     assert args.n == 100 and args.skip_order
+    # the two demos' results are two files: the default's does not overwrite the six types' tables
+    assert R.results_file(R.get_args([])) == os.path.join(R.HERE, "results.md")
+    assert R.results_file(args) == os.path.join(R.HERE, "results_six_types.md")
