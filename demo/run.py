@@ -125,8 +125,7 @@ def get_args(argv=None):
                 if k not in ("out", "seed", "six_types") and v != defaults[k]]
     if six_only and not args.six_types:
         ap.error(f"{', '.join(six_only)}: settings of the six question types (stages 1-6), which run with --six-types "
-                 "only; "
-                 "the order question takes --out and --seed (its own settings: python demo/walk.py -h)")
+                 "only; the order question takes --out and --seed (its own settings: python demo/walk.py -h)")
     if args.ship and not args.rebuild_stand_ins:
         ap.error("--ship replaces the shipped stand-ins with this run's: pass --rebuild-stand-ins (and a fresh "
                  "--out) so that this run trains them")
@@ -503,15 +502,16 @@ def order_only(args, argv, paths, t_start, timings):
     """The demo without --six-types: stage 7 alone (its data, stand-in, runs, evaluations and explanation are
     demo/walk.py --demo's); its table and explanation to the screen, OUT/summary.md and demo/results.md."""
     rows, lines = order_question(args, paths, timings)
+    rows = rows[1:]  # without the blank line that separates it from the six types' table
     wall = time.time() - t_start
     with open(os.path.join(paths["out"], "summary.md"), "w") as f:
-        f.write("\n".join(rows[1:]) + "\n")
-    write_results(args, argv, rows[1:], wall, timings, [], "The order question")
+        f.write("\n".join(rows) + "\n")
+    write_results(args, argv, rows, wall, timings, [], "The order question")
     print("\n================ VITAL demo: the order question ================")
     for name, path in (("data, stand-in, runs, evaluations, results_*.md, demo.md, explain/", paths["order"]),
                        ("results (command, date, table)", os.path.relpath(results_file(args), ROOT))):
         print(f"  {name:<70} {path}")
-    print("\n" + "\n".join(lines) + "\n\n" + "\n".join(rows[1:]))
+    print("\n" + "\n".join(lines) + "\n\n" + "\n".join(rows))
     print(f"\nwall time of this run: {wall / 60:.1f} min (the six question types too: --six-types, about 6 more "
           "minutes)")
 

@@ -401,7 +401,7 @@ def data_dir(args, arm="VITAL"):
 
 def question_tag(args):
     """'_bare' for the order question asked without its rule (--question bare), else ''."""
-    return "_bare" if getattr(args, "question", "stated") == "bare" else ""
+    return "_bare" if args.question == "bare" else ""
 
 
 def base_data(args):
