@@ -7,7 +7,9 @@ cell right, a brighter one one cell down, wrapping round; after N moves, which c
 (4 by default, at most 6). One pass of the tiny 2-layer LLM unrolls about two moves (docs/tuning-log.md), so
 3 or more moves need the loop.
 Every stage is a documented command, run as a subprocess and skipped when its output is there (re-running
-resumes; a phase killed half-way continues with --resume):
+resumes; a phase killed half-way continues with --resume), --jobs at a time, each as soon as what it reads is ready
+(embedded/default.run_graph): VITAL's first run starts once its own data and the perception check are done, while
+the data that only the K = 0 model reads is made beside it, and a run's evaluation and state probes run side by side:
   1. data: 6,000 (--n) fixed-start walks of 1 to --moves moves (seed 0) with a mask per move, and their ROI features
      (the shipped pretrained encoder, --tau 0: pooled from the full image's patches under the lesion);
   2. the stand-in backbone (a real run starts from a pretrained Qwen3-VL): the whole tiny backbone trained
@@ -86,14 +88,13 @@ import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
-from concurrent.futures import ThreadPoolExecutor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 from demo.ablate import fmt, sh  # noqa: E402
 from demo.run import accuracy_by_type, machine  # noqa: E402
-from embedded.default import SHIPPED, copy_verified, phase_finished  # noqa: E402
+from embedded.default import SHIPPED, copy_verified, phase_finished, run_graph  # noqa: E402
 from embedded.phantom import cell_name  # noqa: E402
 PY = sys.executable
 # train.py's curriculum -> the demo's epochs per phase; stepwise (one phase per extra move) skips the phases
@@ -143,6 +144,10 @@ def get_args(argv=None):
     ap.add_argument("--curriculum", default="3-phase", choices=list(EPOCHS),
                     help="every arm's schedule (train.py CURRICULA); stepwise: K = 1, then one more move per "
                          "phase, then all walks (its runs, results and demo/*.md carry the name)")
+    ap.add_argument("--epochs", type=float, nargs="+",
+                    help="the epochs of each phase the curriculum trains, instead of its own (EPOCHS; stepwise to 4 "
+                         "moves trains 4: K <= 1, 2, 3, then every item); every arm's runs, results and demo/*.md "
+                         "carry _ep<E1-E2-...>")
     ap.add_argument("--lambda-sem", type=float, help="L_sem's weight in the arms with a decoder (VITAL, pause; default "
                                                       "train.py's 1, the paper's); their runs, results and demo/*.md "
                                                       "carry _sem<value>, the K = 0 runs are shared")
@@ -187,6 +192,10 @@ def get_args(argv=None):
         ap.error("--question words the order question: it needs --task order")
     if args.curriculum == "stepwise" and args.moves < 2:
         ap.error("--curriculum stepwise needs --moves 2 or more (its phases add one move each)")
+    n = len(phases(argparse.Namespace(**dict(vars(args), epochs=None))))
+    if args.epochs and (len(args.epochs) != n or min(args.epochs) <= 0):
+        ap.error(f"--epochs takes one positive number per phase: --curriculum {args.curriculum} --moves "
+                 f"{args.moves} trains {n} phases")
     return args
 
 
@@ -209,7 +218,12 @@ def copy_stand_in(args, shipped=SHIPPED):
 
 
 def stages(args):
-    """(command, the file that says it is done) for the inputs every run shares."""
+    """(command, the file that says it is done) for the inputs every run shares, in the order they were written."""
+    return [(cmd, done) for _, cmd, done, _ in named_stages(args)]
+
+
+def named_stages(args):
+    """stages() with each stage's name and the names of the stages it reads: [(name, command, done, deps)]."""
     d, pre = data_dir(args), os.path.join(args.out, "pretrain_data")
     grid = ["--source", "phantom", "--image-size", "96"]
     if args.task == "walk":
@@ -223,43 +237,48 @@ def stages(args):
                                                                            "--types", "order", "look",
                                                                            "--look-cells", "all"]
     encoder = ENCODERS["pretrained"] if args.encoder == "pretrained" else os.path.join(args.out, ENCODERS[args.encoder])
-    positional = [([PY, "embedded/tiny.py", os.path.dirname(encoder), "--position-scale", "3"],
-                   os.path.join(encoder, "config.json"))] if args.encoder == "positional" else []
+    positional = [("encoder", [PY, "embedded/tiny.py", os.path.dirname(encoder), "--position-scale", "3"],
+                   os.path.join(encoder, "config.json"), [])] if args.encoder == "positional" else []
     # the same items in every data folder (same command, same seed), each with its encoder's ROI features
     folders = {base_data(args): ENCODERS["pretrained"], d: encoder}
-    tiny = ([PY, "embedded/tiny.py", args.models], os.path.join(args.models, "encoder", "config.json"))
+    tiny = ("models", [PY, "embedded/tiny.py", args.models], os.path.join(args.models, "encoder", "config.json"), [])
     stand_in_done = os.path.join(args.out, "pretrain", "phase1", "backbone", "config.json")
     return [tiny] + positional + [
             stage for dd, enc in folders.items() for stage in (
-                ([PY, "prepare_data.py", "--out", dd, "--n", str(args.n), "--seed", "0"] + data,
-                 os.path.join(dd, "stats.json")),
-                ([PY, "extract_roi.py", "--samples", os.path.join(dd, "samples.jsonl"), "--out",
-                  os.path.join(dd, "roi.safetensors"), "--encoder", enc, "--tau", "0", "--quiet"],
-                 os.path.join(dd, "roi.safetensors")))] + [
-            ([PY, "prepare_data.py", "--out", pre, "--seed", "1", "--test-frac", "0", "--val-frac", "0"] + stand_in,
-             stand_in_done if os.path.isfile(stand_in_done) else os.path.join(pre, "stats.json")),  # its corpus
-            ([PY, "demo/pretrain.py", "--data", pre, "--models", args.models, "--out",
-              os.path.join(args.out, "pretrain"), "--epochs", "10",
-              "--lr", "3e-3" if args.task == "walk" else "1e-3"]
+                (f"data {dd}", [PY, "prepare_data.py", "--out", dd, "--n", str(args.n), "--seed", "0"] + data,
+                 os.path.join(dd, "stats.json"), []),
+                (f"roi {dd}", [PY, "extract_roi.py", "--samples", os.path.join(dd, "samples.jsonl"), "--out",
+                               os.path.join(dd, "roi.safetensors"), "--encoder", enc, "--tau", "0", "--quiet"],
+                 os.path.join(dd, "roi.safetensors"), [f"data {dd}"] + (["encoder"] if positional and enc == encoder
+                                                                       else [])))] + [
+            ("corpus", [PY, "prepare_data.py", "--out", pre, "--seed", "1", "--test-frac", "0", "--val-frac", "0"]
+             + stand_in, stand_in_done if os.path.isfile(stand_in_done) else os.path.join(pre, "stats.json"), []),
+            ("stand-in", [PY, "demo/pretrain.py", "--data", pre, "--models", args.models, "--out",
+                          os.path.join(args.out, "pretrain"), "--epochs", "10",
+                          "--lr", "3e-3" if args.task == "walk" else "1e-3"]
              + (["--resume"] if os.path.isdir(os.path.join(args.out, "pretrain", "phase1")) else []),
-             stand_in_done),
-            ([PY, "evaluate.py", "--ckpt", os.path.join(args.out, "pretrain", "phase1"), "--data", base_data(args),
-              "--out", stand_in_alone(args), "--k", "0"], os.path.join(stand_in_alone(args), "metrics.json")),
-            ([PY, "demo/pointing_bound.py", "--data", d], os.path.join(d, "pointing_bound.json"))
+             stand_in_done, ["corpus", "models"]),
+            ("alone", [PY, "evaluate.py", "--ckpt", os.path.join(args.out, "pretrain", "phase1"), "--data",
+                       base_data(args), "--out", stand_in_alone(args), "--k", "0"],
+             os.path.join(stand_in_alone(args), "metrics.json"), ["stand-in", f"roi {base_data(args)}"]),
+            ("pointing bound", [PY, "demo/pointing_bound.py", "--data", d], os.path.join(d, "pointing_bound.json"),
+             [f"roi {d}"])
             ] + perception_stages(args)
 
 
 def perception_stages(args):
     """Perception first (the issue): the stand-in alone, at K = 0, on 400 images of a seed neither the data nor the
-    stand-in saw, each asked one lesion's look (any of the nine) and the first lesion's order; none for the walk."""
+    stand-in saw, each asked one lesion's look (any of the nine) and the first lesion's order; none for the walk.
+    [(name, command, done, deps)] as named_stages."""
     if args.task != "order":
         return []
     d, ev = os.path.join(args.out, "perception_data"), os.path.join(args.out, "stand_in_perception")
-    return [([PY, "prepare_data.py", "--out", d, "--n", "400", "--seed", "2", "--source", "phantom", "--image-size",
-              "96", "--order-hops", "1", "--types", "order", "look", "--test-frac", "1", "--val-frac", "0"],
-             os.path.join(d, "stats.json")),
-            ([PY, "evaluate.py", "--ckpt", os.path.join(args.out, "pretrain", "phase1"), "--data", d, "--out", ev,
-              "--k", "0"], os.path.join(ev, "metrics.json"))]
+    return [("perception data", [PY, "prepare_data.py", "--out", d, "--n", "400", "--seed", "2", "--source",
+                                 "phantom", "--image-size", "96", "--order-hops", "1", "--types", "order", "look",
+                                 "--test-frac", "1", "--val-frac", "0"], os.path.join(d, "stats.json"), []),
+            ("perception", [PY, "evaluate.py", "--ckpt", os.path.join(args.out, "pretrain", "phase1"), "--data", d,
+                            "--out", ev, "--k", "0"], os.path.join(ev, "metrics.json"),
+             ["perception data", "stand-in", "models"])]
 
 
 def perception_figures(args):
@@ -383,9 +402,15 @@ def tag(args, arm="VITAL"):
     sem = args.lambda_sem is not None and arm in DECODER_ARMS
     vis = args.lambda_vis != 1 and arm in VISUAL_ARMS
     cache = args.readout != "head" and arm != "K=0"
-    return (("" if args.curriculum == "3-phase" else f"_{args.curriculum}") + (f"_sem{args.lambda_sem:g}" if sem else "")
+    return (("" if args.curriculum == "3-phase" else f"_{args.curriculum}") + epochs_tag(args)
+            + (f"_sem{args.lambda_sem:g}" if sem else "")
             + (f"_vis{args.lambda_vis:g}" if vis else "") + ("_readcache" if cache else "") + question_tag(args)
             + encoder_tag(args, arm))
+
+
+def epochs_tag(args):
+    """'_ep2-2-1-2' for --epochs 2 2 1 2 (every arm: the schedule is theirs), else ''."""
+    return "_ep" + "-".join(f"{e:g}" for e in args.epochs) if args.epochs else ""
 
 
 def encoder_tag(args, arm="VITAL"):
@@ -421,9 +446,11 @@ def phases(args):
     last one it ran."""
     ep = EPOCHS[args.curriculum]
     if args.curriculum == "3-phase":
-        return [(p, e, None) for p, e in enumerate(ep, 1)]
-    first = [(p, ep[p - 1], None) for p in range(1, min(args.moves, len(ep)))]
-    return first + [(len(ep), ep[-1], None if first[-1][0] == len(ep) - 1 else first[-1][0])]
+        run = [(p, e, None) for p, e in enumerate(ep, 1)]
+    else:
+        first = [(p, ep[p - 1], None) for p in range(1, min(args.moves, len(ep)))]
+        run = first + [(len(ep), ep[-1], None if first[-1][0] == len(ep) - 1 else first[-1][0])]
+    return [(p, e, init) for (p, _, init), e in zip(run, args.epochs)] if args.epochs else run
 
 
 def pattern(s):
@@ -471,38 +498,112 @@ def run_folder(args, arm, seed):
     return os.path.join(args.out, f"{arm.replace('=', '')}_lr{arm_lr(args, arm):g}{tag(args, arm)}", f"s{seed}")
 
 
-def one_run(args, arm, seed, env):
-    extra, flags = ARMS[arm]
+def wanted(args, arm, seed):
+    """The files of a finished evaluation of one run: OUT/<arm>.../s<seed>/eval/ and what evaluate.py writes there."""
+    ev = os.path.join(run_folder(args, arm, seed), "eval")
+    flags = ARMS[arm][1]
+    return ev, ["metrics.json"] + [f for flag, f in (("--probe", "probes.json"), ("--text-window", "text_window.json"),
+                                                     ("--pointing", "pointing.json")) if flag in flags]
+
+
+def last_phase(args, arm, seed):
+    return os.path.join(run_folder(args, arm, seed), f"phase{phases(args)[-1][0]}")
+
+
+def train_run(args, arm, seed, env):
+    """Train one arm under one seed, phase by phase (a finished phase is skipped, one killed half-way resumes); not
+    when its evaluation is already there."""
+    extra = ARMS[arm][0]
     lr = arm_lr(args, arm)
-    data = data_dir(args, arm)
     run_dir = run_folder(args, arm, seed)
-    last = os.path.join(run_dir, f"phase{phases(args)[-1][0]}")
-    ev = os.path.join(run_dir, "eval")
-    wants = ["metrics.json"] + [f for flag, f in (("--probe", "probes.json"), ("--text-window", "text_window.json"),
-                                                  ("--pointing", "pointing.json")) if flag in flags]
-    trained = not all(os.path.isfile(os.path.join(ev, f)) for f in wants)
-    if trained:
-        os.makedirs(run_dir, exist_ok=True)
-        log, t0 = os.path.join(run_dir, "commands.log"), time.time()
-        for p, ep, init in phases(args):
-            phase_dir = os.path.join(run_dir, f"phase{p}")
-            if not phase_finished(phase_dir):
-                sh([PY, "train.py", "--data", data, "--preset", "tiny", "--models", args.models, "--out", run_dir,
-                    "--backbone", os.path.join(args.out, "pretrain", "phase1", "backbone"), "--phase", str(p),
-                    "--epochs", str(ep), "--lora-r", "64", "--lora-alpha", "128", "--lr", f"{lr:g}",
-                    "--seed", str(seed), "--curriculum", args.curriculum] + extra
-                   + (["--lambda-vis", f"{args.lambda_vis:g}"] if arm in VISUAL_ARMS else [])
-                   + (["--lambda-sem", f"{args.lambda_sem:g}"] if args.lambda_sem is not None and arm in DECODER_ARMS
-                      else [])
-                   + (["--readout", args.readout] if args.readout != "head" and arm != "K=0" else [])
-                   + (["--init", "none" if init == "none" else os.path.join(run_dir, f"phase{init}")] if init else [])
-                   + (["--resume"] if os.path.isdir(phase_dir) else []), env, log)
-        sh([PY, "evaluate.py", "--ckpt", last, "--data", data, "--out", ev] + flags, env, log)
-        print(f"[done] {arm} seed {seed} in {time.time() - t0:.0f}s", flush=True)
-    if arm in STATE_PROBES and not os.path.isfile(os.path.join(ev, "walk_probes.json")):
-        sh([PY, "demo/diagnose.py", "--walk", "--data", data, "--out", os.path.join(ev, "walk_probes.json")]
-           + STATE_PROBES[arm] + [last], env, os.path.join(run_dir, "commands.log"))
-    return arm, seed, ev, trained
+    ev, files = wanted(args, arm, seed)
+    if all(os.path.isfile(os.path.join(ev, f)) for f in files):
+        return
+    os.makedirs(run_dir, exist_ok=True)
+    log = os.path.join(run_dir, "commands.log")
+    for p, ep, init in phases(args):
+        phase_dir = os.path.join(run_dir, f"phase{p}")
+        if not phase_finished(phase_dir):
+            sh([PY, "train.py", "--data", data_dir(args, arm), "--preset", "tiny", "--models", args.models, "--out",
+                run_dir, "--backbone", os.path.join(args.out, "pretrain", "phase1", "backbone"), "--phase", str(p),
+                "--epochs", f"{ep:g}", "--lora-r", "64", "--lora-alpha", "128", "--lr", f"{lr:g}",
+                "--seed", str(seed), "--curriculum", args.curriculum] + extra
+               + (["--lambda-vis", f"{args.lambda_vis:g}"] if arm in VISUAL_ARMS else [])
+               + (["--lambda-sem", f"{args.lambda_sem:g}"] if args.lambda_sem is not None and arm in DECODER_ARMS
+                  else [])
+               + (["--readout", args.readout] if args.readout != "head" and arm != "K=0" else [])
+               + (["--init", "none" if init == "none" else os.path.join(run_dir, f"phase{init}")] if init else [])
+               + (["--resume"] if os.path.isdir(phase_dir) else []), env, log)
+
+
+def evaluate_run(args, arm, seed, env):
+    """evaluate.py on the run's last phase with the arm's flags, unless done. -> True if it ran."""
+    ev, files = wanted(args, arm, seed)
+    if all(os.path.isfile(os.path.join(ev, f)) for f in files):
+        return False
+    t0 = time.time()
+    sh([PY, "evaluate.py", "--ckpt", last_phase(args, arm, seed), "--data", data_dir(args, arm), "--out", ev]
+       + ARMS[arm][1], env, os.path.join(run_folder(args, arm, seed), "commands.log"))
+    print(f"[done] {arm} seed {seed}, evaluated in {time.time() - t0:.0f}s", flush=True)
+    return True
+
+
+def state_probe_run(args, arm, seed, env):
+    """demo/diagnose.py --walk on the run's states (STATE_PROBES), unless done."""
+    out = os.path.join(run_folder(args, arm, seed), "eval", "walk_probes.json")
+    if arm in STATE_PROBES and not os.path.isfile(out):
+        sh([PY, "demo/diagnose.py", "--walk", "--data", data_dir(args, arm), "--out", out]
+           + STATE_PROBES[arm] + [last_phase(args, arm, seed)], env,
+           os.path.join(run_folder(args, arm, seed), "commands.log"))
+
+
+class PerceptionError(Exception):
+    """check_perception's message: the stand-in cannot read what every arm would need."""
+
+
+def graph(args, env, explain=None):
+    """Every stage and run as run_graph nodes, in the order a free core takes them: first what VITAL's first run
+    reads (the models, the stand-in, its data and ROI features, the perception check), then the runs seed by seed
+    (train, then evaluation and state probes side by side), each data folder just before the first run that reads
+    it, and last what only the tables read. explain: a callable run after the first seed's VITAL (--demo)."""
+    named = {name: (cmd, done, deps) for name, cmd, done, deps in named_stages(args)}
+
+    def stage(name):
+        cmd, done, deps = named[name]
+
+        def go():
+            if not os.path.exists(done):
+                print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+                subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        return name, go, deps
+
+    def check():
+        if why := check_perception(args):
+            raise PerceptionError(why)
+
+    nodes, added = [], set()
+
+    def add(*names):
+        for n in names:
+            if n in named and n not in added:
+                nodes.append(stage(n))
+                added.add(n)
+
+    add("models", "corpus", "stand-in", "encoder", f"data {data_dir(args)}", f"roi {data_dir(args)}",
+        "perception data", "perception")
+    nodes.append(("perception check", check, ["perception"] if "perception" in named else []))
+    for s in args.seeds:  # seed-major: a partial run still covers every arm
+        for a in args.arms:
+            add(f"data {data_dir(args, a)}", f"roi {data_dir(args, a)}")
+            run = f"{a} s{s}"
+            nodes += [(f"train {run}", lambda a=a, s=s: train_run(args, a, s, env),
+                       ["models", "stand-in", f"roi {data_dir(args, a)}", "perception check"]),
+                      (f"evaluate {run}", lambda a=a, s=s: evaluate_run(args, a, s, env), [f"train {run}"]),
+                      (f"state probes {run}", lambda a=a, s=s: state_probe_run(args, a, s, env), [f"train {run}"])]
+            if explain and a == "VITAL" and s == args.seeds[0]:
+                nodes.append(("explain", explain, [f"train {run}"]))
+    add(*named)
+    return nodes
 
 
 def state_probes(path):
@@ -683,6 +784,20 @@ def against_record(mine, record, seed):
     return rows
 
 
+def explain_item(args, samples=None):
+    """--demo: explain.py with the first seed's VITAL on the first test item of --moves lesions, unless done.
+    -> (that item, the explanation's path without .json/.png)."""
+    if samples is None:
+        samples = [json.loads(l) for l in open(os.path.join(base_data(args), "samples.jsonl")) if l.strip()]
+    pick = next(s for s in samples if s["split"] == "test" and moves(s) == args.moves)
+    img = pick["image"] if os.path.isabs(pick["image"]) else os.path.join(base_data(args), pick["image"])
+    stem = os.path.join(args.out, "explain", pick["id"])
+    if not os.path.isfile(stem + ".json"):
+        sh([PY, "explain.py", img, pick["question"], "--ckpt", last_phase(args, "VITAL", args.seeds[0]), "--k",
+            str(moves(pick)), "--out", stem], dict(os.environ), os.path.join(args.out, "explain.log"))
+    return pick, stem
+
+
 def demo_report(args, res, samples):
     """--demo: the figures of the first seed against the record, and explain.py on the first test item of --moves
     lesions with that seed's VITAL: each step's sentence and where its heatmap peaks, beside the lesion the step
@@ -690,13 +805,7 @@ def demo_report(args, res, samples):
     seed = args.seeds[0]
     with open(DEMO_RECORD) as f:
         rows = against_record({arm: res[arm][seed] for arm in ("VITAL", "K=0")}, json.load(f), seed)
-    pick = next(s for s in samples if s["split"] == "test" and moves(s) == args.moves)
-    img = pick["image"] if os.path.isabs(pick["image"]) else os.path.join(base_data(args), pick["image"])
-    stem = os.path.join(args.out, "explain", pick["id"])
-    last = os.path.join(run_folder(args, "VITAL", seed), f"phase{phases(args)[-1][0]}")
-    if not os.path.isfile(stem + ".json"):
-        sh([PY, "explain.py", img, pick["question"], "--ckpt", last, "--k", str(moves(pick)), "--out", stem],
-           dict(os.environ), os.path.join(args.out, "explain.log"))
+    pick, stem = explain_item(args, samples)
     with open(stem + ".json") as f:
         ex = json.load(f)
     side = 96 / 3  # the order grid: a 96-px image, 3 x 3 cells
@@ -717,39 +826,38 @@ def main(argv=None):
     if why := check_data_size(args):
         sys.exit(f"demo/walk.py: {why}")
     copy_stand_in(args)
-    for cmd, done in stages(args):
-        if not os.path.exists(done):
-            print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
-            subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-    why = check_perception(args)
-    if why:
-        sys.exit(f"demo/walk.py: {why}")
-    data = base_data(args)
-    samples = [json.loads(l) for l in open(os.path.join(data, "samples.jsonl")) if l.strip()]
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // args.jobs)))
+    t0 = time.time()
+    done, failed = run_graph(graph(args, env, explain=(lambda: explain_item(args)) if args.demo else None), args.jobs)
+    if isinstance(failed.get("perception check"), PerceptionError):
+        sys.exit(f"demo/walk.py: {failed['perception check']}")
+    for name, e in failed.items():
+        what = f"exit {e.returncode}, see the run's commands.log" if isinstance(e, subprocess.CalledProcessError) \
+            else f"{type(e).__name__}: {e}"
+        print(f"[failed] {name} ({what})", flush=True)
+    if stuck := [n for n, *_ in named_stages(args) if n in failed]:
+        sys.exit(f"demo/walk.py: the stage(s) {', '.join(stuck)} failed; the runs need them (re-running resumes)")
+    samples = [json.loads(l) for l in open(os.path.join(base_data(args), "samples.jsonl")) if l.strip()]
     alone = by_moves(os.path.join(stand_in_alone(args), "predictions.jsonl"), samples)
     group, lookup = memory_groups(samples)
-    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // args.jobs)))
-    res, t0, trained = {}, time.time(), 0
-    with ThreadPoolExecutor(args.jobs) as pool:  # seed-major: a partial run still covers every arm
-        futs = [pool.submit(one_run, args, a, s, env) for s in args.seeds for a in args.arms]
-        for f in futs:
-            try:
-                arm, seed, ev, new = f.result()
-                trained += new
-                res.setdefault(arm, {})[seed] = by_moves(os.path.join(ev, "predictions.jsonl"), samples)
-                res[arm][seed].update(by_memory(os.path.join(ev, "predictions.jsonl"), samples, group))
-                if os.path.isfile(os.path.join(ev, "probes.json")):
-                    probes = json.load(open(os.path.join(ev, "probes.json")))["probes"]
-                    res[arm][seed].update({f"probe {n}": probes[n]["accuracy"] for n in PROBES})
-                    res[arm][seed]["p shuffled"] = probes["shuffled"]["p_mcnemar"]
-                if os.path.isfile(os.path.join(ev, "pointing.json")):
-                    res[arm][seed].update(pointing(os.path.join(ev, "pointing.json")))
-                if os.path.isfile(os.path.join(ev, "walk_probes.json")):
-                    res[arm][seed].update(state_probes(os.path.join(ev, "walk_probes.json")))
-                if os.path.isfile(os.path.join(ev, "text_window.json")):
-                    res[arm][seed].update(window_by_moves(os.path.join(ev, "text_window.json"), samples))
-            except subprocess.CalledProcessError as e:
-                print(f"[failed] {e.cmd[:3]}... exit {e.returncode} (see the run's commands.log)", flush=True)
+    res, trained = {}, sum(1 for n, v in done.items() if n.startswith("evaluate ") and v)
+    futs = [(a, s) for s in args.seeds for a in args.arms]
+    for arm, seed in futs:
+        if f"evaluate {arm} s{seed}" not in done:
+            continue
+        ev = wanted(args, arm, seed)[0]
+        res.setdefault(arm, {})[seed] = by_moves(os.path.join(ev, "predictions.jsonl"), samples)
+        res[arm][seed].update(by_memory(os.path.join(ev, "predictions.jsonl"), samples, group))
+        if os.path.isfile(os.path.join(ev, "probes.json")):
+            probes = json.load(open(os.path.join(ev, "probes.json")))["probes"]
+            res[arm][seed].update({f"probe {n}": probes[n]["accuracy"] for n in PROBES})
+            res[arm][seed]["p shuffled"] = probes["shuffled"]["p_mcnemar"]
+        if os.path.isfile(os.path.join(ev, "pointing.json")):
+            res[arm][seed].update(pointing(os.path.join(ev, "pointing.json")))
+        if os.path.isfile(os.path.join(ev, "walk_probes.json")):
+            res[arm][seed].update(state_probes(os.path.join(ev, "walk_probes.json")))
+        if os.path.isfile(os.path.join(ev, "text_window.json")):
+            res[arm][seed].update(window_by_moves(os.path.join(ev, "text_window.json"), samples))
     words = ("On the order question the tables' words are the walk's: a move is a lesion read, the end cell the order "
              "reached, the nine brightness bits the nine lesions' sizes and brightnesses.\n\n") if args.task == "order" else ""
     md = words + perception(args) + tables(res, blind(samples), alone, args, lookup)
@@ -773,6 +881,9 @@ def main(argv=None):
                     f"{args.out}/results{tag(args)}.json.\n\n" + md)
     print("\n" + md)
     if args.demo:
+        if missing := [a for a in ("VITAL", "K=0") if args.seeds[0] not in res.get(a, {})]:
+            sys.exit(f"demo/walk.py: no evaluation of {' and '.join(missing)} seed {args.seeds[0]} (the [failed] "
+                     "lines above say why; re-running resumes)")
         text = demo_report(args, res, samples)
         with open(os.path.join(args.out, "demo.md"), "w") as f:
             f.write(text)

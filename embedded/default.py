@@ -58,6 +58,45 @@ def run(cmd, skip_if=None, what="", log=None):
     return dt
 
 
+def run_graph(nodes, jobs):
+    """Run stages as soon as their inputs are ready, `jobs` at a time (one thread each, so each stage is started as
+    a subprocess). nodes: [(name, fn, deps)] in priority order, deps the names of other nodes; a free worker takes
+    the first node, in list order, whose deps have all finished. A node whose dep failed is not run: it fails with
+    the same exception. -> ({name: fn()}, {name: the exception it or its dep raised})."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+    known = {name for name, _, _ in nodes}
+    if len(known) != len(nodes):
+        raise ValueError("run_graph: two nodes share a name")
+    for name, _, deps in nodes:
+        if missing := [d for d in deps if d not in known]:
+            raise ValueError(f"run_graph: node {name!r} waits for {missing}, which no node makes")
+    results, errors, running, pending = {}, {}, {}, list(nodes)
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        while pending or running:
+            changed = True
+            while changed:  # settle the nodes a failure dooms, then start what is ready
+                changed = False
+                for node in list(pending):
+                    name, fn, deps = node
+                    if failed := next((d for d in deps if d in errors), None):
+                        errors[name] = errors[failed]
+                        pending.remove(node)
+                        changed = True
+                    elif len(running) < max(1, jobs) and all(d in results for d in deps):
+                        running[pool.submit(fn)] = name
+                        pending.remove(node)
+                        changed = True
+            if not running:  # nothing runs and nothing can start: the deps go round in a circle
+                raise ValueError(f"run_graph: {[n for n, _, _ in pending]} wait for each other")
+            for f in wait(running, return_when=FIRST_COMPLETED).done:
+                name = running.pop(f)
+                try:
+                    results[name] = f.result()
+                except Exception as e:  # noqa: BLE001 -- handed to the caller, which says what failed
+                    errors[name] = e
+    return results, errors
+
+
 def phase_finished(phase_dir):
     """Has the training phase in this folder run all its steps (its trainer/state.json says so)?"""
     p = os.path.join(phase_dir, "trainer", "state.json")

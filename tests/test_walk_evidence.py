@@ -151,7 +151,8 @@ def test_lambda_sem_reaches_train_py_of_the_decoder_arms_only(tmp_path, monkeypa
     a = W.get_args(["--task", "order", "--curriculum", "stepwise", "--lambda-sem", "10", "--out", str(tmp_path)])
     for arm in W.ARMS:
         cmds.clear()
-        W.one_run(a, arm, 0, {})
+        W.train_run(a, arm, 0, {})
+        W.evaluate_run(a, arm, 0, {})
         trains = [c for c in cmds if c[1] == "train.py"]
         assert len(trains) == len(W.phases(a))
         sems = {tuple(c[i + 1] for i, x in enumerate(c) if x == "--lambda-sem") for c in trains}
@@ -180,7 +181,8 @@ def train_flags(monkeypatch, a, flag):
     monkeypatch.setattr(W, "sh", lambda cmd, env, log: cmds.append(cmd))
     for arm in W.ARMS:
         cmds.clear()
-        W.one_run(a, arm, 0, {})
+        W.train_run(a, arm, 0, {})
+        W.evaluate_run(a, arm, 0, {})
         out[arm] = {tuple(c[i + 1] for i, x in enumerate(c) if x == flag) for c in cmds if c[1] == "train.py"}
     return out
 
@@ -257,7 +259,8 @@ def test_the_positional_encoder_reaches_the_arms_with_a_visual_projector(tmp_pat
     monkeypatch.setattr(W, "sh", lambda cmd, env, log: ran.append(cmd))
     for arm in W.ARMS:
         ran.clear()
-        W.one_run(a, arm, 0, {})
+        W.train_run(a, arm, 0, {})
+        W.evaluate_run(a, arm, 0, {})
         datas = {c[c.index("--data") + 1] for c in ran if "--data" in c}
         assert datas == {str(tmp_path / ("data_positional" if arm in ("VITAL", "pause") else "data"))}, arm
     default = W.get_args(["--task", "order", "--out", str(tmp_path)])
@@ -320,3 +323,38 @@ def test_demo_is_the_records_command_for_one_seed(tmp_path):
 def record_args(record):
     """The settings in the record's command line."""
     return vars(W.get_args(record["command"].split()[2:]))
+
+
+def test_the_demo_graph_starts_vital_before_what_only_the_k0_model_and_the_tables_read(tmp_path):
+    """--demo's stages and runs as run_graph nodes: VITAL's first run waits only for the models, the stand-in, its
+    own ROI features and the perception check, and comes before OUT/data (the K = 0 model's), which comes before
+    the K = 0 run; the stand-in's own answers and the pointing bound (the tables read them) come last; each stage
+    of stages() is a node once; the evaluation, the state probes and the explanation wait for the training only."""
+    a = W.get_args(["--demo", "--out", str(tmp_path)])
+    nodes = W.graph(a, {}, explain=lambda: None)
+    names, deps = [n for n, _, _ in nodes], {n: d for n, _, d in nodes}
+    pos, base = str(tmp_path / "data_positional"), str(tmp_path / "data")
+    assert set(deps["train VITAL s0"]) == {"models", "stand-in", f"roi {pos}", "perception check"}
+    assert set(deps["train K=0 s0"]) == {"models", "stand-in", f"roi {base}", "perception check"}
+    assert deps["perception check"] == ["perception"] and deps[f"roi {pos}"] == [f"data {pos}", "encoder"]
+    assert (names.index(f"roi {pos}") < names.index("perception check") < names.index("train VITAL s0")
+            < names.index(f"data {base}") < names.index("train K=0 s0") < names.index("alone"))
+    assert names.index("train K=0 s0") < names.index("pointing bound")
+    assert all(deps[f"{what} VITAL s0"] == ["train VITAL s0"] for what in ("evaluate", "state probes"))
+    assert deps["explain"] == ["train VITAL s0"]
+    stage_names = [n for n, *_ in W.named_stages(a)]
+    assert len(stage_names) == len(set(stage_names)) and sorted(set(names) & set(stage_names)) == sorted(stage_names)
+    assert [(c, d) for _, c, d, _ in W.named_stages(a)] == W.stages(a)
+
+
+def test_epochs_sets_each_phase_and_names_every_arms_runs(tmp_path, monkeypatch):
+    """--epochs 2 2 1 2: the four phases of stepwise to 4 moves train 2, 2, 1 and 2 epochs in every arm, whose
+    folders carry _ep2-2-1-2; a count that is not one per phase is refused with the count it needs."""
+    args = ["--task", "order", "--curriculum", "stepwise", "--out", str(tmp_path)]
+    a = W.get_args(args + ["--epochs", "2", "2", "1", "2"])
+    assert [(p, e) for p, e, _ in W.phases(a)] == [(1, 2), (2, 2), (3, 1), (6, 2)]
+    assert [e for _, e, _ in W.phases(W.get_args(args))] == [4, 2, 2, 3]  # the curriculum's own
+    assert train_flags(monkeypatch, a, "--epochs") == {arm: {("2",), ("1",)} for arm in W.ARMS}
+    assert {W.tag(a, arm) for arm in ("K=0", "task-only")} == {"_stepwise_ep2-2-1-2"}
+    with pytest.raises(SystemExit):
+        W.get_args(args + ["--epochs", "2", "2"])
