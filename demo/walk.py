@@ -565,7 +565,9 @@ def graph(args, env, explain=None):
     """Every stage and run as run_graph nodes, in the order a free core takes them: first what VITAL's first run
     reads (the models, the stand-in, its data and ROI features, the perception check), then the runs seed by seed
     (train, then evaluation and state probes side by side), each data folder just before the first run that reads
-    it, and last what only the tables read. explain: a callable run after the first seed's VITAL (--demo)."""
+    it, and last what only the tables read. Every stage gets env (OMP_NUM_THREADS = cores / --jobs): two stages of
+    two threads each on two cores took 2-5x their time (extract_roi: 124 s against 23; its features are the same to
+    the bit on one thread). explain: a callable run after the first seed's VITAL (--demo)."""
     named = {name: (cmd, done, deps) for name, cmd, done, deps in named_stages(args)}
 
     def stage(name):
@@ -574,7 +576,7 @@ def graph(args, env, explain=None):
         def go():
             if not os.path.exists(done):
                 print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
-                subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+                subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, env=env)
         return name, go, deps
 
     def check():
@@ -784,7 +786,7 @@ def against_record(mine, record, seed):
     return rows
 
 
-def explain_item(args, samples=None):
+def explain_item(args, samples=None, env=None):
     """--demo: explain.py with the first seed's VITAL on the first test item of --moves lesions, unless done.
     -> (that item, the explanation's path without .json/.png)."""
     if samples is None:
@@ -794,7 +796,7 @@ def explain_item(args, samples=None):
     stem = os.path.join(args.out, "explain", pick["id"])
     if not os.path.isfile(stem + ".json"):
         sh([PY, "explain.py", img, pick["question"], "--ckpt", last_phase(args, "VITAL", args.seeds[0]), "--k",
-            str(moves(pick)), "--out", stem], dict(os.environ), os.path.join(args.out, "explain.log"))
+            str(moves(pick)), "--out", stem], env or dict(os.environ), os.path.join(args.out, "explain.log"))
     return pick, stem
 
 
@@ -828,7 +830,8 @@ def main(argv=None):
     copy_stand_in(args)
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // args.jobs)))
     t0 = time.time()
-    done, failed = run_graph(graph(args, env, explain=(lambda: explain_item(args)) if args.demo else None), args.jobs)
+    explain = (lambda: explain_item(args, env=env)) if args.demo else None
+    done, failed = run_graph(graph(args, env, explain), args.jobs)
     if isinstance(failed.get("perception check"), PerceptionError):
         sys.exit(f"demo/walk.py: {failed['perception check']}")
     for name, e in failed.items():
