@@ -2,7 +2,7 @@
 VITAL end to end on phantom data with tiny models, on a CPU: what `bash demo.sh` runs.
 
 By default the demo is stage 7 alone, the order question: a phantom question that needs one pass per lesion, where
-VITAL's loop beats its K = 0 model (about 16 min on 2 cores). --six-types runs stages 1-6 first, the embedded
+VITAL's loop beats its K = 0 model (about 15 min on 2 cores). --six-types runs stages 1-6 first, the embedded
 default's six question types, which one pass answers (README, Results; about 6 more minutes).
 
 Every stage is a subprocess with its documented command line, printed before it runs, so the demo is
@@ -32,7 +32,7 @@ file next to their folder):
   7. the order question, a phantom question that needs one pass per lesion (the six types above do not: README,
      Results): python demo/walk.py --demo --out OUT/order --seeds SEED (VITAL and the K = 0 model with the command
      of the order record, one seed, on the shipped order stand-in; read against the record's five seeds; explain.py
-     on one test item of 4 lesions; about 16 min on 2 cores; with --six-types, --skip-order leaves it out)
+     on one test item of 4 lesions; about 15 min on 2 cores; with --six-types, --skip-order leaves it out)
                                                       -> OUT/order/ (runs, demo.md, explain/<id>.{png,json})
 then a summary. Stage 7: its figures beside the five seeds of its record
 (demo/order_stepwise_sem10_vis5_positional.json) and the explained item. Stages 1-6: closed-ended accuracy of
@@ -329,7 +329,7 @@ def order_question(args, paths, timings):
     -> (its markdown rows for the summary, the explanation's lines for the report), from OUT/order/demo.md."""
     timings["order question"] = run([PY, "demo/walk.py", "--demo", "--out", paths["order"], "--seeds", str(args.seed)],
                                     what=f"the order question: VITAL and the K = 0 model, seed {args.seed} "
-                                         "(about 16 min on 2 cores)")
+                                         "(about 15 min on 2 cores)")
     with open(os.path.join(paths["order"], "demo.md")) as f:
         text = f.read().rstrip("\n").split("\n")
     cut = text.index("```") if "```" in text else len(text)  # the table, then the explanation in a code block

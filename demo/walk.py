@@ -43,6 +43,9 @@ it is copied into OUT/pretrain instead of trained (31 min on 2 cores) unless --r
 --demo is what demo.sh runs (demo/run.py stage 7): the command of the order record with --encoder positional and
 --lambda-vis 5, VITAL and K = 0, one seed (--seeds), no record of its own; then each figure against the record's
 seeds and one test item of 4 lesions explained (OUT/demo.md).
+--epochs E1 E2 ... sets the epochs of each phase instead of the curriculum's (stepwise to 4 moves: 4 / 2 / 2 / 3); its
+runs, results and demo/*.md carry "_ep<E1-E2-...>" (2 / 2 / 1 / 2 and 1 / 2 / 2 / 2 lost seed 0's loop on the order
+question: docs/tuning-log.md, 2026-12-07 eighth).
 --curriculum stepwise trains every arm K = 1 first, then one more move per phase (train.py CURRICULA; the first
 two phases are the 3-phase runs' own, to the bit), then all walks; its runs, results and demo/*.md carry
 "_stepwise". --lambda-sem W sets L_sem's weight in the arms with a decoder (VITAL, pause; their runs, results and
@@ -77,7 +80,7 @@ look; every arm's runs, results and demo/*.md carry "_bare".
         --lambda-vis 5 --encoder positional --arms VITAL K=0             # the same at λ_vis 5: the demo's record
     python demo/walk.py --task order --moves 4 --out runs/order4 --curriculum stepwise --lr-k0 3e-4 --lambda-sem 10 \
         --lambda-vis 5 --question bare --encoder positional --arms VITAL K=0   # the same, the rule not stated
-    python demo/walk.py --demo --out runs/demo/order                    # its seed 0 against that record (~16 min)
+    python demo/walk.py --demo --out runs/demo/order                    # its seed 0 against that record (~15 min)
 """
 import argparse
 import json
@@ -175,7 +178,9 @@ def get_args(argv=None):
     ap.add_argument("--no-record", action="store_true",
                     help="write the results under --out only, not to demo/<task>*.md (a run of fewer seeds than the "
                          "record, e.g. the demo's)")
-    ap.add_argument("--jobs", type=int, default=2, help="runs at once (OMP_NUM_THREADS = cores / jobs each)")
+    ap.add_argument("--jobs", type=int, default=2,
+                    help="stages and runs at once, one thread each (OMP_NUM_THREADS=1, the records' count on any "
+                         "machine: two threads train other weights)")
     ap.add_argument("--min-perception", type=float, default=90.0,
                     help="--task order: stop before the runs unless the stand-in reads the first lesion's order and "
                          "every cell's look at this %% or more on unseen images (0: run anyway)")
@@ -565,9 +570,8 @@ def graph(args, env, explain=None):
     """Every stage and run as run_graph nodes, in the order a free core takes them: first what VITAL's first run
     reads (the models, the stand-in, its data and ROI features, the perception check), then the runs seed by seed
     (train, then evaluation and state probes side by side), each data folder just before the first run that reads
-    it, and last what only the tables read. Every stage gets env (OMP_NUM_THREADS = cores / --jobs): two stages of
-    two threads each on two cores took 2-5x their time (extract_roi: 124 s against 23; its features are the same to
-    the bit on one thread). explain: a callable run after the first seed's VITAL (--demo)."""
+    it, and last what only the tables read. Every stage gets env (one thread): two stages of two threads each on two
+    cores took 2-5x their time (extract_roi: 124 s against 23; its features are the same to the bit on one thread). explain: a callable run after the first seed's VITAL (--demo)."""
     named = {name: (cmd, done, deps) for name, cmd, done, deps in named_stages(args)}
 
     def stage(name):
@@ -828,7 +832,9 @@ def main(argv=None):
     if why := check_data_size(args):
         sys.exit(f"demo/walk.py: {why}")
     copy_stand_in(args)
-    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // args.jobs)))
+    # one thread per stage and run whatever the machine: the records were trained so, and the thread count changes
+    # the weights (30 steps of phase 1 on two threads: all 28 LoRA tensors differ, by up to 5e-8; docs/tuning-log.md)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     t0 = time.time()
     explain = (lambda: explain_item(args, env=env)) if args.demo else None
     done, failed = run_graph(graph(args, env, explain), args.jobs)

@@ -358,3 +358,22 @@ def test_epochs_sets_each_phase_and_names_every_arms_runs(tmp_path, monkeypatch)
     assert {W.tag(a, arm) for arm in ("K=0", "task-only")} == {"_stepwise_ep2-2-1-2"}
     with pytest.raises(SystemExit):
         W.get_args(args + ["--epochs", "2", "2"])
+
+
+def test_every_stage_and_run_gets_one_thread_whatever_the_machine(tmp_path, monkeypatch):
+    """The records were trained on one thread per run, and two threads train other weights: on a 16-core machine
+    too, the graph's stages and runs get OMP_NUM_THREADS=1."""
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_graph(args, env, explain=None):
+        seen.append(env["OMP_NUM_THREADS"])
+        raise Stop
+    monkeypatch.setattr(W.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(W, "copy_stand_in", lambda args: False)
+    monkeypatch.setattr(W, "graph", fake_graph)
+    with pytest.raises(Stop):
+        W.main(["--task", "order", "--out", str(tmp_path)])
+    assert seen == ["1"]
