@@ -571,7 +571,8 @@ def graph(args, env, explain=None):
     reads (the models, the stand-in, its data and ROI features, the perception check), then the runs seed by seed
     (train, then evaluation and state probes side by side), each data folder just before the first run that reads
     it, and last what only the tables read. Every stage gets env (one thread): two stages of two threads each on two
-    cores took 2-5x their time (extract_roi: 124 s against 23; its features are the same to the bit on one thread). explain: a callable run after the first seed's VITAL (--demo)."""
+    cores took 2-5x their time (extract_roi: 124 s against 23; its features are the same to the bit on one thread).
+    explain: a callable run after the first seed's VITAL (--demo)."""
     named = {name: (cmd, done, deps) for name, cmd, done, deps in named_stages(args)}
 
     def stage(name):
