@@ -223,7 +223,7 @@ def copy_stand_in(args, shipped=SHIPPED):
 
 
 def stages(args):
-    """(command, the file that says it is done) for the inputs every run shares, in the order they were written."""
+    """(command, the file that says it is done) for the inputs every run shares: named_stages without the names."""
     return [(cmd, done) for _, cmd, done, _ in named_stages(args)]
 
 
