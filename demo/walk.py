@@ -503,12 +503,16 @@ def run_folder(args, arm, seed):
     return os.path.join(args.out, f"{arm.replace('=', '')}_lr{arm_lr(args, arm):g}{tag(args, arm)}", f"s{seed}")
 
 
-def wanted(args, arm, seed):
-    """The files of a finished evaluation of one run: OUT/<arm>.../s<seed>/eval/ and what evaluate.py writes there."""
-    ev = os.path.join(run_folder(args, arm, seed), "eval")
+def eval_dir(args, arm, seed):
+    return os.path.join(run_folder(args, arm, seed), "eval")
+
+
+def evaluated(args, arm, seed):
+    """Has the run's evaluation written every file of its arm's evaluate.py flags?"""
     flags = ARMS[arm][1]
-    return ev, ["metrics.json"] + [f for flag, f in (("--probe", "probes.json"), ("--text-window", "text_window.json"),
-                                                     ("--pointing", "pointing.json")) if flag in flags]
+    files = ["metrics.json"] + [f for flag, f in (("--probe", "probes.json"), ("--text-window", "text_window.json"),
+                                                  ("--pointing", "pointing.json")) if flag in flags]
+    return all(os.path.isfile(os.path.join(eval_dir(args, arm, seed), f)) for f in files)
 
 
 def last_phase(args, arm, seed):
@@ -521,8 +525,7 @@ def train_run(args, arm, seed, env):
     extra = ARMS[arm][0]
     lr = arm_lr(args, arm)
     run_dir = run_folder(args, arm, seed)
-    ev, files = wanted(args, arm, seed)
-    if all(os.path.isfile(os.path.join(ev, f)) for f in files):
+    if evaluated(args, arm, seed):
         return
     os.makedirs(run_dir, exist_ok=True)
     log = os.path.join(run_dir, "commands.log")
@@ -543,11 +546,11 @@ def train_run(args, arm, seed, env):
 
 def evaluate_run(args, arm, seed, env):
     """evaluate.py on the run's last phase with the arm's flags, unless done. -> True if it ran."""
-    ev, files = wanted(args, arm, seed)
-    if all(os.path.isfile(os.path.join(ev, f)) for f in files):
+    if evaluated(args, arm, seed):
         return False
     t0 = time.time()
-    sh([PY, "evaluate.py", "--ckpt", last_phase(args, arm, seed), "--data", data_dir(args, arm), "--out", ev]
+    sh([PY, "evaluate.py", "--ckpt", last_phase(args, arm, seed), "--data", data_dir(args, arm), "--out",
+        eval_dir(args, arm, seed)]
        + ARMS[arm][1], env, os.path.join(run_folder(args, arm, seed), "commands.log"))
     print(f"[done] {arm} seed {seed}, evaluated in {time.time() - t0:.0f}s", flush=True)
     return True
@@ -555,7 +558,7 @@ def evaluate_run(args, arm, seed, env):
 
 def state_probe_run(args, arm, seed, env):
     """demo/diagnose.py --walk on the run's states (STATE_PROBES), unless done."""
-    out = os.path.join(run_folder(args, arm, seed), "eval", "walk_probes.json")
+    out = os.path.join(eval_dir(args, arm, seed), "walk_probes.json")
     if arm in STATE_PROBES and not os.path.isfile(out):
         sh([PY, "demo/diagnose.py", "--walk", "--data", data_dir(args, arm), "--out", out]
            + STATE_PROBES[arm] + [last_phase(args, arm, seed)], env,
@@ -851,11 +854,11 @@ def main(argv=None):
     alone = by_moves(os.path.join(stand_in_alone(args), "predictions.jsonl"), samples)
     group, lookup = memory_groups(samples)
     res, trained = {}, sum(1 for n, v in done.items() if n.startswith("evaluate ") and v)
-    futs = [(a, s) for s in args.seeds for a in args.arms]
-    for arm, seed in futs:
+    asked = [(a, s) for s in args.seeds for a in args.arms]
+    for arm, seed in asked:
         if f"evaluate {arm} s{seed}" not in done:
             continue
-        ev = wanted(args, arm, seed)[0]
+        ev = eval_dir(args, arm, seed)
         res.setdefault(arm, {})[seed] = by_moves(os.path.join(ev, "predictions.jsonl"), samples)
         res[arm][seed].update(by_memory(os.path.join(ev, "predictions.jsonl"), samples, group))
         if os.path.isfile(os.path.join(ev, "probes.json")):
@@ -886,7 +889,7 @@ def main(argv=None):
         with open(os.path.join(HERE, name + ".md"), "w") as f:
             title = "The walk's evidence" if args.task == "walk" else "The order question's evidence"
             f.write(f"# {title}\n\nWritten by `{cmd.strip()}` on {time.strftime('%Y-%m-%d %H:%M')} "
-                    f"({where}); {trained} of {len(futs)} runs trained in this call, "
+                    f"({where}); {trained} of {len(asked)} runs trained in this call, "
                     f"{(time.time() - t0) / 60:.1f} min (the others were on disk). Per-run numbers: "
                     f"{args.out}/results{tag(args)}.json.\n\n" + md)
     print("\n" + md)

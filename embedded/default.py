@@ -59,10 +59,10 @@ def run(cmd, skip_if=None, what="", log=None):
 
 
 def run_graph(nodes, jobs):
-    """Run stages as soon as their inputs are ready, `jobs` at a time (one thread each, so each stage is started as
-    a subprocess). nodes: [(name, fn, deps)] in priority order, deps the names of other nodes; a free worker takes
-    the first node, in list order, whose deps have all finished. A node whose dep failed is not run: it fails with
-    the same exception. -> ({name: fn()}, {name: the exception it or its dep raised})."""
+    """Run stages as soon as their inputs are ready, `jobs` at a time, each fn in a thread of this process (so a fn
+    that computes starts a subprocess). nodes: [(name, fn, deps)] in priority order, deps the names of other nodes;
+    a free worker takes the first node, in list order, whose deps have all finished. A node whose dep failed is not
+    run: it fails with the same exception. -> ({name: fn()}, {name: the exception it or its dep raised})."""
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
     known = {name for name, _, _ in nodes}
     if len(known) != len(nodes):
@@ -70,8 +70,8 @@ def run_graph(nodes, jobs):
     for name, _, deps in nodes:
         if missing := [d for d in deps if d not in known]:
             raise ValueError(f"run_graph: node {name!r} waits for {missing}, which no node makes")
-    results, errors, running, pending = {}, {}, {}, list(nodes)
-    with ThreadPoolExecutor(max(1, jobs)) as pool:
+    jobs, results, errors, running, pending = max(1, jobs), {}, {}, {}, list(nodes)
+    with ThreadPoolExecutor(jobs) as pool:
         while pending or running:
             changed = True
             while changed:  # settle the nodes a failure dooms, then start what is ready
@@ -82,7 +82,7 @@ def run_graph(nodes, jobs):
                         errors[name] = errors[failed]
                         pending.remove(node)
                         changed = True
-                    elif len(running) < max(1, jobs) and all(d in results for d in deps):
+                    elif len(running) < jobs and all(d in results for d in deps):
                         running[pool.submit(fn)] = name
                         pending.remove(node)
                         changed = True
