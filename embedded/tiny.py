@@ -33,10 +33,19 @@ yes no visible present absent appears compared with surrounding brighter darker 
 structure shape size small large extent its edge edges well defined uniform intensity texture
 question answer step reasoning finding image-space area occupies about percent lies near
 """.split()
+# The order question's words (embedded/phantom.py's order grids: the stated rule, the chains, the options), kept whole
+# by `make_tiny(words="order")`: TINY_CORPUS alone cuts them into pieces ('numbers' is n / u / m / b / er / s), which
+# made the stated question 185 tokens and a chain step 60; with them 84 and 31 (docs/tuning-log.md, 2026-12-08).
+ORDER_WORDS = """three numbers number stand order read lesions row by from after and or do so to this one two first last
+end goes sends swap swaps leaves surroundings photograph options with 0 1 2 3 4 5 6 7 8 9
+""".split()
+WORDS = {"tiny": (TINY_CORPUS, 1024), "order": (TINY_CORPUS + ORDER_WORDS, 2048)}  # -> (seed words, vocabulary cap)
 
 
 def make_tokenizer(seed_words=TINY_CORPUS, vocab_size=1024):
-    """A byte-level BPE tokenizer built offline with `tokenizers`, with Qwen's special tokens."""
+    """A byte-level BPE tokenizer built offline with `tokenizers`, with Qwen's special tokens. Every seed word becomes
+    one token (with and without a leading space, and capitalised) when vocab_size leaves room for all its merges:
+    TINY_CORPUS gives 911 entries under 1024, WORDS["order"] 1072 under 2048."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -50,14 +59,16 @@ def make_tokenizer(seed_words=TINY_CORPUS, vocab_size=1024):
 
 
 def make_tiny(folder, hidden=64, layers=2, dec_hidden=64, dec_layers=2, enc_hidden=48, seed=0, patch=16,
-              position_scale=1.0):
+              position_scale=1.0, words="tiny"):
     """Write tiny random-init models of the real classes (fixed seed) into folder/{backbone,decoder,
     encoder}. They load through load_backbone/load_decoder/load_encoder exactly like real checkpoints.
     position_scale multiplies the encoder's position embeddings after init (the same weights otherwise): at 3 its
     patch features say where a patch is about as loudly as what it shows (a stand-in whose features carry position,
-    for the pointing game on grids of look-alike lesions: docs/tuning-log.md, 2026-12-07 fourth)."""
+    for the pointing game on grids of look-alike lesions: docs/tuning-log.md, 2026-12-07 fourth).
+    words: the tokenizer's seed words, a key of WORDS ("order" also keeps the order question's words whole; the
+    embedding and lm_head rows follow the vocabulary's size, so every weight differs from "tiny"'s)."""
     torch.manual_seed(seed)
-    tok = make_tokenizer()
+    tok = make_tokenizer(*WORDS[words])
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     head_dim = 32  # M-RoPE splits head_dim/2 = 16 frequencies over (t, h, w) as 6/5/5
     cfg = Qwen3VLConfig(
@@ -141,8 +152,11 @@ def main():
     ap.add_argument("--seed", type=int, default=0, help="random seed of the weights")
     ap.add_argument("--position-scale", type=float, default=1.0,
                     help="the encoder's position embeddings times this (3: patch features that carry position)")
+    ap.add_argument("--words", choices=list(WORDS), default="tiny",
+                    help="the tokenizer's seed words: tiny, or order (the order question's words kept whole too)")
     args = ap.parse_args()
-    make_tiny(args.folder, hidden=args.hidden, layers=args.layers, seed=args.seed, position_scale=args.position_scale)
+    make_tiny(args.folder, hidden=args.hidden, layers=args.layers, seed=args.seed, position_scale=args.position_scale,
+              words=args.words)
     print(f"tiny models written to {args.folder}/{{backbone,decoder,encoder}}")
 
 
