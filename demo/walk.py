@@ -99,6 +99,7 @@ from demo.ablate import fmt, sh  # noqa: E402
 from demo.run import accuracy_by_type, machine  # noqa: E402
 from embedded.default import SHIPPED, copy_verified, phase_finished, run_graph  # noqa: E402
 from embedded.phantom import cell_name  # noqa: E402
+from embedded.tiny import WORDS, make_tokenizer  # noqa: E402
 PY = sys.executable
 # train.py's curriculum -> the demo's epochs per phase; stepwise (one phase per extra move) skips the phases
 # whose cap admits every walk already and warm-starts its last phase from the last one it ran
@@ -172,6 +173,10 @@ def get_args(argv=None):
                          "stand?\", 23 tokens: a training step takes half the time); the stand-in's corpus and its "
                          "perception check keep the stated rule; bare: every arm's data, runs, results and demo/*.md "
                          "carry _bare")
+    ap.add_argument("--words", default="tiny", choices=list(WORDS),
+                    help="the tiny models' tokenizer (embedded/tiny.py --words): tiny, or order (the order question's "
+                         "words kept whole: its stated question 84 tokens instead of 185, a chain step 31 instead of "
+                         "60); order: the models, the stand-in and every arm's runs, results and demo/*.md carry _words")
     ap.add_argument("--rebuild-stand-in", action="store_true",
                     help="--task order: train the stand-in here (31 min on 2 cores) instead of copying the shipped one "
                          "(embedded/pretrained/order_pretrain, made by these stages)")
@@ -193,6 +198,8 @@ def get_args(argv=None):
     args.out = args.out or ("runs/demo/order" if demo else f"runs/{args.task}")
     if demo and "--models" not in argv:
         args.models = os.path.join(args.out, "models")
+    if "--models" not in argv:  # the default folder of other words' models is their own
+        args.models += words_tag(args)
     if args.question != "stated" and args.task != "order":
         ap.error("--question words the order question: it needs --task order")
     if args.curriculum == "stepwise" and args.moves < 2:
@@ -212,13 +219,13 @@ def copy_stand_in(args, shipped=SHIPPED):
     on 2 cores) into OUT/pretrain, as demo/run.py copies its two; not when OUT/pretrain exists (a finished or resumable
     stage) or with --rebuild-stand-in. A file whose sha256 is not the manifest's is refused by name, before anything
     is copied (embedded/default.copy_verified). -> True if copied."""
-    dst = os.path.join(args.out, "pretrain")
+    dst, name = stand_in_dir(args), ORDER_STAND_IN + words_tag(args)
     if args.task != "order" or args.rebuild_stand_in or os.path.exists(dst):
         return False
     with open(os.path.join(shipped, "stand_ins.json")) as f:
-        files = json.load(f)[ORDER_STAND_IN]["files"]
-    copy_verified(shipped, ORDER_STAND_IN, files, dst, "demo/walk.py", "--rebuild-stand-in")
-    print(f"[copy] the shipped stand-in {os.path.join(shipped, ORDER_STAND_IN)} -> {dst}", flush=True)
+        files = json.load(f)[name]["files"]
+    copy_verified(shipped, name, files, dst, "demo/walk.py", "--rebuild-stand-in")
+    print(f"[copy] the shipped stand-in {os.path.join(shipped, name)} -> {dst}", flush=True)
     return True
 
 
@@ -246,8 +253,9 @@ def named_stages(args):
                    os.path.join(encoder, "config.json"), [])] if args.encoder == "positional" else []
     # the same items in every data folder (same command, same seed), each with its encoder's ROI features
     folders = {base_data(args): ENCODERS["pretrained"], d: encoder}
-    tiny = ("models", [PY, "embedded/tiny.py", args.models], os.path.join(args.models, "encoder", "config.json"), [])
-    stand_in_done = os.path.join(args.out, "pretrain", "phase1", "backbone", "config.json")
+    tiny = ("models", [PY, "embedded/tiny.py", args.models] + (["--words", args.words] if words_tag(args) else []),
+            os.path.join(args.models, "encoder", "config.json"), [])
+    stand_in_done = os.path.join(stand_in_dir(args), "phase1", "backbone", "config.json")
     return [tiny] + positional + [
             stage for dd, enc in folders.items() for stage in (
                 (f"data {dd}", [PY, "prepare_data.py", "--out", dd, "--n", str(args.n), "--seed", "0"] + data,
@@ -259,11 +267,11 @@ def named_stages(args):
             ("corpus", [PY, "prepare_data.py", "--out", pre, "--seed", "1", "--test-frac", "0", "--val-frac", "0"]
              + stand_in, stand_in_done if os.path.isfile(stand_in_done) else os.path.join(pre, "stats.json"), []),
             ("stand-in", [PY, "demo/pretrain.py", "--data", pre, "--models", args.models, "--out",
-                          os.path.join(args.out, "pretrain"), "--epochs", "10",
+                          stand_in_dir(args), "--epochs", "10",
                           "--lr", "3e-3" if args.task == "walk" else "1e-3"]
-             + (["--resume"] if os.path.isdir(os.path.join(args.out, "pretrain", "phase1")) else []),
+             + (["--resume"] if os.path.isdir(os.path.join(stand_in_dir(args), "phase1")) else []),
              stand_in_done, ["corpus", "models"]),
-            ("alone", [PY, "evaluate.py", "--ckpt", os.path.join(args.out, "pretrain", "phase1"), "--data",
+            ("alone", [PY, "evaluate.py", "--ckpt", os.path.join(stand_in_dir(args), "phase1"), "--data",
                        base_data(args), "--out", stand_in_alone(args), "--k", "0"],
              os.path.join(stand_in_alone(args), "metrics.json"), ["stand-in", f"roi {base_data(args)}"]),
             ("pointing bound", [PY, "demo/pointing_bound.py", "--data", d], os.path.join(d, "pointing_bound.json"),
@@ -277,11 +285,11 @@ def perception_stages(args):
     [(name, command, done, deps)] as named_stages."""
     if args.task != "order":
         return []
-    d, ev = os.path.join(args.out, "perception_data"), os.path.join(args.out, "stand_in_perception")
+    d, ev = os.path.join(args.out, "perception_data"), perception_dir(args)
     return [("perception data", [PY, "prepare_data.py", "--out", d, "--n", "400", "--seed", "2", "--source",
                                  "phantom", "--image-size", "96", "--order-hops", "1", "--types", "order", "look",
                                  "--test-frac", "1", "--val-frac", "0"], os.path.join(d, "stats.json"), []),
-            ("perception", [PY, "evaluate.py", "--ckpt", os.path.join(args.out, "pretrain", "phase1"), "--data", d,
+            ("perception", [PY, "evaluate.py", "--ckpt", os.path.join(stand_in_dir(args), "phase1"), "--data", d,
                             "--out", ev, "--k", "0"], os.path.join(ev, "metrics.json"),
              ["perception data", "stand-in", "models"])]
 
@@ -291,7 +299,7 @@ def perception_figures(args):
     questions, the look question also cell by cell (pooled, a stand-in that reads only the upper left cell still
     scores a third)."""
     samples = [json.loads(l) for l in open(os.path.join(args.out, "perception_data", "samples.jsonl")) if l.strip()]
-    preds = os.path.join(args.out, "stand_in_perception", "predictions.jsonl")
+    preds = os.path.join(perception_dir(args), "predictions.jsonl")
     acc = {t: 100 * c / n for t, (c, n) in accuracy_by_type(preds, samples).items()}
     looks = [dict(s, cell=s["meta"]["drawn"]["look_cell"]) for s in samples if s["question_type"] == "look"]
     by_cell = accuracy_by_type(preds, looks, "cell")  # the order items fall under '?', and 'all' is every item
@@ -410,7 +418,7 @@ def tag(args, arm="VITAL"):
     return (("" if args.curriculum == "3-phase" else f"_{args.curriculum}") + epochs_tag(args)
             + (f"_sem{args.lambda_sem:g}" if sem else "")
             + (f"_vis{args.lambda_vis:g}" if vis else "") + ("_readcache" if cache else "") + question_tag(args)
-            + encoder_tag(args, arm))
+            + encoder_tag(args, arm) + words_tag(args))
 
 
 def epochs_tag(args):
@@ -440,9 +448,39 @@ def base_data(args):
     return os.path.join(args.out, "data" + question_tag(args))
 
 
+def check_models(args):
+    """-> why --models cannot serve --words ('' if it can, or is not made yet): its vocabulary is another tokenizer's."""
+    config = os.path.join(args.models, "backbone", "config.json")
+    if not os.path.isfile(config):
+        return ""
+    with open(config) as f:
+        have = json.load(f)["text_config"]["vocab_size"]
+    want = len(make_tokenizer(*WORDS[args.words]))
+    if have == want:
+        return ""
+    other = [w for w in WORDS if len(make_tokenizer(*WORDS[w])) == have]
+    return (f"{config}: a vocabulary of {have} tokens{f' (--words {other[0]})' if other else ''}, not the {want} of "
+            f"--words {args.words}; give --models a folder of its own")
+
+
+def words_tag(args):
+    """'_words' for tiny models whose tokenizer keeps the order question's words whole (--words order), else ''."""
+    return "" if args.words == "tiny" else "_words"
+
+
+def stand_in_dir(args):
+    """The stand-in backbone's run: OUT/pretrain (OUT/pretrain_words with --words order: the tokenizer is its own)."""
+    return os.path.join(args.out, "pretrain" + words_tag(args))
+
+
 def stand_in_alone(args):
-    """The stand-in's own answers to the data's questions (K = 0, no LoRA): OUT/stand_in_alone(_bare)."""
-    return os.path.join(args.out, "stand_in_alone" + question_tag(args))
+    """The stand-in's own answers to the data's questions (K = 0, no LoRA): OUT/stand_in_alone(_bare)(_words)."""
+    return os.path.join(args.out, "stand_in_alone" + question_tag(args) + words_tag(args))
+
+
+def perception_dir(args):
+    """The stand-in's answers to the perception check: OUT/stand_in_perception(_words)."""
+    return os.path.join(args.out, "stand_in_perception" + words_tag(args))
 
 
 def phases(args):
@@ -533,7 +571,7 @@ def train_run(args, arm, seed, env):
         phase_dir = os.path.join(run_dir, f"phase{p}")
         if not phase_finished(phase_dir):
             sh([PY, "train.py", "--data", data_dir(args, arm), "--preset", "tiny", "--models", args.models, "--out",
-                run_dir, "--backbone", os.path.join(args.out, "pretrain", "phase1", "backbone"), "--phase", str(p),
+                run_dir, "--backbone", os.path.join(stand_in_dir(args), "phase1", "backbone"), "--phase", str(p),
                 "--epochs", f"{ep:g}", "--lora-r", "64", "--lora-alpha", "128", "--lr", f"{lr:g}",
                 "--seed", str(seed), "--curriculum", args.curriculum] + extra
                + (["--lambda-vis", f"{args.lambda_vis:g}"] if arm in VISUAL_ARMS else [])
@@ -833,7 +871,7 @@ def demo_report(args, res, samples):
 def main(argv=None):
     args = get_args(argv)
     os.chdir(ROOT)
-    if why := check_data_size(args):
+    if why := check_data_size(args) or check_models(args):
         sys.exit(f"demo/walk.py: {why}")
     copy_stand_in(args)
     # one thread per stage and run whatever the machine: the records were trained so, and the thread count changes

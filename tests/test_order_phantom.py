@@ -172,3 +172,21 @@ def test_walk_py_reports_the_stand_ins_perception(tmp_path):
 def test_walk_py_counts_an_order_items_lesions():
     assert W.moves(dict(latent_steps=3, question_type="order")) == 3
     assert W.moves(dict(latent_steps=3, question_type="walk")) == W.moves(dict(latent_steps=3)) == 3
+
+
+def test_the_order_words_are_whole_tokens_and_the_tiny_tokenizer_is_unchanged():
+    """embedded/tiny.py --words order: every word of the order question, its chains and options is one token (the
+    stated question 84 tokens, against 185 from the tiny tokenizer that cuts 'numbers' into six pieces); the default
+    tokenizer keeps its 911 entries, so the tiny models and every record made with them stay as they were."""
+    from embedded.grid_questions import order_chain
+    from embedded.tiny import ORDER_WORDS, TINY_CORPUS, WORDS, make_tokenizer
+    tiny, order = make_tokenizer(), make_tokenizer(*WORDS["order"])
+    assert len(tiny) == 911 and len(order) == 1072
+    for w in [w for w in TINY_CORPUS + ORDER_WORDS if "-" not in w]:  # the pre-tokenizer splits 'x-ray' at '-'
+        assert len(order(" " + w, add_special_tokens=False).input_ids) == 1, w
+    q = P.TEMPLATES["order"]["*"][0].format(mp="fundus photograph", hops=4)
+    assert (len(tiny(q).input_ids), len(order(q).input_ids)) == (185, 84)
+    case = phantom_order_case(0, 0, 96, 4)
+    step = order_chain(case["meta"]["drawn"])[0]
+    assert len(order(step).input_ids) < 0.6 * len(tiny(step).input_ids)
+    assert order.decode(order(step).input_ids) == step  # byte-level: nothing lost

@@ -377,3 +377,32 @@ def test_every_stage_and_run_gets_one_thread_whatever_the_machine(tmp_path, monk
     with pytest.raises(Stop):
         W.main(["--task", "order", "--out", str(tmp_path)])
     assert seen == ["1"]
+
+
+def test_words_gives_the_models_the_stand_in_and_every_run_their_own_folders(tmp_path, monkeypatch):
+    """--words order: the models stage passes it to embedded/tiny.py, the models, the stand-in and its answers get
+    folders of their own (another tokenizer's weights), every arm's runs carry _words and train from that stand-in;
+    the data folders are shared (prepare_data.py reads no tokenizer); models of the other words are refused by name."""
+    a = W.get_args(["--task", "order", "--words", "order", "--out", str(tmp_path)])
+    cmds = {n: c for n, c, _, _ in W.named_stages(a)}
+    assert cmds["models"][-2:] == ["--words", "order"] and a.models == "runs/walk/models_words"
+    assert cmds["stand-in"][cmds["stand-in"].index("--out") + 1] == str(tmp_path / "pretrain_words")
+    assert W.stand_in_alone(a) == str(tmp_path / "stand_in_alone_words")
+    assert W.perception_dir(a) == str(tmp_path / "stand_in_perception_words")
+    assert W.base_data(a) == str(tmp_path / "data")
+    assert {W.tag(a, arm) for arm in W.ARMS} == {"_words"}
+    ran = []
+    monkeypatch.setattr(W, "sh", lambda cmd, env, log: ran.append(cmd))
+    W.train_run(a, "VITAL", 0, {})
+    assert {c[c.index("--backbone") + 1] for c in ran} == {str(tmp_path / "pretrain_words" / "phase1" / "backbone")}
+    assert "_words" in ran[0][ran[0].index("--out") + 1]
+    default = W.get_args(["--task", "order", "--out", str(tmp_path)])
+    assert "--words" not in {n: c for n, c, _, _ in W.named_stages(default)}["models"]
+    assert W.stand_in_dir(default) == str(tmp_path / "pretrain") and W.tag(default) == ""
+    # models made with the other tokenizer: refused, naming the folder and its words
+    mine = W.get_args(["--task", "order", "--words", "order", "--models", str(tmp_path / "m"), "--out", str(tmp_path)])
+    assert W.check_models(mine) == ""  # not made yet
+    (tmp_path / "m" / "backbone").mkdir(parents=True)
+    (tmp_path / "m" / "backbone" / "config.json").write_text(json.dumps({"text_config": {"vocab_size": 911}}))
+    why = W.check_models(mine)
+    assert str(tmp_path / "m" / "backbone" / "config.json") in why and "--words tiny" in why and "1072" in why
