@@ -8,8 +8,8 @@ cell right, a brighter one one cell down, wrapping round; after N moves, which c
 3 or more moves need the loop.
 Every stage is a documented command, run as a subprocess and skipped when its output is there (re-running
 resumes; a phase killed half-way continues with --resume), --jobs at a time, each as soon as what it reads is ready
-(embedded/default.run_graph): VITAL's first run starts once its own data and the perception check are done, while
-the data that only the K = 0 model reads is made beside it, and a run's evaluation and state probes run side by side:
+(embedded/default.run_graph): the runs start once the data and the perception check are done, and a run's evaluation
+and state probes run side by side:
   1. data: 6,000 (--n) fixed-start walks of 1 to --moves moves (seed 0) with a mask per move, and their ROI features
      (the shipped pretrained encoder, --tau 0: pooled from the full image's patches under the lesion);
   2. the stand-in backbone (a real run starts from a pretrained Qwen3-VL): the whole tiny backbone trained
@@ -56,13 +56,15 @@ pause; 1 unless set; their runs, results and demo/*.md carry "_vis<W>"): with th
 on every seed of five, 1 on four; at --n 3000 two of four either way (docs/tuning-log.md, 2026-12-07 sixth). --readout cache trains the arms that loop (all but K = 0) with h_K written
 into the cache before the answer (train.py --readout; their runs, results and demo/*.md carry "_readcache").
 --encoder positional gives the arms with a visual projector (VITAL, pause) the ROI features of a stand-in whose patch
-features carry position (embedded/tiny.py --position-scale 3, in OUT/positional_encoder; the same items in
-OUT/data_positional): with the shipped encoder a grid's look-alike lesions cap the pointing game near 77% whatever
-the latents hold (demo/pointing_bound.py; docs/tuning-log.md, 2026-12-07 fourth); their runs carry "_positional".
+features carry position (embedded/tiny.py --position-scale 3, in OUT/positional_encoder; the data in
+OUT/data_positional, whose items every arm reads: the arms without a visual projector read no ROI feature, and the
+K = 0 model trains the same weights to the bit from OUT/data): with the shipped encoder a grid's look-alike lesions
+cap the pointing game near 77% whatever the latents hold (demo/pointing_bound.py; docs/tuning-log.md, 2026-12-07
+fourth); their runs carry "_positional".
 --question bare (--task order) asks "After N lesions, in what order do the numbers stand?" without the rule: the rule
 is 270 of the stated question's 293 prompt tokens, the same in every item: VITAL trains in 7.3 min instead of 11, the
 K = 0 model in 4.1 instead of 7.9, and the loop formed on three seeds of five instead of five (docs/tuning-log.md,
-2026-12-07 seventh). The same items, images, chains and answers, in OUT/data_bare (and OUT/data_bare_positional); the
+2026-12-07 seventh). The same items, images, chains and answers, in OUT/data_bare (OUT/data_bare_positional); the
 stand-in's corpus and perception check keep the stated rule, so the stand-in alone answers the bare question with a
 look; every arm's runs, results and demo/*.md carry "_bare".
 
@@ -251,8 +253,9 @@ def named_stages(args):
     encoder = ENCODERS["pretrained"] if args.encoder == "pretrained" else os.path.join(args.out, ENCODERS[args.encoder])
     positional = [("encoder", [PY, "embedded/tiny.py", os.path.dirname(encoder), "--position-scale", "3"],
                    os.path.join(encoder, "config.json"), [])] if args.encoder == "positional" else []
-    # the same items in every data folder (same command, same seed), each with its encoder's ROI features
-    folders = {base_data(args): ENCODERS["pretrained"], d: encoder}
+    # one data folder, with the ROI features of the arms' encoder: the arms without a visual projector read none (the
+    # K = 0 model trains the same weights, to the bit, from a folder of the other encoder's features)
+    folders = {d: encoder}
     tiny = ("models", [PY, "embedded/tiny.py", args.models] + (["--words", args.words] if words_tag(args) else []),
             os.path.join(args.models, "encoder", "config.json"), [])
     stand_in_done = os.path.join(stand_in_dir(args), "phase1", "backbone", "config.json")
@@ -272,8 +275,8 @@ def named_stages(args):
              + (["--resume"] if os.path.isdir(os.path.join(stand_in_dir(args), "phase1")) else []),
              stand_in_done, ["corpus", "models"]),
             ("alone", [PY, "evaluate.py", "--ckpt", os.path.join(stand_in_dir(args), "phase1"), "--data",
-                       base_data(args), "--out", stand_in_alone(args), "--k", "0"],
-             os.path.join(stand_in_alone(args), "metrics.json"), ["stand-in", f"roi {base_data(args)}"]),
+                       d, "--out", stand_in_alone(args), "--k", "0"],
+             os.path.join(stand_in_alone(args), "metrics.json"), ["stand-in", f"roi {d}"]),
             ("pointing bound", [PY, "demo/pointing_bound.py", "--data", d], os.path.join(d, "pointing_bound.json"),
              [f"roi {d}"])
             ] + perception_stages(args)
@@ -321,7 +324,7 @@ def perception(args):
 def check_data_size(args):
     """A data folder made for another task, --n or --moves would be reused silently (its stage is skipped when
     stats.json is there). -> an error message naming the file, or None."""
-    for d in dict.fromkeys([base_data(args), data_dir(args)]):
+    for d in [data_dir(args)]:
         path = os.path.join(d, "stats.json")
         if not os.path.isfile(path):
             continue
@@ -431,21 +434,16 @@ def encoder_tag(args, arm="VITAL"):
     return f"_{args.encoder}" if args.encoder != "pretrained" and arm in VISUAL_ARMS else ""
 
 
-def data_dir(args, arm="VITAL"):
-    """The data folder an arm trains on: OUT/data, or (--encoder positional, the arms with a visual projector) the
-    same items in OUT/data_positional with that encoder's ROI features."""
-    return base_data(args) + encoder_tag(args, arm)
+def data_dir(args):
+    """The data folder every arm trains on and the tables read: OUT/data (OUT/data_bare with --question bare) with the
+    shipped encoder's ROI features, or with --encoder positional OUT/data_positional with that encoder's (the arms
+    without a visual projector read no ROI feature: the K = 0 model's weights are the same to the bit from either)."""
+    return os.path.join(args.out, "data" + question_tag(args) + ("_positional" if args.encoder == "positional" else ""))
 
 
 def question_tag(args):
     """'_bare' for the order question asked without its rule (--question bare), else ''."""
     return "_bare" if args.question == "bare" else ""
-
-
-def base_data(args):
-    """OUT/data (OUT/data_bare with --question bare): the items every arm answers, with the shipped encoder's ROI
-    features (the arms without a visual projector read no ROI feature)."""
-    return os.path.join(args.out, "data" + question_tag(args))
 
 
 def check_models(args):
@@ -570,7 +568,7 @@ def train_run(args, arm, seed, env):
     for p, ep, init in phases(args):
         phase_dir = os.path.join(run_dir, f"phase{p}")
         if not phase_finished(phase_dir):
-            sh([PY, "train.py", "--data", data_dir(args, arm), "--preset", "tiny", "--models", args.models, "--out",
+            sh([PY, "train.py", "--data", data_dir(args), "--preset", "tiny", "--models", args.models, "--out",
                 run_dir, "--backbone", os.path.join(stand_in_dir(args), "phase1", "backbone"), "--phase", str(p),
                 "--epochs", f"{ep:g}", "--lora-r", "64", "--lora-alpha", "128", "--lr", f"{lr:g}",
                 "--seed", str(seed), "--curriculum", args.curriculum] + extra
@@ -587,7 +585,7 @@ def evaluate_run(args, arm, seed, env):
     if evaluated(args, arm, seed):
         return False
     t0 = time.time()
-    sh([PY, "evaluate.py", "--ckpt", last_phase(args, arm, seed), "--data", data_dir(args, arm), "--out",
+    sh([PY, "evaluate.py", "--ckpt", last_phase(args, arm, seed), "--data", data_dir(args), "--out",
         eval_dir(args, arm, seed)]
        + ARMS[arm][1], env, os.path.join(run_folder(args, arm, seed), "commands.log"))
     print(f"[done] {arm} seed {seed}, evaluated in {time.time() - t0:.0f}s", flush=True)
@@ -598,7 +596,7 @@ def state_probe_run(args, arm, seed, env):
     """demo/diagnose.py --walk on the run's states (STATE_PROBES), unless done."""
     out = os.path.join(eval_dir(args, arm, seed), "walk_probes.json")
     if arm in STATE_PROBES and not os.path.isfile(out):
-        sh([PY, "demo/diagnose.py", "--walk", "--data", data_dir(args, arm), "--out", out]
+        sh([PY, "demo/diagnose.py", "--walk", "--data", data_dir(args), "--out", out]
            + STATE_PROBES[arm] + [last_phase(args, arm, seed)], env,
            os.path.join(run_folder(args, arm, seed), "commands.log"))
 
@@ -609,10 +607,10 @@ class PerceptionError(Exception):
 
 def graph(args, env, explain=None):
     """Every stage and run as run_graph nodes, in the order a free core takes them: first what VITAL's first run
-    reads (the models, the stand-in, its data and ROI features, the perception check), then the runs seed by seed
-    (train, then evaluation and state probes side by side), each data folder just before the first run that reads
-    it, and last what only the tables read. Every stage gets env (one thread): two stages of two threads each on two
-    cores took 2-5x their time (extract_roi: 124 s against 23; its features are the same to the bit on one thread).
+    reads (the models, the stand-in, the data and its ROI features, the perception check), then the runs seed by
+    seed (train, then evaluation and state probes side by side), and last what only the tables read. Every stage
+    gets env (one thread): two stages of two threads each on two cores took 2-5x their time (extract_roi: 124 s
+    against 23; its features are the same to the bit on one thread).
     explain: a callable run after the first seed's VITAL (--demo)."""
     named = {name: (cmd, done, deps) for name, cmd, done, deps in named_stages(args)}
 
@@ -642,10 +640,9 @@ def graph(args, env, explain=None):
     nodes.append(("perception check", check, ["perception"] if "perception" in named else []))
     for s in args.seeds:  # seed-major: a partial run still covers every arm
         for a in args.arms:
-            add(f"data {data_dir(args, a)}", f"roi {data_dir(args, a)}")
             run = f"{a} s{s}"
             nodes += [(f"train {run}", lambda a=a, s=s: train_run(args, a, s, env),
-                       ["models", "stand-in", f"roi {data_dir(args, a)}", "perception check"]),
+                       ["models", "stand-in", f"roi {data_dir(args)}", "perception check"]),
                       (f"evaluate {run}", lambda a=a, s=s: evaluate_run(args, a, s, env), [f"train {run}"]),
                       (f"state probes {run}", lambda a=a, s=s: state_probe_run(args, a, s, env), [f"train {run}"])]
             if explain and a == "VITAL" and s == args.seeds[0]:
@@ -836,9 +833,9 @@ def explain_item(args, samples=None, env=None):
     """--demo: explain.py with the first seed's VITAL on the first test item of --moves lesions, unless done.
     -> (that item, the explanation's path without .json/.png)."""
     if samples is None:
-        samples = [json.loads(l) for l in open(os.path.join(base_data(args), "samples.jsonl")) if l.strip()]
+        samples = [json.loads(l) for l in open(os.path.join(data_dir(args), "samples.jsonl")) if l.strip()]
     pick = next(s for s in samples if s["split"] == "test" and moves(s) == args.moves)
-    img = pick["image"] if os.path.isabs(pick["image"]) else os.path.join(base_data(args), pick["image"])
+    img = pick["image"] if os.path.isabs(pick["image"]) else os.path.join(data_dir(args), pick["image"])
     stem = os.path.join(args.out, "explain", pick["id"])
     if not os.path.isfile(stem + ".json"):
         sh([PY, "explain.py", img, pick["question"], "--ckpt", last_phase(args, "VITAL", args.seeds[0]), "--k",
@@ -888,7 +885,7 @@ def main(argv=None):
         print(f"[failed] {name} ({what})", flush=True)
     if stuck := [n for n, *_ in named_stages(args) if n in failed]:
         sys.exit(f"demo/walk.py: the stage(s) {', '.join(stuck)} failed; the runs need them (re-running resumes)")
-    samples = [json.loads(l) for l in open(os.path.join(base_data(args), "samples.jsonl")) if l.strip()]
+    samples = [json.loads(l) for l in open(os.path.join(data_dir(args), "samples.jsonl")) if l.strip()]
     alone = by_moves(os.path.join(stand_in_alone(args), "predictions.jsonl"), samples)
     group, lookup = memory_groups(samples)
     res, trained = {}, sum(1 for n, v in done.items() if n.startswith("evaluate ") and v)

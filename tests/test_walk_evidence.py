@@ -239,19 +239,18 @@ def test_the_pointing_bound_sentence(tmp_path):
 
 
 def test_the_positional_encoder_reaches_the_arms_with_a_visual_projector(tmp_path, monkeypatch):
-    """--encoder positional: a stage makes the encoder (embedded/tiny.py --position-scale 3) and a second data folder
-    of the same items with its ROI features; VITAL and pause train and evaluate on it and carry _positional, K = 0
-    and task-only (no L_vis) keep OUT/data and share their runs; the pointing bound is read from the new folder."""
+    """--encoder positional: a stage makes the encoder (embedded/tiny.py --position-scale 3) and the data folder holds
+    its ROI features (OUT/data_positional, the only one made); every arm trains and evaluates on it, VITAL and pause
+    carry _positional, K = 0 and task-only (no L_vis: they read no ROI feature) share their runs with the shipped
+    encoder's; the pointing bound is read from it."""
     a = W.get_args(["--task", "order", "--curriculum", "stepwise", "--encoder", "positional", "--out", str(tmp_path)])
     cmds = [c for c, _ in W.stages(a)]
     enc = os.path.join(str(tmp_path), "positional_encoder")
     assert [W.PY, "embedded/tiny.py", enc, "--position-scale", "3"] in cmds
     prep = [c for c in cmds if c[1] == "prepare_data.py" and "--order-hops" in c and "4" in c]
-    assert [c[c.index("--out") + 1] for c in prep] == [str(tmp_path / "data"), str(tmp_path / "data_positional")]
-    assert prep[0][4:] == prep[1][4:]  # the same items: the same command but for --out
+    assert [c[c.index("--out") + 1] for c in prep] == [str(tmp_path / "data_positional")]
     rois = {c[c.index("--out") + 1]: c[c.index("--encoder") + 1] for c in cmds if c[1] == "extract_roi.py"}
-    assert rois == {str(tmp_path / "data" / "roi.safetensors"): "embedded/pretrained/encoder_pretrained",
-                    str(tmp_path / "data_positional" / "roi.safetensors"): os.path.join(enc, "encoder")}
+    assert rois == {str(tmp_path / "data_positional" / "roi.safetensors"): os.path.join(enc, "encoder")}
     assert [W.PY, "demo/pointing_bound.py", "--data", str(tmp_path / "data_positional")] in cmds
     assert {arm: W.tag(a, arm) for arm in W.ARMS} == {
         "VITAL": "_stepwise_positional", "K=0": "_stepwise", "pause": "_stepwise_positional", "task-only": "_stepwise"}
@@ -262,10 +261,13 @@ def test_the_positional_encoder_reaches_the_arms_with_a_visual_projector(tmp_pat
         W.train_run(a, arm, 0, {})
         W.evaluate_run(a, arm, 0, {})
         datas = {c[c.index("--data") + 1] for c in ran if "--data" in c}
-        assert datas == {str(tmp_path / ("data_positional" if arm in ("VITAL", "pause") else "data"))}, arm
+        assert datas == {str(tmp_path / "data_positional")}, arm
     default = W.get_args(["--task", "order", "--out", str(tmp_path)])
     assert not any("--position-scale" in c for c, _ in W.stages(default))
     assert W.data_dir(default) == str(tmp_path / "data") and W.tag(default) == ""
+    rois = {c[c.index("--out") + 1]: c[c.index("--encoder") + 1] for c, _ in W.stages(default)
+            if c[1] == "extract_roi.py"}
+    assert rois == {str(tmp_path / "data" / "roi.safetensors"): "embedded/pretrained/encoder_pretrained"}
 
 
 def test_n_sets_the_items_of_both_data_folders_and_a_folder_of_another_n_is_refused(tmp_path):
@@ -273,7 +275,7 @@ def test_n_sets_the_items_of_both_data_folders_and_a_folder_of_another_n_is_refu
     already made with another --n is named in the error instead of being reused."""
     a = W.get_args(["--task", "order", "--n", "3000", "--encoder", "positional", "--out", str(tmp_path)])
     prep = [c for c, _ in W.stages(a) if c[1] == "prepare_data.py" and "--order-hops" in c and "4" in c]
-    assert [c[c.index("--n") + 1] for c in prep] == ["3000", "3000"]
+    assert [c[c.index("--n") + 1] for c in prep] == ["3000"]
     assert W.check_data_size(a) is None  # nothing made yet
     (tmp_path / "data_positional").mkdir()
     stats = dict(samples=6000, by_question_type={"order": 6000}, by_K={str(k): 1500 for k in range(1, 5)})
@@ -326,19 +328,20 @@ def record_args(record):
 
 
 def test_the_demo_graph_starts_vital_before_what_only_the_k0_model_and_the_tables_read(tmp_path):
-    """--demo's stages and runs as run_graph nodes: VITAL's first run waits only for the models, the stand-in, its
-    own ROI features and the perception check, and comes before OUT/data (the K = 0 model's), which comes before
-    the K = 0 run; the stand-in's own answers and the pointing bound (the tables read them) come last; each stage
-    of stages() is a node once; the evaluation, the state probes and the explanation wait for the training only."""
+    """--demo's stages and runs as run_graph nodes: the runs wait only for the models, the stand-in, the data's ROI
+    features and the perception check, VITAL's before the K = 0 model's; the stand-in's own answers and the pointing
+    bound (the tables read them) come last; each stage of stages() is a node once; the evaluation, the state probes
+    and the explanation wait for the training only."""
     a = W.get_args(["--demo", "--out", str(tmp_path)])
     nodes = W.graph(a, {}, explain=lambda: None)
     names, deps = [n for n, _, _ in nodes], {n: d for n, _, d in nodes}
-    pos, base = str(tmp_path / "data_positional"), str(tmp_path / "data")
-    assert set(deps["train VITAL s0"]) == {"models", "stand-in", f"roi {pos}", "perception check"}
-    assert set(deps["train K=0 s0"]) == {"models", "stand-in", f"roi {base}", "perception check"}
+    pos = str(tmp_path / "data_positional")
+    assert set(deps["train VITAL s0"]) == set(deps["train K=0 s0"]) == {"models", "stand-in", f"roi {pos}",
+                                                                        "perception check"}
     assert deps["perception check"] == ["perception"] and deps[f"roi {pos}"] == [f"data {pos}", "encoder"]
     assert (names.index(f"roi {pos}") < names.index("perception check") < names.index("train VITAL s0")
-            < names.index(f"data {base}") < names.index("train K=0 s0") < names.index("alone"))
+            < names.index("train K=0 s0") < names.index("alone"))
+    assert not any(n.startswith("data ") and n != f"data {pos}" for n in names)  # one data folder
     assert names.index("train K=0 s0") < names.index("pointing bound")
     assert all(deps[f"{what} VITAL s0"] == ["train VITAL s0"] for what in ("evaluate", "state probes"))
     assert deps["explain"] == ["train VITAL s0"]
@@ -389,7 +392,7 @@ def test_words_gives_the_models_the_stand_in_and_every_run_their_own_folders(tmp
     assert cmds["stand-in"][cmds["stand-in"].index("--out") + 1] == str(tmp_path / "pretrain_words")
     assert W.stand_in_alone(a) == str(tmp_path / "stand_in_alone_words")
     assert W.perception_dir(a) == str(tmp_path / "stand_in_perception_words")
-    assert W.base_data(a) == str(tmp_path / "data")
+    assert W.data_dir(a) == str(tmp_path / "data")
     assert {W.tag(a, arm) for arm in W.ARMS} == {"_words"}
     ran = []
     monkeypatch.setattr(W, "sh", lambda cmd, env, log: ran.append(cmd))
