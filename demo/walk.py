@@ -125,8 +125,9 @@ STATE_PROBES = {"K=0": ["--ckpt", "", "--k0"], "VITAL": ["--ckpt"]}
 # --demo (demo.sh's stage 7, demo/run.py): the order question with the record's command, one seed, no record of its
 # own; the figures are read against the record's seeds and one test item of 4 lesions is explained
 DEMO = ["--task", "order", "--moves", "4", "--curriculum", "stepwise", "--lr-k0", "3e-4", "--lambda-sem", "10",
-        "--lambda-vis", "5", "--encoder", "positional", "--arms", "VITAL", "K=0", "--seeds", "0", "--no-record"]
-DEMO_RECORD = os.path.join(HERE, "order_stepwise_sem10_vis5_positional.json")  # its record of DEMO, seeds 0-4
+        "--lambda-vis", "5", "--encoder", "positional", "--words", "order", "--arms", "VITAL", "K=0", "--seeds", "0",
+        "--no-record"]
+DEMO_RECORD = os.path.join(HERE, "order_stepwise_sem10_vis5_positional_words.json")  # its record of DEMO, seeds 0-4
 
 
 def get_args(argv=None):

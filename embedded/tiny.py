@@ -7,6 +7,7 @@ is a small byte-level BPE built offline with the `tokenizers` library, with Qwen
 format. real_configs gives the paper's model shapes for random-weight checks at real size (bench/).
 
     python embedded/tiny.py runs/tiny              # -> runs/tiny/{backbone,decoder,encoder}/
+    python embedded/tiny.py runs/tiny_words --words order   # the order question's words whole (demo/walk.py --words)
 """
 import argparse
 import os

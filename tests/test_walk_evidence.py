@@ -314,10 +314,10 @@ def test_demo_is_the_records_command_for_one_seed(tmp_path):
     after it override; its tiny models go under --out."""
     a = W.get_args(["--demo", "--out", str(tmp_path)])
     record = json.load(open(W.DEMO_RECORD))
-    for key in ("task", "moves", "curriculum", "lr_k0", "lambda_sem", "lambda_vis", "question", "encoder"):
+    for key in ("task", "moves", "curriculum", "lr_k0", "lambda_sem", "lambda_vis", "question", "encoder", "words"):
         assert getattr(a, key) == record_args(record)[key], key
     assert a.arms == ["VITAL", "K=0"] and set(a.arms) <= set(record_args(record)["arms"])  # the record may hold more
-    assert a.seeds == [0] and a.no_record and a.models == str(tmp_path / "models")
+    assert a.seeds == [0] and a.no_record and a.models == str(tmp_path / "models_words")
     assert W.get_args(["--demo", "--seeds", "3"]).seeds == [3]
     assert W.cell_of(0, 0) == "upper left" and W.cell_of(1, 1) == "center" and W.cell_of(2.9, 1) == "middle right"
 
