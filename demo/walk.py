@@ -40,9 +40,14 @@ its results start with that line, and the runs do not start while a cell or the 
 (embedded/grid_questions.order_answer says why); its demo/*.md (and the .json records) are order_*. That stand-in is
 shipped (embedded/pretrained/order_pretrain, made once by these stages; stand_ins.json has its sha256 and commands):
 it is copied into OUT/pretrain instead of trained (31 min on 2 cores) unless --rebuild-stand-in.
---demo is what demo.sh runs (demo/run.py stage 7): the command of the order record with --encoder positional and
---lambda-vis 5, VITAL and K = 0, one seed (--seeds), no record of its own; then each figure against the record's
-seeds and one test item of 4 lesions explained (OUT/demo.md).
+--words order gives the tiny models a tokenizer that keeps the order question's words whole (embedded/tiny.py --words):
+the stated question is 84 tokens instead of 185, a chain step 31 instead of 60, and a training step takes about two
+thirds of the time. The models, the stand-in (shipped too: embedded/pretrained/order_pretrain_words, 12 min on one
+core) and the stand-in's answers get folders of their own (OUT/models_words, OUT/pretrain_words, ..._words); every arm's
+runs, results and demo/*.md carry "_words"; models made with the other tokenizer are refused by name.
+--demo is what demo.sh runs (demo/run.py stage 7): the command of the order record with --encoder positional,
+--lambda-vis 5 and --words order, VITAL and K = 0, one seed (--seeds), no record of its own; then each figure against
+the record's seeds and one test item of 4 lesions explained (OUT/demo.md).
 --epochs E1 E2 ... sets the epochs of each phase instead of the curriculum's (stepwise to 4 moves: 4 / 2 / 2 / 3); its
 runs, results and demo/*.md carry "_ep<E1-E2-...>" (2 / 2 / 1 / 2 and 1 / 2 / 2 / 2 lost seed 0's loop on the order
 question: docs/tuning-log.md, 2026-12-07 eighth).
@@ -79,7 +84,9 @@ look; every arm's runs, results and demo/*.md carry "_bare".
     python demo/walk.py --task order --moves 4 --out runs/order4 --curriculum stepwise --lr-k0 3e-4 --lambda-sem 10 \
         --encoder positional --arms VITAL K=0                            # the positional record
     python demo/walk.py --task order --moves 4 --out runs/order4 --curriculum stepwise --lr-k0 3e-4 --lambda-sem 10 \
-        --lambda-vis 5 --encoder positional --arms VITAL K=0             # the same at λ_vis 5: the demo's record
+        --lambda-vis 5 --encoder positional --arms VITAL K=0             # the same at λ_vis 5
+    python demo/walk.py --task order --moves 4 --out runs/order4 --curriculum stepwise --lr-k0 3e-4 --lambda-sem 10 \
+        --lambda-vis 5 --encoder positional --words order --arms VITAL K=0   # the same, words whole: the demo's record
     python demo/walk.py --task order --moves 4 --out runs/order4 --curriculum stepwise --lr-k0 3e-4 --lambda-sem 10 \
         --lambda-vis 5 --question bare --encoder positional --arms VITAL K=0   # the same, the rule not stated
     python demo/walk.py --demo --out runs/demo/order                    # its seed 0 against that record (~15 min)
@@ -218,10 +225,10 @@ ORDER_STAND_IN = "order_pretrain"  # its entry in embedded/pretrained/stand_ins.
 
 
 def copy_stand_in(args, shipped=SHIPPED):
-    """--task order: copy the shipped stand-in (embedded/pretrained/order_pretrain, what stages() would train: 31 min
-    on 2 cores) into OUT/pretrain, as demo/run.py copies its two; not when OUT/pretrain exists (a finished or resumable
-    stage) or with --rebuild-stand-in. A file whose sha256 is not the manifest's is refused by name, before anything
-    is copied (embedded/default.copy_verified). -> True if copied."""
+    """--task order: copy the shipped stand-in (embedded/pretrained/order_pretrain(_words), what stages() would train:
+    31 min on 2 cores) into OUT/pretrain(_words), as demo/run.py copies its two; not when that folder exists (a
+    finished or resumable stage) or with --rebuild-stand-in. A file whose sha256 is not the manifest's is refused by
+    name, before anything is copied (embedded/default.copy_verified). -> True if copied."""
     dst, name = stand_in_dir(args), ORDER_STAND_IN + words_tag(args)
     if args.task != "order" or args.rebuild_stand_in or os.path.exists(dst):
         return False
