@@ -2,7 +2,7 @@
 VITAL end to end on phantom data with tiny models, on a CPU: what `bash demo.sh` runs.
 
 By default the demo is stage 7 alone, the order question: a phantom question that needs one pass per lesion, where
-VITAL's loop beats its K = 0 model (about 15 min on 2 cores). --six-types runs stages 1-6 first, the embedded
+VITAL's loop beats its K = 0 model (about 9.5 min on 2 cores). --six-types runs stages 1-6 first, the embedded
 default's six question types, which one pass answers (README, Results; about 6 more minutes).
 
 Every stage is a subprocess with its documented command line, printed before it runs, so the demo is
@@ -32,10 +32,10 @@ file next to their folder):
   7. the order question, a phantom question that needs one pass per lesion (the six types above do not: README,
      Results): python demo/walk.py --demo --out OUT/order --seeds SEED (VITAL and the K = 0 model with the command
      of the order record, one seed, on the shipped order stand-in; read against the record's five seeds; explain.py
-     on one test item of 4 lesions; about 15 min on 2 cores; with --six-types, --skip-order leaves it out)
+     on one test item of 4 lesions; about 9.5 min on 2 cores; with --six-types, --skip-order leaves it out)
                                                       -> OUT/order/ (runs, demo.md, explain/<id>.{png,json})
 then a summary. Stage 7: its figures beside the five seeds of its record
-(demo/order_stepwise_sem10_vis5_positional.json) and the explained item. Stages 1-6: closed-ended accuracy of
+(demo/order_stepwise_sem10_vis5_positional_words.json) and the explained item. Stages 1-6: closed-ended accuracy of
 VITAL, of the K = 0 model, of the backbone alone and chance, overall and per question type, the probes ("do the
 latents matter?") and the pointing game; their spread over training seeds comes from
 `python demo/ablate.py --suite evidence` (demo/evidence.md). The summary also goes to OUT/summary.md (and
@@ -329,7 +329,7 @@ def order_question(args, paths, timings):
     -> (its markdown rows for the summary, the explanation's lines for the report), from OUT/order/demo.md."""
     timings["order question"] = run([PY, "demo/walk.py", "--demo", "--out", paths["order"], "--seeds", str(args.seed)],
                                     what=f"the order question: VITAL and the K = 0 model, seed {args.seed} "
-                                         "(about 15 min on 2 cores)")
+                                         "(about 9.5 min on 2 cores)")
     with open(os.path.join(paths["order"], "demo.md")) as f:
         text = f.read().rstrip("\n").split("\n")
     cut = text.index("```") if "```" in text else len(text)  # the table, then the explanation in a code block

@@ -89,7 +89,7 @@ look; every arm's runs, results and demo/*.md carry "_bare".
         --lambda-vis 5 --encoder positional --words order --arms VITAL K=0   # the same, words whole: the demo's record
     python demo/walk.py --task order --moves 4 --out runs/order4 --curriculum stepwise --lr-k0 3e-4 --lambda-sem 10 \
         --lambda-vis 5 --question bare --encoder positional --arms VITAL K=0   # the same, the rule not stated
-    python demo/walk.py --demo --out runs/demo/order                    # its seed 0 against that record (~15 min)
+    python demo/walk.py --demo --out runs/demo/order                    # its seed 0 against that record (~9.5 min)
 """
 import argparse
 import json
