@@ -42,6 +42,7 @@ Closed-ended prompts (§B.4): --options-rate P (default 0.5) asks an item that h
 its target then the chosen option's text.
 """
 import argparse
+import copy
 import hashlib
 import json
 import math
@@ -598,8 +599,11 @@ def train_phase(args, env, build=build_vital, extra_files=None):
             extra.update(extra_files(raw, processor) if extra_files else {})
             save_checkpoint(phase_dir, raw, dict(config, step=step, finished=step >= total), extra_files=extra)
 
-    # the sampler's epoch decides which items see their options (and so which bucket they are in)
-    batches = (lambda idx, epoch: collate(records, idx, processor, dec_tokenizer, (roi, glob),
+    # the sampler's epoch decides which items see their options (and so which bucket they are in); the batches are
+    # built on a second thread (train_loop) with a processor of its own: a checkpoint that saves the processor
+    # (demo/pretrain.py) must not use a tokenizer that thread is encoding with
+    own = copy.deepcopy(processor)
+    batches = (lambda idx, epoch: collate(records, idx, own, dec_tokenizer, (roi, glob),
                                           [shown(i, epoch) for i in idx]))
     loop = Loop(model, opt, sampler, batches, total, steps_per_epoch, save, log_path, step if resume_dir else None)
     step = train_loop(args, env, loop, step)

@@ -1,5 +1,7 @@
 """pipeline/training_data.prefetch: train.py's next micro-batch built on a second thread while the model computes;
 the same batches in the same order as built in line."""
+import json
+import os
 import threading
 
 import pytest
@@ -42,3 +44,20 @@ def test_a_loop_that_stops_early_leaves_no_thread_behind():
     assert next(it) == 0
     it.close()  # train_loop's break at --max-steps
     assert not any(t.name.startswith("prefetch") and t.is_alive() for t in threading.enumerate())
+
+
+def test_a_checkpoint_that_saves_the_processor_every_step_while_the_next_batch_builds(tmp_path):
+    """demo/pretrain.py writes the processor (its tokenizer) into every checkpoint while train.py builds the next batch
+    on the prefetch thread: that thread has a processor of its own, and six saves, one a step, all load."""
+    from demo import pretrain
+    from embedded.tiny import make_tiny
+    from pipeline import io as IO
+    from test_evaluate import write_data
+    models, data, out = (str(tmp_path / x) for x in ("models", "data", "run"))
+    make_tiny(models)
+    write_data(data)
+    pretrain.main(["--data", data, "--models", models, "--out", out, "--epochs", "6", "--save-every", "1"])
+    phase = os.path.join(out, "phase1")
+    assert json.load(open(os.path.join(phase, "config.json")))["step"] == 6
+    tok = IO.AutoTokenizer.from_pretrained(os.path.join(phase, "backbone"))
+    assert tok("the liver").input_ids and len(tok) == 911
