@@ -42,7 +42,6 @@ Closed-ended prompts (§B.4): --options-rate P (default 0.5) asks an item that h
 its target then the chosen option's text.
 """
 import argparse
-import copy
 import hashlib
 import json
 import math
@@ -66,7 +65,7 @@ from pipeline.io import (MAX_PIXELS, ask, batch_to, file_sha256, fingerprint, lo
 from pipeline.memory_plan import print_plan
 from pipeline.run_log import lvis_baselines, plot_losses, reset_log, tail_means, write_log_line
 from pipeline.trainer_state import gather_rng, load_trainer, trainer_writer
-from pipeline.training_data import image_tokens, prefetch, read_roi, read_samples
+from pipeline.training_data import image_tokens, read_roi, read_samples
 from pipeline.training_process import setup, wrap_ddp
 
 # ----------------------------------------------------------------------------------------------------
@@ -599,12 +598,9 @@ def train_phase(args, env, build=build_vital, extra_files=None):
             extra.update(extra_files(raw, processor) if extra_files else {})
             save_checkpoint(phase_dir, raw, dict(config, step=step, finished=step >= total), extra_files=extra)
 
-    # the sampler's epoch decides which items see their options (and so which bucket they are in); the batches are
-    # built on a second thread (train_loop) with a processor of its own: a checkpoint that saves the processor
-    # (demo/pretrain.py) must not use a tokenizer that thread is encoding with
-    own = copy.deepcopy(processor)
-    batches = (lambda idx, epoch: collate(records, idx, own, dec_tokenizer, (roi, glob),
-                                          [shown(i, epoch) for i in idx]))
+    # the sampler's epoch decides which items see their options (and so which bucket they are in)
+    batches = (lambda idx: collate(records, idx, processor, dec_tokenizer, (roi, glob),
+                                   [shown(i, sampler.epoch) for i in idx]))
     loop = Loop(model, opt, sampler, batches, total, steps_per_epoch, save, log_path, step if resume_dir else None)
     step = train_loop(args, env, loop, step)
     env.log(f"phase {args.phase}: step {step}/{total}, checkpoint in {phase_dir}")
@@ -624,7 +620,7 @@ class Loop:
     model: torch.nn.Module
     opt: torch.optim.Optimizer
     sampler: KBucketSampler
-    batches: object          # (sampler indices, epoch) -> (batch, K, tokens), see collate
+    batches: object          # sampler indices -> (batch, K, tokens), see collate
     total: int               # optimizer steps of the phase (the lr schedule spans them all)
     steps_per_epoch: int
     save: object             # save(step): a checkpoint of the phase (collective: every rank calls it)
@@ -642,8 +638,7 @@ def train_loop(args, env, loop, step):
     while step < stop:
         epoch, pos = divmod(step, loop.steps_per_epoch)
         loop.sampler.set_epoch(epoch, start=pos * args.grad_accum)
-        # the epoch's micro-batches, the next one built on a second thread while this one trains
-        it = prefetch(lambda idx, epoch=epoch: loop.batches(idx, epoch), iter(loop.sampler))
+        it = iter(loop.sampler)
         for _ in range(pos, loop.steps_per_epoch):
             if step >= stop:
                 break
@@ -678,7 +673,7 @@ def optimizer_step(args, env, loop, it, step):
     device, model = env.device, loop.model
     stats = torch.zeros(7, device=device, dtype=torch.float64)
     for micro in range(args.grad_accum):
-        batch, K, tokens = next(it)
+        batch, K, tokens = loop.batches(next(it))
         batch = batch_to(batch, device)
         # Gradients are all-reduced only on the last micro-step of the optimizer step.
         last = env.world == 1 or micro == args.grad_accum - 1

@@ -2,12 +2,10 @@
 The inputs of the training stage (train.py), read and checked: the five-tuples of samples.jsonl (written by
 prepare_data.py), their L_vis targets in roi.safetensors (extract_roi.py), aligned with the records, and the
 visual tokens of each record's image (its header only). Every problem is one `error` (the caller's own error
-class) naming the file, line and field. And `prefetch`: the next micro-batch built while the model computes.
+class) naming the file, line and field.
 """
 import json
 import os
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from PIL import Image
@@ -110,18 +108,3 @@ def image_tokens(records, processor, error=InputError):
                         f"({type(e).__name__}: {e})") from None
         out.append(ip.get_number_of_image_patches(h, w, {}) // ip.merge_size ** 2)
     return out
-
-
-def prefetch(build, items, ahead=1):
-    """Yield build(x) for x in items, in order, building up to `ahead` of the next ones on a second thread while the
-    caller computes on this one (the training loop: the processor and the tokenizers take 15-20 ms of a tiny step
-    on one core, docs/tuning-log.md 2026-12-08; on a GPU they would leave it idle). The batches are the same as
-    built in line: build must not draw from torch's global RNG, whose state the caller's dropout owns."""
-    with ThreadPoolExecutor(1, thread_name_prefix="prefetch") as pool:
-        pending = deque()
-        for x in items:
-            pending.append(pool.submit(build, x))
-            if len(pending) > ahead:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
