@@ -41,8 +41,8 @@ its results start with that line, and the runs do not start while a cell or the 
 shipped (embedded/pretrained/order_pretrain, made once by these stages; stand_ins.json has its sha256 and commands):
 it is copied into OUT/pretrain instead of trained (31 min on 2 cores) unless --rebuild-stand-in.
 --words order gives the tiny models a tokenizer that keeps the order question's words whole (embedded/tiny.py --words):
-the stated question is 84 tokens instead of 185, a chain step 31 instead of 60, and a training step takes about two
-thirds of the time. The models, the stand-in (shipped too: embedded/pretrained/order_pretrain_words, 12 min on one
+the stated question is 84 tokens instead of 185, a chain step 31 instead of 60, and a training step is 1.31x faster
+(docs/tuning-log.md, 2026-12-08). The models, the stand-in (shipped too: embedded/pretrained/order_pretrain_words, 12 min on one
 core) and the stand-in's answers get folders of their own (OUT/models_words, OUT/pretrain_words, ..._words); every arm's
 runs, results and demo/*.md carry "_words"; models made with the other tokenizer are refused by name.
 --demo is what demo.sh runs (demo/run.py stage 7): the command of the order record with --encoder positional,
@@ -332,16 +332,15 @@ def perception(args):
 def check_data_size(args):
     """A data folder made for another task, --n or --moves would be reused silently (its stage is skipped when
     stats.json is there). -> an error message naming the file, or None."""
-    for d in [data_dir(args)]:
-        path = os.path.join(d, "stats.json")
-        if not os.path.isfile(path):
-            continue
-        with open(path) as f:
-            stats = json.load(f)
-        have = (sorted(stats["by_question_type"]), stats["samples"], max(int(k) for k in stats["by_K"]))
-        if have != ([args.task], args.n, args.moves):
-            return (f"{path} holds {have[1]} {'/'.join(have[0])} items of up to {have[2]} moves, not --task "
-                    f"{args.task} --n {args.n} --moves {args.moves}: pass another --out")
+    path = os.path.join(data_dir(args), "stats.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        stats = json.load(f)
+    have = (sorted(stats["by_question_type"]), stats["samples"], max(int(k) for k in stats["by_K"]))
+    if have != ([args.task], args.n, args.moves):
+        return (f"{path} holds {have[1]} {'/'.join(have[0])} items of up to {have[2]} moves, not --task "
+                f"{args.task} --n {args.n} --moves {args.moves}: pass another --out")
     return None
 
 
