@@ -42,9 +42,10 @@ shipped (embedded/pretrained/order_pretrain, made once by these stages; stand_in
 it is copied into OUT/pretrain instead of trained (31 min on 2 cores) unless --rebuild-stand-in.
 --words order gives the tiny models a tokenizer that keeps the order question's words whole (embedded/tiny.py --words):
 the stated question is 84 tokens instead of 185, a chain step 31 instead of 60, and a training step is 1.31x faster
-(docs/tuning-log.md, 2026-12-08). The models, the stand-in (shipped too: embedded/pretrained/order_pretrain_words, 12 min on one
-core) and the stand-in's answers get folders of their own (OUT/models_words, OUT/pretrain_words, ..._words); every arm's
-runs, results and demo/*.md carry "_words"; models made with the other tokenizer are refused by name.
+(docs/tuning-log.md, 2026-12-08). The models, the stand-in (shipped too: embedded/pretrained/order_pretrain_words,
+12 min on one core) and the stand-in's answers get folders of their own (OUT/models_words, OUT/pretrain_words,
+..._words); every arm's runs, results and demo/*.md carry "_words"; models made with the other tokenizer are refused
+by name.
 --demo is what demo.sh runs (demo/run.py stage 7): the command of the order record with --encoder positional,
 --lambda-vis 5 and --words order, VITAL and K = 0, one seed (--seeds), no record of its own; then each figure against
 the record's seeds and one test item of 4 lesions explained (OUT/demo.md).
